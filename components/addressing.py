@@ -1,0 +1,123 @@
+"""Deterministic address and name plan.
+
+Each role owns a fixed block of offsets from the network address, so adding or
+removing nodes of one role never moves a node of another role, and workers are
+numbered from the start of their block so scaling the pool only adds or drops
+the highest-numbered ones.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from components.config import ClusterConfig
+
+Role = Literal["lb", "etcd", "cp", "worker"]
+
+GATEWAY_OFFSET = 1
+VIP_OFFSET = 10
+# First offset of each role's block, and the block's size (None: to the end of the network).
+ROLE_BLOCKS: dict[Role, tuple[int, int | None]] = {
+    "lb": (11, 9),
+    "etcd": (21, 9),
+    "cp": (31, 19),
+    "worker": (51, None),
+}
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    hostname: str
+    role: Role
+    index: int  # 1-based, as in the hostname
+    address: ipaddress.IPv4Address
+    mac: str
+
+    @property
+    def resource_name(self) -> str:
+        return self.hostname
+
+
+@dataclass(frozen=True)
+class AddressPlan:
+    network: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address
+    vip: ipaddress.IPv4Address
+    nodes: tuple[NodePlan, ...]
+    shortfall: str  # empty when every node fits in the network
+
+    def role(self, role: Role) -> tuple[NodePlan, ...]:
+        return tuple(node for node in self.nodes if node.role == role)
+
+    @property
+    def load_balancers(self) -> tuple[NodePlan, ...]:
+        return self.role("lb")
+
+    @property
+    def control_planes(self) -> tuple[NodePlan, ...]:
+        return self.role("cp")
+
+    @property
+    def etcd_members(self) -> tuple[NodePlan, ...]:
+        return self.role("etcd")
+
+    @property
+    def workers(self) -> tuple[NodePlan, ...]:
+        return self.role("worker")
+
+
+def default_vip(network: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    return network.network_address + VIP_OFFSET
+
+
+def mac_for(address: ipaddress.IPv4Address) -> str:
+    """A locally administered QEMU MAC derived from the address: unique within the network, stable forever."""
+    last_three = address.packed[1:]
+    return "52:54:00:" + ":".join(f"{byte:02x}" for byte in last_three)
+
+
+def plan_addresses(config: ClusterConfig) -> AddressPlan:
+    network = config.network.cidr
+    vip = config.vip
+    counts: dict[Role, int] = {
+        "lb": config.load_balancer.replicas,
+        "etcd": 0,
+        "cp": config.control_plane.replicas,
+        "worker": config.workers.replicas,
+    }
+    etcd_replicas = getattr(config.etcd, "replicas", 0) if config.etcd.topology != "stacked" else 0
+    counts["etcd"] = etcd_replicas
+    last_usable = int(network.broadcast_address) - int(network.network_address) - 1
+    nodes: list[NodePlan] = []
+    missing: list[str] = []
+    for role, (start, size) in ROLE_BLOCKS.items():
+        count = counts[role]
+        capacity = (last_usable - start + 1) if size is None else min(size, last_usable - start + 1)
+        if count > max(capacity, 0):
+            missing.append(f"{count} {role} node(s) (room for {max(capacity, 0)} from offset {start})")
+            continue
+        for index in range(1, count + 1):
+            if role == "lb" and count == 1:
+                # A lone load balancer needs no VRRP: it simply owns the API endpoint address.
+                address = vip
+            else:
+                address = network.network_address + start + index - 1
+            nodes.append(
+                NodePlan(
+                    hostname=f"{config.cluster_name}-{role}-{index}",
+                    role=role,
+                    index=index,
+                    address=address,
+                    mac=mac_for(address),
+                )
+            )
+    return AddressPlan(
+        network=network,
+        gateway=network.network_address + GATEWAY_OFFSET,
+        vip=vip,
+        nodes=tuple(nodes),
+        shortfall="; ".join(missing),
+    )

@@ -1,0 +1,165 @@
+"""The one renderer for every shell script that runs on a node.
+
+Every script gets the same prologue: strict mode, an error trap that names the
+host and the step, and an idempotency guard evaluated before anything changes,
+so re-running a step on a node where it already happened does nothing.
+Values only ever enter a script through `quote`/`command`, never by pasting
+unquoted text.
+
+Secrets never appear in a script: they travel on the step's stdin as a *bundle*
+(one file per line: ``<path> <octal mode> <base64 content>``) that
+`INSTALL_BUNDLE` writes out with the declared modes.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+LOG_DIR = "/var/log/kubeadm-ha"
+STATE_DIR = "/var/lib/kubeadm-ha"
+
+# What a bootstrap token looks like; used to scrub logs shown on failure.
+TOKEN_PATTERN = r"[a-z0-9]{6}\.[a-z0-9]{16}"
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
+
+
+def quote(value: object) -> str:
+    return shlex.quote(str(value))
+
+
+def command(*words: object) -> str:
+    """A shell command line with every word quoted."""
+    return " ".join(quote(word) for word in words)
+
+
+@dataclass(frozen=True)
+class Script:
+    """A step to run on one host. `done_when` is a shell condition that is true once the step has happened."""
+
+    step: str
+    host: str
+    done_when: str
+    body: tuple[str, ...]
+    functions: tuple[str, ...] = field(default=())
+
+    def render(self) -> str:
+        return render(self)
+
+
+def render(script: Script) -> str:
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# kubeadm-ha step {script.step} on {script.host}. Generated; do not edit.",
+        "set -euo pipefail",
+        "set -o errtrace",
+        "umask 077",
+        f"readonly KUBEADM_HA_STEP={quote(script.step)} KUBEADM_HA_HOST={quote(script.host)}",
+        f"readonly KUBEADM_HA_LOG_DIR={quote(LOG_DIR)} KUBEADM_HA_STATE_DIR={quote(STATE_DIR)}",
+        "trap 'kubeadm_ha_failed $? $LINENO' ERR",
+        "kubeadm_ha_failed() {",
+        '  echo "kubeadm-ha: step ${KUBEADM_HA_STEP} failed on host ${KUBEADM_HA_HOST}'
+        ' (exit $1 at line $2)" >&2',
+        '  exit "$1"',
+        "}",
+        *_LOGGED_FUNCTION,
+        *script.functions,
+        f"if {script.done_when}; then",
+        '  echo "kubeadm-ha: ${KUBEADM_HA_STEP} already done on ${KUBEADM_HA_HOST}; nothing to do"',
+        "  exit 0",
+        "fi",
+        'mkdir -p "$KUBEADM_HA_LOG_DIR" "$KUBEADM_HA_STATE_DIR"',
+        *script.body,
+        'echo "kubeadm-ha: ${KUBEADM_HA_STEP} done on ${KUBEADM_HA_HOST}"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# `logged NAME CMD...` keeps long tool output (kubeadm, apt) in a log file on the
+# node; on failure it shows the log's tail with anything token-shaped scrubbed,
+# because kubeadm prints join commands and tokens.
+_LOGGED_FUNCTION = (
+    "logged() {",
+    '  local log="${KUBEADM_HA_LOG_DIR}/$1.log"',
+    "  shift",
+    '  mkdir -p "$KUBEADM_HA_LOG_DIR"',
+    "  local rc=0",
+    '  "$@" >>"$log" 2>&1 || rc=$?',
+    '  if [ "$rc" -ne 0 ]; then',
+    '    echo "kubeadm-ha: $1 failed on ${KUBEADM_HA_HOST} during ${KUBEADM_HA_STEP}; last lines of ${log}:" >&2',
+    f"    tail -n 25 \"$log\" | sed -E 's/{TOKEN_PATTERN}/<redacted-token>/g' >&2",
+    '    return "$rc"',
+    "  fi",
+    "}",
+)
+
+
+def logged(log_name: str, *words: object) -> str:
+    return command("logged", log_name, *words)
+
+
+# Reads a bundle from stdin and installs each file atomically with its mode.
+# Paths are checked in Python before encoding; the shell re-checks that they
+# are absolute and free of "..", because stdin is the one input it cannot see.
+INSTALL_BUNDLE_FUNCTION = (
+    "install_bundle() {",
+    "  local path mode content tmp",
+    "  while read -r path mode content; do",
+    '    [ -n "$path" ] || continue',
+    '    case "$path" in /*) ;; *) echo "kubeadm-ha: refusing relative path in bundle" >&2; return 1;; esac',
+    '    case "$path" in *..*) echo "kubeadm-ha: refusing path with .. in bundle" >&2; return 1;; esac',
+    '    mkdir -p "$(dirname "$path")"',
+    '    tmp="$(mktemp "${path}.XXXXXX")"',
+    '    printf \'%s\' "$content" | base64 -d >"$tmp"',
+    '    chmod "$mode" "$tmp"',
+    '    mv -f "$tmp" "$path"',
+    "  done",
+    "}",
+)
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    path: str
+    content: str
+    mode: int = 0o600
+
+
+def encode_bundle(files: Iterable[BundleFile]) -> str:
+    """Serialise files for `install_bundle`; pure, so it may run inside `Output.apply`."""
+    lines = []
+    for item in files:
+        if not _SAFE_PATH.match(item.path) or ".." in item.path:
+            raise ValueError(f"unsafe bundle path {item.path!r}")
+        encoded = base64.b64encode(item.content.encode()).decode()
+        lines.append(f"{item.path} {item.mode:o} {encoded}")
+    return "\n".join(lines) + "\n"
+
+
+def write_file(path: str, content: str, mode: int = 0o644) -> tuple[str, ...]:
+    """Shell lines that write public `content` to `path` atomically (for non-secret files only)."""
+    if not _SAFE_PATH.match(path) or ".." in path:
+        raise ValueError(f"unsafe path {path!r}")
+    return (
+        f"mkdir -p {quote(path.rsplit('/', 1)[0] or '/')}",
+        f"printf '%s' {quote(content)} >{quote(path + '.kubeadm-ha.tmp')}",
+        command("chmod", f"{mode:o}", path + ".kubeadm-ha.tmp"),
+        command("mv", "-f", path + ".kubeadm-ha.tmp", path),
+    )
+
+
+def files_match(expected: Mapping[str, str]) -> str:
+    """A condition true when every file exists with exactly the given sha256 digest."""
+    if not expected:
+        return "true"
+    checks = [f"{digest}  {path}" for path, digest in sorted(expected.items())]
+    listing = "\n".join(checks) + "\n"
+    return f"printf '%s' {quote(listing)} | sha256sum --check --status --strict 2>/dev/null"
+
+
+def remote_command(script: Script) -> str:
+    """The command string given to pulumi-command: the rendered script, run as root by bash."""
+    return f"sudo --non-interactive bash -c {quote(script.render())} {quote('kubeadm-ha-' + script.step)}"
