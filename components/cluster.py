@@ -1,0 +1,91 @@
+"""The whole lifecycle as one ordered list of phases; each phase is a component."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+
+from components.addressing import AddressPlan, plan_addresses
+from components.config import ClusterConfig
+from components.control_plane import ControlPlaneNode, ControlPlaneNodeArgs
+from components.kubeadm import ClusterShape
+from components.kubeconfig import render_kubeconfig
+from components.loadbalancer import LoadBalancer, LoadBalancerArgs
+from components.nodes import NodeContext
+from components.pki import ADMIN_USER, ClusterPki, ClusterPkiArgs
+from components.vm import Hypervisor
+from components.worker_pool import WorkerPool, WorkerPoolArgs
+
+
+@dataclass(frozen=True)
+class ClusterOutputs:
+    kubeconfig: pulumi.Output[str]
+    api_endpoint: str
+    nodes: dict[str, dict[str, str]]
+    ssh_user: str
+    ssh_private_key: pulumi.Output[str]
+
+
+def cluster_shape(config: ClusterConfig, plan: AddressPlan) -> ClusterShape:
+    return ClusterShape(
+        cluster_name=config.cluster_name,
+        kubernetes_version=config.kubernetes.version,
+        endpoint_host=str(plan.vip),
+        endpoint_port=config.load_balancer.port,
+        pod_subnet=str(config.kubernetes.pod_subnet),
+        service_subnet=str(config.kubernetes.service_subnet),
+        extra_sans=(f"api.{config.cluster_name}.{config.network.domain}",),
+    )
+
+
+def build_cluster(config: ClusterConfig) -> ClusterOutputs:
+    plan = plan_addresses(config)
+    shape = cluster_shape(config, plan)
+
+    # 1. Keys and certificates, generated once and shared by every control plane.
+    pki = ClusterPki("pki", ClusterPkiArgs(config.cluster_name, [node.hostname for node in plan.nodes]))
+    # 2. Per hypervisor: the NAT network and the base image.
+    hypervisors = [Hypervisor(hypervisor.name, hypervisor, config) for hypervisor in config.hypervisors]
+    context = NodeContext(config, plan, pki, hypervisors)
+    # 3. The API endpoint: HAProxy (+ keepalived) in front of every control plane.
+    load_balancer = LoadBalancer("api-lb", LoadBalancerArgs(context))
+    # 4. `kubeadm init` on the first control plane, once the endpoint answers and its PKI is placed.
+    first, *others = plan.control_planes
+    initial = ControlPlaneNode(
+        first.hostname, ControlPlaneNodeArgs(context, first, shape, "init", after=load_balancer.configured)
+    )
+    # 5. The pod network, from the first control plane.
+    cni = initial.apply_cni(context)
+    bootstrapped = [initial.kubeadm] + ([cni] if cni is not None else [])
+    # 6. The other control planes join strictly one after another: parallel joins race inside etcd.
+    previous = bootstrapped[-1]
+    for node in others:
+        joined = ControlPlaneNode(node.hostname, ControlPlaneNodeArgs(context, node, shape, "join", after=[previous]))
+        previous = joined.kubeadm
+    # 7. Workers join in parallel as soon as the first control plane and the pod network are up.
+    WorkerPool("workers", WorkerPoolArgs(context, plan.workers, shape, after=bootstrapped))
+
+    server = f"https://{load_balancer.endpoint}"
+    kubeconfig = pulumi.Output.secret(
+        pulumi.Output.all(pki.cluster_ca.cert_pem, pki.admin_cert.cert_pem, pki.admin_key.private_key_pem).apply(
+            lambda pems: render_kubeconfig(
+                cluster_name=config.cluster_name,
+                server=server,
+                ca_pem=pems[0],
+                cert_pem=pems[1],
+                key_pem=pems[2],
+                user=ADMIN_USER,
+            )
+        )
+    )
+    return ClusterOutputs(
+        kubeconfig=kubeconfig,
+        api_endpoint=server,
+        nodes={node.hostname: {"address": str(node.address), "role": node.role} for node in plan.nodes},
+        ssh_user=config.ssh.user,
+        ssh_private_key=pki.operator_private_key,
+    )
+
+
+__all__ = ["ClusterOutputs", "build_cluster", "cluster_shape"]

@@ -1,0 +1,167 @@
+"""ControlPlaneNode: a control-plane VM, the shared PKI placed on it, then `kubeadm init` or `join`."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import pulumi
+import pulumi_command as command
+
+from components.addressing import NodePlan
+from components.cni import cni_script, manifest_for
+from components.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH, ClusterShape, init_documents, join_documents
+from components.node_prep import kubernetes_node_preparation
+from components.nodes import NodeContext
+from components.pki import SA_KEY_PATH, SA_PUB_PATH, ClusterPki
+from components.remote import run_step
+from components.scripts import INSTALL_BUNDLE_FUNCTION, BundleFile, Script, command as shell, encode_bundle, files_match, logged
+from components.vm import Vm, VmSize
+
+KUBELET_KUBECONFIG = "/etc/kubernetes/kubelet.conf"
+ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def pki_bundle(pki: ClusterPki, *, include_ca_keys: Sequence[str]) -> tuple[pulumi.Output[str], pulumi.Output[dict[str, str]]]:
+    """The stdin payload that places the shared PKI, and the public files' digests for the guard."""
+    cas = list(pki.cas.values())
+    public = pulumi.Output.all(*(ca.cert_pem for ca in cas), pki.service_account_key.public_key_pem).apply(
+        lambda pems: {
+            **{ca.purpose.cert_path: pem for ca, pem in zip(cas, pems[:-1], strict=True)},
+            SA_PUB_PATH: pems[-1],
+        }
+    )
+    keyed = [ca for ca in cas if ca.purpose.name in include_ca_keys]
+    private = pulumi.Output.all(*(ca.key.private_key_pem for ca in keyed), pki.service_account_key.private_key_pem)
+
+    def encode(public_files: dict[str, str], private_pems: list[str]) -> str:
+        files = [BundleFile(path, content, 0o644) for path, content in sorted(public_files.items())]
+        files += [BundleFile(ca.purpose.key_path, pem, 0o600) for ca, pem in zip(keyed, private_pems[:-1], strict=True)]
+        files.append(BundleFile(SA_KEY_PATH, private_pems[-1], 0o600))
+        return encode_bundle(files)
+
+    payload = pulumi.Output.secret(pulumi.Output.all(public, private).apply(lambda both: encode(both[0], both[1])))
+    digests = public.apply(lambda files: {path: _sha256(content) for path, content in files.items()})
+    return payload, digests
+
+
+def place_pki_script(hostname: str, digests: dict[str, str], key_paths: Sequence[str]) -> Script:
+    keys_present = " && ".join(f"[ -s {path} ]" for path in sorted(key_paths))
+    return Script(
+        step="place-pki",
+        host=hostname,
+        done_when=f"{files_match(digests)} && {keys_present}",
+        functions=INSTALL_BUNDLE_FUNCTION,
+        body=(
+            "install_bundle",
+            # kubeadm refuses a CA key that does not match its certificate; catch a torn write here instead.
+            f"{files_match(digests)} || {{ echo 'kubeadm-ha: placed certificates do not match' >&2; exit 1; }}",
+        ),
+    )
+
+
+def kubeadm_script(hostname: str, mode: Literal["init", "join"]) -> Script:
+    if mode == "init":
+        config_path, done_file = INIT_CONFIG_PATH, ADMIN_KUBECONFIG
+        run = logged("kubeadm-init", "kubeadm", "init", "--config", config_path, "--skip-token-print")
+    else:
+        config_path, done_file = JOIN_CONFIG_PATH, KUBELET_KUBECONFIG
+        run = logged("kubeadm-join", "kubeadm", "join", "--config", config_path)
+    return Script(
+        step=f"kubeadm-{mode}",
+        host=hostname,
+        done_when=f"[ -f {done_file} ]",
+        functions=INSTALL_BUNDLE_FUNCTION,
+        body=(
+            "install_bundle",
+            run,
+            # The document holds the bootstrap token; it has done its job.
+            shell("rm", "-f", config_path),
+        ),
+    )
+
+
+def config_bundle(path: str, documents: pulumi.Output[str]) -> pulumi.Output[str]:
+    return pulumi.Output.secret(documents.apply(lambda text: encode_bundle([BundleFile(path, text, 0o600)])))
+
+
+@dataclass(frozen=True)
+class ControlPlaneNodeArgs:
+    context: NodeContext
+    node: NodePlan
+    shape: ClusterShape
+    bootstrap: Literal["init", "join"]
+    # Everything that must have happened before kubeadm runs on this node.
+    after: Sequence[pulumi.Resource]
+
+
+class ControlPlaneNode(pulumi.ComponentResource):
+    def __init__(self, name: str, args: ControlPlaneNodeArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("kubeadm-ha:index:ControlPlaneNode", name, None, opts)
+        context, node = args.context, args.node
+        config = context.config
+        size = VmSize(config.control_plane.cpus, config.control_plane.memory_mib, config.control_plane.disk_gib)
+        preparation = kubernetes_node_preparation(node.hostname, config.kubernetes)
+        self.vm = Vm(node.hostname, context.vm_args(node, size, preparation), pulumi.ResourceOptions(parent=self))
+        access = context.access(node)
+        self.node, self.access = node, access
+
+        ca_keys = [name for name in context.pki.cas if args.shape.external_etcd is None or name != "etcd-ca"]
+        payload, digests = pki_bundle(context.pki, include_ca_keys=ca_keys)
+        key_paths = [ca.purpose.key_path for name, ca in context.pki.cas.items() if name in ca_keys] + [SA_KEY_PATH]
+        self.pki_placed = run_step(
+            f"{name}-place-pki",
+            access,
+            digests.apply(lambda found: place_pki_script(node.hostname, found, key_paths)),
+            parent=self,
+            stdin=payload,
+            depends_on=[self.vm.ready],
+        )
+
+        token = context.pki.bootstrap_token
+        if args.bootstrap == "init":
+            documents = token.apply(
+                lambda value: init_documents(args.shape, hostname=node.hostname, address=str(node.address), token=value)
+            )
+            stdin = config_bundle(INIT_CONFIG_PATH, documents)
+        else:
+            documents = pulumi.Output.all(token, context.pki.ca_cert_hash).apply(
+                lambda values: join_documents(
+                    args.shape,
+                    hostname=node.hostname,
+                    address=str(node.address),
+                    token=values[0],
+                    ca_cert_hash=values[1],
+                    control_plane=True,
+                )
+            )
+            stdin = config_bundle(JOIN_CONFIG_PATH, documents)
+        self.kubeadm: command.remote.Command = run_step(
+            f"{name}-kubeadm-{args.bootstrap}",
+            access,
+            kubeadm_script(node.hostname, args.bootstrap),
+            parent=self,
+            stdin=stdin,
+            depends_on=[self.pki_placed, *args.after],
+        )
+        self.register_outputs({"address": str(node.address), "bootstrap": args.bootstrap})
+
+    def apply_cni(self, context: NodeContext) -> command.remote.Command | None:
+        """Install the pod network from this (the first) control plane, once `kubeadm init` is done."""
+        kubernetes = context.config.kubernetes
+        manifest = manifest_for(kubernetes.cni, str(kubernetes.pod_subnet))
+        if manifest is None:
+            return None
+        return run_step(
+            f"{self.node.hostname}-cni-{manifest.name}",
+            self.access,
+            cni_script(self.node.hostname, manifest, str(kubernetes.pod_subnet)),
+            parent=self,
+            depends_on=[self.kubeadm],
+        )

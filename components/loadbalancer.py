@@ -1,0 +1,84 @@
+"""LoadBalancer: HAProxy in front of every kube-apiserver, keepalived holding the VIP when there are 2+ LBs."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_command as command
+
+from components import lb_config
+from components.addressing import NodePlan
+from components.node_prep import load_balancer_preparation
+from components.nodes import NodeContext
+from components.remote import run_step
+from components.scripts import Script, command as shell, files_match, write_file
+from components.vm import Vm, VmSize
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def rendered_lb_files(context: NodeContext, node: NodePlan) -> dict[str, tuple[str, int]]:
+    """Every file the LB step writes on `node`: path -> (content, mode). Pure; shared with the tests."""
+    files = {lb_config.HAPROXY_CFG_PATH: (lb_config.render_haproxy_cfg(lb_config.haproxy_settings(context.config, context.plan)), 0o644)}
+    keepalived = lb_config.keepalived_settings(context.config, context.plan, node)
+    if keepalived is not None:
+        files[lb_config.KEEPALIVED_CONF_PATH] = (lb_config.render_keepalived_conf(keepalived), 0o644)
+        files[lb_config.KEEPALIVED_CHECK_PATH] = (lb_config.render_keepalived_check_script(keepalived), 0o755)
+    return files
+
+
+def lb_config_script(hostname: str, files: dict[str, tuple[str, int]]) -> Script:
+    with_keepalived = lb_config.KEEPALIVED_CONF_PATH in files
+    services = ["haproxy", "keepalived"] if with_keepalived else ["haproxy"]
+    active = " && ".join(shell("systemctl", "is-active", "--quiet", service) for service in services)
+    body: list[str] = []
+    for path, (content, mode) in sorted(files.items()):
+        body += write_file(path, content, mode)
+    # Validate with the daemons' own checkers before (re)starting them.
+    body.append(shell("haproxy", "-c", "-q", "-f", lb_config.HAPROXY_CFG_PATH))
+    body.append(shell("systemctl", "enable", "haproxy"))
+    body.append(shell("systemctl", "reload-or-restart", "haproxy"))
+    if with_keepalived:
+        body.append(shell("keepalived", "--config-test", "--use-file", lb_config.KEEPALIVED_CONF_PATH))
+        body.append(shell("systemctl", "enable", "keepalived"))
+        body.append(shell("systemctl", "restart", "keepalived"))
+    else:
+        body.append(shell("systemctl", "disable", "--now", "keepalived") + " 2>/dev/null || true")
+    digests = {path: _sha256(content) for path, (content, _mode) in files.items()}
+    return Script(step="configure-lb", host=hostname, done_when=f"{files_match(digests)} && {active}", body=tuple(body))
+
+
+@dataclass(frozen=True)
+class LoadBalancerArgs:
+    context: NodeContext
+
+
+class LoadBalancer(pulumi.ComponentResource):
+    """The API endpoint. `configured` lists the steps that must finish before `kubeadm init`."""
+
+    def __init__(self, name: str, args: LoadBalancerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("kubeadm-ha:index:LoadBalancer", name, None, opts)
+        context = args.context
+        lb = context.config.load_balancer
+        size = VmSize(lb.cpus, lb.memory_mib, lb.disk_gib)
+        self.vms: dict[str, Vm] = {}
+        self.configured: list[command.remote.Command] = []
+        for node in context.plan.load_balancers:
+            vm = Vm(node.hostname, context.vm_args(node, size, load_balancer_preparation(node.hostname)), pulumi.ResourceOptions(parent=self))
+            self.vms[node.hostname] = vm
+            # The script embeds the rendered configs, so a changed backend set updates the step and re-runs it.
+            self.configured.append(
+                run_step(
+                    f"{node.hostname}-configure-lb",
+                    context.access(node),
+                    lb_config_script(node.hostname, rendered_lb_files(context, node)),
+                    parent=self,
+                    depends_on=[vm.ready],
+                )
+            )
+        self.endpoint = f"{context.plan.vip}:{lb.port}"
+        self.register_outputs({"endpoint": self.endpoint})

@@ -1,0 +1,77 @@
+"""What every node-building component shares: how to reach a node and how to boot it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pulumi
+
+from components.addressing import AddressPlan, NodePlan
+from components.cloudinit import NodeIdentity, render_meta_data, render_network_config, render_user_data
+from components.config import ClusterConfig
+from components.pki import ClusterPki
+from components.remote import NodeAccess
+from components.scripts import Script
+from components.vm import Hypervisor, VmArgs, VmSize
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    config: ClusterConfig
+    plan: AddressPlan
+    pki: ClusterPki
+    hypervisors: Sequence[Hypervisor]
+
+    def access(self, node: NodePlan) -> NodeAccess:
+        return NodeAccess(
+            hostname=node.hostname,
+            address=str(node.address),
+            user=self.config.ssh.user,
+            private_key=self.pki.operator_private_key,
+            host_public_key=self.pki.host_public_key(node.hostname),
+        )
+
+    def hypervisor_for(self, node: NodePlan) -> Hypervisor:
+        # Spread each role's replicas over the hypervisors so one host failure takes out one replica.
+        return self.hypervisors[(node.index - 1) % len(self.hypervisors)]
+
+    def vm_args(self, node: NodePlan, size: VmSize, preparation: Script) -> VmArgs:
+        fqdn = f"{node.hostname}.{self.config.network.domain}"
+        operator_key = self.pki.operator_ssh_key.public_key_openssh
+        host_key = self.pki.host_keys[node.hostname]
+
+        def identity(operator_public: str, host_private: str, host_public: str) -> NodeIdentity:
+            return NodeIdentity(
+                hostname=node.hostname,
+                fqdn=fqdn,
+                mac=node.mac,
+                ssh_user=self.config.ssh.user,
+                authorized_keys=(operator_public.strip(), *self.config.ssh.authorized_keys),
+                host_key_private_openssh=host_private,
+                host_key_public_openssh=host_public.strip(),
+            )
+
+        identity_output = pulumi.Output.all(
+            operator_key, host_key.private_key_openssh, host_key.public_key_openssh
+        ).apply(lambda values: identity(*values))
+        prepared = preparation.render()
+        user_data = pulumi.Output.secret(identity_output.apply(lambda ident: render_user_data(ident, prepared)))
+        static_identity = NodeIdentity(
+            hostname=node.hostname,
+            fqdn=fqdn,
+            mac=node.mac,
+            ssh_user=self.config.ssh.user,
+            authorized_keys=(),
+            host_key_private_openssh="",
+            host_key_public_openssh="",
+        )
+        return VmArgs(
+            node=node,
+            size=size,
+            hypervisor=self.hypervisor_for(node),
+            access=self.access(node),
+            user_data=user_data,
+            meta_data=render_meta_data(static_identity),
+            network_config=render_network_config(static_identity),
+        )

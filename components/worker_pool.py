@@ -1,0 +1,59 @@
+"""WorkerPool: worker VMs, each joined with `kubeadm join` in parallel once the control plane can take them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_command as command
+
+from components.addressing import NodePlan
+from components.control_plane import config_bundle, kubeadm_script
+from components.kubeadm import JOIN_CONFIG_PATH, ClusterShape, join_documents
+from components.node_prep import kubernetes_node_preparation
+from components.nodes import NodeContext
+from components.remote import run_step
+from components.vm import Vm, VmSize
+
+
+@dataclass(frozen=True)
+class WorkerPoolArgs:
+    context: NodeContext
+    nodes: Sequence[NodePlan]
+    shape: ClusterShape
+    # The first control plane and the pod network; workers do not wait for the other control planes.
+    after: Sequence[pulumi.Resource]
+
+
+class WorkerPool(pulumi.ComponentResource):
+    def __init__(self, name: str, args: WorkerPoolArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("kubeadm-ha:index:WorkerPool", name, None, opts)
+        context = args.context
+        config = context.config
+        size = VmSize(config.workers.cpus, config.workers.memory_mib, config.workers.disk_gib)
+        self.vms: dict[str, Vm] = {}
+        self.joins: dict[str, command.remote.Command] = {}
+        for node in args.nodes:
+            preparation = kubernetes_node_preparation(node.hostname, config.kubernetes)
+            vm = Vm(node.hostname, context.vm_args(node, size, preparation), pulumi.ResourceOptions(parent=self))
+            documents = pulumi.Output.all(context.pki.bootstrap_token, context.pki.ca_cert_hash).apply(
+                lambda values, node=node: join_documents(
+                    args.shape,
+                    hostname=node.hostname,
+                    address=str(node.address),
+                    token=values[0],
+                    ca_cert_hash=values[1],
+                    control_plane=False,
+                )
+            )
+            self.vms[node.hostname] = vm
+            self.joins[node.hostname] = run_step(
+                f"{node.hostname}-kubeadm-join",
+                context.access(node),
+                kubeadm_script(node.hostname, "join"),
+                parent=self,
+                stdin=config_bundle(JOIN_CONFIG_PATH, documents),
+                depends_on=[vm.ready, *args.after],
+            )
+        self.register_outputs({"workers": [node.hostname for node in args.nodes]})
