@@ -100,11 +100,9 @@ def plan_addresses(config: ClusterConfig) -> AddressPlan:
             missing.append(f"{count} {role} node(s) (room for {max(capacity, 0)} from offset {start})")
             continue
         for index in range(1, count + 1):
-            if role == "lb" and count == 1:
-                # A lone load balancer needs no VRRP: it simply owns the API endpoint address.
-                address = vip
-            else:
-                address = network.network_address + start + index - 1
+            # A lone load balancer needs no VRRP: it simply owns the API endpoint address.
+            lone_lb = role == "lb" and count == 1
+            address = vip if lone_lb else network.network_address + start + index - 1
             nodes.append(
                 NodePlan(
                     hostname=f"{config.cluster_name}-{role}-{index}",

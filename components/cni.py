@@ -68,14 +68,30 @@ def cni_script(hostname: str, manifest: CniManifest, pod_subnet: str) -> Script:
         + " >/dev/null 2>&1",
         body=(
             command(
-                "curl", "--fail", "--silent", "--show-error", "--location",
-                "--max-time", "120", "--retry", "5", "--retry-delay", "5",
-                "--output", path, manifest.url,
+                "curl",
+                "--fail",
+                "--silent",
+                "--show-error",
+                "--location",
+                "--max-time",
+                "120",
+                "--retry",
+                "5",
+                "--retry-delay",
+                "5",
+                "--output",
+                path,
+                manifest.url,
             ),
             command("sed", "-i", *sed_args, path),
             # A manifest whose defaults moved would silently keep its own CIDR; refuse instead.
-            f"grep -qF {quote(pod_subnet)} {quote(path)} || "
-            f"{{ echo {quote(f'kubeadm-ha: {manifest.name} manifest did not take pod subnet {pod_subnet}')} >&2; exit 1; }}",
+            _require_in_file(
+                pod_subnet, path, f"kubeadm-ha: {manifest.name} manifest did not take pod subnet {pod_subnet}"
+            ),
             logged(f"cni-{manifest.name}", *kubectl, "apply", "--filename", path),
         ),
     )
+
+
+def _require_in_file(needle: str, path: str, message: str) -> str:
+    return f"grep -qF {quote(needle)} {quote(path)} || {{ echo {quote(message)} >&2; exit 1; }}"

@@ -192,9 +192,7 @@ class ConfigError(pulumi.RunError):
         super().__init__(f"invalid stack configuration ({len(problems)} problem(s)):\n{listing}")
 
 
-_TOP_LEVEL_KEYS = {
-    field.alias or name for name, field in ClusterConfig.model_fields.items()
-}
+_TOP_LEVEL_KEYS = {field.alias or name for name, field in ClusterConfig.model_fields.items()}
 
 
 def parse_config(raw: Mapping[str, Any], *, stack: str) -> ClusterConfig:
@@ -289,15 +287,15 @@ def cross_field_problems(config: ClusterConfig) -> list[Problem]:
         )
     vip = config.vip
     if vip not in network or vip in (network.network_address, network.broadcast_address):
-        problems.append(Problem("loadBalancer.vip", f"{vip} is not a usable host address inside network.cidr {network}"))
+        problems.append(
+            Problem("loadBalancer.vip", f"{vip} is not a usable host address inside network.cidr {network}")
+        )
     elif vip == plan.gateway:
         problems.append(Problem("loadBalancer.vip", f"{vip} is the network gateway"))
     else:
         lone_lb_owns_vip = config.load_balancer.replicas == 1
         clash = [
-            node.hostname
-            for node in plan.nodes
-            if node.address == vip and not (lone_lb_owns_vip and node.role == "lb")
+            node.hostname for node in plan.nodes if node.address == vip and not (lone_lb_owns_vip and node.role == "lb")
         ]
         if clash:
             problems.append(Problem("loadBalancer.vip", f"{vip} is the address of node {clash[0]}"))
@@ -311,5 +309,9 @@ def config_from_stack_file(path: str, stack: str) -> ClusterConfig:
     with open(path, encoding="utf-8") as handle:
         document = yaml.safe_load(handle) or {}
     prefix = CONFIG_NAMESPACE + ":"
-    raw = {key.removeprefix(prefix): value for key, value in (document.get("config") or {}).items() if key.startswith(prefix)}
+    raw = {
+        key.removeprefix(prefix): value
+        for key, value in (document.get("config") or {}).items()
+        if key.startswith(prefix)
+    }
     return parse_config(raw, stack=stack)

@@ -17,7 +17,8 @@ from components.node_prep import kubernetes_node_preparation
 from components.nodes import NodeContext
 from components.pki import SA_KEY_PATH, SA_PUB_PATH, ClusterPki
 from components.remote import run_step
-from components.scripts import INSTALL_BUNDLE_FUNCTION, BundleFile, Script, command as shell, encode_bundle, files_match, logged
+from components.scripts import INSTALL_BUNDLE_FUNCTION, BundleFile, Script, encode_bundle, files_match, logged
+from components.scripts import command as shell
 from components.vm import Vm, VmSize
 
 KUBELET_KUBECONFIG = "/etc/kubernetes/kubelet.conf"
@@ -28,7 +29,9 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def pki_bundle(pki: ClusterPki, *, include_ca_keys: Sequence[str]) -> tuple[pulumi.Output[str], pulumi.Output[dict[str, str]]]:
+def pki_bundle(
+    pki: ClusterPki, *, include_ca_keys: Sequence[str]
+) -> tuple[pulumi.Output[str], pulumi.Output[dict[str, str]]]:
     """The stdin payload that places the shared PKI, and the public files' digests for the guard."""
     cas = list(pki.cas.values())
     public = pulumi.Output.all(*(ca.cert_pem for ca in cas), pki.service_account_key.public_key_pem).apply(

@@ -13,7 +13,8 @@ from components.addressing import NodePlan
 from components.node_prep import load_balancer_preparation
 from components.nodes import NodeContext
 from components.remote import run_step
-from components.scripts import Script, command as shell, files_match, write_file
+from components.scripts import Script, files_match, write_file
+from components.scripts import command as shell
 from components.vm import Vm, VmSize
 
 
@@ -23,7 +24,12 @@ def _sha256(text: str) -> str:
 
 def rendered_lb_files(context: NodeContext, node: NodePlan) -> dict[str, tuple[str, int]]:
     """Every file the LB step writes on `node`: path -> (content, mode). Pure; shared with the tests."""
-    files = {lb_config.HAPROXY_CFG_PATH: (lb_config.render_haproxy_cfg(lb_config.haproxy_settings(context.config, context.plan)), 0o644)}
+    files = {
+        lb_config.HAPROXY_CFG_PATH: (
+            lb_config.render_haproxy_cfg(lb_config.haproxy_settings(context.config, context.plan)),
+            0o644,
+        )
+    }
     keepalived = lb_config.keepalived_settings(context.config, context.plan, node)
     if keepalived is not None:
         files[lb_config.KEEPALIVED_CONF_PATH] = (lb_config.render_keepalived_conf(keepalived), 0o644)
@@ -68,7 +74,11 @@ class LoadBalancer(pulumi.ComponentResource):
         self.vms: dict[str, Vm] = {}
         self.configured: list[command.remote.Command] = []
         for node in context.plan.load_balancers:
-            vm = Vm(node.hostname, context.vm_args(node, size, load_balancer_preparation(node.hostname)), pulumi.ResourceOptions(parent=self))
+            vm = Vm(
+                node.hostname,
+                context.vm_args(node, size, load_balancer_preparation(node.hostname)),
+                pulumi.ResourceOptions(parent=self),
+            )
             self.vms[node.hostname] = vm
             # The script embeds the rendered configs, so a changed backend set updates the step and re-runs it.
             self.configured.append(

@@ -121,7 +121,9 @@ class ClusterPki(pulumi.ComponentResource):
             opts=child,
         )
         self.operator_ssh_key = tls.PrivateKey(
-            "operator-ssh-key", algorithm="ED25519", opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=_SECRET_KEY_OUTPUTS)
+            "operator-ssh-key",
+            algorithm="ED25519",
+            opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=_SECRET_KEY_OUTPUTS),
         )
         self.host_keys = {
             hostname: tls.PrivateKey(

@@ -61,8 +61,7 @@ def render(script: Script) -> str:
         f"readonly KUBEADM_HA_LOG_DIR={quote(LOG_DIR)} KUBEADM_HA_STATE_DIR={quote(STATE_DIR)}",
         "trap 'kubeadm_ha_failed $? $LINENO' ERR",
         "kubeadm_ha_failed() {",
-        '  echo "kubeadm-ha: step ${KUBEADM_HA_STEP} failed on host ${KUBEADM_HA_HOST}'
-        ' (exit $1 at line $2)" >&2',
+        '  echo "kubeadm-ha: step ${KUBEADM_HA_STEP} failed on host ${KUBEADM_HA_HOST} (exit $1 at line $2)" >&2',
         '  exit "$1"',
         "}",
         *_LOGGED_FUNCTION,

@@ -14,6 +14,10 @@ from components.scripts import Script, command
 
 CLOUD_INIT_TIMEOUT_SECONDS = 1800
 READY_MARKER = "/var/lib/kubeadm-ha/cloud-init-done"
+_REPORT_CLOUD_INIT = (
+    'echo "kubeadm-ha: cloud-init did not finish cleanly on ${KUBEADM_HA_HOST}:" >&2; '
+    "cloud-init status --long >&2 || true; exit 1"
+)
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,9 @@ class Hypervisor(pulumi.ComponentResource):
     ) -> None:
         super().__init__("kubeadm-ha:index:Hypervisor", name, None, opts)
         self.pool = hypervisor.pool
-        self.provider = libvirt.Provider(f"{name}-libvirt", uri=hypervisor.uri, opts=pulumi.ResourceOptions(parent=self))
+        self.provider = libvirt.Provider(
+            f"{name}-libvirt", uri=hypervisor.uri, opts=pulumi.ResourceOptions(parent=self)
+        )
         on_host = pulumi.ResourceOptions(parent=self, provider=self.provider)
         self.network = libvirt.Network(
             f"{name}-network",
@@ -73,9 +79,7 @@ def readiness_script(hostname: str) -> Script:
         done_when=f"[ -f {READY_MARKER} ]",
         body=(
             # `status --wait` exits non-zero when cloud-init reports an error; the bound keeps a stuck boot finite.
-            f"timeout {CLOUD_INIT_TIMEOUT_SECONDS} cloud-init status --wait >/dev/null || "
-            '{ echo "kubeadm-ha: cloud-init did not finish cleanly on ${KUBEADM_HA_HOST}:" >&2; '
-            "cloud-init status --long >&2 || true; exit 1; }",
+            f"timeout {CLOUD_INIT_TIMEOUT_SECONDS} cloud-init status --wait >/dev/null || {{ {_REPORT_CLOUD_INIT}; }}",
             command("touch", READY_MARKER),
         ),
     )
