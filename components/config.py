@@ -239,8 +239,8 @@ def _problem_from_pydantic(item: Mapping[str, Any]) -> Problem:
     message = str(item["msg"]).removeprefix("Value error, ")
     if item["type"] == "extra_forbidden":
         message = "unknown key (check the spelling against the README)"
-    elif item["type"] in {"literal_error", "missing"} or "input" not in item:
-        pass
+    elif item["type"] in {"value_error", "missing"} or "input" not in item:
+        pass  # our own rules already quote the offending value
     else:
         message = f"{item['input']!r}: {message}"
     return Problem(path, message)

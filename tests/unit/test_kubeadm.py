@@ -1,0 +1,98 @@
+"""kubeadm documents: built from typed objects, checked as kubeadm will read them."""
+
+from __future__ import annotations
+
+import yaml
+
+from components.kubeadm import ClusterShape, ExternalEtcd, init_documents, join_documents
+
+SHAPE = ClusterShape(
+    cluster_name="prod",
+    kubernetes_version="1.34.2",
+    endpoint_host="10.17.5.10",
+    endpoint_port=6443,
+    pod_subnet="10.244.0.0/16",
+    service_subnet="10.96.0.0/12",
+    extra_sans=("api.prod.k8s.internal",),
+)
+TOKEN = "abcdef.0123456789abcdef"
+HASH = "sha256:" + "a" * 64
+
+
+def docs(text: str) -> dict[str, dict]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(text)}
+
+
+def test_init_documents() -> None:
+    found = docs(init_documents(SHAPE, hostname="prod-cp-1", address="10.17.5.31", token=TOKEN))
+    assert set(found) == {"InitConfiguration", "ClusterConfiguration", "KubeletConfiguration"}
+    init, cluster = found["InitConfiguration"], found["ClusterConfiguration"]
+    assert init["apiVersion"] == cluster["apiVersion"] == "kubeadm.k8s.io/v1beta4"
+    assert init["bootstrapTokens"][0]["token"] == TOKEN
+    assert init["bootstrapTokens"][0]["ttl"] == "24h0m0s"
+    assert init["localAPIEndpoint"] == {"advertiseAddress": "10.17.5.31", "bindPort": 6443}
+    assert init["nodeRegistration"]["name"] == "prod-cp-1"
+    # v1beta4 turned extra args into a list of name/value pairs.
+    assert init["nodeRegistration"]["kubeletExtraArgs"] == [{"name": "node-ip", "value": "10.17.5.31"}]
+    assert cluster["controlPlaneEndpoint"] == "10.17.5.10:6443"
+    assert "10.17.5.10" in cluster["apiServer"]["certSANs"]
+    assert cluster["kubernetesVersion"] == "v1.34.2"
+    assert cluster["networking"] == {
+        "podSubnet": "10.244.0.0/16",
+        "serviceSubnet": "10.96.0.0/12",
+        "dnsDomain": "cluster.local",
+    }
+    assert cluster["etcd"] == {"local": {"dataDir": "/var/lib/etcd"}}
+    assert "certificateKey" not in init and "uploadCerts" not in str(found)
+    assert found["KubeletConfiguration"]["cgroupDriver"] == "systemd"
+
+
+def test_control_plane_join_has_local_endpoint_and_pinned_ca() -> None:
+    join = docs(
+        join_documents(
+            SHAPE, hostname="prod-cp-2", address="10.17.5.32", token=TOKEN, ca_cert_hash=HASH, control_plane=True
+        )
+    )["JoinConfiguration"]
+    assert join["discovery"]["bootstrapToken"] == {
+        "apiServerEndpoint": "10.17.5.10:6443",
+        "token": TOKEN,
+        "caCertHashes": [HASH],
+    }
+    assert join["controlPlane"] == {"localAPIEndpoint": {"advertiseAddress": "10.17.5.32", "bindPort": 6443}}
+    assert "certificateKey" not in join["controlPlane"]
+
+
+def test_worker_join_is_not_a_control_plane() -> None:
+    join = docs(
+        join_documents(
+            SHAPE, hostname="prod-worker-1", address="10.17.5.51", token=TOKEN, ca_cert_hash=HASH, control_plane=False
+        )
+    )["JoinConfiguration"]
+    assert "controlPlane" not in join
+    assert "taints" not in join["nodeRegistration"]
+
+
+def test_external_etcd() -> None:
+    external = ExternalEtcd(
+        endpoints=("https://10.17.5.21:2379", "https://10.17.5.22:2379"),
+        ca_file="/etc/kubernetes/pki/etcd/ca.crt",
+        cert_file="/etc/kubernetes/pki/apiserver-etcd-client.crt",
+        key_file="/etc/kubernetes/pki/apiserver-etcd-client.key",
+    )
+    shape = ClusterShape(**{**SHAPE.__dict__, "external_etcd": external})
+    cluster = docs(init_documents(shape, hostname="prod-cp-1", address="10.17.5.31", token=TOKEN))[
+        "ClusterConfiguration"
+    ]
+    assert cluster["etcd"] == {
+        "external": {
+            "endpoints": ["https://10.17.5.21:2379", "https://10.17.5.22:2379"],
+            "caFile": "/etc/kubernetes/pki/etcd/ca.crt",
+            "certFile": "/etc/kubernetes/pki/apiserver-etcd-client.crt",
+            "keyFile": "/etc/kubernetes/pki/apiserver-etcd-client.key",
+        }
+    }
+
+
+def test_documents_are_byte_identical_for_identical_inputs() -> None:
+    first = init_documents(SHAPE, hostname="prod-cp-1", address="10.17.5.31", token=TOKEN)
+    assert first == init_documents(SHAPE, hostname="prod-cp-1", address="10.17.5.31", token=TOKEN)
