@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pulumi
 import pulumi_command as command
 
 from components import lb_config
-from components.addressing import NodePlan
 from components.node_prep import load_balancer_preparation
 from components.nodes import NodeContext
 from components.remote import run_step
-from components.scripts import Script, files_match, write_file
+from components.scripts import BundleFile, Script, files_match, write_file
 from components.scripts import command as shell
 from components.vm import Vm, VmSize
 
@@ -22,28 +22,13 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def rendered_lb_files(context: NodeContext, node: NodePlan) -> dict[str, tuple[str, int]]:
-    """Every file the LB step writes on `node`: path -> (content, mode). Pure; shared with the tests."""
-    files = {
-        lb_config.HAPROXY_CFG_PATH: (
-            lb_config.render_haproxy_cfg(lb_config.haproxy_settings(context.config, context.plan)),
-            0o644,
-        )
-    }
-    keepalived = lb_config.keepalived_settings(context.config, context.plan, node)
-    if keepalived is not None:
-        files[lb_config.KEEPALIVED_CONF_PATH] = (lb_config.render_keepalived_conf(keepalived), 0o644)
-        files[lb_config.KEEPALIVED_CHECK_PATH] = (lb_config.render_keepalived_check_script(keepalived), 0o755)
-    return files
-
-
-def lb_config_script(hostname: str, files: dict[str, tuple[str, int]]) -> Script:
-    with_keepalived = lb_config.KEEPALIVED_CONF_PATH in files
+def lb_config_script(hostname: str, files: Sequence[BundleFile]) -> Script:
+    with_keepalived = any(item.path == lb_config.KEEPALIVED_CONF_PATH for item in files)
     services = ["haproxy", "keepalived"] if with_keepalived else ["haproxy"]
     active = " && ".join(shell("systemctl", "is-active", "--quiet", service) for service in services)
     body: list[str] = []
-    for path, (content, mode) in sorted(files.items()):
-        body += write_file(path, content, mode)
+    for item in sorted(files, key=lambda item: item.path):
+        body += write_file(item.path, item.content, item.mode)
     # Validate with the daemons' own checkers before (re)starting them.
     body.append(shell("haproxy", "-c", "-q", "-f", lb_config.HAPROXY_CFG_PATH))
     body.append(shell("systemctl", "enable", "haproxy"))
@@ -54,7 +39,7 @@ def lb_config_script(hostname: str, files: dict[str, tuple[str, int]]) -> Script
         body.append(shell("systemctl", "restart", "keepalived"))
     else:
         body.append(shell("systemctl", "disable", "--now", "keepalived") + " 2>/dev/null || true")
-    digests = {path: _sha256(content) for path, (content, _mode) in files.items()}
+    digests = {item.path: _sha256(item.content) for item in files}
     return Script(step="configure-lb", host=hostname, done_when=f"{files_match(digests)} && {active}", body=tuple(body))
 
 
@@ -85,7 +70,7 @@ class LoadBalancer(pulumi.ComponentResource):
                 run_step(
                     f"{node.hostname}-configure-lb",
                     context.access(node),
-                    lb_config_script(node.hostname, rendered_lb_files(context, node)),
+                    lb_config_script(node.hostname, lb_config.lb_node_files(context.config, context.plan, node)),
                     parent=self,
                     depends_on=[vm.ready],
                 )

@@ -57,21 +57,12 @@ class NodeContext:
         ).apply(lambda values: identity(*values))
         prepared = preparation.render()
         user_data = pulumi.Output.secret(identity_output.apply(lambda ident: render_user_data(ident, prepared)))
-        static_identity = NodeIdentity(
-            hostname=node.hostname,
-            fqdn=fqdn,
-            mac=node.mac,
-            ssh_user=self.config.ssh.user,
-            authorized_keys=(),
-            host_key_private_openssh="",
-            host_key_public_openssh="",
-        )
         return VmArgs(
             node=node,
             size=size,
             hypervisor=self.hypervisor_for(node),
             access=self.access(node),
             user_data=user_data,
-            meta_data=render_meta_data(static_identity),
-            network_config=render_network_config(static_identity),
+            meta_data=render_meta_data(node.hostname),
+            network_config=render_network_config(node.mac),
         )

@@ -1,0 +1,231 @@
+"""First-boot preparation of a node, one script per role, run by cloud-init's `runcmd`.
+
+Every script is idempotent twice over: its guard (`PREPARED_MARKER` holding the
+expected content) makes a completed run a no-op, and every action is itself
+safe to repeat, so a run interrupted anywhere can simply be run again.
+
+The scripts only write public files, so they switch to umask 022 (the renderer
+starts every script with 077): packages' maintainer scripts inherit the umask,
+and apt must be able to read the repository keyring as the `_apt` user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from components.scripts import Script, command, logged, quote, write_file
+
+if TYPE_CHECKING:
+    from components.addressing import Role
+    from components.config import ClusterConfig, KubernetesConfig
+
+STEP = "node-prep"
+LOG_NAME = "node-prep"
+PREPARED_MARKER = "/var/lib/kubeadm-ha/prepared"
+
+# pkgs.k8s.io packages a release `X.Y.Z` as Debian version `X.Y.Z-1.1`.
+PKGS_K8S_REVISION = "1.1"
+KUBERNETES_PACKAGES = ("kubelet", "kubeadm", "kubectl")
+KUBERNETES_KEYRING = "/etc/apt/keyrings/kubernetes-apt-keyring.gpg"
+KUBERNETES_SOURCES = "/etc/apt/sources.list.d/kubernetes.list"
+_DOWNLOADED_KEY = "/var/lib/kubeadm-ha/kubernetes-release.key"
+
+MODULES_FILE = "/etc/modules-load.d/kubeadm-ha.conf"
+KERNEL_MODULES = ("overlay", "br_netfilter")
+SYSCTL_FILE = "/etc/sysctl.d/99-kubeadm-ha.conf"
+KUBERNETES_SYSCTLS = (
+    ("net.bridge.bridge-nf-call-iptables", "1"),
+    ("net.bridge.bridge-nf-call-ip6tables", "1"),
+    ("net.ipv4.ip_forward", "1"),
+)
+# keepalived's VIP is not local on the backup; haproxy must still bind to it.
+LOAD_BALANCER_SYSCTLS = (("net.ipv4.ip_nonlocal_bind", "1"),)
+
+CONTAINERD_CONFIG_FILE = "/etc/containerd/config.toml"
+# A complete file, not a sed edit of `containerd config default`: that dump is a different layout per
+# major version (1.7: `version = 2`, runc options under "io.containerd.grpc.v1.cri"; 2.x: `version = 3`,
+# under "io.containerd.cri.v1.runtime"), so a sed written for one silently matches nothing on the other,
+# and a full dump freezes every default of the installed version into the file. Config version 2 is read
+# natively by containerd 1.7 and migrated in memory by 2.x (its CRI runtime plugin's ConfigMigration maps
+# the old section to the new one); everything not named here keeps the running version's default.
+CONTAINERD_CONFIG = """\
+# Written by kubeadm-ha. Config version 2: read by containerd 1.7, migrated on load by containerd 2.x.
+version = 2
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+  SystemdCgroup = true
+"""
+CRICTL_CONFIG_FILE = "/etc/crictl.yaml"
+CRICTL_CONFIG = """\
+runtime-endpoint: unix:///run/containerd/containerd.sock
+image-endpoint: unix:///run/containerd/containerd.sock
+"""
+
+# apt-get (with DEBIAN_FRONTEND=noninteractive exported) that waits for a first-boot apt-daily or
+# unattended-upgrades run instead of failing on the dpkg lock, and keeps our config files if a package
+# ships its own.
+APT_GET = (
+    "apt-get",
+    "-o",
+    "DPkg::Lock::Timeout=600",
+    "-o",
+    "Acquire::Retries=5",
+    "-o",
+    "Dpkg::Options::=--force-confdef",
+    "-o",
+    "Dpkg::Options::=--force-confold",
+    "--yes",
+    "--quiet",
+)
+# Every fetch is bounded: per attempt (connect and total) and in the number of attempts.
+CURL = (
+    "curl",
+    "--fail",
+    "--silent",
+    "--show-error",
+    "--location",
+    "--proto",
+    "=https",
+    "--connect-timeout",
+    "15",
+    "--max-time",
+    "60",
+    "--retry",
+    "5",
+    "--retry-delay",
+    "5",
+    "--retry-all-errors",
+)
+
+
+def kubernetes_repository(kubernetes: KubernetesConfig) -> str:
+    return f"https://pkgs.k8s.io/core:/stable:/v{kubernetes.minor}/deb/"
+
+
+def kubernetes_apt_version(kubernetes: KubernetesConfig) -> str:
+    return f"{kubernetes.version}-{PKGS_K8S_REVISION}"
+
+
+def marker_guard(content: str) -> str:
+    """True when the marker exists and holds exactly `content` (a different version means: prepare again)."""
+    return f'[ -f {quote(PREPARED_MARKER)} ] && [ "$(cat {quote(PREPARED_MARKER)})" = {quote(content)} ]'
+
+
+def kubernetes_marker(kubernetes: KubernetesConfig) -> str:
+    return f"kubernetes-node {kubernetes_apt_version(kubernetes)}"
+
+
+LOAD_BALANCER_MARKER = "load-balancer haproxy keepalived"
+
+
+def kubernetes_node_preparation(hostname: str, kubernetes: KubernetesConfig) -> Script:
+    """Control-plane and worker nodes: kernel settings, containerd, and the pinned kubelet/kubeadm/kubectl."""
+    _check_hostname(hostname)
+    repository = kubernetes_repository(kubernetes)
+    apt_version = kubernetes_apt_version(kubernetes)
+    marker = kubernetes_marker(kubernetes)
+    body = (
+        "umask 022",
+        "export DEBIAN_FRONTEND=noninteractive",
+        "# Swap off now and at boot (kubelet refuses to start with swap on by default).",
+        command("swapoff", "-a"),
+        f"if [ -f {quote('/etc/fstab')} ]; then",
+        "  " + _COMMENT_OUT_SWAP,
+        "fi",
+        "# Kernel modules and sysctls for the pod network, now and at every boot.",
+        *write_file(MODULES_FILE, "".join(f"{module}\n" for module in KERNEL_MODULES)),
+        *(command("modprobe", module) for module in KERNEL_MODULES),
+        *write_file(SYSCTL_FILE, _sysctl_file(KUBERNETES_SYSCTLS)),
+        logged(LOG_NAME, "sysctl", "-p", SYSCTL_FILE),
+        "# containerd from Ubuntu's archive, with the systemd cgroup driver kubelet expects.",
+        logged(LOG_NAME, *APT_GET, "update"),
+        logged(
+            LOG_NAME, *APT_GET, "install", "--no-install-recommends", "containerd", "ca-certificates", "curl", "gpg"
+        ),
+        *write_file(CONTAINERD_CONFIG_FILE, CONTAINERD_CONFIG),
+        *write_file(CRICTL_CONFIG_FILE, CRICTL_CONFIG),
+        command("systemctl", "enable", "containerd"),
+        command("systemctl", "restart", "containerd"),
+        f"# kubelet, kubeadm and kubectl {kubernetes.version} from the v{kubernetes.minor} repository, held there.",
+        command("install", "-d", "-m", "0755", "/etc/apt/keyrings"),
+        logged(LOG_NAME, *CURL, "--output", _DOWNLOADED_KEY, repository + "Release.key"),
+        command("gpg", "--batch", "--yes", "--dearmor", "--output", KUBERNETES_KEYRING + ".tmp", _DOWNLOADED_KEY),
+        command("chmod", "0644", KUBERNETES_KEYRING + ".tmp"),
+        command("mv", "-f", KUBERNETES_KEYRING + ".tmp", KUBERNETES_KEYRING),
+        *write_file(KUBERNETES_SOURCES, f"deb [signed-by={KUBERNETES_KEYRING}] {repository} /\n"),
+        logged(LOG_NAME, *APT_GET, "update"),
+        # --allow-change-held-packages: a re-run finds the packages already held.
+        logged(
+            LOG_NAME,
+            *APT_GET,
+            "install",
+            "--no-install-recommends",
+            "--allow-change-held-packages",
+            *(f"{package}={apt_version}" for package in KUBERNETES_PACKAGES),
+        ),
+        logged(LOG_NAME, "apt-mark", "hold", *KUBERNETES_PACKAGES),
+        # kubeadm starts kubelet once it has written kubelet's configuration.
+        command("systemctl", "enable", "kubelet"),
+        *write_file(PREPARED_MARKER, marker + "\n"),
+    )
+    return Script(step=STEP, host=hostname, done_when=marker_guard(marker), body=body)
+
+
+def load_balancer_preparation(hostname: str) -> Script:
+    """Load balancers: haproxy and keepalived installed and enabled; their configs are written by a later step."""
+    _check_hostname(hostname)
+    body = (
+        "umask 022",
+        "export DEBIAN_FRONTEND=noninteractive",
+        *write_file(SYSCTL_FILE, _sysctl_file(LOAD_BALANCER_SYSCTLS)),
+        logged(LOG_NAME, "sysctl", "-p", SYSCTL_FILE),
+        logged(LOG_NAME, *APT_GET, "update"),
+        logged(LOG_NAME, *APT_GET, "install", "--no-install-recommends", "haproxy", "keepalived"),
+        # Enabled for boot; the later configuration step (re)starts them. Until then haproxy runs the package's
+        # listener-free sample config, and keepalived's unit stays inactive for want of a config file.
+        command("systemctl", "enable", "haproxy", "keepalived"),
+        *write_file(PREPARED_MARKER, LOAD_BALANCER_MARKER + "\n"),
+    )
+    return Script(step=STEP, host=hostname, done_when=marker_guard(LOAD_BALANCER_MARKER), body=body)
+
+
+# One entry per role that has a preparation; a new role (e.g. external `etcd`) adds its builder here.
+PREPARATIONS: dict[str, Callable[[str, ClusterConfig], Script]] = {
+    "lb": lambda hostname, config: load_balancer_preparation(hostname),
+    "cp": lambda hostname, config: kubernetes_node_preparation(hostname, config.kubernetes),
+    "worker": lambda hostname, config: kubernetes_node_preparation(hostname, config.kubernetes),
+}
+
+
+def preparation_for(role: Role, hostname: str, config: ClusterConfig) -> Script:
+    try:
+        builder = PREPARATIONS[role]
+    except KeyError:
+        raise ValueError(f"no node preparation for role {role!r} (known: {', '.join(PREPARATIONS)})") from None
+    return builder(hostname, config)
+
+
+# Comment out active swap entries (third field `swap`); commented lines never match again.
+_COMMENT_OUT_SWAP = command(
+    "sed",
+    "-i",
+    "-E",
+    r"s/^([^#[:space:]][^[:space:]]*[[:space:]]+[^[:space:]]+[[:space:]]+swap([[:space:]].*)?)$/"
+    r"# disabled by kubeadm-ha: \1/",
+    "/etc/fstab",
+)
+
+
+def _sysctl_file(settings: tuple[tuple[str, str], ...]) -> str:
+    return "# Written by kubeadm-ha.\n" + "".join(f"{key} = {value}\n" for key, value in settings)
+
+
+def _check_hostname(hostname: str) -> None:
+    # The renderer puts the host into a `#` comment line as well as a quoted value: a line break there
+    # would end the comment, so refuse control characters outright.
+    if not hostname or any(ord(char) < 0x20 or ord(char) == 0x7F for char in hostname):
+        raise ValueError(f"hostname {hostname!r} is empty or contains control characters")

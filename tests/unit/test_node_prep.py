@@ -1,0 +1,442 @@
+"""Node-preparation scripts: what they install and pin, how they quote, and that they are idempotent.
+
+Idempotency is proven by *running* the rendered script, unmodified, with bash:
+
+* as root (directly or through passwordless `sudo -n`) in a private mount namespace (`unshare
+  --mount`) where /etc and /var are overlayfs mounts whose upper layers live in the test's temp
+  dir, so every absolute path the script writes (/etc/fstab, /etc/sysctl.d, /etc/apt, the marker
+  under /var/lib/kubeadm-ha, logs under /var/log) lands in the sandbox and the host is untouched;
+* with stub `apt-get`, `apt-mark`, `curl`, `gpg`, `systemctl`, `modprobe`, `sysctl` and `swapoff`
+  first on PATH, which record every call (and `curl`/`gpg` write their `--output`).
+
+A second run must print "already done", call nothing and change no file; with the marker removed
+(an interruption just before the end) the run repeats every action and leaves the same files. A chroot
+would need a whole Ubuntu tree; rewriting the script's paths would test a different script; guard-only
+tests cannot show that a run changes nothing. Without root/sudo or mount-namespace support the sandbox
+tests skip (outside CI) or fail (CI=true); the guard-condition tests below run everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from components.config import KubernetesConfig, parse_config
+from components.node_prep import (
+    CONTAINERD_CONFIG,
+    CONTAINERD_CONFIG_FILE,
+    KUBERNETES_KEYRING,
+    KUBERNETES_SOURCES,
+    MODULES_FILE,
+    PREPARED_MARKER,
+    SYSCTL_FILE,
+    kubernetes_node_preparation,
+    load_balancer_preparation,
+    preparation_for,
+)
+
+K8S = KubernetesConfig(version="1.34.2")
+STUBBED = ("apt-get", "apt-mark", "curl", "gpg", "systemctl", "modprobe", "sysctl", "swapoff")
+
+
+def _words(script_text: str) -> list[list[str]]:
+    """Each simple command line of the script, split the way bash would."""
+    lines = []
+    for line in script_text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        try:
+            lines.append(shlex.split(stripped, comments=True))
+        except ValueError:
+            continue  # multi-line printf payloads
+    return lines
+
+
+def _program(words: list[str]) -> str:
+    """The program a command line runs (through `logged NAME` or directly)."""
+    return words[2] if words[:1] == ["logged"] and len(words) > 2 else words[0]
+
+
+# ---------------------------------------------------------------- content
+
+
+def test_kubernetes_packages_are_pinned_held_and_from_the_minor_repository():
+    text = kubernetes_node_preparation("dev-cp-1", K8S).render()
+    commands = _words(text)
+    install = next(words for words in commands if "kubelet=1.34.2-1.1" in words)
+    assert {"kubelet=1.34.2-1.1", "kubeadm=1.34.2-1.1", "kubectl=1.34.2-1.1"} <= set(install)
+    assert ["logged", "node-prep", "apt-mark", "hold", "kubelet", "kubeadm", "kubectl"] in commands
+    assert ["systemctl", "enable", "kubelet"] in commands
+    assert "https://pkgs.k8s.io/core:/stable:/v1.34/deb/Release.key" in text
+    assert f"deb [signed-by={KUBERNETES_KEYRING}] https://pkgs.k8s.io/core:/stable:/v1.34/deb/ /" in text
+
+
+def test_another_version_uses_its_own_minor_repository():
+    text = kubernetes_node_preparation("dev-cp-1", KubernetesConfig(version="1.33.5")).render()
+    assert "core:/stable:/v1.33/deb/" in text
+    assert "v1.34" not in text
+    assert "kubeadm=1.33.5-1.1" in text
+
+
+def test_containerd_config_uses_the_systemd_cgroup_driver():
+    config = tomllib.loads(CONTAINERD_CONFIG)
+    assert config["version"] == 2
+    runc = config["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["runc"]
+    assert runc["runtime_type"] == "io.containerd.runc.v2"
+    assert runc["options"]["SystemdCgroup"] is True
+    text = kubernetes_node_preparation("dev-cp-1", K8S).render()
+    assert shlex.quote(CONTAINERD_CONFIG) in text
+    assert f">{CONTAINERD_CONFIG_FILE}.kubeadm-ha.tmp" in text
+    assert "containerd config default" not in text
+    assert "sed -i 's/SystemdCgroup" not in text
+
+
+def test_every_fetch_is_bounded():
+    text = kubernetes_node_preparation("dev-cp-1", K8S).render()
+    fetches = [words for words in _words(text) if _program(words) in {"curl", "wget"}]
+    assert fetches
+    for words in fetches:
+        assert "--max-time" in words and "--retry" in words and "--connect-timeout" in words
+
+
+def test_apt_output_is_logged_and_non_interactive():
+    for script in (kubernetes_node_preparation("dev-cp-1", K8S), load_balancer_preparation("dev-lb-1")):
+        text = script.render()
+        assert "export DEBIAN_FRONTEND=noninteractive" in text
+        for words in _words(text):
+            if _program(words) == "apt-get":
+                assert words[:2] == ["logged", "node-prep"]
+                assert "DPkg::Lock::Timeout=600" in words
+
+
+def test_guard_comes_before_any_change():
+    text = kubernetes_node_preparation("dev-cp-1", K8S).render()
+    guard = text.index(f"if [ -f {PREPARED_MARKER} ]")
+    assert guard < text.index("swapoff") < text.index("apt-get")
+    assert text.index("set -euo pipefail") < guard
+
+
+def test_load_balancer_preparation():
+    text = load_balancer_preparation("dev-lb-1").render()
+    commands = _words(text)
+    install = next(words for words in commands if "install" in words and "apt-get" in words)
+    assert {"haproxy", "keepalived"} <= set(install)
+    assert ["systemctl", "enable", "haproxy", "keepalived"] in commands
+    assert "net.ipv4.ip_nonlocal_bind = 1" in text
+    assert "kubelet" not in text and "containerd" not in text
+
+
+def test_preparation_per_role():
+    config = parse_config({"network": {"cidr": "10.17.3.0/24"}}, stack="dev")
+    assert preparation_for("cp", "dev-cp-1", config) == kubernetes_node_preparation("dev-cp-1", config.kubernetes)
+    assert preparation_for("worker", "dev-worker-1", config).render().count("kubeadm=") == 1
+    assert preparation_for("lb", "dev-lb-1", config) == load_balancer_preparation("dev-lb-1")
+    with pytest.raises(ValueError, match="no node preparation for role 'etcd'"):
+        preparation_for("etcd", "dev-etcd-1", config)
+
+
+@pytest.mark.parametrize("hostname", ["a\nrm -rf /", "a\rb", "", "x\x00y"])
+def test_control_characters_in_a_hostname_are_refused(hostname: str):
+    with pytest.raises(ValueError, match="control characters"):
+        kubernetes_node_preparation(hostname, K8S)
+    with pytest.raises(ValueError, match="control characters"):
+        load_balancer_preparation(hostname)
+
+
+def test_hostile_version_stays_one_quoted_word():
+    # Bypasses validation on purpose: the script must be safe even if a bad value got through.
+    version = "1.34.2'; touch /tmp/pwned; echo '$(id)`id`"
+    text = kubernetes_node_preparation("dev-cp-1", KubernetesConfig.model_construct(version=version)).render()
+    install = next(words for words in _words(text) if any(word.startswith("kubelet=") for word in words))
+    assert f"kubelet={version}-1.1" in install
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+# ---------------------------------------------------------------- guard condition (runs everywhere)
+
+
+@pytest.mark.parametrize(
+    ("marker", "done"),
+    [
+        (None, False),
+        ("kubernetes-node 1.34.2-1.1\n", True),
+        ("kubernetes-node 1.34.2-1.1", True),
+        ("kubernetes-node 1.33.5-1.1\n", False),
+        ("kubernetes-node 1.34.2-1.1\nextra\n", False),
+        ("", False),
+    ],
+)
+def test_guard_condition(tmp_path: Path, marker: str | None, done: bool):
+    marker_path = tmp_path / "prepared"
+    if marker is not None:
+        marker_path.write_text(marker)
+    condition = kubernetes_node_preparation("dev-cp-1", K8S).done_when
+    assert condition.count(PREPARED_MARKER) == 2
+    condition = condition.replace(PREPARED_MARKER, shlex.quote(str(marker_path)))
+    result = subprocess.run(
+        ["bash", "-c", f"set -euo pipefail; if {condition}; then echo done; else echo todo; fi"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == ("done" if done else "todo")
+
+
+# ---------------------------------------------------------------- real runs in a sandbox
+
+_STUB = r"""#!/bin/bash
+set -eu
+name="${0##*/}"
+{ printf '%s' "$name"; for arg in "$@"; do printf '\t%s' "$arg"; done; printf '\n'; } >>"$STUB_LOG"
+if [ "${STUB_FAIL:-}" = "$name" ]; then echo "stub $name: injected failure" >&2; exit 42; fi
+output=""
+while [ "$#" -gt 0 ]; do
+  case "$1" in --output) output="${2-}"; shift ;; esac
+  shift
+done
+case "$name" in
+  curl) printf '%s\n' '-----BEGIN PGP PUBLIC KEY BLOCK-----' 'stub' '-----END PGP PUBLIC KEY BLOCK-----' >"$output" ;;
+  gpg) printf 'stub keyring\n' >"$output" ;;
+esac
+"""
+
+FSTAB = "UUID=1234 / ext4 defaults 0 1\n/swap.img\tnone\tswap\tsw\t0\t0\n# /old-swap none swap sw 0 0\n"
+OVERLAID = ("etc", "var")
+
+
+def _unavailable(reason: str) -> None:
+    """The suite's policy (as in tests/integration/conftest.py): skip locally, fail under CI=true."""
+    if os.environ.get("CI", "").strip().lower() == "true":
+        pytest.fail(f"{reason} (CI=true: this test must run, not skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _privilege() -> list[str] | None:
+    """How to become root for `unshare --mount`: directly, or through passwordless sudo; None if neither.
+
+    A user namespace (`unshare --map-root-user`) is not enough: its root cannot write into the overlay's
+    root-owned lower directories (/etc, /var/log), because their owner is not mapped into the namespace.
+    """
+    if os.geteuid() == 0:
+        return []
+    if (
+        shutil.which("sudo")
+        and subprocess.run(["sudo", "-n", "true"], capture_output=True, check=False).returncode == 0
+    ):
+        return ["sudo", "-n", "--"]
+    return None
+
+
+def _namespaced(privilege: list[str], environment: dict[str, str], inner: str, *args: str) -> list[str]:
+    # `env` after sudo: sudo would otherwise reset PATH (secure_path) and drop the stub variables.
+    assignments = [f"{key}={value}" for key, value in sorted(environment.items())]
+    return [*privilege, "env", "-i", *assignments, "unshare", "--mount", "--propagation", "private",
+            "bash", "-c", inner, "sandbox", *args]  # fmt: skip
+
+
+class Sandbox:
+    def __init__(self, root: Path):
+        self.root = root
+        self.stubs = root / "stubs"
+        self.calls = root / "calls.log"
+        self.stubs.mkdir()
+        stub = self.stubs / "stub"
+        stub.write_text(_STUB)
+        stub.chmod(0o755)
+        for name in STUBBED:
+            (self.stubs / name).symlink_to(stub)
+        for name in OVERLAID:
+            (root / "upper" / name).mkdir(parents=True)
+            (root / "work" / name).mkdir(parents=True)
+        self.calls.touch()
+
+    def run(
+        self, script_text: str, *, setup: str = "", env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        privilege = _privilege()
+        assert privilege is not None
+        script = self.root / "script.sh"
+        script.write_text(script_text)
+        mounts = "\n".join(
+            f"mount -t overlay overlay -o lowerdir=/{name},"
+            f"upperdir={shlex.quote(str(self.root / 'upper' / name))},"
+            f"workdir={shlex.quote(str(self.root / 'work' / name))} /{name}"
+            for name in OVERLAID
+        )
+        # The layers are handed back to the test's user, so that it can read what a run under sudo wrote.
+        inner = f'set -eu\n{mounts}\n{setup}\nrc=0; bash "$1" || rc=$?\nchown -R "$2" "$3"\nexit "$rc"\n'
+        environment = {
+            "PATH": f"{self.stubs}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "STUB_LOG": str(self.calls),
+            "HOME": str(self.root),
+            "LANG": "C.UTF-8",
+            **(env or {}),
+        }
+        owner = f"{os.getuid()}:{os.getgid()}"
+        return subprocess.run(
+            _namespaced(privilege, environment, inner, str(script), owner, str(self.root)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    def call_lines(self) -> list[list[str]]:
+        return [line.split("\t") for line in self.calls.read_text().splitlines()]
+
+    def file(self, path: str) -> Path:
+        return self.root / "upper" / path.lstrip("/")
+
+    def snapshot(self, *, skip: tuple[str, ...] = ()) -> dict[str, tuple[int, str]]:
+        """Every entry of the upper layers: path -> (mode, content digest or link target)."""
+        entries = {}
+        for name in OVERLAID:
+            base = self.root / "upper"
+            for directory, _, files in os.walk(base / name):
+                for entry in [directory, *(os.path.join(directory, f) for f in files)]:
+                    relative = "/" + os.path.relpath(entry, base)
+                    if relative.startswith(skip):
+                        continue
+                    info = os.lstat(entry)
+                    if stat.S_ISREG(info.st_mode):
+                        content = hashlib.sha256(Path(entry).read_bytes()).hexdigest()
+                    elif stat.S_ISLNK(info.st_mode):
+                        content = os.readlink(entry)
+                    else:
+                        content = ""
+                    entries[relative] = (info.st_mode, content)
+        return entries
+
+
+@pytest.fixture(scope="module")
+def sandbox_support(tmp_path_factory: pytest.TempPathFactory) -> None:
+    if shutil.which("unshare") is None:
+        _unavailable("`unshare` (util-linux) is not installed")
+    privilege = _privilege()
+    if privilege is None:
+        _unavailable("the sandbox needs root or passwordless sudo for `unshare --mount` and overlay mounts")
+    probe = tmp_path_factory.mktemp("probe")
+    if str(probe.resolve()).startswith(tuple(f"/{name}/" for name in OVERLAID)):
+        _unavailable(f"the temp dir {probe} is inside an overlaid directory; set --basetemp elsewhere")
+    for part in ("upper", "work"):
+        (probe / part).mkdir()
+    mount = f"mount -t overlay overlay -o lowerdir=/etc,upperdir={probe / 'upper'},workdir={probe / 'work'} /etc"
+    result = subprocess.run(
+        _namespaced(privilege or [], {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, f"{mount} && touch /etc/probe"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0 or not (probe / "upper" / "probe").exists():
+        _unavailable(f"cannot mount an overlay in a private mount namespace: {result.stderr.strip()}")
+
+
+@pytest.fixture
+def sandbox(sandbox_support: None, tmp_path: Path) -> Sandbox:
+    return Sandbox(tmp_path)
+
+
+_WRITE_FSTAB = f"printf '%s' {shlex.quote(FSTAB)} >/etc/fstab"
+
+
+def test_kubernetes_preparation_runs_then_is_a_no_op(sandbox: Sandbox):
+    text = kubernetes_node_preparation("dev-cp-1", K8S).render()
+
+    first = sandbox.run(text, setup=_WRITE_FSTAB)
+    assert first.returncode == 0, first.stderr
+    assert "node-prep done on dev-cp-1" in first.stdout
+    calls = sandbox.call_lines()
+    names = [call[0] for call in calls]
+    assert names == [
+        "swapoff", "modprobe", "modprobe", "sysctl", "apt-get", "apt-get",
+        "systemctl", "systemctl", "curl", "gpg", "apt-get", "apt-get", "apt-mark", "systemctl",
+    ]  # fmt: skip
+    assert calls[8][-1] == "https://pkgs.k8s.io/core:/stable:/v1.34/deb/Release.key"
+    assert calls[11][-3:] == ["kubelet=1.34.2-1.1", "kubeadm=1.34.2-1.1", "kubectl=1.34.2-1.1"]
+    assert calls[12] == ["apt-mark", "hold", "kubelet", "kubeadm", "kubectl"]
+
+    assert sandbox.file(PREPARED_MARKER).read_text() == "kubernetes-node 1.34.2-1.1\n"
+    assert sandbox.file(CONTAINERD_CONFIG_FILE).read_text() == CONTAINERD_CONFIG
+    assert sandbox.file(MODULES_FILE).read_text() == "overlay\nbr_netfilter\n"
+    assert "net.bridge.bridge-nf-call-iptables = 1\n" in sandbox.file(SYSCTL_FILE).read_text()
+    assert "/v1.34/deb/ /" in sandbox.file(KUBERNETES_SOURCES).read_text()
+    assert stat.S_IMODE(sandbox.file(KUBERNETES_KEYRING).stat().st_mode) == 0o644  # readable by _apt
+    fstab = sandbox.file("/etc/fstab").read_text()
+    assert "# disabled by kubeadm-ha: /swap.img\tnone\tswap\tsw\t0\t0\n" in fstab
+    assert "UUID=1234 / ext4 defaults 0 1\n" in fstab
+    assert "\n# /old-swap none swap sw 0 0\n" in fstab
+    assert sandbox.file("/var/log/kubeadm-ha/node-prep.log").exists()
+    after_first = sandbox.snapshot()
+
+    second = sandbox.run(text)
+    assert second.returncode == 0, second.stderr
+    assert "already done on dev-cp-1; nothing to do" in second.stdout
+    assert len(sandbox.call_lines()) == len(calls)  # nothing was called
+    assert sandbox.snapshot() == after_first  # nothing was written
+
+    # An interruption just before the marker: every action runs again and converges to the same files.
+    third = sandbox.run(text, setup=f"rm {PREPARED_MARKER}")
+    assert third.returncode == 0, third.stderr
+    assert sandbox.call_lines()[len(calls) :] == calls
+    assert sandbox.snapshot(skip=("/var/log",)) == {
+        path: entry for path, entry in after_first.items() if not path.startswith("/var/log")
+    }
+    assert sandbox.file("/etc/fstab").read_text().count("disabled by kubeadm-ha") == 1
+
+
+def test_a_new_version_prepares_again(sandbox: Sandbox):
+    assert sandbox.run(kubernetes_node_preparation("dev-cp-1", K8S).render()).returncode == 0
+    newer = sandbox.run(kubernetes_node_preparation("dev-cp-1", KubernetesConfig(version="1.34.3")).render())
+    assert newer.returncode == 0, newer.stderr
+    assert "already done" not in newer.stdout
+    assert sandbox.file(PREPARED_MARKER).read_text() == "kubernetes-node 1.34.3-1.1\n"
+    # Already held from the first run: the install must be allowed to move them.
+    install = [call for call in sandbox.call_lines() if "kubelet=1.34.3-1.1" in call]
+    assert install and "--allow-change-held-packages" in install[0]
+
+
+def test_a_failed_run_leaves_no_marker_and_a_rerun_completes(sandbox: Sandbox):
+    text = kubernetes_node_preparation("dev-worker-1", K8S).render()
+    failed = sandbox.run(text, env={"STUB_FAIL": "apt-mark"})
+    assert failed.returncode == 42
+    assert "apt-mark failed on dev-worker-1 during node-prep" in failed.stderr
+    assert "stub apt-mark: injected failure" in failed.stderr  # the log's tail is shown
+    assert not sandbox.file(PREPARED_MARKER).exists()
+    rerun = sandbox.run(text)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "already done" not in rerun.stdout
+    assert sandbox.file(PREPARED_MARKER).exists()
+
+
+def test_load_balancer_preparation_runs_then_is_a_no_op(sandbox: Sandbox):
+    text = load_balancer_preparation("dev-lb-1").render()
+    first = sandbox.run(text)
+    assert first.returncode == 0, first.stderr
+    calls = sandbox.call_lines()
+    assert [call[0] for call in calls] == ["sysctl", "apt-get", "apt-get", "systemctl"]
+    assert calls[2][-2:] == ["haproxy", "keepalived"]
+    assert sandbox.file(SYSCTL_FILE).read_text().endswith("net.ipv4.ip_nonlocal_bind = 1\n")
+    after_first = sandbox.snapshot()
+    second = sandbox.run(text)
+    assert second.returncode == 0, second.stderr
+    assert "already done on dev-lb-1" in second.stdout
+    assert sandbox.call_lines() == calls
+    assert sandbox.snapshot() == after_first
+
+
+def test_shell_metacharacters_in_the_hostname_cannot_break_out(sandbox: Sandbox):
+    canary = sandbox.root / "pwned"
+    hostname = f"x'; touch {canary}; echo '$(touch {canary})`touch {canary}`\"${{IFS}}&|<>*?"
+    result = sandbox.run(load_balancer_preparation(hostname).render())
+    assert result.returncode == 0, result.stderr
+    assert not canary.exists()
+    assert f"node-prep done on {hostname}\n" in result.stdout
