@@ -22,6 +22,8 @@ from pydantic import (
     field_validator,
 )
 
+from components.previous import NEW_STACK, PreviousDeployment, read_previous_deployment
+
 CONFIG_NAMESPACE = "kubeadm-ha"
 
 # kubeadm's v1beta4 API (the only one we emit) arrived in 1.31.
@@ -195,7 +197,7 @@ class ConfigError(pulumi.RunError):
 _TOP_LEVEL_KEYS = {field.alias or name for name, field in ClusterConfig.model_fields.items()}
 
 
-def parse_config(raw: Mapping[str, Any], *, stack: str) -> ClusterConfig:
+def parse_config(raw: Mapping[str, Any], *, stack: str, previous: PreviousDeployment = NEW_STACK) -> ClusterConfig:
     """Validate `raw` (the `kubeadm-ha:` keys without prefix) and return the typed config.
 
     Raises ConfigError listing every problem: field rules first, then the
@@ -207,14 +209,14 @@ def parse_config(raw: Mapping[str, Any], *, stack: str) -> ClusterConfig:
         config = ClusterConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError([_problem_from_pydantic(item) for item in error.errors()]) from None
-    problems = cross_field_problems(config)
+    problems = cross_field_problems(config) + change_problems(config, previous)
     if problems:
         raise ConfigError(problems)
     return config
 
 
 def load_stack_config(stack: str) -> ClusterConfig:
-    """Read the `kubeadm-ha:` namespace of the current stack's configuration."""
+    """Read the `kubeadm-ha:` namespace of the current stack's configuration and check it against the last run."""
     namespace = pulumi.Config(CONFIG_NAMESPACE)
     raw: dict[str, Any] = {}
     for key in sorted(_TOP_LEVEL_KEYS):
@@ -222,7 +224,7 @@ def load_stack_config(stack: str) -> ClusterConfig:
         if text is None:
             continue
         raw[key] = _decode_config_value(text)
-    return parse_config(raw, stack=stack)
+    return parse_config(raw, stack=stack, previous=read_previous_deployment())
 
 
 def _decode_config_value(text: str) -> Any:
@@ -299,6 +301,46 @@ def cross_field_problems(config: ClusterConfig) -> list[Problem]:
         ]
         if clash:
             problems.append(Problem("loadBalancer.vip", f"{vip} is the address of node {clash[0]}"))
+    return problems
+
+
+def version_tuple(version: str) -> tuple[int, int, int]:
+    match = _VERSION.match(version)
+    if not match:
+        raise ValueError(f"{version!r} is not a MAJOR.MINOR.PATCH version")
+    return int(match[1]), int(match[2]), int(match[3])
+
+
+def change_problems(config: ClusterConfig, previous: PreviousDeployment) -> list[Problem]:
+    """Rules about changing a running cluster, judged against the last deployment's outputs."""
+    problems: list[Problem] = []
+    if previous.etcd_topology and previous.etcd_topology != config.etcd.topology:
+        problems.append(
+            Problem(
+                "etcd.topology",
+                f"the cluster runs {previous.etcd_topology} etcd; changing it to {config.etcd.topology} would need "
+                "its data migrated between etcd clusters, which this program does not do (build a new stack instead)",
+            )
+        )
+    if previous.kubernetes_version:
+        running = version_tuple(previous.kubernetes_version)
+        wanted = version_tuple(config.kubernetes.version)
+        if wanted < running:
+            problems.append(
+                Problem(
+                    "kubernetes.version",
+                    f"{config.kubernetes.version} is older than the running {previous.kubernetes_version}; "
+                    "kubeadm does not support downgrades",
+                )
+            )
+        elif wanted[:2] > (running[0], running[1] + 1):
+            problems.append(
+                Problem(
+                    "kubernetes.version",
+                    f"{config.kubernetes.version} skips a minor version from the running {previous.kubernetes_version};"
+                    f" kubeadm upgrades one minor at a time (go to {running[0]}.{running[1] + 1}.x first)",
+                )
+            )
     return problems
 
 

@@ -438,6 +438,8 @@ class _RecordingEngine(MockEngine):
 
 # --------------------------------------------------------------------------- mocks
 
+READ_STACK_OUTPUTS: Final = "pulumi:pulumi:readStackOutputs"
+
 
 class OfflineMocks(pulumi.runtime.Mocks):
     """Provider stand-ins: real TLS material, echoed inputs for everything else.
@@ -446,8 +448,10 @@ class OfflineMocks(pulumi.runtime.Mocks):
     which the SDK resolves as unknown, as in a first preview of a new stack.
     """
 
-    def __init__(self, *, preview: bool = False) -> None:
+    def __init__(self, *, preview: bool = False, previous_outputs: Mapping[str, Any] | None = None) -> None:
         self.preview = preview
+        # What the engine's `pulumi:pulumi:readStackOutputs` returns: the stack's last deployed outputs.
+        self.previous_outputs = dict(previous_outputs or {})
 
     def new_resource(self, args: MockResourceArgs) -> tuple[str | None, dict[Any, Any]]:
         # Returning the inputs keeps their secret and unknown markers on the outputs,
@@ -463,6 +467,9 @@ class OfflineMocks(pulumi.runtime.Mocks):
         return args.resource_id or f"{args.name}-id", state
 
     def call(self, args: MockCallArgs) -> tuple[dict[Any, Any], list[tuple[str, str]] | None]:
+        if args.token == READ_STACK_OUTPUTS:
+            name = args.args.get("name")
+            return {"name": name, "outputs": dict(self.previous_outputs), "secretOutputNames": []}, []
         return {}, []
 
 
@@ -1188,6 +1195,7 @@ def evaluate(
     project_dir: Path | None = None,
     config: Mapping[str, Any] | None = None,
     preview: bool = False,
+    previous_outputs: Mapping[str, Any] | None = None,
 ) -> Evaluation:
     """Evaluate the program for ``stack`` offline and return what it registered.
 
@@ -1197,6 +1205,9 @@ def evaluate(
         e.g. ``{"kubeadm-ha:network": {...}}``.
     :param preview: evaluate like ``pulumi preview`` of a new stack: computed
         outputs (keys, certificates, ids, command output) are unknown.
+    :param previous_outputs: the stack outputs of the "last deployment", as the
+        engine's ``pulumi:pulumi:readStackOutputs`` would return them (default: none,
+        a new stack).
     :raises: whatever the program raises (e.g. a ``pulumi.RunError`` from config
         validation), re-raised unchanged.
     """
@@ -1208,7 +1219,7 @@ def evaluate(
     raw_config = dict(config) if config is not None else load_stack_config(directory, stack)
     values, secret_keys = engine_config(raw_config, project)
 
-    monitor = RecordingMonitor(OfflineMocks(preview=preview))
+    monitor = RecordingMonitor(OfflineMocks(preview=preview, previous_outputs=previous_outputs))
     engine = _RecordingEngine()
     failure: list[BaseException] = []
 

@@ -333,3 +333,21 @@ def test_smallest_cluster_and_no_cni() -> None:
     assert "tiny-cp-1-kubeadm-init" in names
     assert not any("join" in name or "cni" in name for name in names)
     assert ev.outputs["apiEndpoint"].value == "https://10.20.0.10:6443"
+
+
+def test_upgrade_rules_are_judged_against_the_last_deployment() -> None:
+    running = {"kubernetesVersion": "1.33.5", "etcdTopology": "stacked"}
+    evaluate("dev", project_dir=ROOT, previous_outputs=running)  # 1.33 -> 1.34: one minor, allowed
+    with pytest.raises(ConfigError) as skipped:
+        evaluate("dev", project_dir=ROOT, previous_outputs={**running, "kubernetesVersion": "1.32.9"})
+    assert "skips a minor version" in str(skipped.value) and "1.33.x first" in str(skipped.value)
+    with pytest.raises(ConfigError) as downgraded:
+        evaluate("dev", project_dir=ROOT, previous_outputs={**running, "kubernetesVersion": "1.34.3"})
+    assert "kubernetes.version" in str(downgraded.value) and "downgrade" in str(downgraded.value)
+
+
+def test_etcd_topology_cannot_change_on_a_running_cluster() -> None:
+    with pytest.raises(ConfigError) as caught:
+        evaluate("dev", project_dir=ROOT, previous_outputs={"kubernetesVersion": "1.34.2", "etcdTopology": "external"})
+    assert "etcd.topology" in str(caught.value)
+    assert evaluated("dev").outputs["etcdTopology"].value == "stacked"

@@ -378,7 +378,8 @@ def test_other_resources_echo_inputs_with_a_stable_id() -> None:
 
 def test_evaluations_are_deterministic(project: Path, applied: Evaluation) -> None:
     again = evaluate(STACK, project_dir=project)
-    assert again.resources == applied.resources
+    # Resources registered from inside an apply may interleave differently; their content may not.
+    assert {r.urn: r for r in again.resources} == {r.urn: r for r in applied.resources}
     assert again.outputs == applied.outputs
 
 

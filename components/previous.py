@@ -1,0 +1,64 @@
+"""What the last deployment of this stack left behind, read before anything is registered.
+
+Some changes are only safe relative to what is running (a Kubernetes minor may
+not be skipped; the etcd topology of a live cluster cannot be swapped), so the
+program reads its own stack's last outputs through the engine's built-in
+`pulumi:pulumi:readStackOutputs` function. It is a synchronous invoke, so the
+check happens at the edge, with config validation, before any resource exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pulumi
+
+READ_STACK_OUTPUTS = "pulumi:pulumi:readStackOutputs"
+
+# Output names the program exports so the next run can read them back.
+KUBERNETES_VERSION_OUTPUT = "kubernetesVersion"
+ETCD_TOPOLOGY_OUTPUT = "etcdTopology"
+ETCD_INITIAL_MEMBERS_OUTPUT = "etcdInitialMembers"
+
+
+@dataclass(frozen=True)
+class PreviousDeployment:
+    outputs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def exists(self) -> bool:
+        return bool(self.outputs)
+
+    @property
+    def kubernetes_version(self) -> str | None:
+        value = self.outputs.get(KUBERNETES_VERSION_OUTPUT)
+        return str(value) if value else None
+
+    @property
+    def etcd_topology(self) -> str | None:
+        value = self.outputs.get(ETCD_TOPOLOGY_OUTPUT)
+        return str(value) if value else None
+
+    @property
+    def etcd_initial_members(self) -> tuple[str, ...] | None:
+        value = self.outputs.get(ETCD_INITIAL_MEMBERS_OUTPUT)
+        return tuple(str(item) for item in value) if value else None
+
+
+NEW_STACK = PreviousDeployment()
+
+
+def read_previous_deployment() -> PreviousDeployment:
+    """The outputs of this stack's last `pulumi up`; empty for a stack never deployed."""
+    name = f"{pulumi.get_organization()}/{pulumi.get_project()}/{pulumi.get_stack()}"
+    try:
+        result = pulumi.runtime.invoke(READ_STACK_OUTPUTS, {"name": name})
+    except Exception as error:
+        raise pulumi.RunError(
+            f"could not read the last deployment's outputs of stack {name} ({error}); refusing to continue "
+            "because version and topology changes are checked against them"
+        ) from error
+    outputs = (result.value or {}).get("outputs") or {}
+    return PreviousDeployment(dict(outputs))
