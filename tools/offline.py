@@ -391,8 +391,11 @@ class RecordingMonitor(MockMonitor):
             inputs=inputs,
             outputs=outputs,
             secret_inputs=secret_inputs,
-            dependencies=tuple(request.dependencies),
-            property_dependencies={key: tuple(deps.urns) for key, deps in request.propertyDependencies.items()},
+            # The SDK gathers dependencies concurrently, so their order carries no meaning: keep them sorted.
+            dependencies=tuple(sorted(request.dependencies)),
+            property_dependencies={
+                key: tuple(sorted(deps.urns)) for key, deps in sorted(request.propertyDependencies.items())
+            },
             additional_secret_outputs=tuple(request.additionalSecretOutputs),
             delete_before_replace=bool(request.deleteBeforeReplace),
             deleted_with=request.deletedWith or None,
