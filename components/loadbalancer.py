@@ -13,7 +13,7 @@ from components import lb_config
 from components.node_prep import load_balancer_preparation
 from components.nodes import NodeContext
 from components.remote import run_step
-from components.scripts import BundleFile, Script, files_match, write_file
+from components.scripts import INSTALL_BUNDLE_FUNCTION, BundleFile, Script, encode_bundle, files_match
 from components.scripts import command as shell
 from components.vm import Vm, VmSize
 
@@ -23,24 +23,33 @@ def _sha256(text: str) -> str:
 
 
 def lb_config_script(hostname: str, files: Sequence[BundleFile]) -> Script:
+    """Installs the configs from the stdin bundle, checks them with the daemons' own checkers, (re)starts."""
     with_keepalived = any(item.path == lb_config.KEEPALIVED_CONF_PATH for item in files)
     services = ["haproxy", "keepalived"] if with_keepalived else ["haproxy"]
     active = " && ".join(shell("systemctl", "is-active", "--quiet", service) for service in services)
-    body: list[str] = []
-    for item in sorted(files, key=lambda item: item.path):
-        body += write_file(item.path, item.content, item.mode)
-    # Validate with the daemons' own checkers before (re)starting them.
-    body.append(shell("haproxy", "-c", "-q", "-f", lb_config.HAPROXY_CFG_PATH))
-    body.append(shell("systemctl", "enable", "haproxy"))
-    body.append(shell("systemctl", "reload-or-restart", "haproxy"))
+    body = [
+        "install_bundle",
+        shell("haproxy", "-c", "-q", "-f", lb_config.HAPROXY_CFG_PATH),
+        shell("systemctl", "enable", "haproxy"),
+        shell("systemctl", "reload-or-restart", "haproxy"),
+    ]
     if with_keepalived:
-        body.append(shell("keepalived", "--config-test", "--use-file", lb_config.KEEPALIVED_CONF_PATH))
-        body.append(shell("systemctl", "enable", "keepalived"))
-        body.append(shell("systemctl", "restart", "keepalived"))
+        body += [
+            shell("keepalived", "--config-test", "--use-file", lb_config.KEEPALIVED_CONF_PATH),
+            shell("systemctl", "enable", "keepalived"),
+            shell("systemctl", "restart", "keepalived"),
+        ]
     else:
         body.append(shell("systemctl", "disable", "--now", "keepalived") + " 2>/dev/null || true")
+    # The digests make the script change with the configs, so a new backend set re-runs the step.
     digests = {item.path: _sha256(item.content) for item in files}
-    return Script(step="configure-lb", host=hostname, done_when=f"{files_match(digests)} && {active}", body=tuple(body))
+    return Script(
+        step="configure-lb",
+        host=hostname,
+        done_when=f"{files_match(digests)} && {active}",
+        functions=INSTALL_BUNDLE_FUNCTION,
+        body=tuple(body),
+    )
 
 
 @dataclass(frozen=True)
@@ -65,13 +74,16 @@ class LoadBalancer(pulumi.ComponentResource):
                 pulumi.ResourceOptions(parent=self),
             )
             self.vms[node.hostname] = vm
-            # The script embeds the rendered configs, so a changed backend set updates the step and re-runs it.
+            # The configs travel as a public bundle; their digests in the script make a changed backend set re-run it.
+            files = lb_config.lb_node_files(context.config, context.plan, node)
             self.configured.append(
                 run_step(
                     f"{node.hostname}-configure-lb",
                     context.access(node),
-                    lb_config_script(node.hostname, lb_config.lb_node_files(context.config, context.plan, node)),
+                    lb_config_script(node.hostname, files),
                     parent=self,
+                    stdin=encode_bundle(files),
+                    stdin_is_secret=False,
                     depends_on=[vm.ready],
                 )
             )

@@ -46,21 +46,28 @@ def run_step(
     script: pulumi.Input[Script],
     *,
     parent: pulumi.Resource,
-    stdin: pulumi.Output[str] | None = None,
+    stdin: pulumi.Input[str] | None = None,
+    stdin_is_secret: bool = True,
     depends_on: Sequence[pulumi.Resource] = (),
     booting: bool = False,
 ) -> command.remote.Command:
-    """Run `script` on the node. With `stdin`, the payload is a secret and so is whatever the step prints."""
+    """Run `script` on the node, feeding it `stdin` (a file bundle).
+
+    A secret payload stays secret, and so does whatever the step prints: kubeadm
+    echoes what it was given. Public payloads (rendered configs) stay readable in
+    diffs, so an operator sees what a change will write.
+    """
     create = pulumi.Output.from_input(script).apply(remote_command)
-    secret_stdin = pulumi.Output.secret(stdin) if stdin is not None else None
+    if stdin is not None and stdin_is_secret:
+        stdin = pulumi.Output.secret(stdin)
     return command.remote.Command(
         resource_name,
         connection=access.connection(booting=booting),
         create=create,
-        stdin=secret_stdin,
+        stdin=stdin,
         opts=pulumi.ResourceOptions(
             parent=parent,
             depends_on=list(depends_on),
-            additional_secret_outputs=["stdout", "stderr"] if stdin is not None else None,
+            additional_secret_outputs=["stdout", "stderr"] if stdin is not None and stdin_is_secret else None,
         ),
     )
