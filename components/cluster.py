@@ -14,6 +14,7 @@ from components.kubeconfig import render_kubeconfig
 from components.loadbalancer import LoadBalancer, LoadBalancerArgs
 from components.nodes import NodeContext
 from components.pki import ADMIN_USER, ClusterPki, ClusterPkiArgs
+from components.remote import secret
 from components.vm import Hypervisor
 from components.worker_pool import WorkerPool, WorkerPoolArgs
 
@@ -67,7 +68,7 @@ def build_cluster(config: ClusterConfig) -> ClusterOutputs:
     WorkerPool("workers", WorkerPoolArgs(context, plan.workers, shape, after=bootstrapped))
 
     server = f"https://{load_balancer.endpoint}"
-    kubeconfig = pulumi.Output.secret(
+    kubeconfig = secret(
         pulumi.Output.all(pki.cluster_ca.cert_pem, pki.admin_cert.cert_pem, pki.admin_key.private_key_pem).apply(
             lambda pems: render_kubeconfig(
                 cluster_name=config.cluster_name,

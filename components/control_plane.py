@@ -16,7 +16,7 @@ from components.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH, ClusterShape,
 from components.node_prep import kubernetes_node_preparation
 from components.nodes import NodeContext
 from components.pki import SA_KEY_PATH, SA_PUB_PATH, ClusterPki
-from components.remote import run_step
+from components.remote import run_step, secret
 from components.scripts import INSTALL_BUNDLE_FUNCTION, BundleFile, Script, encode_bundle, files_match, logged
 from components.scripts import command as shell
 from components.vm import Vm, VmSize
@@ -49,7 +49,7 @@ def pki_bundle(
         files.append(BundleFile(SA_KEY_PATH, private_pems[-1], 0o600))
         return encode_bundle(files)
 
-    payload = pulumi.Output.secret(pulumi.Output.all(public, private).apply(lambda both: encode(both[0], both[1])))
+    payload = secret(pulumi.Output.all(public, private).apply(lambda both: encode(both[0], both[1])))
     digests = public.apply(lambda files: {path: _sha256(content) for path, content in files.items()})
     return payload, digests
 
@@ -91,7 +91,7 @@ def kubeadm_script(hostname: str, mode: Literal["init", "join"]) -> Script:
 
 
 def config_bundle(path: str, documents: pulumi.Output[str]) -> pulumi.Output[str]:
-    return pulumi.Output.secret(documents.apply(lambda text: encode_bundle([BundleFile(path, text, 0o600)])))
+    return secret(documents.apply(lambda text: encode_bundle([BundleFile(path, text, 0o600)])))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from components.addressing import AddressPlan, NodePlan
 from components.cloudinit import NodeIdentity, render_meta_data, render_network_config, render_user_data
 from components.config import ClusterConfig
 from components.pki import ClusterPki
-from components.remote import NodeAccess
+from components.remote import NodeAccess, secret
 from components.scripts import Script
 from components.vm import Hypervisor, VmArgs, VmSize
 
@@ -56,7 +56,7 @@ class NodeContext:
             operator_key, host_key.private_key_openssh, host_key.public_key_openssh
         ).apply(lambda values: identity(*values))
         prepared = preparation.render()
-        user_data = pulumi.Output.secret(identity_output.apply(lambda ident: render_user_data(ident, prepared)))
+        user_data = secret(identity_output.apply(lambda ident: render_user_data(ident, prepared)))
         return VmArgs(
             node=node,
             size=size,

@@ -18,6 +18,7 @@ import pulumi
 import pulumi_tls as tls
 
 from components.kubeadm import PKI_DIR
+from components.remote import secret
 
 CA_VALIDITY_HOURS = 10 * 365 * 24  # kubeadm's CA lifetime
 CLIENT_VALIDITY_HOURS = 365 * 24  # kubeadm's client-certificate lifetime
@@ -84,7 +85,7 @@ class IssuedCa:
 
     @property
     def key_pem(self) -> pulumi.Output[str]:
-        return pulumi.Output.secret(self.key.private_key_pem)
+        return secret(self.key.private_key_pem)
 
 
 @dataclass(frozen=True)
@@ -134,11 +135,9 @@ class ClusterPki(pulumi.ComponentResource):
             for hostname in args.hostnames
         }
 
-        self.bootstrap_token: pulumi.Output[str] = pulumi.Output.secret(
-            self.cluster_ca.key.private_key_pem.apply(bootstrap_token)
-        )
+        self.bootstrap_token: pulumi.Output[str] = secret(self.cluster_ca.key.private_key_pem.apply(bootstrap_token))
         self.ca_cert_hash: pulumi.Output[str] = self.cluster_ca.key.public_key_pem.apply(ca_cert_hash)
-        self.operator_private_key: pulumi.Output[str] = pulumi.Output.secret(self.operator_ssh_key.private_key_openssh)
+        self.operator_private_key: pulumi.Output[str] = secret(self.operator_ssh_key.private_key_openssh)
 
         self.register_outputs(
             {
@@ -166,7 +165,7 @@ class ClusterPki(pulumi.ComponentResource):
         return self.host_keys[hostname].public_key_openssh.apply(lambda text: text.strip())
 
     def host_private_key(self, hostname: str) -> pulumi.Output[str]:
-        return pulumi.Output.secret(self.host_keys[hostname].private_key_openssh)
+        return secret(self.host_keys[hostname].private_key_openssh)
 
 
 # pulumi-tls marks these secret itself; saying so again keeps them secret even if a provider version does not.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import pulumi
 import pulumi_command as command
@@ -59,7 +60,7 @@ def run_step(
     """
     create = pulumi.Output.from_input(script).apply(remote_command)
     if stdin is not None and stdin_is_secret:
-        stdin = pulumi.Output.secret(stdin)
+        stdin = secret(stdin)
     return command.remote.Command(
         resource_name,
         connection=access.connection(booting=booting),
@@ -71,3 +72,8 @@ def run_step(
             additional_secret_outputs=["stdout", "stderr"] if stdin is not None and stdin_is_secret else None,
         ),
     )
+
+
+def secret(value: pulumi.Input[str]) -> pulumi.Output[str]:
+    """`Output.secret` with the type mypy cannot infer through the SDK's `Input[U]` union."""
+    return cast("pulumi.Output[str]", pulumi.Output.secret(value))

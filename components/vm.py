@@ -9,7 +9,7 @@ import pulumi_libvirt as libvirt
 
 from components.addressing import NodePlan
 from components.config import ClusterConfig, HypervisorConfig
-from components.remote import NodeAccess, run_step
+from components.remote import NodeAccess, run_step, secret
 from components.scripts import Script, command
 
 CLOUD_INIT_TIMEOUT_SECONDS = 1800
@@ -105,7 +105,7 @@ class Vm(pulumi.ComponentResource):
             f"{name}-cloud-init",
             name=f"{node.hostname}-cloud-init.iso",
             pool=args.hypervisor.pool,
-            user_data=pulumi.Output.secret(args.user_data),
+            user_data=secret(args.user_data),
             meta_data=args.meta_data,
             network_config=args.network_config,
             opts=on_host,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,14 +39,7 @@ class WorkerPool(pulumi.ComponentResource):
             preparation = kubernetes_node_preparation(node.hostname, config.kubernetes)
             vm = Vm(node.hostname, context.vm_args(node, size, preparation), pulumi.ResourceOptions(parent=self))
             documents = pulumi.Output.all(context.pki.bootstrap_token, context.pki.ca_cert_hash).apply(
-                lambda values, node=node: join_documents(
-                    args.shape,
-                    hostname=node.hostname,
-                    address=str(node.address),
-                    token=values[0],
-                    ca_cert_hash=values[1],
-                    control_plane=False,
-                )
+                functools.partial(_worker_join_documents, args.shape, node)
             )
             self.vms[node.hostname] = vm
             self.joins[node.hostname] = run_step(
@@ -57,3 +51,15 @@ class WorkerPool(pulumi.ComponentResource):
                 depends_on=[vm.ready, *args.after],
             )
         self.register_outputs({"workers": [node.hostname for node in args.nodes]})
+
+
+def _worker_join_documents(shape: ClusterShape, node: NodePlan, secrets: list[str]) -> str:
+    token, ca_cert_hash = secrets
+    return join_documents(
+        shape,
+        hostname=node.hostname,
+        address=str(node.address),
+        token=token,
+        ca_cert_hash=ca_cert_hash,
+        control_plane=False,
+    )
