@@ -18,6 +18,7 @@ import collections
 import csv
 import dataclasses
 import datetime
+import functools
 import http.client
 import io
 import ipaddress
@@ -43,6 +44,7 @@ from components.addressing import AddressPlan, NodePlan, plan_addresses
 from components.config import ClusterConfig, config_from_stack_file, parse_config
 from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.netns import Lab, Namespace, Process, cleanup_stale, poll_until, scratch_dir
+from tools.offline import evaluate
 
 pytestmark = pytest.mark.integration
 
@@ -252,41 +254,15 @@ class ClusterCa:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
 
-@pytest.fixture(scope="session")
-def cluster_ca() -> ClusterCa:
-    """The cluster CA that signs kube-apiserver's serving certificates.
-
-    The only place the CA comes from: swap this for the CA the program generates.
-    """
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
+@functools.cache
+def program_cluster_ca(stack: str) -> ClusterCa:
+    """The cluster CA the program itself generates for `stack` (offline runtime, real pulumi-tls stand-ins)."""
+    evaluation = evaluate(stack)
+    cert = x509.load_pem_x509_certificate(evaluation.named("cluster-ca").outputs["certPem"].encode())
+    key = serialization.load_pem_private_key(
+        evaluation.named("cluster-ca-key").outputs["privateKeyPem"].encode(), password=None
     )
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
     return ClusterCa(cert, key)
 
 
@@ -621,7 +597,7 @@ def stale_labs_removed() -> None:
 
 @pytest.fixture
 def lb_lab(
-    request: pytest.FixtureRequest, tmp_path: Path, script_dir: Path, cluster_ca: ClusterCa, stale_labs_removed: None
+    request: pytest.FixtureRequest, tmp_path: Path, script_dir: Path, stale_labs_removed: None
 ) -> Iterator[Callable[[str], LbLab]]:
     """Builds a stack's load-balancing path in namespaces; torn down after the test."""
     programs = require_programs("ip", "haproxy", "keepalived", "curl")
@@ -630,6 +606,7 @@ def lb_lab(
     def build(stack: str) -> LbLab:
         config = stack_config(stack)
         plan = plan_addresses(config)
+        cluster_ca = program_cluster_ca(stack)
         lab = Lab(stack, log_dir=tmp_path / f"{stack}-logs")
         labs.append(lab)
         work = tmp_path / f"{stack}-work"
