@@ -54,10 +54,10 @@ def decode_bundle(text: str) -> list[PlannedFile]:
     return files
 
 
-def script_of(step: Registration) -> str:
+def script_of(step: Registration, field: str = "create") -> str:
     """The script inside the step's `sudo --non-interactive bash -c SCRIPT NAME` command."""
-    words = shlex.split(step.inputs["create"])
-    return words[4] if words[:4] == ["sudo", "--non-interactive", "bash", "-c"] else step.inputs["create"]
+    words = shlex.split(step.inputs[field])
+    return words[4] if words[:4] == ["sudo", "--non-interactive", "bash", "-c"] else step.inputs[field]
 
 
 @dataclass(frozen=True)

@@ -6,18 +6,15 @@ To check a new kind of script, add its generator to `all_rendered_scripts`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 from components.addressing import NodePlan, plan_addresses
-from components.config import ClusterConfig, config_from_stack_file
+from components.config import ClusterConfig
 from components.node_prep import preparation_for
+from tests.stacks import ALL_STACKS, evaluated, stack_config
+from tools.graph import REMOTE_STEP
+from tools.plan import script_of
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 STACKS = ("dev", "staging", "prod")
-
-
-def stack_config(stack: str) -> ClusterConfig:
-    return config_from_stack_file(str(REPO_ROOT / f"Pulumi.{stack}.yaml"), stack)
 
 
 def stack_nodes() -> Iterator[tuple[str, ClusterConfig, NodePlan]]:
@@ -34,11 +31,20 @@ def node_preparation_scripts() -> Iterator[tuple[str, str]]:
         yield f"{stack}/{node.hostname}/{script.step}", script.render()
 
 
+def remote_step_scripts() -> Iterator[tuple[str, str]]:
+    """Every remote step the program registers (create and delete), for every stack and extra shape."""
+    for stack in ALL_STACKS:
+        for step in evaluated(stack).by_type(REMOTE_STEP):
+            yield f"{stack}/{step.name}", script_of(step)
+            if step.inputs.get("delete"):
+                yield f"{stack}/{step.name}/delete", script_of(step, "delete")
+
+
 def all_rendered_scripts() -> list[tuple[str, str]]:
     """(unique name, script text) pairs: every script `bash -n` and shellcheck must accept."""
     scripts: list[tuple[str, str]] = []
     scripts.extend(node_preparation_scripts())
-    # Remote steps (kubeadm init/join, PKI placement, load-balancer configuration) are added here.
+    scripts.extend(remote_step_scripts())
     names = [name for name, _ in scripts]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:

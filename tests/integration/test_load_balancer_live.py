@@ -41,22 +41,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from components import lb_config
 from components.addressing import AddressPlan, NodePlan, plan_addresses
-from components.config import ClusterConfig, config_from_stack_file, parse_config
+from components.config import ClusterConfig
 from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.netns import Lab, Namespace, Process, cleanup_stale, poll_until, scratch_dir
-from tools.offline import evaluate
+from tests.stacks import ALL_STACKS, evaluated, stack_config
+from tools.plan import decode_bundle
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-STACKS = ("dev", "staging", "prod")
-# name: (control planes, load balancers, workers)
-EXTRA_SHAPES = {
-    "big": (5, 2, 20),
-    "three-lb": (5, 3, 2),
-    "single-lb": (3, 1, 2),
-    "smallest": (1, 1, 0),
-}
 CLIENT_OFFSET = 200
 STUB_HOST_HEADER = "X-Stub-Host"
 KEEPALIVED_INSTANCE = "kube_apiserver_vip"
@@ -76,27 +68,8 @@ ELECTION_BOUND = 3 * lb_config.VRRP_ADVERT_INT + 8.0
 # ----------------------------------------------------------------------------- configs
 
 
-def stack_config(name: str) -> ClusterConfig:
-    return config_from_stack_file(str(REPO / f"Pulumi.{name}.yaml"), name)
-
-
-def shaped_config(name: str) -> ClusterConfig:
-    control_planes, load_balancers, workers = EXTRA_SHAPES[name]
-    raw = {
-        "network": {"cidr": "10.17.9.0/24"},
-        "loadBalancer": {"replicas": load_balancers},
-        "controlPlane": {"replicas": control_planes},
-        "workers": {"replicas": workers},
-    }
-    return parse_config(raw, stack=name)
-
-
-def any_config(name: str) -> ClusterConfig:
-    return stack_config(name) if name in STACKS else shaped_config(name)
-
-
-ALL_CONFIGS = (*STACKS, *EXTRA_SHAPES)
-MULTI_LB_CONFIGS = tuple(name for name in ALL_CONFIGS if any_config(name).load_balancer.replicas > 1)
+ALL_CONFIGS = ALL_STACKS
+MULTI_LB_CONFIGS = tuple(name for name in ALL_CONFIGS if stack_config(name).load_balancer.replicas > 1)
 
 
 def keepalived_version(keepalived: str) -> tuple[int, ...]:
@@ -148,14 +121,25 @@ def write_check_script(directory: Path, health_port: int) -> Path:
 # ----------------------------------------------------------------------------- config acceptance
 
 
+def program_lb_files(name: str) -> dict[str, dict[str, str]]:
+    """hostname -> {path: content} of what the program's configure-lb steps install (their stdin bundles)."""
+    files: dict[str, dict[str, str]] = {}
+    for step in evaluated(name).by_type("command:remote:Command"):
+        if step.name.endswith("-configure-lb"):
+            bundle = {item.path: item.content for item in decode_bundle(step.inputs["stdin"])}
+            files[step.name.removesuffix("-configure-lb")] = bundle
+    assert files, f"{name} configures no load balancer"
+    return files
+
+
 @pytest.mark.parametrize("name", ALL_CONFIGS)
 def test_haproxy_accepts_rendered_config(name: str, tmp_path: Path) -> None:
     haproxy = require_programs("haproxy")["haproxy"]
-    config = any_config(name)
-    path = tmp_path / "haproxy.cfg"
-    path.write_text(lb_config.render_haproxy_cfg(lb_config.haproxy_settings(config, plan_addresses(config))))
-    accepted, output = haproxy_config_test(haproxy, path)
-    assert accepted, f"haproxy -c rejected or warned about the {name} config:\n{output}"
+    for hostname, files in program_lb_files(name).items():
+        path = tmp_path / f"{hostname}-haproxy.cfg"
+        path.write_text(files[lb_config.HAPROXY_CFG_PATH])
+        accepted, output = haproxy_config_test(haproxy, path)
+        assert accepted, f"haproxy -c rejected or warned about {hostname}'s config:\n{output}"
 
 
 def test_haproxy_config_test_rejects_a_broken_config(tmp_path: Path) -> None:
@@ -191,15 +175,16 @@ def test_keepalived_accepts_rendered_configs(
     config_test_namespace: Callable[[ipaddress.IPv4Interface], Namespace],
 ) -> None:
     keepalived = require_programs("keepalived")["keepalived"]
-    config = any_config(name)
-    plan = plan_addresses(config)
-    check_script = write_check_script(script_dir, lb_config.haproxy_settings(config, plan).health_port)
+    plan = plan_addresses(stack_config(name))
+    installed = program_lb_files(name)
+    check_script = script_dir / "check_haproxy.sh"
+    check_script.write_text(installed[plan.load_balancers[0].hostname][lb_config.KEEPALIVED_CHECK_SCRIPT_PATH])
+    check_script.chmod(0o755)
     for node in plan.load_balancers:
-        settings = lb_config.keepalived_settings(config, plan, node)
-        assert settings is not None
-        settings = dataclasses.replace(settings, check_script=str(check_script))
+        # keepalived insists on a root-owned script it can find; point at a checked copy of the same script.
+        text = installed[node.hostname][lb_config.KEEPALIVED_CONF_PATH]
         path = tmp_path / f"{node.hostname}.conf"
-        path.write_text(lb_config.render_keepalived_conf(settings))
+        path.write_text(text.replace(lb_config.KEEPALIVED_CHECK_SCRIPT_PATH, str(check_script)))
         namespace = config_test_namespace(ipaddress.IPv4Interface(f"{node.address}/{plan.network.prefixlen}"))
         accepted, output = keepalived_config_test(keepalived, namespace, path)
         assert accepted, f"keepalived --config-test rejected {node.hostname}'s config:\n{output}"
@@ -257,7 +242,7 @@ class ClusterCa:
 @functools.cache
 def program_cluster_ca(stack: str) -> ClusterCa:
     """The cluster CA the program itself generates for `stack` (offline runtime, real pulumi-tls stand-ins)."""
-    evaluation = evaluate(stack)
+    evaluation = evaluated(stack)
     cert = x509.load_pem_x509_certificate(evaluation.named("cluster-ca").outputs["certPem"].encode())
     key = serialization.load_pem_private_key(
         evaluation.named("cluster-ca-key").outputs["privateKeyPem"].encode(), password=None
