@@ -25,6 +25,8 @@ STATE_DIR = "/var/lib/kubeadm-ha"
 # What a bootstrap token looks like; used to scrub logs shown on failure.
 TOKEN_PATTERN = r"[a-z0-9]{6}\.[a-z0-9]{16}"
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
+# Step and host names appear in comments, messages and file names; keep them to one plain word.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def quote(value: object) -> str:
@@ -45,6 +47,11 @@ class Script:
     done_when: str
     body: tuple[str, ...]
     functions: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        for what, value in (("step", self.step), ("host", self.host)):
+            if not _SAFE_NAME.match(value):
+                raise ValueError(f"script {what} {value!r} must be letters, digits, '.', '_' or '-'")
 
     def render(self) -> str:
         return render(self)

@@ -122,3 +122,11 @@ def test_files_match_and_write_file(tmp_path: Path) -> None:
 def test_remote_command_runs_script_as_root_with_bash() -> None:
     script = Script("demo", "node-1", "false", ("true",))
     assert remote_command(script).startswith("sudo --non-interactive bash -c '#!/usr/bin/env bash")
+
+
+@pytest.mark.parametrize("name", ["node-1\ntouch /pwned", "a b", "$(x)", "", "-rf"])
+def test_step_and_host_names_must_be_plain_words(name: str) -> None:
+    with pytest.raises(ValueError, match="must be letters"):
+        Script("demo", name, "false", ("true",))
+    with pytest.raises(ValueError, match="must be letters"):
+        Script(name, "node-1", "false", ("true",))
