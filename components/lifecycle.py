@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from components.config import KubernetesConfig
 from components.kubeadm import CONFIG_DIR
-from components.scripts import INSTALL_BUNDLE_FUNCTION, Script, command, logged, quote
+from components.scripts import INSTALL_BUNDLE_FUNCTION, STATE_DIR, Script, command, logged, quote
 
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
 KUBELET_KUBECONFIG = "/etc/kubernetes/kubelet.conf"
@@ -30,7 +30,17 @@ DRAIN_TIMEOUT = "300s"
 TOKEN_MIN_REMAINING_SECONDS = 2 * 3600
 
 KUBECTL = ("kubectl", "--kubeconfig", ADMIN_KUBECONFIG)
-_APT = ("apt-get", "-o", "DPkg::Lock::Timeout=600", "-o", "Dpkg::Options::=--force-confold", "--quiet", "--yes")
+_APT = (
+    "env",
+    "DEBIAN_FRONTEND=noninteractive",
+    "apt-get",
+    "-o",
+    "DPkg::Lock::Timeout=600",
+    "-o",
+    "Dpkg::Options::=--force-confold",
+    "--quiet",
+    "--yes",
+)
 _CURL = ("curl", "--fail", "--silent", "--show-error", "--location", "--max-time", "60", "--retry", "5")
 
 
@@ -53,7 +63,8 @@ def _use_repository(kubernetes: KubernetesConfig) -> tuple[str, ...]:
     fetch_key = command(*_CURL, f"{repository(kubernetes)}Release.key")
     dearmor = command("gpg", "--batch", "--yes", "--dearmor", "--output", KUBERNETES_KEYRING)
     return (
-        "mkdir -p /etc/apt/keyrings",
+        # Under the script's umask 077 `mkdir` would make it 0700, unreadable for apt's `_apt` user.
+        command("install", "-d", "-m", "0755", "/etc/apt/keyrings"),
         f"{fetch_key} | {dearmor}",
         "chmod 0644 " + quote(KUBERNETES_KEYRING),
         f"printf '%s' {quote(source)} >{quote(KUBERNETES_SOURCES)}",
@@ -79,7 +90,8 @@ def kubernetes_packages_script(hostname: str, kubernetes: KubernetesConfig) -> S
     return Script(
         step="kubernetes-packages",
         host=hostname,
-        done_when="dpkg-query --show kubeadm >/dev/null 2>&1",
+        # Installed, not merely known to dpkg (a removed package leaves its record behind).
+        done_when="[ \"$(dpkg-query --show --showformat='${db:Status-Status}' kubeadm 2>/dev/null)\" = installed ]",
         body=(
             *_use_repository(kubernetes),
             *_install(kubernetes, KUBERNETES_PACKAGES),
@@ -124,17 +136,12 @@ def join_token_script(target: Target, token_id: str) -> Script:
         done_when=f"token_fresh {quote(token_id)}",
         functions=(*_TOKEN_FRESH_FUNCTION, *INSTALL_BUNDLE_FUNCTION),
         body=(
+            # The file holds the token: remove it however the step ends.
+            f"trap {quote(command('rm', '-f', TOKEN_CONFIG_PATH))} EXIT",
             "install_bundle",
-            logged(
-                "join-token",
-                "kubeadm",
-                "token",
-                "create",
-                "--kubeconfig",
-                ADMIN_KUBECONFIG,
-                "--config",
-                TOKEN_CONFIG_PATH,
-            ),
+            # `token create` prints the token: send stdout nowhere, keep errors (a secret output) visible.
+            command("kubeadm", "token", "create", "--kubeconfig", ADMIN_KUBECONFIG, "--config", TOKEN_CONFIG_PATH)
+            + " >/dev/null",
             command("rm", "-f", TOKEN_CONFIG_PATH),
         ),
     )
@@ -212,13 +219,22 @@ def reset_script(hostname: str) -> Script:
 
 
 def drain_for_upgrade_script(target: Target, kubernetes: KubernetesConfig) -> Script:
-    """Before a node's kubelet is upgraded: cordon and drain it (skipped once its kubelet runs the new version)."""
+    """Before a node's kubelet is upgraded: cordon and drain it.
+
+    Done once its kubelet runs the new version, or once a drain for this version has finished
+    (a marker on the admin node) and the node is still cordoned.
+    """
+    marker = f"{STATE_DIR}/upgrade-drained-{target.node}-{kubernetes.version}"
+    cordoned = (
+        f"[ \"$({command(*KUBECTL, 'get', 'node', target.node)} --output 'jsonpath={{.spec.unschedulable}}' "
+        '2>/dev/null)" = true ]'
+    )
     return Script(
         step=f"upgrade-drain-{target.node}",
         host=target.admin,
-        done_when=_kubelet_at(target.node, kubernetes),
+        done_when=f"{_kubelet_at(target.node, kubernetes)} || {{ [ -f {quote(marker)} ] && {cordoned}; }}",
         functions=_REPORT_BLOCKERS,
-        body=_drain(target.node),
+        body=(*_drain(target.node), command("touch", marker)),
     )
 
 

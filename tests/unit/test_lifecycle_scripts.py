@@ -1,0 +1,713 @@
+"""Day-2 scripts (components/lifecycle.py), run unmodified with bash as root in the sandbox (tests/sandbox.py).
+
+The node's /etc and /var are overlays in the test's temp dir; `kubeadm`, `kubectl`, `systemctl`, `apt-get`,
+`apt-mark`, `dpkg-query`, `curl` and `gpg` are stubs that record every call and keep just enough state in
+files under the sandbox's `state/` directory to behave like the real programs for these scripts:
+
+* the cluster: `nodes/<name>/` (exists while the Node does) with `kubeletVersion`, `ready`,
+  `unschedulable`, `pods` (what `get pods --field-selector spec.nodeName=<name>` lists),
+  `drain-blocked` (drain fails), `becomes-ready` (a `kubectl wait` sees the kubelet come up);
+  `secrets/bootstrap-token-<id>/expiration`; `cluster-version` (what `kubeadm upgrade apply` set);
+* the packages: `packages/<name>` (installed version), `holds/<name>`, `apt-lists` (the repositories
+  the last `apt-get update` read, only from a sources file whose keyring apt's `_apt` user can read
+  and that holds that repository's Release.key, as fetched by curl and dearmored by gpg);
+* the kubelet: `systemctl restart kubelet` makes `nodes/$STUB_NODE/kubeletVersion` the installed one.
+
+The stubs refuse what the real programs refuse, so order matters: `apt-get install` of a version whose
+minor repository was not fetched, or of a held package without `--allow-change-held-packages`, fails;
+`kubeadm upgrade apply vX` fails unless kubeadm X is installed; `kubeadm upgrade node` fails unless the
+installed kubeadm matches the cluster's version; `kubectl` fails without a readable kubeconfig; anything
+unexpected exits 2.
+
+For every script: the first run makes exactly the expected calls in order; a second run prints
+"already done", makes only read-only calls (its guard) and changes no file (upper layers and state).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from components import lifecycle
+from components.config import KubernetesConfig
+from components.lifecycle import (
+    ADMIN_KUBECONFIG,
+    KUBELET_KUBECONFIG,
+    KUBERNETES_KEYRING,
+    KUBERNETES_SOURCES,
+    TOKEN_CONFIG_PATH,
+    Target,
+    drain_for_upgrade_script,
+    join_token_script,
+    kubernetes_packages_script,
+    node_ready_script,
+    remove_node_script,
+    reset_script,
+    uncordon_script,
+    upgrade_node_script,
+)
+from components.scripts import BundleFile, Script, encode_bundle
+from tests.sandbox import Sandbox, Stub, require_sandbox, unavailable
+
+CURRENT = KubernetesConfig(version="1.34.2")
+NEXT = KubernetesConfig(version="1.35.0")
+ADMIN = "dev-cp-1"
+NODE = "dev-worker-2"
+TARGET = Target(admin=ADMIN, node=NODE)
+TOKEN_ID = "abcdef"
+TOKEN = f"{TOKEN_ID}.0123456789abcdef"
+TOKEN_CONFIG = f"""\
+apiVersion: kubeadm.k8s.io/v1beta4
+kind: InitConfiguration
+bootstrapTokens:
+- token: "{TOKEN}"
+  ttl: 24h0m0s
+  usages: [signing, authentication]
+nodeRegistration:
+  name: {ADMIN}
+"""
+PODS = "default  web-7d4b9c-x2x9q  1/1  Running  0  5m  10.244.1.5  dev-worker-2\n"
+
+K = ["kubectl", "--kubeconfig", ADMIN_KUBECONFIG]
+APT = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "-o", "Dpkg::Options::=--force-confold", "--quiet", "--yes"]
+CURL = ["curl", "--fail", "--silent", "--show-error", "--location", "--max-time", "60", "--retry", "5"]
+GPG = ["gpg", "--batch", "--yes", "--dearmor", "--output", KUBERNETES_KEYRING]
+INSTALL = [*APT, "install", "--allow-downgrades", "--allow-change-held-packages"]
+VERSION_OF = "--showformat=${Version}"
+KUBEADM_INSTALLED = ["dpkg-query", "--show", "--showformat=${db:Status-Status}", "kubeadm"]
+READY = 'jsonpath={.status.conditions[?(@.type=="Ready")].status}'
+KUBELET_VERSION = "jsonpath={.status.nodeInfo.kubeletVersion}"
+UNSCHEDULABLE = "jsonpath={.spec.unschedulable}"
+RFC3339 = "%Y-%m-%dT%H:%M:%SZ"
+
+
+# ---------------------------------------------------------------- stubs
+
+_KUBECTL = r"""
+kubeconfig="$(opt --kubeconfig "$@")" || { echo "stub kubectl: no --kubeconfig" >&2; exit 2; }
+[ -r "$kubeconfig" ] || { echo "error: stat $kubeconfig: no such file or directory" >&2; exit 1; }
+namespace=default
+words=()
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --kubeconfig) shift 2 ;;
+    --namespace) namespace="$2"; shift 2 ;;
+    *) words+=("$1"); shift ;;
+  esac
+done
+set -- "${words[@]}"
+node_dir() {
+  dir="$STATE/nodes/$1"
+  [ -d "$dir" ] || { echo "Error from server (NotFound): nodes \"$1\" not found" >&2; exit 1; }
+}
+case "$1 ${2-}" in
+  "get node")
+    node_dir "$3"
+    output="$(opt --output "$@" || true)"
+    case "$output" in
+      "") printf 'NAME STATUS\n%s %s\n' "$3" "$(cat "$dir/ready")" ;;
+      "jsonpath={.status.nodeInfo.kubeletVersion}") cat "$dir/kubeletVersion" ;;
+      'jsonpath={.status.conditions[?(@.type=="Ready")].status}') cat "$dir/ready" ;;
+      "jsonpath={.spec.unschedulable}") if [ -e "$dir/unschedulable" ]; then printf true; fi ;;
+      *) echo "stub kubectl: unexpected --output $output" >&2; exit 2 ;;
+    esac ;;
+  "get secret")
+    [ "$namespace" = kube-system ] || { echo "stub kubectl: secret outside kube-system" >&2; exit 2; }
+    [ "$(opt --output "$@")" = "jsonpath={.data.expiration}" ] || exit 2
+    file="$STATE/secrets/$3/expiration"
+    [ -f "$file" ] || { echo "Error from server (NotFound): secrets \"$3\" not found" >&2; exit 1; }
+    printf '%s' "$(cat "$file")" | base64 -w0 ;;
+  "get pods")
+    has --all-namespaces "$@" || exit 2
+    selector="$(opt --field-selector "$@")"
+    echo "NAMESPACE  NAME  READY  STATUS  RESTARTS  AGE  IP  NODE"
+    cat "$STATE/nodes/${selector#spec.nodeName=}/pods" 2>/dev/null || true ;;
+  "cordon "*) node_dir "$2"; touch "$dir/unschedulable"; echo "node/$2 cordoned" ;;
+  "uncordon "*) node_dir "$2"; rm -f "$dir/unschedulable"; echo "node/$2 uncordoned" ;;
+  "drain "*)
+    node_dir "$2"
+    touch "$dir/unschedulable"
+    if [ -e "$dir/drain-blocked" ]; then
+      echo "error: unable to drain node \"$2\" due to error: global timeout reached: 5m0s" >&2
+      exit 1
+    fi
+    rm -f "$dir/pods"
+    echo "node/$2 drained" ;;
+  "delete node") node_dir "$3"; rm -rf "$dir"; echo "node \"$3\" deleted" ;;
+  "wait "*)
+    [ "$2" = --for=condition=Ready ] || exit 2
+    node_dir "${3#node/}"
+    if [ -e "$dir/becomes-ready" ]; then printf True >"$dir/ready"; fi
+    [ "$(cat "$dir/ready")" = True ] || { echo "error: timed out waiting for the condition on $3" >&2; exit 1; }
+    echo "$3 condition met" ;;
+  *) echo "stub kubectl: unexpected call: $*" >&2; exit 2 ;;
+esac
+"""
+
+_KUBEADM = r"""
+installed() { local version; version="$(cat "$STATE/packages/kubeadm")"; printf 'v%s' "${version%-*}"; }
+case "$1 ${2-}" in
+  "token create")
+    [ -r "$(opt --kubeconfig "$@")" ] || { echo "stub kubeadm: no kubeconfig" >&2; exit 1; }
+    config="$(opt --config "$@")"
+    [ -r "$config" ] || { echo "open $config: no such file or directory" >&2; exit 1; }
+    token="$(sed -n 's/^- token: "\(.*\)"$/\1/p' "$config")"
+    sha256sum <"$config" | cut -d' ' -f1 >>"$STATE/token-configs-read"
+    if [ -e "$STATE/token-create-fails" ]; then
+      echo "$token"
+      echo "error: the server is currently unable to handle the request" >&2
+      exit 1
+    fi
+    mkdir -p "$STATE/secrets/bootstrap-token-${token%%.*}"
+    date -u -d '+24 hours' +%Y-%m-%dT%H:%M:%SZ >"$STATE/secrets/bootstrap-token-${token%%.*}/expiration"
+    echo "$token" ;;
+  "reset --force")
+    rm -f /etc/kubernetes/{admin,super-admin,kubelet,bootstrap-kubelet,controller-manager,scheduler}.conf
+    for dir in /etc/kubernetes/manifests /etc/kubernetes/pki /var/lib/kubelet; do
+      if [ -d "$dir" ]; then find "$dir" -mindepth 1 -delete; fi
+    done
+    echo "[reset] done" ;;
+  "upgrade apply")
+    has --yes "$@" || { echo "stub kubeadm: would prompt for confirmation" >&2; exit 1; }
+    if [ "$3" != "$(installed)" ]; then
+      echo "[upgrade/version] FATAL: the version to upgrade to $3 is not kubeadm's $(installed)" >&2
+      exit 1
+    fi
+    printf '%s' "$3" >"$STATE/cluster-version"
+    echo "[upgrade] SUCCESS! Your cluster was upgraded to \"$3\"." ;;
+  "upgrade node")
+    if [ "$(cat "$STATE/cluster-version")" != "$(installed)" ]; then
+      echo "stub kubeadm: kubeadm $(installed) cannot upgrade a node to $(cat "$STATE/cluster-version")" >&2
+      exit 1
+    fi
+    echo "[upgrade] The configuration for this node was successfully upgraded!" ;;
+  *) echo "stub kubeadm: unexpected call: $*" >&2; exit 2 ;;
+esac
+"""
+
+_DPKG_QUERY = r"""
+format=""
+for arg in "$@"; do
+  case "$arg" in --showformat=*) format="${arg#--showformat=}" ;; esac
+done
+has --show "$@" || exit 2
+package="${*: -1}"
+if [ ! -f "$STATE/packages/$package" ]; then
+  echo "dpkg-query: no packages found matching $package" >&2
+  exit 1
+fi
+case "$format" in
+  "") printf '%s\t%s\n' "$package" "$(cat "$STATE/packages/$package")" ;;
+  '${Version}') printf '%s' "$(cat "$STATE/packages/$package")" ;;
+  '${db:Status-Status}') printf 'installed' ;;
+  *) exit 2 ;;
+esac
+"""
+
+_APT_GET = r"""
+flags=()
+words=()
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    -o) shift 2 ;;
+    -*) flags+=("$1"); shift ;;
+    *) words+=("$1"); shift ;;
+  esac
+done
+has --yes "${flags[@]}" || exit 2
+case "${words[0]}" in
+  update)
+    lists=""
+    sources=/etc/apt/sources.list.d/kubernetes.list
+    if [ -f "$sources" ]; then
+      read -r type options url suite <"$sources"
+      keyring="${options#[signed-by=}"
+      keyring="${keyring%]}"
+      # apt's `_apt` user reads the keyring: it must be world-readable in a directory it may enter.
+      if [ "$type $suite" != "deb /" ] || [ -z "$(find "$keyring" -perm -0004)" ] \
+        || [ -z "$(find "$(dirname "$keyring")" -maxdepth 0 -perm -0001)" ] \
+        || ! grep -qxF "dearmored KEY for ${url}Release.key" "$keyring"; then
+        echo "E: The repository '$url' is not signed." >&2
+        exit 100
+      fi
+      lists="$url"
+    fi
+    printf '%s\n' "$lists" >"$STATE/apt-lists" ;;
+  install)
+    for spec in "${words[@]:1}"; do
+      package="${spec%%=*}"
+      version="${spec#*=}"
+      [ "$package" != "$spec" ] || { echo "stub apt-get: $spec is not pinned" >&2; exit 2; }
+      minor="$(printf '%s' "$version" | cut -d. -f1,2)"
+      if ! grep -qxF "https://pkgs.k8s.io/core:/stable:/v$minor/deb/" "$STATE/apt-lists" 2>/dev/null; then
+        echo "E: Version '$version' for '$package' was not found" >&2
+        exit 100
+      fi
+      if [ -e "$STATE/holds/$package" ] && ! has --allow-change-held-packages "${flags[@]}"; then
+        echo "E: Held packages were changed and -y was used without --allow-change-held-packages." >&2
+        exit 100
+      fi
+    done
+    mkdir -p "$STATE/packages"
+    for spec in "${words[@]:1}"; do printf '%s' "${spec#*=}" >"$STATE/packages/${spec%%=*}"; done ;;
+  *) echo "stub apt-get: unexpected call: $*" >&2; exit 2 ;;
+esac
+"""
+
+_APT_MARK = r"""
+action="$1"
+shift
+mkdir -p "$STATE/holds"
+for package in "$@"; do
+  case "$action" in
+    hold) touch "$STATE/holds/$package"; echo "$package set on hold." ;;
+    unhold) rm -f "$STATE/holds/$package"; echo "Canceled hold on $package." ;;
+    *) exit 2 ;;
+  esac
+done
+"""
+
+_CURL = r"""
+has --fail "$@" || exit 2
+printf 'KEY for %s\n' "${*: -1}"
+"""
+
+_GPG = r"""
+has --dearmor "$@" || exit 2
+{ printf 'dearmored '; cat; } >"$(opt --output "$@")"
+"""
+
+_SYSTEMCTL = r"""
+case "$*" in
+  "enable kubelet") mkdir -p "$STATE/systemd"; touch "$STATE/systemd/kubelet.enabled" ;;
+  daemon-reload) ;;
+  "restart kubelet")
+    if [ -n "${STUB_NODE:-}" ] && [ -d "$STATE/nodes/$STUB_NODE" ]; then
+      version="$(cat "$STATE/packages/kubelet")"
+      printf 'v%s' "${version%-*}" >"$STATE/nodes/$STUB_NODE/kubeletVersion"
+    fi ;;
+  *) echo "stub systemctl: unexpected call: $*" >&2; exit 2 ;;
+esac
+"""
+
+STUBS: dict[str, str | Stub] = {
+    "kubectl": _KUBECTL,
+    "kubeadm": _KUBEADM,
+    "dpkg-query": _DPKG_QUERY,
+    "apt-get": _APT_GET,
+    "apt-mark": _APT_MARK,
+    "curl": _CURL,
+    "gpg": Stub(_GPG, reads_stdin=True),
+    "systemctl": _SYSTEMCTL,
+}
+
+
+def _read_only(call: list[str]) -> bool:
+    """Calls that change nothing: `kubectl get`, `dpkg-query`."""
+    if call[0] == "dpkg-query":
+        return True
+    if call[:3] != K:
+        return False
+    words = call[5:] if call[3:5] == ["--namespace", "kube-system"] else call[3:]
+    return words[:1] == ["get"]
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def sandbox_support(tmp_path_factory: pytest.TempPathFactory) -> None:
+    require_sandbox(tmp_path_factory.mktemp("probe"))
+
+
+@pytest.fixture
+def sandbox(sandbox_support: None, tmp_path: Path) -> Sandbox:
+    box = Sandbox(tmp_path, STUBS)
+    box.put(ADMIN_KUBECONFIG, "apiVersion: v1\nkind: Config\n# stub admin kubeconfig\n")
+    return box
+
+
+def _node(sandbox: Sandbox, name: str = NODE, *, version: str = "v1.34.2", ready: str = "True", **extra: str) -> None:
+    sandbox.put_state(f"nodes/{name}/kubeletVersion", version)
+    sandbox.put_state(f"nodes/{name}/ready", ready)
+    for key, value in extra.items():
+        sandbox.put_state(f"nodes/{name}/{key.replace('_', '-')}", value)
+
+
+def _packages(sandbox: Sandbox, version: str, *, repository: str = "1.34") -> None:
+    """A node where node preparation installed and held the packages from `repository`."""
+    for package in ("kubelet", "kubeadm", "kubectl"):
+        sandbox.put_state(f"packages/{package}", version)
+        sandbox.put_state(f"holds/{package}")
+    sandbox.put_state("apt-lists", f"https://pkgs.k8s.io/core:/stable:/v{repository}/deb/\n")
+
+
+def _run_first(
+    sandbox: Sandbox, script: Script, *, setup: str = "", env: dict[str, str] | None = None
+) -> list[list[str]]:
+    """Run the script (expecting work to be done) and return its calls."""
+    before = len(sandbox.call_lines())
+    result = sandbox.run(script.render(), setup=setup, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"kubeadm-ha: {script.step} done on {script.host}\n" in result.stdout
+    assert "already done" not in result.stdout
+    return sandbox.call_lines()[before:]
+
+
+def _run_again(
+    sandbox: Sandbox, script: Script, *, env: dict[str, str] | None = None, stdin: str | None = None
+) -> list[list[str]]:
+    """Run the script again: it must say so, call nothing that changes state and change no file."""
+    before_files = sandbox.snapshot()
+    before = len(sandbox.call_lines())
+    result = sandbox.run(script.render(), env=env, stdin=stdin)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == f"kubeadm-ha: {script.step} already done on {script.host}; nothing to do\n"
+    calls = sandbox.call_lines()[before:]
+    assert all(_read_only(call) for call in calls), calls
+    assert sandbox.snapshot() == before_files
+    return calls
+
+
+def _state(sandbox: Sandbox, relative: str) -> str:
+    return (sandbox.state / relative).read_text()
+
+
+# ---------------------------------------------------------------- packages
+
+
+def test_packages_install_the_pinned_version_from_the_minor_repository_then_do_nothing(sandbox: Sandbox):
+    script = kubernetes_packages_script(NODE, CURRENT)
+    # A fresh image may lack /etc/apt/keyrings: the step creates it readable for apt's `_apt` user.
+    calls = _run_first(sandbox, script, setup="rm -rf /etc/apt/keyrings")
+    repository = "https://pkgs.k8s.io/core:/stable:/v1.34/deb/"
+    pinned = ["kubelet=1.34.2-1.1", "kubeadm=1.34.2-1.1", "kubectl=1.34.2-1.1"]
+    assert calls == [
+        KUBEADM_INSTALLED,
+        [*CURL, f"{repository}Release.key"],
+        GPG,
+        [*APT, "update"],
+        ["apt-mark", "unhold", "kubelet", "kubeadm", "kubectl"],
+        [*INSTALL, *pinned],
+        ["apt-mark", "hold", "kubelet", "kubeadm", "kubectl"],
+        ["systemctl", "enable", "kubelet"],
+    ]
+    for package in ("kubelet", "kubeadm", "kubectl"):
+        assert _state(sandbox, f"packages/{package}") == "1.34.2-1.1"
+        assert (sandbox.state / "holds" / package).exists()
+    assert sandbox.file(KUBERNETES_SOURCES).read_text() == f"deb [signed-by={KUBERNETES_KEYRING}] {repository} /\n"
+    assert sandbox.file(KUBERNETES_KEYRING).read_text() == f"dearmored KEY for {repository}Release.key\n"
+    assert sandbox.file(KUBERNETES_KEYRING).stat().st_mode & 0o777 == 0o644
+    assert sandbox.file("/etc/apt/keyrings").stat().st_mode & 0o777 == 0o755
+
+    assert _run_again(sandbox, script) == [KUBEADM_INSTALLED]
+
+
+@pytest.mark.parametrize("installed", ["1.33.5-1.1", "1.34.2-1.1", "1.35.0-1.1"])
+def test_packages_leave_a_node_with_any_kubeadm_alone(sandbox: Sandbox, installed: str):
+    _packages(sandbox, installed)
+    assert _run_again(sandbox, kubernetes_packages_script(NODE, CURRENT)) == [KUBEADM_INSTALLED]
+    assert _state(sandbox, "packages/kubeadm") == installed
+
+
+# ---------------------------------------------------------------- join token
+
+
+def _expiring_in(delta: timedelta) -> str:
+    return (datetime.now(UTC) + delta).strftime(RFC3339)
+
+
+GET_TOKEN = [*K, "--namespace", "kube-system", "get", "secret", f"bootstrap-token-{TOKEN_ID}"]
+GET_TOKEN += ["--output", "jsonpath={.data.expiration}"]
+
+
+@pytest.mark.parametrize(
+    "expires_in",
+    [None, timedelta(hours=-1), timedelta(minutes=90)],
+    ids=["missing", "expired", "expiring-within-2h"],
+)
+def test_a_missing_or_expiring_token_is_recreated_then_left_alone(sandbox: Sandbox, expires_in: timedelta | None):
+    if expires_in is not None:
+        sandbox.put_state(f"secrets/bootstrap-token-{TOKEN_ID}/expiration", _expiring_in(expires_in))
+    script = join_token_script(TARGET, TOKEN_ID)
+    bundle = encode_bundle([BundleFile(TOKEN_CONFIG_PATH, TOKEN_CONFIG)])
+
+    result = sandbox.run(script.render(), stdin=bundle)
+    assert result.returncode == 0, result.stderr
+    assert f"join-token-for-{NODE} done on {ADMIN}" in result.stdout
+    assert TOKEN not in script.render()  # it arrives on stdin only
+    # kubeadm prints the token; the step sends that nowhere, neither to its output nor to a log on the node.
+    assert TOKEN not in result.stdout + result.stderr
+    logs = sandbox.file("/var/log/kubeadm-ha")
+    assert not logs.exists() or all(TOKEN not in log.read_text() for log in logs.iterdir())
+    assert sandbox.call_lines() == [
+        GET_TOKEN,
+        ["kubeadm", "token", "create", "--kubeconfig", ADMIN_KUBECONFIG, "--config", TOKEN_CONFIG_PATH],
+    ]
+    # kubeadm read exactly the configuration from stdin, which is gone afterwards.
+    sha = subprocess.run(["sha256sum"], input=TOKEN_CONFIG, capture_output=True, text=True, check=True)
+    assert _state(sandbox, "token-configs-read").split() == [sha.stdout.split()[0]]
+    assert not sandbox.exists(TOKEN_CONFIG_PATH)
+    expiration = _state(sandbox, f"secrets/bootstrap-token-{TOKEN_ID}/expiration").strip()
+    assert datetime.strptime(expiration, RFC3339).replace(tzinfo=UTC) > datetime.now(UTC) + timedelta(hours=23)
+
+    assert _run_again(sandbox, script, stdin=bundle) == [GET_TOKEN]
+
+
+@pytest.mark.parametrize("expires_in", [timedelta(hours=3), timedelta(hours=23)], ids=["3h", "23h"])
+def test_a_fresh_token_is_left_alone(sandbox: Sandbox, expires_in: timedelta):
+    sandbox.put_state(f"secrets/bootstrap-token-{TOKEN_ID}/expiration", _expiring_in(expires_in))
+    bundle = encode_bundle([BundleFile(TOKEN_CONFIG_PATH, TOKEN_CONFIG)])
+    assert _run_again(sandbox, join_token_script(TARGET, TOKEN_ID), stdin=bundle) == [GET_TOKEN]
+    assert not sandbox.exists(TOKEN_CONFIG_PATH)
+
+
+def test_a_failed_token_create_removes_the_config_and_shows_no_token(sandbox: Sandbox):
+    sandbox.put_state("token-create-fails")
+    bundle = encode_bundle([BundleFile(TOKEN_CONFIG_PATH, TOKEN_CONFIG)])
+    result = sandbox.run(join_token_script(TARGET, TOKEN_ID).render(), stdin=bundle)
+    assert result.returncode == 1
+    assert "step join-token-for-dev-worker-2 failed on host dev-cp-1" in result.stderr
+    assert TOKEN not in result.stdout + result.stderr
+    assert (sandbox.state / "token-configs-read").exists()  # kubeadm did get to read it
+    assert not sandbox.exists(TOKEN_CONFIG_PATH)
+
+
+# ---------------------------------------------------------------- wait for Ready
+
+
+def test_node_ready_waits_for_ready_then_does_nothing(sandbox: Sandbox):
+    _node(sandbox, ready="False", becomes_ready="")
+    script = node_ready_script(TARGET)
+    assert _run_first(sandbox, script) == [
+        [*K, "get", "node", NODE, "--output", READY],
+        [*K, "get", "node", NODE],
+        [*K, "wait", "--for=condition=Ready", f"node/{NODE}", "--timeout=600s"],
+    ]
+    assert _run_again(sandbox, script) == [[*K, "get", "node", NODE, "--output", READY]]
+
+
+def test_node_ready_waits_for_the_node_to_register(sandbox: Sandbox, tmp_path: Path):
+    # Another sandbox whose `sleep` lets time pass: the kubelet registers the Node while the step waits.
+    registering = Sandbox(
+        tmp_path / "registering",
+        {**STUBS, "sleep": f'mkdir -p "$STATE/nodes/{NODE}"; printf v1.34.2 >"$STATE/nodes/{NODE}/kubeletVersion"; '
+         f'printf False >"$STATE/nodes/{NODE}/ready"; touch "$STATE/nodes/{NODE}/becomes-ready"'},
+    )  # fmt: skip
+    registering.put(ADMIN_KUBECONFIG, "stub\n")
+    assert _run_first(registering, node_ready_script(TARGET)) == [
+        [*K, "get", "node", NODE, "--output", READY],
+        [*K, "get", "node", NODE],
+        ["sleep", "5"],
+        [*K, "get", "node", NODE],
+        [*K, "wait", "--for=condition=Ready", f"node/{NODE}", "--timeout=600s"],
+    ]
+
+
+# ---------------------------------------------------------------- remove and reset
+
+DRAIN = [*K, "drain", NODE, "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=300s"]
+LIST_PODS = [*K, "get", "pods", "--all-namespaces", "--output", "wide", "--field-selector", f"spec.nodeName={NODE}"]
+
+
+def test_remove_node_drains_before_deleting_then_does_nothing(sandbox: Sandbox):
+    _node(sandbox, pods=PODS)
+    script = remove_node_script(TARGET)
+    assert _run_first(sandbox, script) == [
+        [*K, "get", "node", NODE],
+        [*K, "cordon", NODE],
+        DRAIN,
+        [*K, "delete", "node", NODE, "--timeout=120s"],
+    ]
+    assert not (sandbox.state / "nodes" / NODE).exists()
+    assert _run_again(sandbox, script) == [[*K, "get", "node", NODE]]
+
+
+@pytest.mark.parametrize("make", [remove_node_script, lambda target: drain_for_upgrade_script(target, NEXT)])
+def test_a_drain_that_cannot_finish_fails_naming_the_node_and_its_pods(sandbox: Sandbox, make):
+    _node(sandbox, pods=PODS, drain_blocked="")
+    script = make(TARGET)
+    result = sandbox.run(script.render())
+    assert result.returncode == 1
+    assert f"draining {NODE} did not finish within the timeout; pods still on it:" in result.stderr
+    assert PODS.strip() in result.stderr
+    calls = sandbox.call_lines()
+    assert calls[-3:] == [[*K, "cordon", NODE], DRAIN, LIST_PODS]
+    assert (sandbox.state / "nodes" / NODE).exists()  # the Node was not deleted
+    assert not any(path.startswith("/var/lib/kubeadm-ha/upgrade-drained") for path in sandbox.snapshot())
+
+    # Once the blocking pod is gone, a re-run drains again (the earlier cordon does not count as done).
+    (sandbox.state / "nodes" / NODE / "drain-blocked").unlink()
+    assert DRAIN in _run_first(sandbox, script)
+
+
+@pytest.mark.parametrize("role", ["control-plane", "worker"])
+def test_reset_then_does_nothing(sandbox: Sandbox, role: str):
+    host = "dev-cp-3" if role == "control-plane" else NODE
+    sandbox.put(KUBELET_KUBECONFIG, "kubelet\n")
+    if role == "control-plane":
+        sandbox.put("/etc/kubernetes/super-admin.conf", "super\n")
+        sandbox.put("/etc/kubernetes/manifests/kube-apiserver.yaml", "pod\n")
+    else:
+        sandbox.file(ADMIN_KUBECONFIG).unlink()
+    sandbox.put("/etc/cni/net.d/10-calico.conflist", "{}\n", 0o644)
+    script = reset_script(host)
+    assert _run_first(sandbox, script) == [["kubeadm", "reset", "--force"]]
+    for path in (KUBELET_KUBECONFIG, ADMIN_KUBECONFIG, "/etc/kubernetes/manifests/kube-apiserver.yaml"):
+        assert not sandbox.exists(path)
+    assert not sandbox.exists("/etc/cni/net.d")
+    assert _run_again(sandbox, script) == []
+
+
+# ---------------------------------------------------------------- upgrade
+
+
+def test_drain_for_upgrade_then_does_nothing(sandbox: Sandbox):
+    _node(sandbox, pods=PODS)
+    script = drain_for_upgrade_script(TARGET, NEXT)
+    assert _run_first(sandbox, script) == [
+        [*K, "get", "node", NODE, "--output", KUBELET_VERSION],
+        [*K, "cordon", NODE],
+        DRAIN,
+    ]
+    assert (sandbox.state / "nodes" / NODE / "unschedulable").exists()
+    assert _run_again(sandbox, script) == [
+        [*K, "get", "node", NODE, "--output", KUBELET_VERSION],
+        [*K, "get", "node", NODE, "--output", UNSCHEDULABLE],
+    ]
+    # Uncordoned by hand before the upgrade: drained again.
+    (sandbox.state / "nodes" / NODE / "unschedulable").unlink()
+    assert DRAIN in _run_first(sandbox, script)
+
+
+def test_drain_for_upgrade_skips_a_node_already_on_the_new_version(sandbox: Sandbox):
+    _node(sandbox, version="v1.35.0", pods=PODS)
+    script = drain_for_upgrade_script(TARGET, NEXT)
+    assert _run_again(sandbox, script) == [[*K, "get", "node", NODE, "--output", KUBELET_VERSION]]
+
+
+@pytest.mark.parametrize("first_control_plane", [True, False], ids=["first-control-plane", "other-node"])
+def test_upgrade_installs_kubeadm_upgrades_then_installs_kubelet(sandbox: Sandbox, first_control_plane: bool):
+    _packages(sandbox, "1.34.2-1.1")
+    sandbox.put(KUBERNETES_SOURCES, "deb [signed-by=/etc/apt/keyrings/kubernetes-apt-keyring.gpg] old /\n", 0o644)
+    if not first_control_plane:
+        sandbox.put_state("cluster-version", "v1.35.0")  # `upgrade apply` already ran on the first control plane
+    script = upgrade_node_script(NODE, NEXT, first_control_plane=first_control_plane)
+    upgrade = ["apply", "v1.35.0", "--yes"] if first_control_plane else ["node"]
+    calls = _run_first(sandbox, script)
+    repository = "https://pkgs.k8s.io/core:/stable:/v1.35/deb/"
+    assert calls == [
+        ["dpkg-query", "--show", VERSION_OF, "kubelet"],
+        [*CURL, f"{repository}Release.key"],
+        GPG,
+        [*APT, "update"],
+        ["apt-mark", "unhold", "kubeadm"],
+        [*INSTALL, "kubeadm=1.35.0-1.1"],
+        ["apt-mark", "hold", "kubeadm"],
+        ["kubeadm", "upgrade", *upgrade],
+        ["apt-mark", "unhold", "kubelet", "kubectl"],
+        [*INSTALL, "kubelet=1.35.0-1.1", "kubectl=1.35.0-1.1"],
+        ["apt-mark", "hold", "kubelet", "kubectl"],
+        ["systemctl", "daemon-reload"],
+        ["systemctl", "restart", "kubelet"],
+    ]
+    assert sandbox.file(KUBERNETES_SOURCES).read_text() == f"deb [signed-by={KUBERNETES_KEYRING}] {repository} /\n"
+    for package in ("kubelet", "kubeadm", "kubectl"):
+        assert _state(sandbox, f"packages/{package}") == "1.35.0-1.1"
+        assert (sandbox.state / "holds" / package).exists()
+    assert _state(sandbox, "cluster-version") == "v1.35.0"
+
+    assert _run_again(sandbox, script) == [
+        ["dpkg-query", "--show", VERSION_OF, "kubelet"],
+        ["dpkg-query", "--show", VERSION_OF, "kubeadm"],
+    ]
+
+
+@pytest.mark.parametrize("first_control_plane", [True, False])
+def test_upgrade_of_a_node_already_at_the_target_is_a_no_op(sandbox: Sandbox, first_control_plane: bool):
+    _packages(sandbox, "1.35.0-1.1", repository="1.35")
+    script = upgrade_node_script(NODE, NEXT, first_control_plane=first_control_plane)
+    assert _run_again(sandbox, script) == [
+        ["dpkg-query", "--show", VERSION_OF, "kubelet"],
+        ["dpkg-query", "--show", VERSION_OF, "kubeadm"],
+    ]
+
+
+def test_uncordon_waits_for_the_new_kubelet_then_does_nothing(sandbox: Sandbox):
+    _node(sandbox, version="v1.35.0", unschedulable="")
+    script = uncordon_script(TARGET, NEXT)
+    guard = [
+        [*K, "get", "node", NODE, "--output", KUBELET_VERSION],
+        [*K, "get", "node", NODE, "--output", READY],
+        [*K, "get", "node", NODE, "--output", UNSCHEDULABLE],
+    ]
+    assert _run_first(sandbox, script) == [
+        *guard,
+        [*K, "get", "node", NODE, "--output", KUBELET_VERSION],
+        [*K, "wait", "--for=condition=Ready", f"node/{NODE}", "--timeout=600s"],
+        [*K, "uncordon", NODE],
+    ]
+    assert not (sandbox.state / "nodes" / NODE / "unschedulable").exists()
+    assert _run_again(sandbox, script) == guard
+
+
+def test_a_whole_node_upgrade_in_order_then_every_step_again_does_nothing(sandbox: Sandbox):
+    """drain (admin) -> upgrade (node) -> uncordon (admin), with the kubelet restart feeding the Node's version."""
+    _node(sandbox, pods=PODS)
+    _packages(sandbox, "1.34.2-1.1")
+    sandbox.put_state("cluster-version", "v1.35.0")
+    steps = [
+        drain_for_upgrade_script(TARGET, NEXT),
+        upgrade_node_script(NODE, NEXT, first_control_plane=False),
+        uncordon_script(TARGET, NEXT),
+    ]
+    for step in steps:
+        _run_first(sandbox, step, env={"STUB_NODE": NODE})
+    assert _state(sandbox, f"nodes/{NODE}/kubeletVersion") == "v1.35.0"
+    assert not (sandbox.state / "nodes" / NODE / "unschedulable").exists()
+    for step in steps:
+        _run_again(sandbox, step, env={"STUB_NODE": NODE})
+
+
+# ---------------------------------------------------------------- static checks
+
+ALL_SCRIPTS = {
+    "packages": kubernetes_packages_script(NODE, CURRENT),
+    "join-token": join_token_script(TARGET, TOKEN_ID),
+    "node-ready": node_ready_script(TARGET),
+    "remove-node": remove_node_script(TARGET),
+    "reset": reset_script(NODE),
+    "drain-for-upgrade": drain_for_upgrade_script(TARGET, NEXT),
+    "upgrade-first": upgrade_node_script(NODE, NEXT, first_control_plane=True),
+    "upgrade-other": upgrade_node_script(NODE, NEXT, first_control_plane=False),
+    "uncordon": uncordon_script(TARGET, NEXT),
+}
+
+
+def test_every_lifecycle_script_is_covered():
+    made = {name for name in dir(lifecycle) if name.endswith("_script")}
+    assert made == {
+        "kubernetes_packages_script", "join_token_script", "node_ready_script", "remove_node_script",
+        "reset_script", "drain_for_upgrade_script", "upgrade_node_script", "uncordon_script",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(ALL_SCRIPTS))
+def test_shellcheck(tmp_path: Path, name: str):
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        unavailable("shellcheck is not installed (Debian package `shellcheck`)")
+    path = tmp_path / "script.sh"
+    path.write_text(ALL_SCRIPTS[name].render())
+    result = subprocess.run(
+        [shellcheck, "--severity=warning", "--shell=bash", "--format=gcc", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
