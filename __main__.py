@@ -4,10 +4,17 @@ import pulumi
 
 from components.cluster import build_cluster
 from components.config import load_stack_config
-from components.previous import ETCD_TOPOLOGY_OUTPUT, KUBERNETES_VERSION_OUTPUT
+from components.previous import (
+    ETCD_INITIAL_MEMBERS_OUTPUT,
+    ETCD_MEMBERS_OUTPUT,
+    ETCD_TOPOLOGY_OUTPUT,
+    KUBERNETES_VERSION_OUTPUT,
+    read_previous_deployment,
+)
 
-config = load_stack_config(pulumi.get_stack())
-cluster = build_cluster(config)
+previous = read_previous_deployment()
+config = load_stack_config(pulumi.get_stack(), previous)
+cluster = build_cluster(config, previous)
 
 pulumi.export("kubeconfig", cluster.kubeconfig)
 pulumi.export("apiEndpoint", cluster.api_endpoint)
@@ -17,3 +24,7 @@ pulumi.export("sshPrivateKey", cluster.ssh_private_key)
 # Read back by the next run (components/previous.py) to judge upgrades and topology changes.
 pulumi.export(KUBERNETES_VERSION_OUTPUT, config.kubernetes.version)
 pulumi.export(ETCD_TOPOLOGY_OUTPUT, config.etcd.topology)
+if cluster.etcd_initial_members is not None:
+    # Which members bootstrapped the external etcd cluster (forever), and which are planned now.
+    pulumi.export(ETCD_INITIAL_MEMBERS_OUTPUT, list(cluster.etcd_initial_members))
+    pulumi.export(ETCD_MEMBERS_OUTPUT, list(cluster.etcd_members or ()))

@@ -79,17 +79,24 @@ def mac_for(address: ipaddress.IPv4Address) -> str:
     return "52:54:00:" + ":".join(f"{byte:02x}" for byte in last_three)
 
 
+def role_address(network: ipaddress.IPv4Network, role: Role, index: int) -> ipaddress.IPv4Address:
+    """The address of node `index` (1-based) of `role`, planned or not (e.g. an etcd member removed since)."""
+    start, size = ROLE_BLOCKS[role]
+    if index < 1 or (size is not None and index > size):
+        raise ValueError(f"{role} node {index} is outside its block of {size} addresses")
+    return network.network_address + start + index - 1
+
+
 def plan_addresses(config: ClusterConfig) -> AddressPlan:
     network = config.network.cidr
     vip = config.vip
     counts: dict[Role, int] = {
         "lb": config.load_balancer.replicas,
-        "etcd": 0,
+        # Stacked etcd members live on the control planes: no VMs of their own.
+        "etcd": config.etcd.replicas if config.etcd.external else 0,
         "cp": config.control_plane.replicas,
         "worker": config.workers.replicas,
     }
-    etcd_replicas = getattr(config.etcd, "replicas", 0) if config.etcd.topology != "stacked" else 0
-    counts["etcd"] = etcd_replicas
     last_usable = int(network.broadcast_address) - int(network.network_address) - 1
     nodes: list[NodePlan] = []
     missing: list[str] = []
@@ -102,7 +109,7 @@ def plan_addresses(config: ClusterConfig) -> AddressPlan:
         for index in range(1, count + 1):
             # A lone load balancer needs no VRRP: it simply owns the API endpoint address.
             lone_lb = role == "lb" and count == 1
-            address = vip if lone_lb else network.network_address + start + index - 1
+            address = vip if lone_lb else role_address(network, role, index)
             nodes.append(
                 NodePlan(
                     hostname=f"{config.cluster_name}-{role}-{index}",

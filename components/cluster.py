@@ -9,11 +9,13 @@ import pulumi
 from components.addressing import AddressPlan, plan_addresses
 from components.config import ClusterConfig
 from components.control_plane import ControlPlaneNode, ControlPlaneNodeArgs
-from components.kubeadm import ClusterShape
+from components.etcd import EtcdCluster, EtcdClusterArgs, EtcdClusterSpec, plan_membership
+from components.kubeadm import ClusterShape, ExternalEtcd
 from components.kubeconfig import render_kubeconfig
 from components.loadbalancer import LoadBalancer, LoadBalancerArgs
 from components.nodes import NodeContext
-from components.pki import ADMIN_USER, ClusterPki, ClusterPkiArgs
+from components.pki import ADMIN_USER, APISERVER_ETCD_CLIENT, ETCD_CA, ClusterPki, ClusterPkiArgs
+from components.previous import NEW_STACK, PreviousDeployment
 from components.remote import secret
 from components.vm import Hypervisor
 from components.worker_pool import WorkerPool, WorkerPoolArgs
@@ -26,9 +28,20 @@ class ClusterOutputs:
     nodes: dict[str, dict[str, str]]
     ssh_user: str
     ssh_private_key: pulumi.Output[str]
+    # External etcd only: re-exported for the next run, which judges membership changes by them.
+    etcd_initial_members: tuple[str, ...] | None = None
+    etcd_members: tuple[str, ...] | None = None
 
 
-def cluster_shape(config: ClusterConfig, plan: AddressPlan) -> ClusterShape:
+def cluster_shape(config: ClusterConfig, plan: AddressPlan, etcd: EtcdClusterSpec | None = None) -> ClusterShape:
+    external = None
+    if etcd is not None:
+        external = ExternalEtcd(
+            endpoints=etcd.client_urls,
+            ca_file=ETCD_CA.cert_path,
+            cert_file=APISERVER_ETCD_CLIENT.cert_path,
+            key_file=APISERVER_ETCD_CLIENT.key_path,
+        )
     return ClusterShape(
         cluster_name=config.cluster_name,
         kubernetes_version=config.kubernetes.version,
@@ -37,34 +50,42 @@ def cluster_shape(config: ClusterConfig, plan: AddressPlan) -> ClusterShape:
         pod_subnet=str(config.kubernetes.pod_subnet),
         service_subnet=str(config.kubernetes.service_subnet),
         extra_sans=(f"api.{config.cluster_name}.{config.network.domain}",),
+        external_etcd=external,
     )
 
 
-def build_cluster(config: ClusterConfig) -> ClusterOutputs:
+def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = NEW_STACK) -> ClusterOutputs:
     plan = plan_addresses(config)
-    shape = cluster_shape(config, plan)
+    etcd_spec = plan_membership(config, plan, last_deployment) if config.etcd.external else None
+    shape = cluster_shape(config, plan, etcd_spec)
 
-    # 1. Keys and certificates, generated once and shared by every control plane.
-    pki = ClusterPki("pki", ClusterPkiArgs(config.cluster_name, [node.hostname for node in plan.nodes]))
+    # 1. Keys and certificates, generated once and shared by every control plane (and the etcd members').
+    pki = ClusterPki(
+        "pki",
+        ClusterPkiArgs(config.cluster_name, [node.hostname for node in plan.nodes], etcd_members=plan.etcd_members),
+    )
     # 2. Per hypervisor: the NAT network and the base image.
     hypervisors = [Hypervisor(hypervisor.name, hypervisor, config) for hypervisor in config.hypervisors]
     context = NodeContext(config, plan, pki, hypervisors)
     # 3. The API endpoint: HAProxy (+ keepalived) in front of every control plane.
     load_balancer = LoadBalancer("api-lb", LoadBalancerArgs(context))
-    # 4. `kubeadm init` on the first control plane, once the endpoint answers and its PKI is placed.
+    before_init: list[pulumi.Resource] = [*load_balancer.configured]
+    # 4. External etcd: its own members, healthy as a cluster before any API server needs it.
+    if etcd_spec is not None:
+        etcd = EtcdCluster("etcd", EtcdClusterArgs(context, etcd_spec))
+        before_init.append(etcd.ready)
+    # 5. `kubeadm init` on the first control plane, once the endpoint answers and its PKI is placed.
     first, *others = plan.control_planes
-    initial = ControlPlaneNode(
-        first.hostname, ControlPlaneNodeArgs(context, first, shape, "init", after=load_balancer.configured)
-    )
-    # 5. The pod network, from the first control plane.
+    initial = ControlPlaneNode(first.hostname, ControlPlaneNodeArgs(context, first, shape, "init", after=before_init))
+    # 6. The pod network, from the first control plane.
     cni = initial.apply_cni(context)
     bootstrapped = [initial.kubeadm] + ([cni] if cni is not None else [])
-    # 6. The other control planes join strictly one after another: parallel joins race inside etcd.
+    # 7. The other control planes join strictly one after another: parallel joins race inside etcd.
     previous = bootstrapped[-1]
     for node in others:
         joined = ControlPlaneNode(node.hostname, ControlPlaneNodeArgs(context, node, shape, "join", after=[previous]))
         previous = joined.kubeadm
-    # 7. Workers join in parallel as soon as the first control plane and the pod network are up.
+    # 8. Workers join in parallel as soon as the first control plane and the pod network are up.
     WorkerPool("workers", WorkerPoolArgs(context, plan.workers, shape, after=bootstrapped))
 
     server = f"https://{load_balancer.endpoint}"
@@ -86,6 +107,8 @@ def build_cluster(config: ClusterConfig) -> ClusterOutputs:
         nodes={node.hostname: {"address": str(node.address), "role": node.role} for node in plan.nodes},
         ssh_user=config.ssh.user,
         ssh_private_key=pki.operator_private_key,
+        etcd_initial_members=etcd_spec.initial_members if etcd_spec is not None else None,
+        etcd_members=tuple(member.name for member in etcd_spec.members) if etcd_spec is not None else None,
     )
 
 

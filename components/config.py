@@ -28,6 +28,15 @@ CONFIG_NAMESPACE = "kubeadm-ha"
 
 # kubeadm's v1beta4 API (the only one we emit) arrived in 1.31.
 MIN_KUBERNETES = (1, 31)
+# The etcd image kubeadm itself deploys for each Kubernetes minor (its `constants.SupportedEtcdVersion`).
+# External etcd runs exactly that build, so the API server talks to the etcd it was tested against; a
+# minor missing here is refused for external etcd rather than guessed.
+ETCD_VERSIONS: dict[str, str] = {
+    "1.31": "3.5.15-0",
+    "1.32": "3.5.16-0",
+    "1.33": "3.5.21-0",
+    "1.34": "3.6.4-0",
+}
 # Hostnames are `{cluster}-{role}-{n}`; keep room for "-worker-999" inside a 63-byte DNS label.
 _CLUSTER_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
@@ -105,7 +114,32 @@ class LoadBalancerConfig(_VmSize):
 
 
 class EtcdConfig(_Model):
-    topology: Literal["stacked"] = "stacked"
+    topology: Literal["stacked", "external"] = "stacked"
+    # Only read with topology `external`: stacked etcd has one member per control plane.
+    replicas: int = 3
+    cpus: Annotated[int, Field(ge=1, le=64)] = 2
+    # etcd keeps its whole keyspace in memory and fsyncs every write: below 1 GiB / 10 GiB it is fragile.
+    memory_mib: Annotated[int, Field(alias="memoryMiB", ge=1024, le=262144)] = 2048
+    disk_gib: Annotated[int, Field(alias="diskGiB", ge=10, le=4096)] = 20
+
+    @field_validator("replicas")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(
+                f"{value} is even; an even etcd cluster tolerates no more failures than the odd count below it "
+                "and is likelier to split evenly (use 3, 5 or 7)"
+            )
+        if not 3 <= value <= 7:
+            raise ValueError(
+                f"{value} is outside 3..7: a dedicated etcd cluster below 3 members survives no failure, "
+                "and every member beyond 7 slows every write"
+            )
+        return value
+
+    @property
+    def external(self) -> bool:
+        return self.topology == "external"
 
 
 class ControlPlaneConfig(_VmSize):
@@ -215,8 +249,11 @@ def parse_config(raw: Mapping[str, Any], *, stack: str, previous: PreviousDeploy
     return config
 
 
-def load_stack_config(stack: str) -> ClusterConfig:
-    """Read the `kubeadm-ha:` namespace of the current stack's configuration and check it against the last run."""
+def load_stack_config(stack: str, previous: PreviousDeployment | None = None) -> ClusterConfig:
+    """Read the `kubeadm-ha:` namespace of the current stack's configuration and check it against the last run.
+
+    `previous` is the last run's outputs, read here when not given.
+    """
     namespace = pulumi.Config(CONFIG_NAMESPACE)
     raw: dict[str, Any] = {}
     for key in sorted(_TOP_LEVEL_KEYS):
@@ -224,7 +261,7 @@ def load_stack_config(stack: str) -> ClusterConfig:
         if text is None:
             continue
         raw[key] = _decode_config_value(text)
-    return parse_config(raw, stack=stack, previous=read_previous_deployment())
+    return parse_config(raw, stack=stack, previous=previous if previous is not None else read_previous_deployment())
 
 
 def _decode_config_value(text: str) -> Any:
@@ -279,6 +316,8 @@ def cross_field_problems(config: ClusterConfig) -> list[Problem]:
                     Problem(second, f"{subnets[second]} overlaps {first} {subnets[first]}; they must be disjoint")
                 )
 
+    problems.extend(_etcd_problems(config))
+
     plan = plan_addresses(config)
     if plan.shortfall:
         problems.append(
@@ -304,6 +343,37 @@ def cross_field_problems(config: ClusterConfig) -> list[Problem]:
     return problems
 
 
+def _etcd_problems(config: ClusterConfig) -> list[Problem]:
+    etcd = config.etcd
+    if not etcd.external:
+        # Sizing keys would silently do nothing: stacked members live on the control planes.
+        ignored = sorted(EtcdConfig.model_fields[name].alias or name for name in etcd.model_fields_set - {"topology"})
+        return [
+            Problem(
+                f"etcd.{key}",
+                "only used with etcd.topology external; stacked etcd runs one member on each control plane "
+                "(size it with controlPlane)",
+            )
+            for key in ignored
+        ]
+    minor = config.kubernetes.minor
+    if minor not in ETCD_VERSIONS:
+        known = ", ".join(sorted(ETCD_VERSIONS, key=lambda m: tuple(int(p) for p in m.split("."))))
+        return [
+            Problem(
+                "kubernetes.version",
+                f"{config.kubernetes.version}: external etcd runs the etcd release kubeadm {minor} expects, and none "
+                f"is known for {minor} (known minors: {known}; add it to ETCD_VERSIONS in components/config.py)",
+            )
+        ]
+    return []
+
+
+def etcd_image_tag(config: ClusterConfig) -> str:
+    """The `registry.k8s.io/etcd` tag for the configured Kubernetes minor (validated to exist)."""
+    return ETCD_VERSIONS[config.kubernetes.minor]
+
+
 def version_tuple(version: str) -> tuple[int, int, int]:
     match = _VERSION.match(version)
     if not match:
@@ -322,6 +392,19 @@ def change_problems(config: ClusterConfig, previous: PreviousDeployment) -> list
                 "its data migrated between etcd clusters, which this program does not do (build a new stack instead)",
             )
         )
+    if config.etcd.external and previous.etcd_initial_members:
+        # Membership is derived from hostnames; names of another cluster mean the names changed under a live etcd.
+        pattern = re.compile(rf"^{re.escape(config.cluster_name)}-etcd-[1-9][0-9]*$")
+        strangers = [name for name in previous.etcd_initial_members if not pattern.match(name)]
+        if strangers:
+            problems.append(
+                Problem(
+                    "clusterName",
+                    f"the running etcd cluster's initial members {strangers} are not named "
+                    f"{config.cluster_name}-etcd-N; renaming a cluster would rename every etcd member, "
+                    "which this program does not do",
+                )
+            )
     if previous.kubernetes_version:
         running = version_tuple(previous.kubernetes_version)
         wanted = version_tuple(config.kubernetes.version)

@@ -15,7 +15,7 @@ from components.cni import cni_script, manifest_for
 from components.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH, ClusterShape, init_documents, join_documents
 from components.node_prep import kubernetes_node_preparation
 from components.nodes import NodeContext
-from components.pki import SA_KEY_PATH, SA_PUB_PATH, ClusterPki
+from components.pki import ETCD_CA, SA_KEY_PATH, SA_PUB_PATH, ClusterPki, IssuedLeaf
 from components.remote import run_step, secret
 from components.scripts import INSTALL_BUNDLE_FUNCTION, BundleFile, Script, encode_bundle, files_match, logged
 from components.scripts import command as shell
@@ -30,22 +30,26 @@ def _sha256(text: str) -> str:
 
 
 def pki_bundle(
-    pki: ClusterPki, *, include_ca_keys: Sequence[str]
+    pki: ClusterPki, *, include_ca_keys: Sequence[str], leaves: Sequence[IssuedLeaf] = ()
 ) -> tuple[pulumi.Output[str], pulumi.Output[dict[str, str]]]:
-    """The stdin payload that places the shared PKI, and the public files' digests for the guard."""
+    """The stdin payload that places the shared PKI (and `leaves`), and the public files' digests for the guard."""
     cas = list(pki.cas.values())
-    public = pulumi.Output.all(*(ca.cert_pem for ca in cas), pki.service_account_key.public_key_pem).apply(
-        lambda pems: {
-            **{ca.purpose.cert_path: pem for ca, pem in zip(cas, pems[:-1], strict=True)},
-            SA_PUB_PATH: pems[-1],
-        }
+    public_pems = [*(ca.cert_pem for ca in cas), *(leaf.cert_pem for leaf in leaves)]
+    public_paths = [*(ca.purpose.cert_path for ca in cas), *(leaf.purpose.cert_path for leaf in leaves)]
+    public = pulumi.Output.all(*public_pems, pki.service_account_key.public_key_pem).apply(
+        lambda pems: {**dict(zip(public_paths, pems[:-1], strict=True)), SA_PUB_PATH: pems[-1]}
     )
     keyed = [ca for ca in cas if ca.purpose.name in include_ca_keys]
-    private = pulumi.Output.all(*(ca.key.private_key_pem for ca in keyed), pki.service_account_key.private_key_pem)
+    key_paths = [*(ca.purpose.key_path for ca in keyed), *(leaf.purpose.key_path for leaf in leaves)]
+    private = pulumi.Output.all(
+        *(ca.key.private_key_pem for ca in keyed),
+        *(leaf.key.private_key_pem for leaf in leaves),
+        pki.service_account_key.private_key_pem,
+    )
 
     def encode(public_files: dict[str, str], private_pems: list[str]) -> str:
         files = [BundleFile(path, content, 0o644) for path, content in sorted(public_files.items())]
-        files += [BundleFile(ca.purpose.key_path, pem, 0o600) for ca, pem in zip(keyed, private_pems[:-1], strict=True)]
+        files += [BundleFile(path, pem, 0o600) for path, pem in zip(key_paths, private_pems[:-1], strict=True)]
         files.append(BundleFile(SA_KEY_PATH, private_pems[-1], 0o600))
         return encode_bundle(files)
 
@@ -115,9 +119,19 @@ class ControlPlaneNode(pulumi.ComponentResource):
         access = context.access(node)
         self.node, self.access = node, access
 
-        ca_keys = [name for name in context.pki.cas if args.shape.external_etcd is None or name != "etcd-ca"]
-        payload, digests = pki_bundle(context.pki, include_ca_keys=ca_keys)
-        key_paths = [ca.purpose.key_path for name, ca in context.pki.cas.items() if name in ca_keys] + [SA_KEY_PATH]
+        # With external etcd the etcd CA key stays off the control planes (they never sign etcd certificates);
+        # the API server reaches etcd with its own client pair instead.
+        external = args.shape.external_etcd is not None
+        ca_keys = [name for name in context.pki.cas if not external or name != ETCD_CA.name]
+        leaves = [context.pki.etcd.apiserver_client] if external and context.pki.etcd is not None else []
+        if external and not leaves:
+            raise ValueError("external etcd needs the etcd certificates from ClusterPki (ClusterPkiArgs.etcd_members)")
+        payload, digests = pki_bundle(context.pki, include_ca_keys=ca_keys, leaves=leaves)
+        key_paths = [
+            *(ca.purpose.key_path for name, ca in context.pki.cas.items() if name in ca_keys),
+            *(leaf.purpose.key_path for leaf in leaves),
+            SA_KEY_PATH,
+        ]
         self.pki_placed = run_step(
             f"{name}-place-pki",
             access,

@@ -12,8 +12,11 @@ and apt must be able to read the repository keyring as the `_apt` user.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import yaml
+
+from components.kubeadm import CRI_SOCKET, KUBELET_API
 from components.scripts import Script, command, logged, quote, write_file
 
 if TYPE_CHECKING:
@@ -27,6 +30,11 @@ PREPARED_MARKER = "/var/lib/kubeadm-ha/prepared"
 # pkgs.k8s.io packages a release `X.Y.Z` as Debian version `X.Y.Z-1.1`.
 PKGS_K8S_REVISION = "1.1"
 KUBERNETES_PACKAGES = ("kubelet", "kubeadm", "kubectl")
+# An etcd member runs etcd as a static pod: kubelet alone, no kubeadm join, no kubectl.
+ETCD_NODE_KUBERNETES_PACKAGES = ("kubelet",)
+STATIC_POD_DIR = "/etc/kubernetes/manifests"
+ETCD_KUBELET_CONFIG_FILE = "/etc/kubernetes/kubelet-standalone.yaml"
+ETCD_KUBELET_DROP_IN = "/etc/systemd/system/kubelet.service.d/20-etcd-service-manager.conf"
 KUBERNETES_KEYRING = "/etc/apt/keyrings/kubernetes-apt-keyring.gpg"
 KUBERNETES_SOURCES = "/etc/apt/sources.list.d/kubernetes.list"
 _DOWNLOADED_KEY = "/var/lib/kubeadm-ha/kubernetes-release.key"
@@ -122,35 +130,43 @@ def kubernetes_marker(kubernetes: KubernetesConfig) -> str:
 LOAD_BALANCER_MARKER = "load-balancer haproxy keepalived"
 
 
-def kubernetes_node_preparation(hostname: str, kubernetes: KubernetesConfig) -> Script:
-    """Control-plane and worker nodes: kernel settings, containerd, and the pinned kubelet/kubeadm/kubectl."""
-    _check_hostname(hostname)
-    repository = kubernetes_repository(kubernetes)
-    apt_version = kubernetes_apt_version(kubernetes)
-    marker = kubernetes_marker(kubernetes)
-    body = (
-        "umask 022",
-        "export DEBIAN_FRONTEND=noninteractive",
+def _swap_off() -> tuple[str, ...]:
+    return (
         "# Swap off now and at boot (kubelet refuses to start with swap on by default).",
         command("swapoff", "-a"),
         f"if [ -f {quote('/etc/fstab')} ]; then",
         "  " + _COMMENT_OUT_SWAP,
         "fi",
-        "# Kernel modules and sysctls for the pod network, now and at every boot.",
-        *write_file(MODULES_FILE, "".join(f"{module}\n" for module in KERNEL_MODULES)),
-        *(command("modprobe", module) for module in KERNEL_MODULES),
-        *write_file(SYSCTL_FILE, _sysctl_file(KUBERNETES_SYSCTLS)),
-        logged(LOG_NAME, "sysctl", "-p", SYSCTL_FILE),
+    )
+
+
+def _containerd(*extra_packages: str) -> tuple[str, ...]:
+    return (
         "# containerd from Ubuntu's archive, with the systemd cgroup driver kubelet expects.",
         logged(LOG_NAME, *APT_GET, "update"),
         logged(
-            LOG_NAME, *APT_GET, "install", "--no-install-recommends", "containerd", "ca-certificates", "curl", "gpg"
+            LOG_NAME,
+            *APT_GET,
+            "install",
+            "--no-install-recommends",
+            "containerd",
+            "ca-certificates",
+            "curl",
+            "gpg",
+            *extra_packages,
         ),
         *write_file(CONTAINERD_CONFIG_FILE, CONTAINERD_CONFIG),
         *write_file(CRICTL_CONFIG_FILE, CRICTL_CONFIG),
         command("systemctl", "enable", "containerd"),
         command("systemctl", "restart", "containerd"),
-        f"# kubelet, kubeadm and kubectl {kubernetes.version} from the v{kubernetes.minor} repository, held there.",
+    )
+
+
+def _pinned_kubernetes_packages(kubernetes: KubernetesConfig, packages: tuple[str, ...]) -> tuple[str, ...]:
+    repository = kubernetes_repository(kubernetes)
+    apt_version = kubernetes_apt_version(kubernetes)
+    return (
+        f"# {_spoken_list(packages)} {kubernetes.version} from the v{kubernetes.minor} repository, held there.",
         command("install", "-d", "-m", "0755", "/etc/apt/keyrings"),
         logged(LOG_NAME, *CURL, "--output", _DOWNLOADED_KEY, repository + "Release.key"),
         command("gpg", "--batch", "--yes", "--dearmor", "--output", KUBERNETES_KEYRING + ".tmp", _DOWNLOADED_KEY),
@@ -165,11 +181,89 @@ def kubernetes_node_preparation(hostname: str, kubernetes: KubernetesConfig) -> 
             "install",
             "--no-install-recommends",
             "--allow-change-held-packages",
-            *(f"{package}={apt_version}" for package in KUBERNETES_PACKAGES),
+            *(f"{package}={apt_version}" for package in packages),
         ),
-        logged(LOG_NAME, "apt-mark", "hold", *KUBERNETES_PACKAGES),
+        logged(LOG_NAME, "apt-mark", "hold", *packages),
+    )
+
+
+def kubernetes_node_preparation(hostname: str, kubernetes: KubernetesConfig) -> Script:
+    """Control-plane and worker nodes: kernel settings, containerd, and the pinned kubelet/kubeadm/kubectl."""
+    _check_hostname(hostname)
+    marker = kubernetes_marker(kubernetes)
+    body = (
+        "umask 022",
+        "export DEBIAN_FRONTEND=noninteractive",
+        *_swap_off(),
+        "# Kernel modules and sysctls for the pod network, now and at every boot.",
+        *write_file(MODULES_FILE, "".join(f"{module}\n" for module in KERNEL_MODULES)),
+        *(command("modprobe", module) for module in KERNEL_MODULES),
+        *write_file(SYSCTL_FILE, _sysctl_file(KUBERNETES_SYSCTLS)),
+        logged(LOG_NAME, "sysctl", "-p", SYSCTL_FILE),
+        *_containerd(),
+        *_pinned_kubernetes_packages(kubernetes, KUBERNETES_PACKAGES),
         # kubeadm starts kubelet once it has written kubelet's configuration.
         command("systemctl", "enable", "kubelet"),
+        *write_file(PREPARED_MARKER, marker + "\n"),
+    )
+    return Script(step=STEP, host=hostname, done_when=marker_guard(marker), body=body)
+
+
+def etcd_marker(kubernetes: KubernetesConfig) -> str:
+    return f"etcd-node {kubernetes_apt_version(kubernetes)}"
+
+
+def standalone_kubelet_configuration() -> dict[str, Any]:
+    """kubelet without an API server, only running the static pods in STATIC_POD_DIR (kubeadm's external etcd guide).
+
+    Nobody can authenticate (no client CA, no webhook, no anonymous access), and it listens on loopback only,
+    so `AlwaysAllow` authorises nothing reachable.
+    """
+    return {
+        "apiVersion": KUBELET_API,
+        "kind": "KubeletConfiguration",
+        "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": False}},
+        "authorization": {"mode": "AlwaysAllow"},
+        "address": "127.0.0.1",
+        "cgroupDriver": "systemd",
+        "containerRuntimeEndpoint": CRI_SOCKET,
+        "staticPodPath": STATIC_POD_DIR,
+        "failSwapOn": True,
+    }
+
+
+def standalone_kubelet_drop_in() -> str:
+    # A systemd unit file (INI), not YAML: the empty ExecStart= clears the packaged command before replacing it.
+    return (
+        "# Written by kubeadm-ha: kubelet runs only this node's static pods (etcd), with no API server.\n"
+        "[Service]\n"
+        "ExecStart=\n"
+        f"ExecStart=/usr/bin/kubelet --config={ETCD_KUBELET_CONFIG_FILE}\n"
+        "Restart=always\n"
+    )
+
+
+def etcd_node_preparation(hostname: str, kubernetes: KubernetesConfig) -> Script:
+    """External etcd members: containerd, a pinned standalone kubelet for the etcd static pod, and etcdctl."""
+    _check_hostname(hostname)
+    marker = etcd_marker(kubernetes)
+    kubelet_config = yaml.safe_dump(standalone_kubelet_configuration(), sort_keys=False, default_flow_style=False)
+    body = (
+        "umask 022",
+        "export DEBIAN_FRONTEND=noninteractive",
+        *_swap_off(),
+        # containerd's snapshotter needs overlay; etcd needs no pod network, so no bridge netfilter or forwarding.
+        *write_file(MODULES_FILE, "overlay\n"),
+        command("modprobe", "overlay"),
+        # Ubuntu's etcdctl (3.4) speaks the v3 API of every etcd kubeadm ships; it serves health and membership.
+        *_containerd("etcd-client"),
+        *_pinned_kubernetes_packages(kubernetes, ETCD_NODE_KUBERNETES_PACKAGES),
+        command("install", "-d", "-m", "0755", STATIC_POD_DIR),
+        *write_file(ETCD_KUBELET_CONFIG_FILE, kubelet_config),
+        *write_file(ETCD_KUBELET_DROP_IN, standalone_kubelet_drop_in()),
+        command("systemctl", "daemon-reload"),
+        command("systemctl", "enable", "kubelet"),
+        command("systemctl", "restart", "kubelet"),
         *write_file(PREPARED_MARKER, marker + "\n"),
     )
     return Script(step=STEP, host=hostname, done_when=marker_guard(marker), body=body)
@@ -193,9 +287,10 @@ def load_balancer_preparation(hostname: str) -> Script:
     return Script(step=STEP, host=hostname, done_when=marker_guard(LOAD_BALANCER_MARKER), body=body)
 
 
-# One entry per role that has a preparation; a new role (e.g. external `etcd`) adds its builder here.
+# One entry per role that has a preparation.
 PREPARATIONS: dict[str, Callable[[str, ClusterConfig], Script]] = {
     "lb": lambda hostname, config: load_balancer_preparation(hostname),
+    "etcd": lambda hostname, config: etcd_node_preparation(hostname, config.kubernetes),
     "cp": lambda hostname, config: kubernetes_node_preparation(hostname, config.kubernetes),
     "worker": lambda hostname, config: kubernetes_node_preparation(hostname, config.kubernetes),
 }
@@ -218,6 +313,10 @@ _COMMENT_OUT_SWAP = command(
     r"# disabled by kubeadm-ha: \1/",
     "/etc/fstab",
 )
+
+
+def _spoken_list(words: tuple[str, ...]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
 def _sysctl_file(settings: tuple[tuple[str, str], ...]) -> str:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pulumi
 import pulumi_tls as tls
 
+from components.addressing import NodePlan
 from components.kubeadm import PKI_DIR
 from components.remote import secret
 
@@ -28,6 +29,13 @@ ADMIN_GROUP = "kubeadm:cluster-admins"  # bound to cluster-admin by kubeadm >= 1
 ADMIN_USER = "kubeadm-ha-admin"
 _TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 _CA_USES = ["cert_signing", "crl_signing", "digital_signature", "key_encipherment"]
+# Leaf certificates live as long as kubeadm's and are re-issued by the first `pulumi up` within 30 days of
+# expiry; etcd and its clients read certificate files at every TLS handshake, so new files need no restart.
+LEAF_VALIDITY_HOURS = CLIENT_VALIDITY_HOURS
+LEAF_EARLY_RENEWAL_HOURS = CLIENT_EARLY_RENEWAL_HOURS
+ETCD_PKI_DIR = f"{PKI_DIR}/etcd"
+ETCD_SERVER_CERT_PATH, ETCD_SERVER_KEY_PATH = f"{ETCD_PKI_DIR}/server.crt", f"{ETCD_PKI_DIR}/server.key"
+ETCD_PEER_CERT_PATH, ETCD_PEER_KEY_PATH = f"{ETCD_PKI_DIR}/peer.crt", f"{ETCD_PKI_DIR}/peer.key"
 
 
 @dataclass(frozen=True)
@@ -44,10 +52,84 @@ CLUSTER_CA = CaPurpose("cluster-ca", "kubernetes", f"{PKI_DIR}/ca.crt", f"{PKI_D
 FRONT_PROXY_CA = CaPurpose(
     "front-proxy-ca", "front-proxy-ca", f"{PKI_DIR}/front-proxy-ca.crt", f"{PKI_DIR}/front-proxy-ca.key"
 )
-ETCD_CA = CaPurpose("etcd-ca", "etcd-ca", f"{PKI_DIR}/etcd/ca.crt", f"{PKI_DIR}/etcd/ca.key")
+ETCD_CA = CaPurpose("etcd-ca", "etcd-ca", f"{ETCD_PKI_DIR}/ca.crt", f"{ETCD_PKI_DIR}/ca.key")
 SHARED_CAS = (CLUSTER_CA, FRONT_PROXY_CA, ETCD_CA)
 SA_KEY_PATH = f"{PKI_DIR}/sa.key"
 SA_PUB_PATH = f"{PKI_DIR}/sa.pub"
+
+
+@dataclass(frozen=True)
+class LeafPurpose:
+    """One certificate signed by a shared CA: what it is for, its subject, SANs and kubeadm file names."""
+
+    name: str  # prefix of its resources' names
+    ca: CaPurpose
+    common_name: str
+    cert_path: str
+    key_path: str
+    server_auth: bool
+    client_auth: bool
+    dns_names: tuple[str, ...] = ()
+    ip_addresses: tuple[str, ...] = ()
+
+    @property
+    def allowed_uses(self) -> list[str]:
+        uses = ["digital_signature", "key_encipherment"]
+        return uses + ["server_auth"] * self.server_auth + ["client_auth"] * self.client_auth
+
+
+def _etcd_member_sans(node: NodePlan) -> dict[str, tuple[str, ...]]:
+    # What kubeadm puts on etcd's server and peer certificates: peers and clients dial the address,
+    # local tools dial loopback (v4 and v6).
+    return {"dns_names": (node.hostname, "localhost"), "ip_addresses": (str(node.address), "127.0.0.1", "::1")}
+
+
+def etcd_server_purpose(node: NodePlan) -> LeafPurpose:
+    """An etcd member's client-facing certificate (also a client: members dial each other's gRPC gateway)."""
+    return LeafPurpose(
+        name=f"{node.hostname}-etcd-server",
+        ca=ETCD_CA,
+        common_name=node.hostname,
+        cert_path=ETCD_SERVER_CERT_PATH,
+        key_path=ETCD_SERVER_KEY_PATH,
+        server_auth=True,
+        client_auth=True,
+        **_etcd_member_sans(node),
+    )
+
+
+def etcd_peer_purpose(node: NodePlan) -> LeafPurpose:
+    """An etcd member's peer certificate: server and client, because each peer link is dialled by both ends."""
+    return LeafPurpose(
+        name=f"{node.hostname}-etcd-peer",
+        ca=ETCD_CA,
+        common_name=node.hostname,
+        cert_path=ETCD_PEER_CERT_PATH,
+        key_path=ETCD_PEER_KEY_PATH,
+        server_auth=True,
+        client_auth=True,
+        **_etcd_member_sans(node),
+    )
+
+
+ETCD_HEALTHCHECK_CLIENT = LeafPurpose(
+    name="etcd-healthcheck-client",
+    ca=ETCD_CA,
+    common_name="kube-etcd-healthcheck-client",
+    cert_path=f"{ETCD_PKI_DIR}/healthcheck-client.crt",
+    key_path=f"{ETCD_PKI_DIR}/healthcheck-client.key",
+    server_auth=False,
+    client_auth=True,
+)
+APISERVER_ETCD_CLIENT = LeafPurpose(
+    name="apiserver-etcd-client",
+    ca=ETCD_CA,
+    common_name="kube-apiserver-etcd-client",
+    cert_path=f"{PKI_DIR}/apiserver-etcd-client.crt",
+    key_path=f"{PKI_DIR}/apiserver-etcd-client.key",
+    server_auth=False,
+    client_auth=True,
+)
 
 
 def bootstrap_token(secret_material: str) -> str:
@@ -89,9 +171,41 @@ class IssuedCa:
 
 
 @dataclass(frozen=True)
+class IssuedLeaf:
+    purpose: LeafPurpose
+    key: tls.PrivateKey
+    cert: tls.LocallySignedCert
+
+    @property
+    def cert_pem(self) -> pulumi.Output[str]:
+        return self.cert.cert_pem
+
+    @property
+    def key_pem(self) -> pulumi.Output[str]:
+        return secret(self.key.private_key_pem)
+
+
+@dataclass(frozen=True)
+class EtcdMemberPki:
+    server: IssuedLeaf
+    peer: IssuedLeaf
+
+
+@dataclass(frozen=True)
+class EtcdPki:
+    """The external etcd cluster's certificates, all signed by the etcd CA."""
+
+    members: Mapping[str, EtcdMemberPki]  # by hostname
+    healthcheck_client: IssuedLeaf
+    apiserver_client: IssuedLeaf
+
+
+@dataclass(frozen=True)
 class ClusterPkiArgs:
     cluster_name: str
     hostnames: Sequence[str]
+    # External etcd members; empty with stacked etcd, where kubeadm makes the etcd certificates on each node.
+    etcd_members: Sequence[NodePlan] = ()
 
 
 class ClusterPki(pulumi.ComponentResource):
@@ -135,6 +249,20 @@ class ClusterPki(pulumi.ComponentResource):
             for hostname in args.hostnames
         }
 
+        self.etcd: EtcdPki | None = None
+        if args.etcd_members:
+            self.etcd = EtcdPki(
+                members={
+                    node.hostname: EtcdMemberPki(
+                        server=self._leaf(etcd_server_purpose(node), child),
+                        peer=self._leaf(etcd_peer_purpose(node), child),
+                    )
+                    for node in args.etcd_members
+                },
+                healthcheck_client=self._leaf(ETCD_HEALTHCHECK_CLIENT, child),
+                apiserver_client=self._leaf(APISERVER_ETCD_CLIENT, child),
+            )
+
         self.bootstrap_token: pulumi.Output[str] = secret(self.cluster_ca.key.private_key_pem.apply(bootstrap_token))
         self.ca_cert_hash: pulumi.Output[str] = self.cluster_ca.key.public_key_pem.apply(ca_cert_hash)
         self.operator_private_key: pulumi.Output[str] = secret(self.operator_ssh_key.private_key_openssh)
@@ -160,6 +288,29 @@ class ClusterPki(pulumi.ComponentResource):
             opts=child,
         )
         return IssuedCa(purpose, key, cert)
+
+    def _leaf(self, purpose: LeafPurpose, child: pulumi.ResourceOptions) -> IssuedLeaf:
+        ca = self.cas[purpose.ca.name]
+        key = _ecdsa_key(f"{purpose.name}-key", child)
+        csr = tls.CertRequest(
+            f"{purpose.name}-csr",
+            private_key_pem=key.private_key_pem,
+            subject=tls.CertRequestSubjectArgs(common_name=purpose.common_name),
+            dns_names=list(purpose.dns_names) or None,
+            ip_addresses=list(purpose.ip_addresses) or None,
+            opts=child,
+        )
+        cert = tls.LocallySignedCert(
+            f"{purpose.name}-cert",
+            cert_request_pem=csr.cert_request_pem,
+            ca_private_key_pem=ca.key.private_key_pem,
+            ca_cert_pem=ca.cert.cert_pem,
+            validity_period_hours=LEAF_VALIDITY_HOURS,
+            early_renewal_hours=LEAF_EARLY_RENEWAL_HOURS,
+            allowed_uses=purpose.allowed_uses,
+            opts=child,
+        )
+        return IssuedLeaf(purpose, key, cert)
 
     def host_public_key(self, hostname: str) -> pulumi.Output[str]:
         return self.host_keys[hostname].public_key_openssh.apply(lambda text: text.strip())

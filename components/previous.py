@@ -21,6 +21,7 @@ READ_STACK_OUTPUTS = "pulumi:pulumi:readStackOutputs"
 KUBERNETES_VERSION_OUTPUT = "kubernetesVersion"
 ETCD_TOPOLOGY_OUTPUT = "etcdTopology"
 ETCD_INITIAL_MEMBERS_OUTPUT = "etcdInitialMembers"
+ETCD_MEMBERS_OUTPUT = "etcdMembers"
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ class PreviousDeployment:
     @property
     def etcd_initial_members(self) -> tuple[str, ...] | None:
         value = self.outputs.get(ETCD_INITIAL_MEMBERS_OUTPUT)
+        return tuple(str(item) for item in value) if value else None
+
+    @property
+    def etcd_members(self) -> tuple[str, ...] | None:
+        """The external etcd members the last deployment planned (None: unknown, e.g. a new stack)."""
+        value = self.outputs.get(ETCD_MEMBERS_OUTPUT)
         return tuple(str(item) for item in value) if value else None
 
 

@@ -51,12 +51,17 @@ def run_step(
     stdin_is_secret: bool = True,
     depends_on: Sequence[pulumi.Resource] = (),
     booting: bool = False,
+    delete: Script | None = None,
 ) -> command.remote.Command:
     """Run `script` on the node, feeding it `stdin` (a file bundle).
 
     A secret payload stays secret, and so does whatever the step prints: kubeadm
     echoes what it was given. Public payloads (rendered configs) stay readable in
     diffs, so an operator sees what a change will write.
+
+    `delete` runs when the resource is deleted, over the connection stored in
+    the state; the step's dependencies make it run before its VM goes. It must
+    not rely on stdin: it may only use what earlier steps left on the node.
     """
     create = pulumi.Output.from_input(script).apply(remote_command)
     if stdin is not None and stdin_is_secret:
@@ -65,6 +70,7 @@ def run_step(
         resource_name,
         connection=access.connection(booting=booting),
         create=create,
+        delete=remote_command(delete) if delete is not None else None,
         stdin=stdin,
         opts=pulumi.ResourceOptions(
             parent=parent,

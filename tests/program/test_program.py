@@ -26,7 +26,7 @@ from tools.offline import UNKNOWN, Evaluation, Registration, evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 STACKS = ["dev", "staging", "prod"]
-EXPECTED_COUNTS = {"dev": (1, 3, 1), "staging": (2, 3, 2), "prod": (2, 3, 3)}  # lb, cp, worker
+EXPECTED_COUNTS = {"dev": (1, 3, 0, 1), "staging": (2, 3, 0, 2), "prod": (2, 3, 3, 3)}  # lb, cp, etcd, worker
 TOKEN = re.compile(r"[a-z0-9]{6}\.[a-z0-9]{16}")
 COMMAND = "command:remote:Command"
 DOMAIN = "libvirt:index/domain:Domain"
@@ -76,8 +76,8 @@ def hostnames(ev: Evaluation, role: str) -> list[str]:
 def test_vm_counts_per_role(stack: str) -> None:
     ev = evaluated(stack)
     roles = Counter(domain.inputs["name"].rsplit("-", 2)[1] for domain in ev.by_type(DOMAIN))
-    lbs, cps, workers = EXPECTED_COUNTS[stack]
-    assert roles == Counter({"lb": lbs, "cp": cps, "worker": workers})
+    lbs, cps, etcds, workers = EXPECTED_COUNTS[stack]
+    assert roles == Counter({"lb": lbs, "cp": cps, "etcd": etcds, "worker": workers})
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -120,6 +120,7 @@ def test_every_child_has_a_component_parent(stack: str) -> None:
         "kubeadm-ha:index:ClusterPki",
         "kubeadm-ha:index:Hypervisor",
         "kubeadm-ha:index:LoadBalancer",
+        "kubeadm-ha:index:EtcdCluster",
         "kubeadm-ha:index:ControlPlaneNode",
         "kubeadm-ha:index:WorkerPool",
     }
@@ -189,7 +190,8 @@ def test_secret_steps_are_exactly_the_ones_that_need_secrets(stack: str) -> None
         return command.name.removeprefix(hostname + "-")
 
     secret_kinds = {kind(command) for command in commands(ev) if "stdin" in command.secret_inputs}
-    assert secret_kinds == {"place-pki", "kubeadm-init", "kubeadm-join"}
+    external_etcd = any(node["role"] == "etcd" for node in ev.outputs["nodes"].value.values())
+    assert secret_kinds == {"place-pki", "kubeadm-init", "kubeadm-join"} | ({"etcd-member"} if external_etcd else set())
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -253,11 +255,13 @@ def test_kubeadm_values(stack: str) -> None:
 @pytest.mark.parametrize("stack", STACKS)
 def test_shared_pki_is_placed_with_private_keys_0600(stack: str) -> None:
     ev = evaluated(stack)
+    # With external etcd the etcd CA key stays off the control planes; the API server's etcd client pair goes on.
+    external_etcd = bool(hostnames(ev, "etcd"))
     expected_keys = {
         "/etc/kubernetes/pki/ca.key",
         "/etc/kubernetes/pki/sa.key",
         "/etc/kubernetes/pki/front-proxy-ca.key",
-        "/etc/kubernetes/pki/etcd/ca.key",
+        "/etc/kubernetes/pki/apiserver-etcd-client.key" if external_etcd else "/etc/kubernetes/pki/etcd/ca.key",
     }
     for cp in hostnames(ev, "cp"):
         files = decode_bundle(step(ev, f"{cp}-place-pki").inputs["stdin"])
@@ -266,6 +270,7 @@ def test_shared_pki_is_placed_with_private_keys_0600(stack: str) -> None:
             "/etc/kubernetes/pki/sa.pub",
             "/etc/kubernetes/pki/front-proxy-ca.crt",
             "/etc/kubernetes/pki/etcd/ca.crt",
+            *(["/etc/kubernetes/pki/apiserver-etcd-client.crt"] if external_etcd else []),
         }
         for path, (mode, content) in files.items():
             assert mode == (0o600 if path in expected_keys else 0o644), path
