@@ -22,7 +22,7 @@ pulumi.export("nodes", cluster.nodes)
 pulumi.export("sshUser", cluster.ssh_user)
 pulumi.export("sshPrivateKey", cluster.ssh_private_key)
 # Read back by the next run (components/previous.py) to judge upgrades and topology changes.
-pulumi.export(KUBERNETES_VERSION_OUTPUT, config.kubernetes.version)
+pulumi.export(KUBERNETES_VERSION_OUTPUT, cluster.kubernetes_version)
 pulumi.export(ETCD_TOPOLOGY_OUTPUT, config.etcd.topology)
 if cluster.etcd_initial_members is not None:
     # Which members bootstrapped the external etcd cluster (forever), and which are planned now.

@@ -17,6 +17,7 @@ from components.nodes import NodeContext
 from components.pki import ADMIN_USER, APISERVER_ETCD_CLIENT, ETCD_CA, ClusterPki, ClusterPkiArgs
 from components.previous import NEW_STACK, PreviousDeployment
 from components.remote import secret
+from components.upgrade import KubernetesUpgrade, KubernetesUpgradeArgs
 from components.vm import Hypervisor
 from components.worker_pool import WorkerPool, WorkerPoolArgs
 
@@ -28,6 +29,7 @@ class ClusterOutputs:
     nodes: dict[str, dict[str, str]]
     ssh_user: str
     ssh_private_key: pulumi.Output[str]
+    kubernetes_version: pulumi.Output[str]
     # External etcd only: re-exported for the next run, which judges membership changes by them.
     etcd_initial_members: tuple[str, ...] | None = None
     etcd_members: tuple[str, ...] | None = None
@@ -80,13 +82,25 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
     # 6. The pod network, from the first control plane.
     cni = initial.apply_cni(context)
     bootstrapped = [initial.kubeadm] + ([cni] if cni is not None else [])
-    # 7. The other control planes join strictly one after another: parallel joins race inside etcd.
+    # 7. The other control planes join strictly one after another, each once the previous is Ready:
+    #    parallel joins race inside etcd, and the same chain makes removals go one at a time, in reverse.
     previous = bootstrapped[-1]
+    control_planes = [initial]
     for node in others:
         joined = ControlPlaneNode(node.hostname, ControlPlaneNodeArgs(context, node, shape, "join", after=[previous]))
-        previous = joined.kubeadm
+        control_planes.append(joined)
+        previous = joined.membership or joined.kubeadm
+    if len(control_planes) > 1:
+        initial.attach_admin(context, control_planes[1])
     # 8. Workers join in parallel as soon as the first control plane and the pod network are up.
-    WorkerPool("workers", WorkerPoolArgs(context, plan.workers, shape, after=bootstrapped))
+    workers = WorkerPool("workers", WorkerPoolArgs(context, plan.workers, shape, after=bootstrapped, admin=first))
+    # 9. A Kubernetes upgrade, only in a run that raises the version: in the order kubeadm requires.
+    upgrade = None
+    if last_deployment.kubernetes_version not in (None, config.kubernetes.version):
+        upgrade = KubernetesUpgrade(
+            f"upgrade-{config.kubernetes.version}",
+            KubernetesUpgradeArgs(context, control_planes, workers, admin=first, after=[previous, *bootstrapped]),
+        )
 
     server = f"https://{load_balancer.endpoint}"
     kubeconfig = secret(
@@ -107,6 +121,10 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         nodes={node.hostname: {"address": str(node.address), "role": node.role} for node in plan.nodes},
         ssh_user=config.ssh.user,
         ssh_private_key=pki.operator_private_key,
+        # Published only once every upgrade step is done: a failed upgrade is resumed by the next run.
+        kubernetes_version=upgrade.completed_version
+        if upgrade is not None
+        else pulumi.Output.from_input(config.kubernetes.version),
         etcd_initial_members=etcd_spec.initial_members if etcd_spec is not None else None,
         etcd_members=tuple(member.name for member in etcd_spec.members) if etcd_spec is not None else None,
     )

@@ -159,6 +159,8 @@ class ControlPlaneConfig(_VmSize):
 
 class WorkersConfig(_VmSize):
     replicas: Annotated[int, Field(ge=0, le=1000)] = 2
+    # Workers upgraded (drained) at the same time.
+    max_unavailable: Annotated[int, Field(alias="maxUnavailable", ge=1, le=1000)] = 1
 
 
 class SshConfig(_Model):
@@ -424,6 +426,18 @@ def change_problems(config: ClusterConfig, previous: PreviousDeployment) -> list
                     f" kubeadm upgrades one minor at a time (go to {running[0]}.{running[1] + 1}.x first)",
                 )
             )
+        elif wanted != running and previous.node_names is not None:
+            from components.addressing import plan_addresses  # noqa: PLC0415 - avoid an import cycle
+
+            planned = {node.hostname for node in plan_addresses(config).nodes}
+            if planned != set(previous.node_names):
+                problems.append(
+                    Problem(
+                        "kubernetes.version",
+                        f"upgrading to {config.kubernetes.version} while nodes are added or removed; one change at a "
+                        "time: a node joining mid-upgrade would get a version the control plane does not run yet",
+                    )
+                )
     return problems
 
 

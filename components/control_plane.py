@@ -13,6 +13,8 @@ import pulumi_command as command
 from components.addressing import NodePlan
 from components.cni import cni_script, manifest_for
 from components.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH, ClusterShape, init_documents, join_documents
+from components.lifecycle import reset_script
+from components.membership import admin_for, membership_step, token_step
 from components.node_prep import kubernetes_node_preparation
 from components.nodes import NodeContext
 from components.pki import ETCD_CA, SA_KEY_PATH, SA_PUB_PATH, ClusterPki, IssuedLeaf
@@ -73,24 +75,61 @@ def place_pki_script(hostname: str, digests: dict[str, str], key_paths: Sequence
     )
 
 
-def kubeadm_script(hostname: str, mode: Literal["init", "join"]) -> Script:
-    if mode == "init":
-        config_path, done_file = INIT_CONFIG_PATH, ADMIN_KUBECONFIG
-        run = logged("kubeadm-init", "kubeadm", "init", "--config", config_path, "--skip-token-print")
-    else:
-        config_path, done_file = JOIN_CONFIG_PATH, KUBELET_KUBECONFIG
-        run = logged("kubeadm-join", "kubeadm", "join", "--config", config_path)
+def kubeadm_join_script(hostname: str) -> Script:
     return Script(
-        step=f"kubeadm-{mode}",
+        step="kubeadm-join",
         host=hostname,
-        done_when=f"[ -f {done_file} ]",
+        done_when=f"[ -f {KUBELET_KUBECONFIG} ]",
         functions=INSTALL_BUNDLE_FUNCTION,
         body=(
             "install_bundle",
-            run,
+            logged("kubeadm-join", "kubeadm", "join", "--config", JOIN_CONFIG_PATH),
             # The document holds the bootstrap token; it has done its job.
-            shell("rm", "-f", config_path),
+            shell("rm", "-f", JOIN_CONFIG_PATH),
         ),
+    )
+
+
+def _answers(url: str, ca_file: str) -> str:
+    return shell("curl", "--silent", "--fail", "--max-time", "5", "--cacert", ca_file, url) + " >/dev/null 2>&1"
+
+
+def first_control_plane_script(hostname: str, endpoint: str, peers: Sequence[str], *, stacked_etcd: bool) -> Script:
+    """`kubeadm init` for a new cluster, `kubeadm join` when this node is rebuilt into a running one.
+
+    The first control plane is only special while the cluster does not exist:
+    if the API answers (through the endpoint or on any other control plane), this
+    node joins it. `kubeadm init` runs only when nothing answers, and never while
+    another control plane's etcd port is open (a cluster whose API is down).
+    """
+    ca_file = "/etc/kubernetes/pki/ca.crt"
+    api_urls = [f"https://{endpoint}/readyz", *(f"https://{peer}:6443/readyz" for peer in peers)]
+    answers = " || ".join(_answers(url, ca_file) for url in api_urls)
+    etcd_open = " || ".join(f"timeout 5 bash -c {shell(f'</dev/tcp/{peer}/2379')} 2>/dev/null" for peer in peers)
+    refusal = (
+        "kubeadm-ha: the API does not answer but another control plane's etcd does; "
+        "refusing to run kubeadm init against a cluster that already exists"
+    )
+    body = [
+        "install_bundle",
+        f"if {answers}; then",
+        "  " + logged("kubeadm-join", "kubeadm", "join", "--config", JOIN_CONFIG_PATH),
+    ]
+    if stacked_etcd and peers:
+        body += [f"elif {etcd_open}; then", f"  echo {shell(refusal)} >&2", "  exit 1"]
+    body += [
+        "else",
+        "  " + logged("kubeadm-init", "kubeadm", "init", "--config", INIT_CONFIG_PATH, "--skip-token-print"),
+        "fi",
+        # The documents hold the bootstrap token; they have done their job.
+        shell("rm", "-f", INIT_CONFIG_PATH, JOIN_CONFIG_PATH),
+    ]
+    return Script(
+        step="kubeadm-init",
+        host=hostname,
+        done_when=f"[ -f {KUBELET_KUBECONFIG} ]",
+        functions=INSTALL_BUNDLE_FUNCTION,
+        body=tuple(body),
     )
 
 
@@ -139,35 +178,72 @@ class ControlPlaneNode(pulumi.ComponentResource):
             parent=self,
             stdin=payload,
             depends_on=[self.vm.ready],
+            replace_with=self.vm.domain.id,
         )
 
-        token = context.pki.bootstrap_token
+        pki = context.pki
+        join_config = pulumi.Output.all(pki.bootstrap_token, pki.ca_cert_hash).apply(
+            lambda values: join_documents(
+                args.shape,
+                hostname=node.hostname,
+                address=str(node.address),
+                token=values[0],
+                ca_cert_hash=values[1],
+                control_plane=True,
+            )
+        )
+        self.admin = admin_for(context.plan, node)
         if args.bootstrap == "init":
-            documents = token.apply(
+            init_config = pki.bootstrap_token.apply(
                 lambda value: init_documents(args.shape, hostname=node.hostname, address=str(node.address), token=value)
             )
-            stdin = config_bundle(INIT_CONFIG_PATH, documents)
-        else:
-            documents = pulumi.Output.all(token, context.pki.ca_cert_hash).apply(
-                lambda values: join_documents(
-                    args.shape,
-                    hostname=node.hostname,
-                    address=str(node.address),
-                    token=values[0],
-                    ca_cert_hash=values[1],
-                    control_plane=True,
+            stdin = secret(
+                pulumi.Output.all(init_config, join_config).apply(
+                    lambda docs: encode_bundle(
+                        [BundleFile(INIT_CONFIG_PATH, docs[0], 0o600), BundleFile(JOIN_CONFIG_PATH, docs[1], 0o600)]
+                    )
                 )
             )
-            stdin = config_bundle(JOIN_CONFIG_PATH, documents)
+            peers = [str(cp.address) for cp in context.plan.control_planes if cp != node]
+            script = first_control_plane_script(
+                node.hostname, args.shape.endpoint, peers, stacked_etcd=args.shape.external_etcd is None
+            )
+            before_kubeadm = [self.pki_placed, *args.after]
+        else:
+            # Joining nodes refresh the bootstrap token on the first control plane just before they join.
+            assert self.admin is not None
+            token = token_step(context, node, self.vm, self.admin, parent=self, after=args.after)
+            stdin = config_bundle(JOIN_CONFIG_PATH, join_config)
+            script = kubeadm_join_script(node.hostname)
+            before_kubeadm = [self.pki_placed, token, *args.after]
         self.kubeadm: command.remote.Command = run_step(
             f"{name}-kubeadm-{args.bootstrap}",
             access,
-            kubeadm_script(node.hostname, args.bootstrap),
+            script,
             parent=self,
             stdin=stdin,
-            depends_on=[self.pki_placed, *args.after],
+            delete=reset_script(node.hostname),
+            depends_on=before_kubeadm,
+            replace_with=self.vm.domain.id,
+            deleted_with=context.hypervisor_for(node).network,
         )
+        # The first control plane's membership runs on the second, which does not exist yet: see `join_admin`.
+        self.membership: command.remote.Command | None = None
+        if args.bootstrap == "join" and self.admin is not None:
+            self.membership = membership_step(context, node, self.vm, self.admin, self.kubeadm, parent=self)
         self.register_outputs({"address": str(node.address), "bootstrap": args.bootstrap})
+
+    def attach_admin(self, context: NodeContext, admin: ControlPlaneNode) -> None:
+        """For the first control plane: its token and membership steps, on `admin` once that has joined.
+
+        The token step is not a dependency of this node's kubeadm step (that would be a cycle at
+        bootstrap); when this VM is rebuilt it is replaced with it and runs while the VM boots, and
+        kubeadm's discovery retries until the refreshed token is there.
+        """
+        token_step(context, self.node, self.vm, admin.node, parent=self, after=[admin.kubeadm])
+        self.membership = membership_step(
+            context, self.node, self.vm, admin.node, self.kubeadm, parent=self, after=[admin.kubeadm]
+        )
 
     def apply_cni(self, context: NodeContext) -> command.remote.Command | None:
         """Install the pod network from this (the first) control plane, once `kubeadm init` is done."""
@@ -181,4 +257,5 @@ class ControlPlaneNode(pulumi.ComponentResource):
             cni_script(self.node.hostname, manifest, str(kubernetes.pod_subnet)),
             parent=self,
             depends_on=[self.kubeadm],
+            replace_with=self.vm.domain.id,
         )

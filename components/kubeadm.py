@@ -246,3 +246,16 @@ def first_service_ip(service_subnet: str) -> str:
 
 def _unique(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(values))
+
+
+@dataclass(frozen=True)
+class TokenConfiguration:
+    """The part of an InitConfiguration `kubeadm token create --config` reads: the token and its TTL."""
+
+    bootstrap_tokens: tuple[BootstrapToken, ...]
+    api_version: str = KUBEADM_API
+    kind: str = "InitConfiguration"
+
+
+def token_documents(token: str) -> str:
+    return to_yaml(TokenConfiguration(bootstrap_tokens=(BootstrapToken(token=token),)))

@@ -85,6 +85,7 @@ class LoadBalancer(pulumi.ComponentResource):
                     stdin=encode_bundle(files),
                     stdin_is_secret=False,
                     depends_on=[vm.ready],
+                    replace_with=vm.domain.id,
                 )
             )
         self.endpoint = f"{context.plan.vip}:{lb.port}"

@@ -19,6 +19,7 @@ READ_STACK_OUTPUTS = "pulumi:pulumi:readStackOutputs"
 
 # Output names the program exports so the next run can read them back.
 KUBERNETES_VERSION_OUTPUT = "kubernetesVersion"
+NODES_OUTPUT = "nodes"
 ETCD_TOPOLOGY_OUTPUT = "etcdTopology"
 ETCD_INITIAL_MEMBERS_OUTPUT = "etcdInitialMembers"
 ETCD_MEMBERS_OUTPUT = "etcdMembers"
@@ -36,6 +37,11 @@ class PreviousDeployment:
     def kubernetes_version(self) -> str | None:
         value = self.outputs.get(KUBERNETES_VERSION_OUTPUT)
         return str(value) if value else None
+
+    @property
+    def node_names(self) -> tuple[str, ...] | None:
+        value = self.outputs.get(NODES_OUTPUT)
+        return tuple(sorted(value)) if isinstance(value, dict) else None
 
     @property
     def etcd_topology(self) -> str | None:

@@ -52,6 +52,8 @@ def run_step(
     depends_on: Sequence[pulumi.Resource] = (),
     booting: bool = False,
     delete: Script | None = None,
+    replace_with: pulumi.Input[str] | None = None,
+    deleted_with: pulumi.Resource | None = None,
 ) -> command.remote.Command:
     """Run `script` on the node, feeding it `stdin` (a file bundle).
 
@@ -62,6 +64,12 @@ def run_step(
     `delete` runs when the resource is deleted, over the connection stored in
     the state; the step's dependencies make it run before its VM goes. It must
     not rely on stdin: it may only use what earlier steps left on the node.
+
+    `replace_with` (a VM's domain id) replaces the step whenever that VM is
+    replaced, so a rebuilt node goes through every step again; a step with a
+    `delete` is then deleted first, against the old VM, before it is re-created.
+    `deleted_with` skips the `delete` when that resource goes too: tearing down
+    the whole cluster drains and resets nothing.
     """
     create = pulumi.Output.from_input(script).apply(remote_command)
     if stdin is not None and stdin_is_secret:
@@ -72,10 +80,13 @@ def run_step(
         create=create,
         delete=remote_command(delete) if delete is not None else None,
         stdin=stdin,
+        triggers=[replace_with] if replace_with is not None else None,
         opts=pulumi.ResourceOptions(
             parent=parent,
             depends_on=list(depends_on),
             additional_secret_outputs=["stdout", "stderr"] if stdin is not None and stdin_is_secret else None,
+            delete_before_replace=delete is not None,
+            deleted_with=deleted_with,
         ),
     )
 

@@ -108,7 +108,12 @@ class Vm(pulumi.ComponentResource):
             user_data=secret(args.user_data),
             meta_data=args.meta_data,
             network_config=args.network_config,
-            opts=on_host,
+            # cloud-init reads its seed at first boot only. A changed document (a new Kubernetes version, an
+            # extra SSH key) must not rebuild running nodes; replacing this disk is how a node is rebuilt
+            # with current documents (README: replace a node).
+            opts=pulumi.ResourceOptions.merge(
+                on_host, pulumi.ResourceOptions(ignore_changes=["userData", "metaData", "networkConfig"])
+            ),
         )
         self.domain = libvirt.Domain(
             f"{name}-domain",
@@ -130,7 +135,8 @@ class Vm(pulumi.ComponentResource):
                 )
             ],
             consoles=[libvirt.DomainConsoleArgs(type="pty", target_port="0", target_type="serial")],
-            opts=on_host,
+            # The name is unique on the hypervisor, so a replacement must remove the old domain first.
+            opts=pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(delete_before_replace=True)),
         )
         self.ready = run_step(
             f"{name}-ready",
@@ -139,5 +145,6 @@ class Vm(pulumi.ComponentResource):
             parent=self,
             depends_on=[self.domain],
             booting=True,
+            replace_with=self.domain.id,
         )
         self.register_outputs({"address": str(node.address), "domainId": self.domain.id})

@@ -10,8 +10,10 @@ import pulumi
 import pulumi_command as command
 
 from components.addressing import NodePlan
-from components.control_plane import config_bundle, kubeadm_script
+from components.control_plane import config_bundle, kubeadm_join_script
 from components.kubeadm import JOIN_CONFIG_PATH, ClusterShape, join_documents
+from components.lifecycle import reset_script
+from components.membership import membership_step, token_step
 from components.node_prep import kubernetes_node_preparation
 from components.nodes import NodeContext
 from components.remote import run_step
@@ -25,6 +27,8 @@ class WorkerPoolArgs:
     shape: ClusterShape
     # The first control plane and the pod network; workers do not wait for the other control planes.
     after: Sequence[pulumi.Resource]
+    # The control plane that refreshes tokens for, and drains, these workers.
+    admin: NodePlan
 
 
 class WorkerPool(pulumi.ComponentResource):
@@ -35,6 +39,7 @@ class WorkerPool(pulumi.ComponentResource):
         size = VmSize(config.workers.cpus, config.workers.memory_mib, config.workers.disk_gib)
         self.vms: dict[str, Vm] = {}
         self.joins: dict[str, command.remote.Command] = {}
+        self.memberships: dict[str, command.remote.Command] = {}
         for node in args.nodes:
             preparation = kubernetes_node_preparation(node.hostname, config.kubernetes)
             vm = Vm(node.hostname, context.vm_args(node, size, preparation), pulumi.ResourceOptions(parent=self))
@@ -42,13 +47,21 @@ class WorkerPool(pulumi.ComponentResource):
                 functools.partial(_worker_join_documents, args.shape, node)
             )
             self.vms[node.hostname] = vm
+            token = token_step(context, node, vm, args.admin, parent=self, after=args.after)
             self.joins[node.hostname] = run_step(
                 f"{node.hostname}-kubeadm-join",
                 context.access(node),
-                kubeadm_script(node.hostname, "join"),
+                kubeadm_join_script(node.hostname),
                 parent=self,
                 stdin=config_bundle(JOIN_CONFIG_PATH, documents),
-                depends_on=[vm.ready, *args.after],
+                delete=reset_script(node.hostname),
+                depends_on=[vm.ready, token, *args.after],
+                replace_with=vm.domain.id,
+                deleted_with=context.hypervisor_for(node).network,
+            )
+            # Workers leave independently: several removals drain in parallel.
+            self.memberships[node.hostname] = membership_step(
+                context, node, vm, args.admin, self.joins[node.hostname], parent=self
             )
         self.register_outputs({"workers": [node.hostname for node in args.nodes]})
 

@@ -158,7 +158,9 @@ def test_order_vm_then_member_then_health_then_kubeadm_init() -> None:
 
 def test_init_configuration_points_kubeadm_at_the_external_members() -> None:
     ev = prod()
-    ((_, content),) = decode_bundle(ev.named("prod-cp-1-kubeadm-init").inputs["stdin"]).values()
+    _, content = decode_bundle(ev.named("prod-cp-1-kubeadm-init").inputs["stdin"])[
+        "/etc/kubernetes/kubeadm-ha/init.yaml"
+    ]
     cluster = next(doc for doc in yaml.safe_load_all(content) if doc["kind"] == "ClusterConfiguration")
     assert cluster["etcd"] == {
         "external": {
@@ -326,7 +328,9 @@ def test_scale_up_adds_members_four_then_five() -> None:
         assert flag(manifest_of(ev, name), "initial-cluster-state") == "new"
     assert ev.outputs["etcdInitialMembers"].value == MEMBERS
     assert ev.outputs["etcdMembers"].value == list(members(5))
-    ((_, content),) = decode_bundle(ev.named("prod-cp-1-kubeadm-init").inputs["stdin"]).values()
+    _, content = decode_bundle(ev.named("prod-cp-1-kubeadm-init").inputs["stdin"])[
+        "/etc/kubernetes/kubeadm-ha/init.yaml"
+    ]
     cluster = next(doc for doc in yaml.safe_load_all(content) if doc["kind"] == "ClusterConfiguration")
     assert len(cluster["etcd"]["external"]["endpoints"]) == 5
 

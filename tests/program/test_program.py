@@ -54,8 +54,11 @@ def decode_bundle(text: str) -> dict[str, tuple[int, str]]:
 
 
 def kubeadm_documents(ev: Evaluation, name: str) -> dict[str, dict[str, Any]]:
-    (content,) = [content for _mode, content in decode_bundle(step(ev, name).inputs["stdin"]).values()]
-    return {doc["kind"]: doc for doc in yaml.safe_load_all(content)}
+    """Every kubeadm document the step delivers (the first control plane gets both init and join documents)."""
+    documents: dict[str, dict[str, Any]] = {}
+    for _mode, content in decode_bundle(step(ev, name).inputs["stdin"]).values():
+        documents.update({doc["kind"]: doc for doc in yaml.safe_load_all(content)})
+    return documents
 
 
 def script_of(command: Registration) -> str:
@@ -191,7 +194,9 @@ def test_secret_steps_are_exactly_the_ones_that_need_secrets(stack: str) -> None
 
     secret_kinds = {kind(command) for command in commands(ev) if "stdin" in command.secret_inputs}
     external_etcd = any(node["role"] == "etcd" for node in ev.outputs["nodes"].value.values())
-    assert secret_kinds == {"place-pki", "kubeadm-init", "kubeadm-join"} | ({"etcd-member"} if external_etcd else set())
+    assert secret_kinds == {"place-pki", "kubeadm-init", "kubeadm-join", "join-token"} | (
+        {"etcd-member"} if external_etcd else set()
+    )
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -204,11 +209,18 @@ def test_every_step_pins_its_nodes_host_key(stack: str) -> None:
         if key.name.endswith("-ssh-host-key")
     }
     assert set(host_keys) == set(addresses)
+    by_address = {address: name for name, address in addresses.items()}
+    roles = {name: node["role"] for name, node in ev.outputs["nodes"].value.items()}
     for command in commands(ev):
-        hostname = next(name for name in addresses if command.name.startswith(name + "-"))
+        subject = next(name for name in sorted(addresses, key=len, reverse=True) if command.name.startswith(name + "-"))
         connection = command.inputs["connection"]
-        assert connection["host"] == addresses[hostname]
-        assert connection["hostKey"] == host_keys[hostname].outputs["publicKeyOpenssh"].strip()
+        reached = by_address[connection["host"]]
+        if command.name.endswith(("-join-token", "-membership")):
+            # Steps about a node that need admin.conf run on another control plane.
+            assert roles[reached] == "cp" and reached != subject, command.name
+        else:
+            assert reached == subject, command.name
+        assert connection["hostKey"] == host_keys[reached].outputs["publicKeyOpenssh"].strip()
         assert connection["hostKey"].startswith("ssh-ed25519 ")
         assert connection["user"] == "kube"
     # ...and the VM is booted with exactly that host key.
