@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import yaml
+from components import yamldoc
 
 if TYPE_CHECKING:
     from components.addressing import NodePlan
@@ -193,24 +193,5 @@ def _checked_mac(mac: str) -> str:
     return mac
 
 
-class _Dumper(yaml.SafeDumper):
-    """SafeDumper that writes multi-line strings (script, private key) as literal blocks, readable on the node."""
-
-
-def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_Dumper.add_representer(str, _represent_str)
-
-
 def _dump(document: dict[str, Any]) -> str:
-    return yaml.dump(
-        document,
-        Dumper=_Dumper,
-        sort_keys=False,
-        default_flow_style=False,
-        allow_unicode=False,
-        width=1_000_000,
-    )
+    return yamldoc.dump(document, literal_blocks=True)

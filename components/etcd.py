@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pulumi
 import pulumi_command as command
-import yaml
 
+from components import yamldoc
 from components.addressing import AddressPlan, role_address
 from components.config import ClusterConfig, etcd_image_tag
 from components.kubeadm import CONFIG_DIR
@@ -274,7 +274,7 @@ def etcd_static_pod(member: EtcdMember, cluster: EtcdClusterSpec) -> dict[str, A
 
 
 def render_manifest(member: EtcdMember, cluster: EtcdClusterSpec) -> str:
-    return yaml.safe_dump(etcd_static_pod(member, cluster), sort_keys=False, default_flow_style=False)
+    return yamldoc.dump(etcd_static_pod(member, cluster))
 
 
 # --- scripts -------------------------------------------------------------------------------------------

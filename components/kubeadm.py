@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
+from components import yamldoc
 
 KUBEADM_API = "kubeadm.k8s.io/v1beta4"
 KUBELET_API = "kubelet.config.k8s.io/v1beta1"
@@ -167,9 +167,7 @@ class KubeletConfiguration:
 
 def to_yaml(*documents: object) -> str:
     """Serialise documents as one multi-document YAML stream, in the given order."""
-    return "---\n".join(
-        yaml.safe_dump(_to_wire(document), sort_keys=False, default_flow_style=False) for document in documents
-    )
+    return "---\n".join(yamldoc.dump(_to_wire(document)) for document in documents)
 
 
 # --- builders: the documents this program actually sends -------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 
-import yaml
+from components import yamldoc
 
 
 def _b64(text: str) -> str:
@@ -24,4 +24,4 @@ def render_kubeconfig(*, cluster_name: str, server: str, ca_pem: str, cert_pem: 
         "current-context": context,
         "preferences": {},
     }
-    return yaml.safe_dump(document, sort_keys=False)
+    return yamldoc.dump(document)

@@ -14,8 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
+from components import yamldoc
 from components.kubeadm import CRI_SOCKET, KUBELET_API
 from components.scripts import Script, command, logged, quote, write_file
 
@@ -247,7 +246,7 @@ def etcd_node_preparation(hostname: str, kubernetes: KubernetesConfig) -> Script
     """External etcd members: containerd, a pinned standalone kubelet for the etcd static pod, and etcdctl."""
     _check_hostname(hostname)
     marker = etcd_marker(kubernetes)
-    kubelet_config = yaml.safe_dump(standalone_kubelet_configuration(), sort_keys=False, default_flow_style=False)
+    kubelet_config = yamldoc.dump(standalone_kubelet_configuration())
     body = (
         "umask 022",
         "export DEBIAN_FRONTEND=noninteractive",
