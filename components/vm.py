@@ -99,7 +99,8 @@ class Vm(pulumi.ComponentResource):
             base_volume_id=args.hypervisor.base_image.id,
             format="qcow2",
             size=args.size.disk_gib * 1024**3,
-            opts=on_host,
+            # Fixed names in the pool: a rebuild (README: replace a node) removes the old volume first.
+            opts=pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(delete_before_replace=True)),
         )
         self.cloud_init = libvirt.CloudInitDisk(
             f"{name}-cloud-init",
@@ -112,7 +113,10 @@ class Vm(pulumi.ComponentResource):
             # extra SSH key) must not rebuild running nodes; replacing this disk is how a node is rebuilt
             # with current documents (README: replace a node).
             opts=pulumi.ResourceOptions.merge(
-                on_host, pulumi.ResourceOptions(ignore_changes=["userData", "metaData", "networkConfig"])
+                on_host,
+                pulumi.ResourceOptions(
+                    ignore_changes=["userData", "metaData", "networkConfig"], delete_before_replace=True
+                ),
             ),
         )
         self.domain = libvirt.Domain(

@@ -141,6 +141,12 @@ def test_every_node_step_is_replaced_with_its_vm(dev_again: Evaluation) -> None:
     domains = {domain.inputs["name"]: domain for domain in ev.by_type(DOMAIN)}
     for domain in domains.values():
         assert domain.delete_before_replace  # same name on the hypervisor: the old one must go first
+    for volume in [
+        *ev.by_type("libvirt:index/volume:Volume"),
+        *ev.by_type("libvirt:index/cloudInitDisk:CloudInitDisk"),
+    ]:
+        if not volume.name.endswith("-base-image"):
+            assert volume.delete_before_replace, volume.name  # a rebuild replaces these; pool names are fixed
     for step in ev.by_type(COMMAND):
         node = next(host for host in sorted(domains, key=len, reverse=True) if step.name.startswith(host + "-"))
         assert domains[node].urn in step.dependencies, step.name
