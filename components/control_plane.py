@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -19,16 +18,20 @@ from components.node_prep import kubernetes_node_preparation
 from components.nodes import NodeContext
 from components.pki import ETCD_CA, SA_KEY_PATH, SA_PUB_PATH, ClusterPki, IssuedLeaf
 from components.remote import run_step, secret
-from components.scripts import INSTALL_BUNDLE_FUNCTION, BundleFile, Script, encode_bundle, files_match, logged
+from components.scripts import (
+    INSTALL_BUNDLE_FUNCTION,
+    BundleFile,
+    Script,
+    encode_bundle,
+    files_match,
+    logged,
+    sha256_hex,
+)
 from components.scripts import command as shell
 from components.vm import Vm, VmSize
 
 KUBELET_KUBECONFIG = "/etc/kubernetes/kubelet.conf"
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def pki_bundle(
@@ -56,7 +59,7 @@ def pki_bundle(
         return encode_bundle(files)
 
     payload = secret(pulumi.Output.all(public, private).apply(lambda both: encode(both[0], both[1])))
-    digests = public.apply(lambda files: {path: _sha256(content) for path, content in files.items()})
+    digests = public.apply(lambda files: {path: sha256_hex(content) for path, content in files.items()})
     return payload, digests
 
 

@@ -34,7 +34,6 @@ Membership changes:
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import posixpath
 from collections.abc import Mapping
@@ -60,7 +59,15 @@ from components.pki import (
 )
 from components.previous import PreviousDeployment
 from components.remote import run_step, secret
-from components.scripts import INSTALL_BUNDLE_FUNCTION, BundleFile, Script, encode_bundle, files_match, quote
+from components.scripts import (
+    INSTALL_BUNDLE_FUNCTION,
+    BundleFile,
+    Script,
+    encode_bundle,
+    files_match,
+    quote,
+    sha256_hex,
+)
 from components.scripts import command as shell
 from components.vm import Vm, VmSize
 
@@ -322,10 +329,6 @@ def etcdctl_functions(paths: EtcdPaths) -> tuple[str, ...]:
     )
 
 
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 @dataclass(frozen=True)
 class MemberPems:
     """The PEM texts a member's step installs (keys are secret: keep this inside a secret Output)."""
@@ -371,7 +374,7 @@ def member_script(member: EtcdMember, cluster: EtcdClusterSpec, cert_digests: Ma
     paths = cluster.paths
     start = cluster.starts[member.name]
     added = start.state == "existing"
-    expected = {**cert_digests, MANIFEST_PATH: _sha256(render_manifest(member, cluster))}
+    expected = {**cert_digests, MANIFEST_PATH: sha256_hex(render_manifest(member, cluster))}
     keys_present = " && ".join(f"[ -s {quote(path)} ]" for path in member_key_paths(paths))
     functions = (*INSTALL_BUNDLE_FUNCTION, *etcdctl_functions(paths))
     body: list[str] = [
@@ -632,7 +635,7 @@ def _member_outputs(
         paths.healthcheck_cert: pki.healthcheck_client.cert_pem,
     }
     digests = pulumi.Output.all(*public.values()).apply(
-        lambda pems: {path: _sha256(pem) for path, pem in zip(public, pems, strict=True)}
+        lambda pems: {path: sha256_hex(pem) for path, pem in zip(public, pems, strict=True)}
     )
     pems = pulumi.Output.all(
         ca_cert,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,13 +12,9 @@ from components import lb_config
 from components.node_prep import load_balancer_preparation
 from components.nodes import NodeContext
 from components.remote import run_step
-from components.scripts import INSTALL_BUNDLE_FUNCTION, BundleFile, Script, encode_bundle, files_match
+from components.scripts import INSTALL_BUNDLE_FUNCTION, BundleFile, Script, encode_bundle, files_match, sha256_hex
 from components.scripts import command as shell
 from components.vm import Vm, VmSize
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def lb_config_script(hostname: str, files: Sequence[BundleFile]) -> Script:
@@ -42,7 +37,7 @@ def lb_config_script(hostname: str, files: Sequence[BundleFile]) -> Script:
     else:
         body.append(shell("systemctl", "disable", "--now", "keepalived") + " 2>/dev/null || true")
     # The digests make the script change with the configs, so a new backend set re-runs the step.
-    digests = {item.path: _sha256(item.content) for item in files}
+    digests = {item.path: sha256_hex(item.content) for item in files}
     return Script(
         step="configure-lb",
         host=hostname,

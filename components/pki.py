@@ -156,10 +156,9 @@ def ca_cert_hash(public_key_pem: str) -> str:
 
 
 @dataclass(frozen=True)
-class IssuedCa:
-    purpose: CaPurpose
+class _Issued:
     key: tls.PrivateKey
-    cert: tls.SelfSignedCert
+    cert: tls.SelfSignedCert | tls.LocallySignedCert
 
     @property
     def cert_pem(self) -> pulumi.Output[str]:
@@ -171,18 +170,13 @@ class IssuedCa:
 
 
 @dataclass(frozen=True)
-class IssuedLeaf:
+class IssuedCa(_Issued):
+    purpose: CaPurpose
+
+
+@dataclass(frozen=True)
+class IssuedLeaf(_Issued):
     purpose: LeafPurpose
-    key: tls.PrivateKey
-    cert: tls.LocallySignedCert
-
-    @property
-    def cert_pem(self) -> pulumi.Output[str]:
-        return self.cert.cert_pem
-
-    @property
-    def key_pem(self) -> pulumi.Output[str]:
-        return secret(self.key.private_key_pem)
 
 
 @dataclass(frozen=True)
@@ -287,7 +281,7 @@ class ClusterPki(pulumi.ComponentResource):
             allowed_uses=_CA_USES,
             opts=child,
         )
-        return IssuedCa(purpose, key, cert)
+        return IssuedCa(key=key, cert=cert, purpose=purpose)
 
     def _leaf(self, purpose: LeafPurpose, child: pulumi.ResourceOptions) -> IssuedLeaf:
         ca = self.cas[purpose.ca.name]
@@ -310,7 +304,7 @@ class ClusterPki(pulumi.ComponentResource):
             allowed_uses=purpose.allowed_uses,
             opts=child,
         )
-        return IssuedLeaf(purpose, key, cert)
+        return IssuedLeaf(key=key, cert=cert, purpose=purpose)
 
     def host_public_key(self, hostname: str) -> pulumi.Output[str]:
         return self.host_keys[hostname].public_key_openssh.apply(lambda text: text.strip())

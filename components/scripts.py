@@ -14,6 +14,7 @@ Secrets never appear in a script: they travel on the step's stdin as a *bundle*
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 import shlex
 from collections.abc import Iterable, Mapping
@@ -155,6 +156,11 @@ def write_file(path: str, content: str, mode: int = 0o644) -> tuple[str, ...]:
         command("chmod", f"{mode:o}", path + ".kubeadm-ha.tmp"),
         command("mv", "-f", path + ".kubeadm-ha.tmp", path),
     )
+
+
+def sha256_hex(text: str) -> str:
+    """The digest `files_match` compares a file against."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def files_match(expected: Mapping[str, str]) -> str:

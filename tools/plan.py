@@ -54,6 +54,11 @@ def decode_bundle(text: str) -> list[PlannedFile]:
     return files
 
 
+def bundle_by_path(text: str) -> dict[str, tuple[int, str]]:
+    """A bundle as path -> (mode, content)."""
+    return {item.path: (item.mode, item.content) for item in decode_bundle(text)}
+
+
 def script_of(step: Registration, field: str = "create") -> str:
     """The script inside the step's `sudo --non-interactive bash -c SCRIPT NAME` command."""
     words = shlex.split(step.inputs[field])

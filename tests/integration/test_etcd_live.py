@@ -28,7 +28,6 @@ import http.client
 import ipaddress
 import json
 import os
-import shlex
 import signal
 import socket
 import ssl
@@ -59,7 +58,8 @@ from components.previous import NEW_STACK, PreviousDeployment
 from components.scripts import BundleFile, encode_bundle
 from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.netns import Lab, Namespace, Process, cleanup_stale, poll_until
-from tools.offline import Evaluation, Registration, evaluate, load_stack_config
+from tools.offline import Evaluation, evaluate, load_stack_config
+from tools.plan import bundle_by_path, script_of
 
 pytestmark = pytest.mark.integration
 
@@ -115,20 +115,6 @@ def grown_plan() -> EtcdClusterSpec:
     raw["etcd"] = {**raw["etcd"], "replicas": GROWN_REPLICAS}
     config = parse_config(raw, stack=STACK)
     return plan_membership(config, plan_addresses(config), PreviousDeployment(_grown_outputs()))
-
-
-def script_of(step: Registration, field: str = "create") -> str:
-    words = shlex.split(step.inputs[field])
-    assert words[:4] == ["sudo", "--non-interactive", "bash", "-c"], words[:4]
-    return words[4]
-
-
-def decode_bundle(text: str) -> dict[str, tuple[int, str]]:
-    files = {}
-    for line in text.splitlines():
-        path, mode, content = line.split(" ")
-        files[path] = (int(mode, 8), base64.b64decode(content).decode())
-    return files
 
 
 def write(path: Path, content: str, mode: int) -> Path:
@@ -201,7 +187,7 @@ class EtcdLab:
         first = self.members[self.spec.members[0].name]
         self.ca = Path(first.paths.trusted_ca)
         self.healthcheck = ClientPair(Path(first.paths.healthcheck_cert), Path(first.paths.healthcheck_key))
-        cp_files = decode_bundle(ev.named(f"{STACK}-cp-1-place-pki").inputs["stdin"])
+        cp_files = bundle_by_path(ev.named(f"{STACK}-cp-1-place-pki").inputs["stdin"])
         self.apiserver = ClientPair(
             write(work / "apiserver" / "client.crt", cp_files[APISERVER_ETCD_CLIENT.cert_path][1], 0o644),
             write(work / "apiserver" / "client.key", cp_files[APISERVER_ETCD_CLIENT.key_path][1], 0o600),
@@ -219,7 +205,7 @@ class EtcdLab:
         default = self.spec.paths
         paths = self.lab_paths(member.name)
         moved = {getattr(default, field.name): getattr(paths, field.name) for field in dataclasses.fields(EtcdPaths)}
-        bundle = decode_bundle(ev.named(f"{member.name}-etcd-member").inputs["stdin"])
+        bundle = bundle_by_path(ev.named(f"{member.name}-etcd-member").inputs["stdin"])
         # The flags the test runs are the ones the program's static pod runs, paths aside.
         manifest = yaml.safe_load(bundle[STAGED_MANIFEST_PATH][1])
         assert manifest["spec"]["containers"][0]["command"] == ["etcd", *etcd_member_flags(member, self.spec)]
@@ -594,7 +580,7 @@ def test_a_member_is_added_and_removed_by_the_programs_own_steps(etcd_lab: EtcdL
     step = ev.named(f"{member.name}-etcd-member")
     bundle = encode_bundle(
         BundleFile(etcd_lab.localise(member.name, path), etcd_lab.localise(member.name, content), mode)
-        for path, (mode, content) in decode_bundle(step.inputs["stdin"]).items()
+        for path, (mode, content) in bundle_by_path(step.inputs["stdin"]).items()
     )
 
     # Create: the step waits for the others, runs `member add`, then places the manifest and waits for the member.

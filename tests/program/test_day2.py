@@ -6,7 +6,6 @@ with `pulumi:pulumi:readStackOutputs`), so each test sees what `pulumi up` would
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import yaml
 
 from components.config import ConfigError
 from tools.offline import Evaluation, Registration, evaluate
-from tools.plan import script_of
+from tools.plan import bundle_by_path, script_of
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMAND = "command:remote:Command"
@@ -58,11 +57,7 @@ def network(ev: Evaluation) -> Registration:
 
 
 def bundle(step: Registration) -> dict[str, str]:
-    files = {}
-    for line in step.inputs["stdin"].splitlines():
-        path, _mode, content = line.split(" ")
-        files[path] = base64.b64decode(content).decode()
-    return files
+    return {path: content for path, (_mode, content) in bundle_by_path(step.inputs["stdin"]).items()}
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ count turns into `member add` and `member remove`.
 
 from __future__ import annotations
 
-import base64
 import re
-import shlex
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from components.etcd import (
 )
 from components.previous import PreviousDeployment
 from tools.offline import UNKNOWN, Evaluation, Registration, evaluate, load_stack_config
+from tools.plan import bundle_by_path, script_of
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMAND = "command:remote:Command"
@@ -64,26 +63,12 @@ def members(n: int) -> tuple[str, ...]:
     return tuple(f"prod-etcd-{i}" for i in range(1, n + 1))
 
 
-def decode_bundle(text: str) -> dict[str, tuple[int, str]]:
-    files = {}
-    for line in text.splitlines():
-        path, mode, content = line.split(" ")
-        files[path] = (int(mode, 8), base64.b64decode(content).decode())
-    return files
-
-
-def script_of(command: Registration, field: str = "create") -> str:
-    words = shlex.split(command.inputs[field])
-    assert words[:4] == ["sudo", "--non-interactive", "bash", "-c"], words[:4]
-    return words[4]
-
-
 def member_step(ev: Evaluation, name: str) -> Registration:
     return ev.named(f"{name}-etcd-member")
 
 
 def manifest_of(ev: Evaluation, name: str) -> dict[str, Any]:
-    mode, text = decode_bundle(member_step(ev, name).inputs["stdin"])[STAGED_MANIFEST_PATH]
+    mode, text = bundle_by_path(member_step(ev, name).inputs["stdin"])[STAGED_MANIFEST_PATH]
     assert mode == 0o600
     return yaml.safe_load(text)
 
@@ -158,7 +143,7 @@ def test_order_vm_then_member_then_health_then_kubeadm_init() -> None:
 
 def test_init_configuration_points_kubeadm_at_the_external_members() -> None:
     ev = prod()
-    _, content = decode_bundle(ev.named("prod-cp-1-kubeadm-init").inputs["stdin"])[
+    _, content = bundle_by_path(ev.named("prod-cp-1-kubeadm-init").inputs["stdin"])[
         "/etc/kubernetes/kubeadm-ha/init.yaml"
     ]
     cluster = next(doc for doc in yaml.safe_load_all(content) if doc["kind"] == "ClusterConfiguration")
@@ -176,7 +161,7 @@ def test_control_planes_get_the_etcd_client_pair_but_not_the_etcd_ca_key() -> No
     ev = prod()
     ca = etcd_ca(ev)
     for cp in ("prod-cp-1", "prod-cp-2", "prod-cp-3"):
-        files = decode_bundle(ev.named(f"{cp}-place-pki").inputs["stdin"])
+        files = bundle_by_path(ev.named(f"{cp}-place-pki").inputs["stdin"])
         assert f"{ETCD_PKI}/ca.key" not in files
         assert not any(path.startswith(ETCD_PKI) and path != f"{ETCD_PKI}/ca.crt" for path in files)
         assert files[f"{ETCD_PKI}/ca.crt"] == (0o644, ev.named("etcd-ca").outputs["certPem"])
@@ -198,7 +183,7 @@ def test_each_member_gets_its_own_certificates_and_the_shared_client() -> None:
     ev = prod()
     ca = etcd_ca(ev)
     for name in MEMBERS:
-        files = decode_bundle(member_step(ev, name).inputs["stdin"])
+        files = bundle_by_path(member_step(ev, name).inputs["stdin"])
         assert set(files) == {
             *(
                 f"{ETCD_PKI}/{base}.{ext}"
@@ -230,7 +215,7 @@ def test_each_member_gets_its_own_certificates_and_the_shared_client() -> None:
         assert health.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "kube-etcd-healthcheck-client"
         assert extended_usages(health) == {ExtendedKeyUsageOID.CLIENT_AUTH}
     # Per-member keys are per member.
-    keys = {decode_bundle(member_step(ev, name).inputs["stdin"])[f"{ETCD_PKI}/server.key"][1] for name in MEMBERS}
+    keys = {bundle_by_path(member_step(ev, name).inputs["stdin"])[f"{ETCD_PKI}/server.key"][1] for name in MEMBERS}
     assert len(keys) == len(MEMBERS)
 
 
@@ -328,7 +313,7 @@ def test_scale_up_adds_members_four_then_five() -> None:
         assert flag(manifest_of(ev, name), "initial-cluster-state") == "new"
     assert ev.outputs["etcdInitialMembers"].value == MEMBERS
     assert ev.outputs["etcdMembers"].value == list(members(5))
-    _, content = decode_bundle(ev.named("prod-cp-1-kubeadm-init").inputs["stdin"])[
+    _, content = bundle_by_path(ev.named("prod-cp-1-kubeadm-init").inputs["stdin"])[
         "/etc/kubernetes/kubeadm-ha/init.yaml"
     ]
     cluster = next(doc for doc in yaml.safe_load_all(content) if doc["kind"] == "ClusterConfiguration")

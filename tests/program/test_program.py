@@ -10,7 +10,6 @@ import base64
 import hashlib
 import json
 import re
-import shlex
 from collections import Counter
 from functools import cache
 from pathlib import Path
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 from components.config import ConfigError
 from tools.offline import UNKNOWN, Evaluation, Registration, evaluate
+from tools.plan import bundle_by_path, script_of
 
 ROOT = Path(__file__).resolve().parents[2]
 STACKS = ["dev", "staging", "prod"]
@@ -45,27 +45,12 @@ def step(ev: Evaluation, name: str) -> Registration:
     return ev.named(name)
 
 
-def decode_bundle(text: str) -> dict[str, tuple[int, str]]:
-    files = {}
-    for line in text.splitlines():
-        path, mode, content = line.split(" ")
-        files[path] = (int(mode, 8), base64.b64decode(content).decode())
-    return files
-
-
 def kubeadm_documents(ev: Evaluation, name: str) -> dict[str, dict[str, Any]]:
     """Every kubeadm document the step delivers (the first control plane gets both init and join documents)."""
     documents: dict[str, dict[str, Any]] = {}
-    for _mode, content in decode_bundle(step(ev, name).inputs["stdin"]).values():
+    for _mode, content in bundle_by_path(step(ev, name).inputs["stdin"]).values():
         documents.update({doc["kind"]: doc for doc in yaml.safe_load_all(content)})
     return documents
-
-
-def script_of(command: Registration) -> str:
-    """The script inside `sudo --non-interactive bash -c SCRIPT NAME`."""
-    words = shlex.split(command.inputs["create"])
-    assert words[:4] == ["sudo", "--non-interactive", "bash", "-c"], words[:4]
-    return words[4]
 
 
 def hostnames(ev: Evaluation, role: str) -> list[str]:
@@ -276,7 +261,7 @@ def test_shared_pki_is_placed_with_private_keys_0600(stack: str) -> None:
         "/etc/kubernetes/pki/apiserver-etcd-client.key" if external_etcd else "/etc/kubernetes/pki/etcd/ca.key",
     }
     for cp in hostnames(ev, "cp"):
-        files = decode_bundle(step(ev, f"{cp}-place-pki").inputs["stdin"])
+        files = bundle_by_path(step(ev, f"{cp}-place-pki").inputs["stdin"])
         assert set(files) == expected_keys | {
             "/etc/kubernetes/pki/ca.crt",
             "/etc/kubernetes/pki/sa.pub",
@@ -301,7 +286,7 @@ def test_lb_step_carries_the_rendered_configs(stack: str) -> None:
     plan = plan_addresses(config)
     for node in plan.load_balancers:
         configure = step(ev, f"{node.hostname}-configure-lb")
-        installed = decode_bundle(configure.inputs["stdin"])
+        installed = bundle_by_path(configure.inputs["stdin"])
         expected = lb_node_files(config, plan, node)
         assert installed == {item.path: (item.mode, item.content) for item in expected}
         # The script carries the files' digests, so new configs change the step and re-run it.
