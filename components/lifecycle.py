@@ -188,17 +188,43 @@ def _drain(node: str) -> tuple[str, ...]:
     )
 
 
-def remove_node_script(target: Target) -> Script:
-    """Cordon and drain the node, then delete its Node object.
+def _node_absent(node: str) -> str:
+    return f"! {command(*KUBECTL, 'get', 'node', node)} >/dev/null 2>&1"
 
-    A drain that cannot finish fails the step, naming the node and the pods still on it.
+
+def _cordoned(node: str) -> str:
+    return (
+        f"[ \"$({command(*KUBECTL, 'get', 'node', node)} --output 'jsonpath={{.spec.unschedulable}}' "
+        '2>/dev/null)" = true ]'
+    )
+
+
+def drain_node_script(target: Target) -> Script:
+    """Before a node leaves: cordon and drain it (the Node object goes only after `kubeadm reset`).
+
+    A drain that cannot finish fails the step, naming the node and the pods still on it; the node
+    then keeps everything, because Pulumi deletes nothing a failed delete still depends on.
     """
+    marker = f"{STATE_DIR}/drained-{target.node}"
     return Script(
-        step=f"remove-{target.node}",
+        step=f"drain-{target.node}",
         host=target.admin,
-        done_when=f"! {command(*KUBECTL, 'get', 'node', target.node)} >/dev/null 2>&1",
+        done_when=f"{_node_absent(target.node)} || {{ [ -f {quote(marker)} ] && {_cordoned(target.node)}; }}",
         functions=_REPORT_BLOCKERS,
-        body=(*_drain(target.node), command(*KUBECTL, "delete", "node", target.node, "--timeout=120s")),
+        body=(*_drain(target.node), command("touch", marker)),
+    )
+
+
+def delete_node_script(target: Target) -> Script:
+    """After `kubeadm reset` stopped its kubelet (which would re-register it): delete the Node object."""
+    return Script(
+        step=f"delete-node-{target.node}",
+        host=target.admin,
+        done_when=_node_absent(target.node),
+        body=(
+            command(*KUBECTL, "delete", "node", target.node, "--timeout=120s"),
+            command("rm", "-f", f"{STATE_DIR}/drained-{target.node}"),
+        ),
     )
 
 
@@ -225,10 +251,7 @@ def drain_for_upgrade_script(target: Target, kubernetes: KubernetesConfig) -> Sc
     (a marker on the admin node) and the node is still cordoned.
     """
     marker = f"{STATE_DIR}/upgrade-drained-{target.node}-{kubernetes.version}"
-    cordoned = (
-        f"[ \"$({command(*KUBECTL, 'get', 'node', target.node)} --output 'jsonpath={{.spec.unschedulable}}' "
-        '2>/dev/null)" = true ]'
-    )
+    cordoned = _cordoned(target.node)
     return Script(
         step=f"upgrade-drain-{target.node}",
         host=target.admin,

@@ -2,10 +2,11 @@
 
 Two steps per node run on that "admin" control plane: before the join, the
 bootstrap token is refreshed (tokens live 24 h; a node may join a year after the
-cluster was made); after it, the step waits until the node is Ready. Deleting
-that second step drains the node and deletes its Node object, and because it
-depends on the node's kubeadm step (whose delete is `kubeadm reset`) and that on
-the VM, removal always runs drain and Node deletion, then reset, then the VM.
+cluster was made); after it, the step waits until the node is Ready. Pulumi
+deletes in reverse order, so removing a node runs the second step's delete
+(drain), then the node's own kubeadm step's delete (`kubeadm reset`, which stops
+kubelet), then the first step's delete (the Node object, which a running kubelet
+would have re-registered), then the VM.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import pulumi_command as command
 
 from components.addressing import AddressPlan, NodePlan
 from components.kubeadm import token_documents
-from components.lifecycle import TOKEN_CONFIG_PATH, Target, join_token_script, node_ready_script, remove_node_script
+from components.lifecycle import (
+    TOKEN_CONFIG_PATH,
+    Target,
+    delete_node_script,
+    drain_node_script,
+    join_token_script,
+    node_ready_script,
+)
 from components.nodes import NodeContext
 from components.remote import run_step
 from components.scripts import BundleFile, encode_bundle
@@ -48,8 +56,11 @@ def token_step(
         token_id.apply(lambda identifier: join_token_script(Target(admin.hostname, node.hostname), identifier)),
         parent=parent,
         stdin=payload,
+        # Created before the join, so deleted after the node's `kubeadm reset`: the Node object goes last.
+        delete=delete_node_script(Target(admin.hostname, node.hostname)),
         depends_on=after,
         replace_with=vm.domain.id,
+        deleted_with=context.hypervisor_for(node).network,
     )
 
 
@@ -69,7 +80,7 @@ def membership_step(
         context.access(admin),
         node_ready_script(target),
         parent=parent,
-        delete=remove_node_script(target),
+        delete=drain_node_script(target),
         depends_on=[kubeadm_step, *after],
         replace_with=vm.domain.id,
         deleted_with=context.hypervisor_for(node).network,

@@ -104,13 +104,17 @@ def test_workers_down_tears_down_before_the_vm_goes(dev_again: Evaluation) -> No
     for worker in ("dev-worker-2", "dev-worker-3"):
         membership = three.named(f"{worker}-membership")
         join = three.named(f"{worker}-kubeadm-join")
+        token = three.named(f"{worker}-join-token")
         drain = script_of(membership, "delete")
-        assert "drain" in drain and "--ignore-daemonsets" in drain and "--delete-emptydir-data" in drain
-        assert drain.index(" drain ") < drain.index(" delete node ")
+        assert " drain " in drain and "--ignore-daemonsets" in drain and "--delete-emptydir-data" in drain
+        assert " delete node " not in drain
         assert "kubeadm reset --force" in script_of(join, "delete").replace("'", "")
-        # Deletes run in reverse dependency order: drain + delete Node, then reset, then the VM.
+        assert " delete node " in script_of(token, "delete").replace("'", "")
+        # Deletes run in reverse dependency order: drain, then reset (kubelet stops), then the Node object
+        # (a running kubelet would re-register it), then the VM.
         assert three.depends_on(membership, join)
-        assert three.depends_on(join, f"{worker}-domain")
+        assert three.depends_on(join, token)
+        assert three.depends_on(token, f"{worker}-domain")
         # Removals of several workers do not wait for each other.
         other = "dev-worker-3" if worker == "dev-worker-2" else "dev-worker-2"
         assert not three.depends_on(membership, f"{other}-membership")
@@ -152,7 +156,7 @@ def test_every_node_step_is_replaced_with_its_vm(dev_again: Evaluation) -> None:
 
 def test_destroy_never_drains(dev_again: Evaluation) -> None:
     teardown = [step for step in dev_again.by_type(COMMAND) if step.inputs.get("delete")]
-    assert {step.name.rsplit("-", 1)[-1] for step in teardown} >= {"membership", "join"}
+    assert {step.name.rsplit("-", 1)[-1] for step in teardown} >= {"membership", "join", "token"}
     for step in teardown:
         # Deleted together with the cluster network, these deletes are skipped: nothing drains a dying cluster.
         assert step.deleted_with == network(dev_again).urn, step.name

@@ -41,11 +41,12 @@ from components.lifecycle import (
     KUBERNETES_SOURCES,
     TOKEN_CONFIG_PATH,
     Target,
+    delete_node_script,
     drain_for_upgrade_script,
+    drain_node_script,
     join_token_script,
     kubernetes_packages_script,
     node_ready_script,
-    remove_node_script,
     reset_script,
     uncordon_script,
     upgrade_node_script,
@@ -514,20 +515,30 @@ DRAIN = [*K, "drain", NODE, "--ignore-daemonsets", "--delete-emptydir-data", "--
 LIST_PODS = [*K, "get", "pods", "--all-namespaces", "--output", "wide", "--field-selector", f"spec.nodeName={NODE}"]
 
 
-def test_remove_node_drains_before_deleting_then_does_nothing(sandbox: Sandbox):
+def test_drain_cordons_and_drains_then_does_nothing(sandbox: Sandbox):
     _node(sandbox, pods=PODS)
-    script = remove_node_script(TARGET)
+    script = drain_node_script(TARGET)
     assert _run_first(sandbox, script) == [
         [*K, "get", "node", NODE],
         [*K, "cordon", NODE],
         DRAIN,
-        [*K, "delete", "node", NODE, "--timeout=120s"],
     ]
+    assert (sandbox.state / "nodes" / NODE).exists()  # the Node object stays until after `kubeadm reset`
+    assert _run_again(sandbox, script) == [
+        [*K, "get", "node", NODE],
+        [*K, "get", "node", NODE, "--output", "jsonpath={.spec.unschedulable}"],
+    ]
+
+
+def test_delete_node_removes_the_node_object_then_does_nothing(sandbox: Sandbox):
+    _node(sandbox, pods=PODS)
+    script = delete_node_script(TARGET)
+    assert _run_first(sandbox, script) == [[*K, "get", "node", NODE], [*K, "delete", "node", NODE, "--timeout=120s"]]
     assert not (sandbox.state / "nodes" / NODE).exists()
     assert _run_again(sandbox, script) == [[*K, "get", "node", NODE]]
 
 
-@pytest.mark.parametrize("make", [remove_node_script, lambda target: drain_for_upgrade_script(target, NEXT)])
+@pytest.mark.parametrize("make", [drain_node_script, lambda target: drain_for_upgrade_script(target, NEXT)])
 def test_a_drain_that_cannot_finish_fails_naming_the_node_and_its_pods(sandbox: Sandbox, make):
     _node(sandbox, pods=PODS, drain_blocked="")
     script = make(TARGET)
@@ -538,7 +549,7 @@ def test_a_drain_that_cannot_finish_fails_naming_the_node_and_its_pods(sandbox: 
     calls = sandbox.call_lines()
     assert calls[-3:] == [[*K, "cordon", NODE], DRAIN, LIST_PODS]
     assert (sandbox.state / "nodes" / NODE).exists()  # the Node was not deleted
-    assert not any(path.startswith("/var/lib/kubeadm-ha/upgrade-drained") for path in sandbox.snapshot())
+    assert not any("drained-" in path for path in sandbox.snapshot())
 
     # Once the blocking pod is gone, a re-run drains again (the earlier cordon does not count as done).
     (sandbox.state / "nodes" / NODE / "drain-blocked").unlink()
@@ -679,7 +690,8 @@ ALL_SCRIPTS = {
     "packages": kubernetes_packages_script(NODE, CURRENT),
     "join-token": join_token_script(TARGET, TOKEN_ID),
     "node-ready": node_ready_script(TARGET),
-    "remove-node": remove_node_script(TARGET),
+    "drain-node": drain_node_script(TARGET),
+    "delete-node": delete_node_script(TARGET),
     "reset": reset_script(NODE),
     "drain-for-upgrade": drain_for_upgrade_script(TARGET, NEXT),
     "upgrade-first": upgrade_node_script(NODE, NEXT, first_control_plane=True),
@@ -691,7 +703,8 @@ ALL_SCRIPTS = {
 def test_every_lifecycle_script_is_covered():
     made = {name for name in dir(lifecycle) if name.endswith("_script")}
     assert made == {
-        "kubernetes_packages_script", "join_token_script", "node_ready_script", "remove_node_script",
+        "kubernetes_packages_script", "join_token_script", "node_ready_script", "drain_node_script",
+        "delete_node_script",
         "reset_script", "drain_for_upgrade_script", "upgrade_node_script", "uncordon_script",
     }  # fmt: skip
 
