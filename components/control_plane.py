@@ -25,6 +25,7 @@ from components.scripts import (
     encode_bundle,
     files_match,
     logged,
+    quote,
     sha256_hex,
 )
 from components.scripts import command as shell
@@ -85,6 +86,8 @@ def kubeadm_join_script(hostname: str) -> Script:
         done_when=f"[ -f {KUBELET_KUBECONFIG} ]",
         functions=INSTALL_BUNDLE_FUNCTION,
         body=(
+            # The document holds the bootstrap token: remove it however the step ends.
+            f"trap {quote(shell('rm', '-f', JOIN_CONFIG_PATH))} EXIT",
             "install_bundle",
             logged("kubeadm-join", "kubeadm", "join", "--config", JOIN_CONFIG_PATH),
             # The document holds the bootstrap token; it has done its job.
@@ -114,6 +117,8 @@ def first_control_plane_script(hostname: str, endpoint: str, peers: Sequence[str
         "refusing to run kubeadm init against a cluster that already exists"
     )
     body = [
+        # The documents hold the bootstrap token: remove them however the step ends (a refusal, a failed kubeadm).
+        f"trap {quote(shell('rm', '-f', INIT_CONFIG_PATH, JOIN_CONFIG_PATH))} EXIT",
         "install_bundle",
         f"if {answers}; then",
         "  " + logged("kubeadm-join", "kubeadm", "join", "--config", JOIN_CONFIG_PATH),

@@ -12,9 +12,22 @@ from components import lb_config
 from components.node_prep import load_balancer_preparation
 from components.nodes import NodeContext
 from components.remote import run_step
-from components.scripts import INSTALL_BUNDLE_FUNCTION, BundleFile, Script, encode_bundle, files_match, sha256_hex
+from components.scripts import (
+    INSTALL_BUNDLE_FUNCTION,
+    STATE_DIR,
+    BundleFile,
+    Script,
+    encode_bundle,
+    files_match,
+    sha256_hex,
+    write_file,
+)
 from components.scripts import command as shell
 from components.vm import Vm, VmSize
+
+# The configs the daemons last accepted and were (re)started with. Written last, so a step that stopped after
+# installing the files (a config rejected by its checker) is not mistaken for done when it runs again.
+LB_APPLIED_MARKER = f"{STATE_DIR}/lb-config-applied"
 
 
 def lb_config_script(hostname: str, files: Sequence[BundleFile]) -> Script:
@@ -38,10 +51,12 @@ def lb_config_script(hostname: str, files: Sequence[BundleFile]) -> Script:
         body.append(shell("systemctl", "disable", "--now", "keepalived") + " 2>/dev/null || true")
     # The digests make the script change with the configs, so a new backend set re-runs the step.
     digests = {item.path: sha256_hex(item.content) for item in files}
+    applied = "".join(f"{digest}  {path}\n" for path, digest in sorted(digests.items()))
+    body += write_file(LB_APPLIED_MARKER, applied)
     return Script(
         step="configure-lb",
         host=hostname,
-        done_when=f"{files_match(digests)} && {active}",
+        done_when=f"{files_match({**digests, LB_APPLIED_MARKER: sha256_hex(applied)})} && {active}",
         functions=INSTALL_BUNDLE_FUNCTION,
         body=tuple(body),
     )
