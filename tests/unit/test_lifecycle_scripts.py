@@ -52,7 +52,7 @@ from components.lifecycle import (
     upgrade_node_script,
 )
 from components.scripts import BundleFile, Script, encode_bundle
-from tests.sandbox import Sandbox, Stub, require_sandbox, unavailable
+from tests.sandbox import Sandbox, Stub, unavailable
 
 CURRENT = KubernetesConfig(version="1.34.2")
 NEXT = KubernetesConfig(version="1.35.0")
@@ -318,11 +318,6 @@ def _read_only(call: list[str]) -> bool:
 
 
 # ---------------------------------------------------------------- fixtures and helpers
-
-
-@pytest.fixture(scope="module")
-def sandbox_support(tmp_path_factory: pytest.TempPathFactory) -> None:
-    require_sandbox(tmp_path_factory.mktemp("probe"))
 
 
 @pytest.fixture

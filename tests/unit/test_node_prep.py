@@ -40,7 +40,7 @@ from components.node_prep import (
     load_balancer_preparation,
     preparation_for,
 )
-from tests.sandbox import RECORD_ONLY, Sandbox, require_sandbox
+from tests.sandbox import RECORD_ONLY, Sandbox
 
 K8S = KubernetesConfig(version="1.34.2")
 STUBBED = ("apt-get", "apt-mark", "curl", "gpg", "systemctl", "modprobe", "sysctl", "swapoff")
@@ -203,11 +203,6 @@ STUBS = {
 }
 
 FSTAB = "UUID=1234 / ext4 defaults 0 1\n/swap.img\tnone\tswap\tsw\t0\t0\n# /old-swap none swap sw 0 0\n"
-
-
-@pytest.fixture(scope="module")
-def sandbox_support(tmp_path_factory: pytest.TempPathFactory) -> None:
-    require_sandbox(tmp_path_factory.mktemp("probe"))
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ from components.lb_config import HAPROXY_CFG_PATH, KEEPALIVED_CHECK_SCRIPT_PATH,
 from components.loadbalancer import lb_config_script
 from components.scripts import LOG_DIR, STATE_DIR, BundleFile, Script, encode_bundle, sha256_hex
 from components.vm import READY_MARKER, readiness_script
-from tests.sandbox import Sandbox, Stub, require_sandbox
+from tests.sandbox import Sandbox, Stub
 from tests.stacks import stack_config
 
 TOKEN = "abcdef.0123456789abcdef"
@@ -252,11 +252,6 @@ def _read_only(call: list[str]) -> bool:
 
 
 # ---------------------------------------------------------------- fixtures and helpers
-
-
-@pytest.fixture(scope="module")
-def sandbox_support(tmp_path_factory: pytest.TempPathFactory) -> None:
-    require_sandbox(tmp_path_factory.mktemp("probe"))
 
 
 @pytest.fixture
