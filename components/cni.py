@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from components.scripts import STATE_DIR, Script, command, logged, quote
@@ -10,25 +11,38 @@ ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
 
 
 @dataclass(frozen=True)
+class LineEdit:
+    """Replace the literal text `before` (which the upstream manifest must contain) with `after`."""
+
+    before: str
+    after: str
+
+    def sed_expression(self) -> str:
+        before = re.sub(r"([\\.*\[\]^$|])", r"\\\1", self.before)
+        after = re.sub(r"([\\&|])", r"\\\1", self.after)
+        return f"s|{before}|{after}|"
+
+
+@dataclass(frozen=True)
 class CniManifest:
     name: str
     url: str
     namespace: str
     daemonset: str
-    # sed expressions that set the pod CIDR, given the CIDR; the manifests ship a fixed default.
-    cidr_edits: tuple[str, ...]
+    # How to set the pod CIDR: the manifests ship a fixed default.
+    cidr_edits: tuple[LineEdit, ...]
 
 
-def _calico_edits(cidr: str) -> tuple[str, ...]:
+def _calico_edits(cidr: str) -> tuple[LineEdit, ...]:
     # calico.yaml ships CALICO_IPV4POOL_CIDR commented out; enable it with our pod subnet.
     return (
-        "s|# - name: CALICO_IPV4POOL_CIDR|- name: CALICO_IPV4POOL_CIDR|",
-        f's|#   value: "192.168.0.0/16"|  value: "{cidr}"|',
+        LineEdit("# - name: CALICO_IPV4POOL_CIDR", "- name: CALICO_IPV4POOL_CIDR"),
+        LineEdit('#   value: "192.168.0.0/16"', f'  value: "{cidr}"'),
     )
 
 
-def _flannel_edits(cidr: str) -> tuple[str, ...]:
-    return (f's|"Network": "10.244.0.0/16"|"Network": "{cidr}"|',)
+def _flannel_edits(cidr: str) -> tuple[LineEdit, ...]:
+    return (LineEdit('"Network": "10.244.0.0/16"', f'"Network": "{cidr}"'),)
 
 
 CALICO_VERSION = "v3.29.1"
@@ -60,7 +74,13 @@ def cni_script(hostname: str, manifest: CniManifest, pod_subnet: str) -> Script:
     kubectl = ("kubectl", "--kubeconfig", ADMIN_KUBECONFIG)
     sed_args: list[str] = []
     for edit in manifest.cidr_edits:
-        sed_args += ["-e", edit]
+        sed_args += ["-e", edit.sed_expression()]
+    refusal = f"kubeadm-ha: {manifest.name} manifest did not take pod subnet {pod_subnet}"
+    # A manifest whose defaults moved would silently keep its own CIDR: every edit must find its line and land.
+    expected = [
+        _require_in_file(edit.before, path, f"{refusal}: no line {edit.before!r}") for edit in manifest.cidr_edits
+    ]
+    landed = [_require_in_file(edit.after, path, f"{refusal}: no line {edit.after!r}") for edit in manifest.cidr_edits]
     return Script(
         step=f"cni-{manifest.name}",
         host=hostname,
@@ -83,15 +103,13 @@ def cni_script(hostname: str, manifest: CniManifest, pod_subnet: str) -> Script:
                 path,
                 manifest.url,
             ),
+            *expected,
             command("sed", "-i", *sed_args, path),
-            # A manifest whose defaults moved would silently keep its own CIDR; refuse instead.
-            _require_in_file(
-                pod_subnet, path, f"kubeadm-ha: {manifest.name} manifest did not take pod subnet {pod_subnet}"
-            ),
+            *landed,
             logged(f"cni-{manifest.name}", *kubectl, "apply", "--filename", path),
         ),
     )
 
 
 def _require_in_file(needle: str, path: str, message: str) -> str:
-    return f"grep -qF {quote(needle)} {quote(path)} || {{ echo {quote(message)} >&2; exit 1; }}"
+    return f"grep -qF -e {quote(needle)} {quote(path)} || {{ echo {quote(message)} >&2; exit 1; }}"

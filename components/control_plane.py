@@ -64,6 +64,12 @@ def pki_bundle(
     return payload, digests
 
 
+_PKI_MISMATCH = (
+    '"kubeadm-ha: placed certificates do not match on ${KUBEADM_HA_HOST} (step ${KUBEADM_HA_STEP});'
+    ' the bundle and the expected digests disagree"'
+)
+
+
 def place_pki_script(hostname: str, digests: dict[str, str], key_paths: Sequence[str]) -> Script:
     keys_present = " && ".join(f"[ -s {path} ]" for path in sorted(key_paths))
     return Script(
@@ -74,7 +80,7 @@ def place_pki_script(hostname: str, digests: dict[str, str], key_paths: Sequence
         body=(
             "install_bundle",
             # kubeadm refuses a CA key that does not match its certificate; catch a torn write here instead.
-            f"{files_match(digests)} || {{ echo 'kubeadm-ha: placed certificates do not match' >&2; exit 1; }}",
+            f"{files_match(digests)} || {{ echo {_PKI_MISMATCH} >&2; exit 1; }}",
         ),
     )
 

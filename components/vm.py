@@ -9,15 +9,13 @@ import pulumi_libvirt as libvirt
 
 from components.addressing import NodePlan
 from components.config import ClusterConfig, HypervisorConfig
+from components.node_prep import PREPARED_MARKER
 from components.remote import NodeAccess, run_step, secret
-from components.scripts import Script, command
+from components.scripts import LOG_DIR, Script, command, quote
 
 CLOUD_INIT_TIMEOUT_SECONDS = 1800
 READY_MARKER = "/var/lib/kubeadm-ha/cloud-init-done"
-_REPORT_CLOUD_INIT = (
-    'echo "kubeadm-ha: cloud-init did not finish cleanly on ${KUBEADM_HA_HOST}:" >&2; '
-    "cloud-init status --long >&2 || true; exit 1"
-)
+_SHOW_CLOUD_INIT_STATUS = "cloud-init status --long >&2 || true"
 
 
 @dataclass(frozen=True)
@@ -73,13 +71,31 @@ class VmArgs:
 
 
 def readiness_script(hostname: str) -> Script:
+    """Wait (bounded) until cloud-init is done and the node preparation it ran has completed.
+
+    `cloud-init status --wait` exits 2 for "done with recoverable errors" (newer cloud-init reports, for
+    example, deprecated keys that way); that is shown, not fatal. What matters is the preparation's marker.
+    """
     return Script(
         step="wait-for-cloud-init",
         host=hostname,
         done_when=f"[ -f {READY_MARKER} ]",
         body=(
-            # `status --wait` exits non-zero when cloud-init reports an error; the bound keeps a stuck boot finite.
-            f"timeout {CLOUD_INIT_TIMEOUT_SECONDS} cloud-init status --wait >/dev/null || {{ {_REPORT_CLOUD_INIT}; }}",
+            "rc=0",
+            f"timeout {CLOUD_INIT_TIMEOUT_SECONDS} cloud-init status --wait >/dev/null || rc=$?",
+            'if [ "$rc" -eq 2 ]; then',
+            '  echo "kubeadm-ha: cloud-init finished with recoverable errors on ${KUBEADM_HA_HOST}:" >&2',
+            f"  {_SHOW_CLOUD_INIT_STATUS}",
+            'elif [ "$rc" -ne 0 ]; then',
+            '  echo "kubeadm-ha: cloud-init did not finish cleanly on ${KUBEADM_HA_HOST}:" >&2',
+            f"  {_SHOW_CLOUD_INIT_STATUS}",
+            "  exit 1",
+            "fi",
+            f"[ -f {PREPARED_MARKER} ] || {{ echo "
+            + quote("kubeadm-ha: node preparation did not complete on ")
+            + '"${KUBEADM_HA_HOST}"'
+            + quote(f"; see {LOG_DIR}/node-prep.log on the node")
+            + " >&2; exit 1; }",
             command("touch", READY_MARKER),
         ),
     )

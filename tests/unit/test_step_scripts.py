@@ -47,6 +47,7 @@ from components.control_plane import (
 from components.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH
 from components.lb_config import HAPROXY_CFG_PATH, KEEPALIVED_CHECK_SCRIPT_PATH, KEEPALIVED_CONF_PATH, lb_node_files
 from components.loadbalancer import lb_config_script
+from components.node_prep import PREPARED_MARKER
 from components.scripts import LOG_DIR, STATE_DIR, BundleFile, Script, encode_bundle, sha256_hex
 from components.vm import READY_MARKER, readiness_script
 from tests.sandbox import Sandbox, Stub
@@ -216,12 +217,17 @@ _CLOUD_INIT = r"""
 case "$*" in
   "status --wait")
     if [ -e "$STATE/cloud-init-failed" ]; then printf '....\nstatus: error\n'; exit 1; fi
+    if [ -e "$STATE/cloud-init-recoverable" ]; then printf '....\nstatus: done\n'; exit 2; fi
     printf '....\nstatus: done\n' ;;
   "status --long")
     if [ -e "$STATE/cloud-init-failed" ]; then
       printf 'status: error\nextended_status: error - done\ndetail: DataSourceNoCloud [seed=/dev/sr0]\n'
       printf 'errors:\n\t- (scripts_user) Failed to run module scripts_user\n'
       exit 1
+    fi
+    if [ -e "$STATE/cloud-init-recoverable" ]; then
+      printf 'status: done\nrecoverable_errors:\nDEPRECATED:\n\t- a deprecated key\n'
+      exit 2
     fi
     printf 'status: done\n' ;;
   *) echo "stub cloud-init: unexpected call: $*" >&2; exit 2 ;;
@@ -358,7 +364,7 @@ def test_place_pki_refuses_a_certificate_that_does_not_match_the_digests(sandbox
     script = place_pki_script(HOST, DIGESTS, list(KEYS))
     torn = {**CERTS, f"{PKI}/ca.crt": _pem("CERTIFICATE", "some other ca")}
     stderr, calls = _run_failing(sandbox, script, stdin=_pki_bundle(torn))
-    assert "kubeadm-ha: placed certificates do not match" in stderr
+    assert "kubeadm-ha: placed certificates do not match on " in stderr and "(step place-pki)" in stderr
     assert calls == []
     # The right bundle then places it, and the step is done.
     _run_first(sandbox, script, stdin=_pki_bundle())
@@ -786,6 +792,14 @@ def test_flannel_gets_a_non_default_pod_subnet_then_does_nothing(cni_node: Sandb
     [
         ("calico", "10.244.0.0/16", CALICO_UPSTREAM.replace('"192.168.0.0/16"', '"192.168.0.0/24"')),
         ("flannel", "10.32.0.0/16", FLANNEL_UPSTREAM.replace('"Network": "10.244.0.0/16"', '"Network": "10.1.0.0/16"')),
+        # The value line alone would carry the CIDR while the variable stayed commented out: refused too.
+        ("calico", "10.244.0.0/16", CALICO_UPSTREAM.replace("# - name: CALICO_IPV4POOL_CIDR", "# - name: OTHER")),
+        # The default pod subnet needs no edit, but the line must still be there.
+        (
+            "flannel",
+            "10.244.0.0/16",
+            FLANNEL_UPSTREAM.replace('"Network": "10.244.0.0/16"', '"Network": "10.1.0.0/16"'),
+        ),
     ],
 )
 def test_a_manifest_without_the_default_cidr_is_not_applied(cni_node: Sandbox, name: str, cidr: str, upstream: str):
@@ -805,10 +819,28 @@ WAIT = ["cloud-init", "status", "--wait"]
 
 
 def test_readiness_waits_for_cloud_init_then_does_nothing(sandbox: Sandbox):
+    sandbox.put(PREPARED_MARKER, "kubernetes-node 1.34.2-1.1\n")
     script = readiness_script(HOST)
     assert _run_first(sandbox, script) == [WAIT]
     assert sandbox.exists(READY_MARKER)
     assert _run_again(sandbox, script) == []
+
+
+def test_recoverable_cloud_init_errors_are_shown_not_fatal(sandbox: Sandbox):
+    sandbox.put(PREPARED_MARKER, "kubernetes-node 1.34.2-1.1\n")
+    sandbox.put_state("cloud-init-recoverable")
+    result = sandbox.run(readiness_script(HOST).render())
+    assert result.returncode == 0, result.stderr
+    assert f"cloud-init finished with recoverable errors on {HOST}" in result.stderr
+    assert "a deprecated key" in result.stderr
+    assert sandbox.exists(READY_MARKER)
+
+
+def test_an_incomplete_node_preparation_is_not_ready(sandbox: Sandbox):
+    stderr, calls = _run_failing(sandbox, readiness_script(HOST))
+    assert calls == [WAIT]
+    assert f"node preparation did not complete on {HOST}" in stderr
+    assert not sandbox.exists(READY_MARKER)
 
 
 def test_a_failed_cloud_init_names_the_host_and_shows_its_status(sandbox: Sandbox):
