@@ -93,13 +93,13 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
     if len(control_planes) > 1:
         initial.attach_admin(context, control_planes[1])
     # 8. Workers join in parallel as soon as the first control plane and the pod network are up.
-    workers = WorkerPool("workers", WorkerPoolArgs(context, plan.workers, shape, after=bootstrapped, admin=first))
+    WorkerPool("workers", WorkerPoolArgs(context, plan.workers, shape, after=bootstrapped, admin=first))
     # 9. A Kubernetes upgrade, only in a run that raises the version: in the order kubeadm requires.
     upgrade = None
     if last_deployment.kubernetes_version not in (None, config.kubernetes.version):
         upgrade = KubernetesUpgrade(
             f"upgrade-{config.kubernetes.version}",
-            KubernetesUpgradeArgs(context, control_planes, workers, admin=first, after=[previous, *bootstrapped]),
+            KubernetesUpgradeArgs(context, control_planes, admin=first, after=[previous, *bootstrapped]),
         )
 
     server = f"https://{load_balancer.endpoint}"

@@ -21,14 +21,12 @@ from components.control_plane import ControlPlaneNode
 from components.lifecycle import Target, drain_for_upgrade_script, uncordon_script, upgrade_node_script
 from components.nodes import NodeContext
 from components.remote import run_step
-from components.worker_pool import WorkerPool
 
 
 @dataclass(frozen=True)
 class KubernetesUpgradeArgs:
     context: NodeContext
     control_planes: Sequence[ControlPlaneNode]
-    workers: WorkerPool
     # The control plane that drains and uncordons workers.
     admin: NodePlan
     # The cluster as it stands: every join done before anything is upgraded.
