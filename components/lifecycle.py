@@ -147,11 +147,14 @@ def join_token_script(target: Target, token_id: str) -> Script:
     )
 
 
+def _node_field(node: str, jsonpath: str) -> str:
+    """A shell word: one field of the Node object, empty when the Node does not exist."""
+    return f'"$({command(*KUBECTL, "get", "node", node, "--output", f"jsonpath={jsonpath}")} 2>/dev/null)"'
+
+
 def _node_ready(node: str) -> str:
-    return (
-        f'[ "$({command(*KUBECTL, "get", "node", node)} '
-        '--output \'jsonpath={.status.conditions[?(@.type=="Ready")].status}\' 2>/dev/null)" = True ]'
-    )
+    ready = _node_field(node, '{.status.conditions[?(@.type=="Ready")].status}')
+    return f"[ {ready} = True ]"
 
 
 def node_ready_script(target: Target) -> Script:
@@ -193,10 +196,7 @@ def _node_absent(node: str) -> str:
 
 
 def _cordoned(node: str) -> str:
-    return (
-        f"[ \"$({command(*KUBECTL, 'get', 'node', node)} --output 'jsonpath={{.spec.unschedulable}}' "
-        '2>/dev/null)" = true ]'
-    )
+    return f"[ {_node_field(node, '{.spec.unschedulable}')} = true ]"
 
 
 def drain_node_script(target: Target) -> Script:
@@ -262,10 +262,7 @@ def drain_for_upgrade_script(target: Target, kubernetes: KubernetesConfig) -> Sc
 
 
 def _kubelet_at(node: str, kubernetes: KubernetesConfig) -> str:
-    return (
-        f"[ \"$({command(*KUBECTL, 'get', 'node', node)} --output 'jsonpath={{.status.nodeInfo.kubeletVersion}}' "
-        f'2>/dev/null)" = {quote("v" + kubernetes.version)} ]'
-    )
+    return f"[ {_node_field(node, '{.status.nodeInfo.kubeletVersion}')} = {quote('v' + kubernetes.version)} ]"
 
 
 def upgrade_node_script(hostname: str, kubernetes: KubernetesConfig, *, first_control_plane: bool) -> Script:
@@ -293,10 +290,7 @@ def upgrade_node_script(hostname: str, kubernetes: KubernetesConfig, *, first_co
 
 def uncordon_script(target: Target, kubernetes: KubernetesConfig) -> Script:
     """After an upgrade: wait until the node is Ready on the new version, then let pods back on."""
-    schedulable = (
-        f"[ -z \"$({command(*KUBECTL, 'get', 'node', target.node)} --output 'jsonpath={{.spec.unschedulable}}' "
-        '2>/dev/null)" ]'
-    )
+    schedulable = f"[ -z {_node_field(target.node, '{.spec.unschedulable}')} ]"
     return Script(
         step=f"upgrade-uncordon-{target.node}",
         host=target.admin,
