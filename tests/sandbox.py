@@ -29,12 +29,14 @@ import shlex
 import shutil
 import stat
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
+
+from components.scripts import Script
 
 OVERLAID = ("etc", "var")
 # A stub that only records its call.
@@ -255,3 +257,38 @@ class Sandbox:
                         content = ""
                     entries[relative] = (info.st_mode, content)
         return entries
+
+    def run_first(
+        self,
+        script: Script,
+        *,
+        setup: str = "",
+        env: Mapping[str, str] | None = None,
+        stdin: str | None = None,
+    ) -> list[list[str]]:
+        """Run a rendered step expecting it to do its work; the calls it made."""
+        before = len(self.call_lines())
+        result = self.run(script.render(), setup=setup, env=env, stdin=stdin)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"kubeadm-ha: {script.step} done on {script.host}\n" in result.stdout
+        assert "already done" not in result.stdout
+        return self.call_lines()[before:]
+
+    def run_again(
+        self,
+        script: Script,
+        read_only: Callable[[list[str]], bool],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: str | None = None,
+    ) -> list[list[str]]:
+        """Run a step again: it must say so, make only `read_only` calls and change no file; the calls it made."""
+        before_files = self.snapshot()
+        before = len(self.call_lines())
+        result = self.run(script.render(), env=env, stdin=stdin)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout == f"kubeadm-ha: {script.step} already done on {script.host}; nothing to do\n"
+        calls = self.call_lines()[before:]
+        assert all(read_only(call) for call in calls), calls
+        assert self.snapshot() == before_files
+        return calls

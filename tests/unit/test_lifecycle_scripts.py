@@ -345,28 +345,13 @@ def _packages(sandbox: Sandbox, version: str, *, repository: str = "1.34") -> No
 def _run_first(
     sandbox: Sandbox, script: Script, *, setup: str = "", env: dict[str, str] | None = None
 ) -> list[list[str]]:
-    """Run the script (expecting work to be done) and return its calls."""
-    before = len(sandbox.call_lines())
-    result = sandbox.run(script.render(), setup=setup, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"kubeadm-ha: {script.step} done on {script.host}\n" in result.stdout
-    assert "already done" not in result.stdout
-    return sandbox.call_lines()[before:]
+    return sandbox.run_first(script, setup=setup, env=env)
 
 
 def _run_again(
     sandbox: Sandbox, script: Script, *, env: dict[str, str] | None = None, stdin: str | None = None
 ) -> list[list[str]]:
-    """Run the script again: it must say so, call nothing that changes state and change no file."""
-    before_files = sandbox.snapshot()
-    before = len(sandbox.call_lines())
-    result = sandbox.run(script.render(), env=env, stdin=stdin)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout == f"kubeadm-ha: {script.step} already done on {script.host}; nothing to do\n"
-    calls = sandbox.call_lines()[before:]
-    assert all(_read_only(call) for call in calls), calls
-    assert sandbox.snapshot() == before_files
-    return calls
+    return sandbox.run_again(script, _read_only, env=env, stdin=stdin)
 
 
 def _state(sandbox: Sandbox, relative: str) -> str:

@@ -268,13 +268,7 @@ def sandbox(sandbox_support: None, tmp_path: Path) -> Sandbox:
 def _run_first(
     sandbox: Sandbox, script: Script, *, stdin: str | None = None, env: Mapping[str, str] | None = None
 ) -> list[list[str]]:
-    """Run the script (expecting work to be done) and return its calls."""
-    before = len(sandbox.call_lines())
-    result = sandbox.run(script.render(), stdin=stdin, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"kubeadm-ha: {script.step} done on {script.host}\n" in result.stdout
-    assert "already done" not in result.stdout
-    return sandbox.call_lines()[before:]
+    return sandbox.run_first(script, stdin=stdin, env=env)
 
 
 def _run_failing(
@@ -289,16 +283,7 @@ def _run_failing(
 
 
 def _run_again(sandbox: Sandbox, script: Script, *, stdin: str | None = None) -> list[list[str]]:
-    """Run the script again: it must say so, call nothing that changes state and change no file."""
-    before_files = sandbox.snapshot()
-    before = len(sandbox.call_lines())
-    result = sandbox.run(script.render(), stdin=stdin)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout == f"kubeadm-ha: {script.step} already done on {script.host}; nothing to do\n"
-    calls = sandbox.call_lines()[before:]
-    assert all(_read_only(call) for call in calls), calls
-    assert sandbox.snapshot() == before_files
-    return calls
+    return sandbox.run_again(script, _read_only, stdin=stdin)
 
 
 def _state_lines(sandbox: Sandbox, relative: str) -> list[str]:
