@@ -1,0 +1,121 @@
+"""Run the real Pulumi CLI the way the README tells a user to: a copy of the project, a fresh HOME.
+
+Every command is bounded; the fresh HOME (and with it the default PULUMI_HOME, ~/.pulumi, and the
+backend of Pulumi.yaml, ~/.pulumi-kubeadm-ha) lives in a temporary directory the caller removes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.real.engine import toolchain
+
+ROOT = toolchain.ROOT
+# What a user has after cloning: the program, its stack files and its requirements.
+PROJECT_FILES = ("Pulumi.yaml", "__main__.py", "requirements.txt")
+PROJECT_GLOBS = ("Pulumi.*.yaml", "components/*.py")
+# Only for the test: the secrets passphrase a user would type at `pulumi stack init`'s prompt.
+PASSPHRASE = "engine-lab-passphrase"
+
+
+def stack_files() -> list[str]:
+    return sorted(path.name.removeprefix("Pulumi.").removesuffix(".yaml") for path in ROOT.glob("Pulumi.*.yaml"))
+
+
+def require_tool(name: str) -> Path:
+    """The built tool, or a failure naming the command that builds it (the lab never skips)."""
+    path = toolchain.cached(name)
+    if not path.is_file():
+        pytest.fail(
+            f"{name} {toolchain.default_version(name)} is not built: run tests/real/build-binaries {name}",
+            pytrace=False,
+        )
+    return path
+
+
+@dataclass
+class Run:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def describe(self) -> str:
+        return f"$ {' '.join(self.argv)}  (exit {self.returncode}, {self.seconds:.1f} s)\n{self.output[-6000:]}"
+
+
+@dataclass
+class UserSession:
+    """A user on a fresh machine: an empty HOME, the project checked out, the CLI on PATH."""
+
+    base: Path
+    cli: Path
+    extra_path: list[Path] = field(default_factory=list)
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def home(self) -> Path:
+        return self.base / "home"
+
+    @property
+    def project(self) -> Path:
+        return self.base / "kubeadm-ha"
+
+    def setup(self) -> UserSession:
+        self.home.mkdir(parents=True)
+        self.project.mkdir(parents=True)
+        for name in PROJECT_FILES:
+            shutil.copy2(ROOT / name, self.project / name)
+        for pattern in PROJECT_GLOBS:
+            for path in ROOT.glob(pattern):
+                target = self.project / path.relative_to(ROOT)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+        return self
+
+    def env(self) -> dict[str, str]:
+        tools = [str(p) for p in [self.cli.parent, *self.extra_path]]
+        path = os.pathsep.join([*tools, "/usr/sbin", "/usr/bin", "/bin"])
+        return {
+            "HOME": str(self.home),
+            "PATH": path,
+            "LANG": "C.UTF-8",
+            "PULUMI_CONFIG_PASSPHRASE": PASSPHRASE,
+            "PULUMI_SKIP_UPDATE_CHECK": "true",
+            "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
+            "PULUMI_AUTOMATION_API_SKIP_VERSION_CHECK": "true",
+        }
+
+    def pulumi(self, *args: str, timeout: float = 120) -> Run:
+        argv = ["pulumi", *args, "--non-interactive"]
+        started = time.monotonic()
+        try:
+            done = subprocess.run(
+                argv,
+                cwd=self.project,
+                env=self.env(),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
+            run = Run(argv, done.returncode, done.stdout, done.stderr, time.monotonic() - started)
+        except subprocess.TimeoutExpired as expired:
+            out = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+            err = expired.stderr.decode() if isinstance(expired.stderr, bytes) else (expired.stderr or "")
+            run = Run(argv, -1, out, err + f"\n(timed out after {timeout} s)", time.monotonic() - started)
+        self.runs.append(run)
+        return run
