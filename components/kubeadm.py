@@ -160,7 +160,9 @@ class KubeletConfiguration:
     cgroup_driver: str = "systemd"
     # Nodes have no swap (node preparation turns it off); say so explicitly.
     fail_swap_on: bool = True
-    server_tls_bootstrap: bool = False
+    # The wire name is `serverTLSBootstrap`; camel-casing the field would give `serverTlsBootstrap`, which
+    # kubeadm's strict decoding refuses as an unknown field.
+    server_tls_bootstrap: bool = field(default=False, metadata={"wire": "serverTLSBootstrap"})
     api_version: str = KUBELET_API
     kind: str = "KubeletConfiguration"
 

@@ -1,0 +1,63 @@
+"""The real Kubernetes and etcd binaries the tests run, as built and cached by `tests/real/build-binaries`.
+
+The tests never build: a Go build of kube-apiserver takes many minutes, far beyond any bound a test
+should wait. `tests/run-all.sh` builds what the suite needs before pytest starts; a test whose binary is
+not in the cache skips locally (saying which command builds it) and fails under CI=true.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.machinery
+import importlib.util
+import subprocess
+from pathlib import Path
+from types import ModuleType
+
+from components.versions import DEFAULT_KUBERNETES, RELEASES, minor_of
+from tests.integration.conftest import unavailable
+
+BUILD_SCRIPT = Path(__file__).with_name("build-binaries")
+# The oldest minor a new cluster may use; its kubeadm validates the documents of a stack set to it.
+OLDEST_SUPPORTED = RELEASES["1.35"].latest_patch
+# kubeadm for every version the documents are validated at, newest first.
+KUBEADM_VERSIONS = (DEFAULT_KUBERNETES, OLDEST_SUPPORTED)
+
+
+@functools.cache
+def _builder() -> ModuleType:
+    loader = importlib.machinery.SourceFileLoader("kubeadm_ha_build_binaries", str(BUILD_SCRIPT))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def cached_path(name: str, kubernetes_version: str = DEFAULT_KUBERNETES) -> Path:
+    """Where build-binaries keeps `name` for that Kubernetes release (etcd names: the etcd kubeadm pins)."""
+    builder = _builder()
+    if name in builder.KUBERNETES:
+        return Path(builder.CACHE) / "kubernetes" / kubernetes_version / name
+    etcd = RELEASES[minor_of(kubernetes_version)].etcd_version
+    return Path(builder.CACHE) / "etcd" / etcd / name
+
+
+def build_command(name: str, kubernetes_version: str = DEFAULT_KUBERNETES) -> str:
+    return f"tests/real/build-binaries {name}@{kubernetes_version}"
+
+
+def binary(name: str, kubernetes_version: str = DEFAULT_KUBERNETES) -> str:
+    """The absolute path of a built binary; skip (fail under CI=true) when it has not been built."""
+    path = cached_path(name, kubernetes_version)
+    if not path.is_file():
+        command = build_command(name, kubernetes_version)
+        unavailable(f"{name} for Kubernetes {kubernetes_version} is not built: run {command}")
+    return str(path)
+
+
+def reported_version(path: str) -> str:
+    """What a Kubernetes binary says its version is (`--version` / `version -o short`)."""
+    argv = [path, "version", "-o", "short"] if path.endswith("/kubeadm") else [path, "--version"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    return (result.stdout + result.stderr).strip()

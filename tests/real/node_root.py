@@ -1,0 +1,86 @@
+"""Run real kubeadm (or any program) as root without changing the host: a private mount namespace in
+which /etc and /var are overlays whose upper layers live in a test directory.
+
+Files placed before the run appear at their absolute paths (/etc/kubernetes/pki/ca.crt ...), and what
+the program writes lands in the upper layers, where the test reads it back. Nothing outside the test
+directory changes; the namespace and its mounts end with the process. Every run is bounded, and its
+output is passed through the plan's masking (keys and bootstrap tokens never reach a test report).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.integration.conftest import require_root, unavailable
+from tools.plan import mask
+
+OVERLAID = ("etc", "var")
+
+
+@dataclass(frozen=True)
+class Ran:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str  # masked
+    stderr: str  # masked
+
+    @property
+    def output(self) -> str:
+        return f"$ {' '.join(self.argv)}\n(exit {self.returncode})\n{self.stdout}{self.stderr}"
+
+
+class NodeRoot:
+    """One node's /etc and /var, as overlays over the host's, kept under `directory`."""
+
+    def __init__(self, directory: Path) -> None:
+        require_root()
+        if shutil.which("unshare") is None:
+            unavailable("`unshare` (util-linux) is not installed")
+        self.directory = directory
+        for name in OVERLAID:
+            (directory / "upper" / name).mkdir(parents=True, exist_ok=True)
+            (directory / "work" / name).mkdir(parents=True, exist_ok=True)
+
+    def path(self, absolute: str) -> Path:
+        """Where the node's `absolute` path (under /etc or /var) lives on the host."""
+        relative = Path(absolute).relative_to("/")
+        if relative.parts[0] not in OVERLAID:
+            raise ValueError(f"{absolute} is not under /etc or /var")
+        return self.directory / "upper" / relative
+
+    def place(self, files: Mapping[str, tuple[int, str]]) -> None:
+        for absolute, (mode, content) in files.items():
+            target = self.path(absolute)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content)
+            target.chmod(mode)
+
+    def read(self, absolute: str) -> str:
+        return self.path(absolute).read_text()
+
+    def exists(self, absolute: str) -> bool:
+        return self.path(absolute).is_file()
+
+    def run(self, argv: Sequence[str], *, timeout: float = 120, env: Mapping[str, str] | None = None) -> Ran:
+        mounts = " && ".join(
+            f"mount -t overlay overlay -o lowerdir=/{name},upperdir={self.directory / 'upper' / name},"
+            f"workdir={self.directory / 'work' / name} /{name}"
+            for name in OVERLAID
+        )
+        environment = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", **(env or {})}
+        wrapper = ["unshare", "--mount", "--propagation", "private", "bash", "-c", f'{mounts} && exec "$@"', "node"]
+        result = subprocess.run(
+            [*wrapper, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=environment,
+            cwd=os.fspath(self.directory),
+        )
+        return Ran(tuple(argv), result.returncode, mask(result.stdout), mask(result.stderr))
