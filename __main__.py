@@ -11,9 +11,21 @@ from components.previous import (
     KUBERNETES_VERSION_OUTPUT,
     read_previous_deployment,
 )
+from components.promotion import enforce_promotion_gate
+from components.release import (
+    PROGRAM_DIGEST_OUTPUT,
+    PROMOTION_OUTPUT,
+    RELEASE_OUTPUT,
+    program_digest,
+    program_root,
+    release_of,
+)
 
 previous = read_previous_deployment()
 config = load_stack_config(pulumi.get_stack(), previous)
+release, digest = release_of(config), program_digest(program_root())
+# Before any cluster resource: a release the promotion source does not run is refused here.
+promotion = enforce_promotion_gate(config, stack=pulumi.get_stack(), release=release, digest=digest)
 cluster = build_cluster(config, previous)
 
 pulumi.export("kubeconfig", cluster.kubeconfig)
@@ -28,3 +40,8 @@ if cluster.etcd_initial_members is not None:
     # Which members bootstrapped the external etcd cluster (forever), and which are planned now.
     pulumi.export(ETCD_INITIAL_MEMBERS_OUTPUT, list(cluster.etcd_initial_members))
     pulumi.export(ETCD_MEMBERS_OUTPUT, list(cluster.etcd_members or ()))
+# Read by the next stack in the promotion chain; published only once every step of this run has finished.
+pulumi.export(RELEASE_OUTPUT, cluster.finished.apply(lambda _: release))
+pulumi.export(PROGRAM_DIGEST_OUTPUT, cluster.finished.apply(lambda _: digest))
+if promotion is not None:
+    pulumi.export(PROMOTION_OUTPUT, promotion)

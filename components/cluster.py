@@ -30,6 +30,8 @@ class ClusterOutputs:
     ssh_user: str
     ssh_private_key: pulumi.Output[str]
     kubernetes_version: pulumi.Output[str]
+    # Resolves once every remote step of this run has finished (unknown in preview): what the release waits for.
+    finished: pulumi.Output[bool]
     # External etcd only: re-exported for the next run, which judges membership changes by them.
     etcd_initial_members: tuple[str, ...] | None = None
     etcd_members: tuple[str, ...] | None = None
@@ -93,7 +95,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
     if len(control_planes) > 1:
         initial.attach_admin(context, control_planes[1])
     # 8. Workers join in parallel as soon as the first control plane and the pod network are up.
-    WorkerPool("workers", WorkerPoolArgs(context, plan.workers, shape, after=bootstrapped, admin=first))
+    workers = WorkerPool("workers", WorkerPoolArgs(context, plan.workers, shape, after=bootstrapped, admin=first))
     # 9. A Kubernetes upgrade, only in a run that raises the version: in the order kubeadm requires.
     upgrade = None
     if last_deployment.kubernetes_version not in (None, config.kubernetes.version):
@@ -101,6 +103,17 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
             f"upgrade-{config.kubernetes.version}",
             KubernetesUpgradeArgs(context, control_planes, admin=first, after=[previous, *bootstrapped]),
         )
+
+    # The last step of every chain: each other step is upstream of one of them.
+    last_steps: list[pulumi.CustomResource] = [*load_balancer.configured, *bootstrapped]
+    last_steps += [step for node in control_planes for step in (node.kubeadm, node.membership) if step is not None]
+    last_steps += [*workers.joins.values(), *workers.memberships.values()]
+    if etcd_spec is not None:
+        last_steps.append(etcd.ready)
+    kubernetes_version = (
+        upgrade.completed_version if upgrade is not None else pulumi.Output.from_input(config.kubernetes.version)
+    )
+    finished = pulumi.Output.all(kubernetes_version, *(step.id for step in last_steps)).apply(lambda _: True)
 
     server = f"https://{load_balancer.endpoint}"
     kubeconfig = secret(
@@ -122,9 +135,8 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         ssh_user=config.ssh.user,
         ssh_private_key=pki.operator_private_key,
         # Published only once every upgrade step is done: a failed upgrade is resumed by the next run.
-        kubernetes_version=upgrade.completed_version
-        if upgrade is not None
-        else pulumi.Output.from_input(config.kubernetes.version),
+        kubernetes_version=kubernetes_version,
+        finished=finished,
         etcd_initial_members=etcd_spec.initial_members if etcd_spec is not None else None,
         etcd_members=tuple(member.name for member in etcd_spec.members) if etcd_spec is not None else None,
     )

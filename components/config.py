@@ -183,6 +183,23 @@ class SshConfig(_Model):
         return tuple(key.strip() for key in value)
 
 
+class PromotionConfig(_Model):
+    """Where this stack's release comes from: it may deploy only what `from` runs (components/promotion.py)."""
+
+    source: Annotated[str, Field(alias="from", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+    # `off` lets a release through that the source does not run; only with a reason, logged on every run.
+    gate: Literal["on", "off"] = "on"
+    reason: str | None = None
+
+    @field_validator("gate", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML 1.1 readers (PyYAML) load a bare `off`/`on` as a boolean; Pulumi's YAML 1.2 keeps the word.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
+
+
 class ClusterConfig(_Model):
     cluster_name: Annotated[str, Field(alias="clusterName")]
     hypervisors: Annotated[tuple[HypervisorConfig, ...], Field(min_length=1)] = (HypervisorConfig(name="local"),)
@@ -194,6 +211,7 @@ class ClusterConfig(_Model):
     control_plane: Annotated[ControlPlaneConfig, Field(alias="controlPlane")] = ControlPlaneConfig()
     workers: WorkersConfig = WorkersConfig()
     ssh: SshConfig = SshConfig()
+    promotion: PromotionConfig | None = None
 
     @field_validator("cluster_name")
     @classmethod
@@ -245,7 +263,7 @@ def parse_config(raw: Mapping[str, Any], *, stack: str, previous: PreviousDeploy
         config = ClusterConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError([_problem_from_pydantic(item) for item in error.errors()]) from None
-    problems = cross_field_problems(config) + change_problems(config, previous)
+    problems = cross_field_problems(config) + promotion_problems(config, stack) + change_problems(config, previous)
     if problems:
         raise ConfigError(problems)
     return config
@@ -342,6 +360,33 @@ def cross_field_problems(config: ClusterConfig) -> list[Problem]:
         ]
         if clash:
             problems.append(Problem("loadBalancer.vip", f"{vip} is the address of node {clash[0]}"))
+    return problems
+
+
+def promotion_problems(config: ClusterConfig, stack: str) -> list[Problem]:
+    """Rules of the `promotion` key that relate its fields to each other and to the stack."""
+    promotion = config.promotion
+    if promotion is None:
+        return []
+    problems: list[Problem] = []
+    if promotion.source == stack:
+        problems.append(
+            Problem(
+                "promotion.from",
+                f"{promotion.source!r} is this stack itself; name the stack before it in the chain "
+                "(dev -> staging -> prod)",
+            )
+        )
+    reason = (promotion.reason or "").strip()
+    if promotion.gate == "off" and not reason:
+        problems.append(
+            Problem(
+                "promotion.reason",
+                "gate: off needs a non-empty reason (every run logs it as a warning, and exports it)",
+            )
+        )
+    elif promotion.gate == "on" and promotion.reason is not None:
+        problems.append(Problem("promotion.reason", "only used with gate: off; with the gate on nothing is overridden"))
     return problems
 
 

@@ -67,13 +67,17 @@ __all__ = [
     "LogMessage",
     "OfflineMocks",
     "OutputValue",
+    "Read",
     "RecordingMonitor",
     "Registration",
     "ResourceRef",
+    "StackOutputs",
     "engine_config",
     "evaluate",
+    "evaluation_of_failure",
     "load_stack_config",
     "project_name",
+    "stacks_as_their_files_say",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -81,6 +85,7 @@ _LOG = logging.getLogger(__name__)
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 DEFAULT_PROJECT: Final = "kubeadm-ha"
 STACK_TYPE: Final = "pulumi:pulumi:Stack"
+STACK_REFERENCE_TYPE: Final = "pulumi:pulumi:StackReference"
 
 # Wire-format markers, as defined by the Pulumi engine (sdk/go/common/resource/properties.go).
 _SIG_KEY: Final = "4dabf18193072939515e22adb298388d"
@@ -160,6 +165,20 @@ class LogMessage:
     urn: str | None
 
 
+@dataclass(frozen=True)
+class Read:
+    """One ``ReadResource`` call (a ``pulumi.StackReference``, say): read, not registered."""
+
+    urn: str
+    type: str
+    name: str
+    id: str | None
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+    registered_before: int
+    """How many resources (the root stack included) had been registered when the read was made."""
+
+
 ResourceRef = Registration | str
 
 
@@ -175,6 +194,8 @@ class Evaluation:
     config: dict[str, str] = field(default_factory=dict)
     """The configuration as handed to the program (engine encoding: strings/JSON)."""
     logs: list[LogMessage] = field(default_factory=list)
+    reads: list[Read] = field(default_factory=list)
+    """Resources the program read rather than registered (``pulumi.StackReference``), in order."""
 
     @property
     def stack_urn(self) -> str:
@@ -370,7 +391,26 @@ class RecordingMonitor(MockMonitor):
         self.registrations: list[Registration] = []
         self.stack_urn: str | None = None
         self.stack_outputs: dict[str, OutputValue] = {}
+        self.reads: list[Read] = []
         self._lock = threading.Lock()
+
+    def ReadResource(self, request: Any) -> Any:
+        response = super().ReadResource(request)
+        inputs, _ = _decode_struct(request.properties)
+        outputs, _ = _decode_struct(response.properties)
+        with self._lock:
+            self.reads.append(
+                Read(
+                    urn=response.urn,
+                    type=request.type,
+                    name=request.name,
+                    id=request.id or None,
+                    inputs=inputs,
+                    outputs=outputs,
+                    registered_before=len(self.registrations),
+                )
+            )
+        return response
 
     def RegisterResource(self, request: Any) -> Any:
         urn = self.make_urn(request.parent, request.type, request.name)
@@ -443,20 +483,58 @@ class _RecordingEngine(MockEngine):
 
 READ_STACK_OUTPUTS: Final = "pulumi:pulumi:readStackOutputs"
 
+StackOutputs = Mapping[str, Any] | None | _Unknown
+"""Another stack's outputs as the engine would read them: a mapping, None (no such stack) or UNKNOWN."""
+
+
+def _stack_of(qualified: str) -> str:
+    """`dev` for `organization/kubeadm-ha/dev` (and for `dev`)."""
+    return qualified.rsplit("/", 1)[-1]
+
 
 class OfflineMocks(pulumi.runtime.Mocks):
     """Provider stand-ins: real TLS material, echoed inputs for everything else.
 
     With ``preview=True`` every resource gets back exactly its inputs and no id,
     which the SDK resolves as unknown, as in a first preview of a new stack.
+    Stack references are the exception, as with the engine, which reads them in
+    preview too: they return the referenced stack's outputs from ``other_stacks``.
     """
 
-    def __init__(self, *, preview: bool = False, previous_outputs: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        preview: bool = False,
+        previous_outputs: Mapping[str, Any] | None = None,
+        stack: str | None = None,
+        other_stacks: Callable[[str], StackOutputs] | None = None,
+    ) -> None:
         self.preview = preview
         # What the engine's `pulumi:pulumi:readStackOutputs` returns: the stack's last deployed outputs.
         self.previous_outputs = dict(previous_outputs or {})
+        # The stack being evaluated; readStackOutputs for any other name asks `other_stacks`.
+        self.stack = stack
+        self.other_stacks = other_stacks or (lambda _name: None)
+
+    def _other_stack(self, qualified: str) -> StackOutputs:
+        found = self.other_stacks(_stack_of(qualified))
+        if found is None:
+            # The engine's words for a stack reference to a missing stack.
+            raise Exception(f"unknown stack {qualified!r}")
+        return found
+
+    def _stack_reference(self, args: MockResourceArgs) -> tuple[str | None, dict[Any, Any]]:
+        name = str(args.inputs.get("name") or args.resource_id)
+        outputs = self._other_stack(name)
+        if outputs is UNKNOWN:
+            unknown = pulumi.Output(set(), _resolved(None), _resolved(False))
+            return name, {"name": name, "outputs": unknown, "secretOutputNames": unknown}
+        assert isinstance(outputs, Mapping)
+        return name, {"name": name, "outputs": dict(outputs), "secretOutputNames": []}
 
     def new_resource(self, args: MockResourceArgs) -> tuple[str | None, dict[Any, Any]]:
+        if args.typ == STACK_REFERENCE_TYPE:
+            return self._stack_reference(args)
         # Returning the inputs keeps their secret and unknown markers on the outputs,
         # which is what the engine does for input-derived properties.
         state = dict(args.inputs)
@@ -471,9 +549,23 @@ class OfflineMocks(pulumi.runtime.Mocks):
 
     def call(self, args: MockCallArgs) -> tuple[dict[Any, Any], list[tuple[str, str]] | None]:
         if args.token == READ_STACK_OUTPUTS:
-            name = args.args.get("name")
-            return {"name": name, "outputs": dict(self.previous_outputs), "secretOutputNames": []}, []
+            name = str(args.args.get("name") or "")
+            if self.stack is None or _stack_of(name) == self.stack:
+                outputs: Mapping[str, Any] = self.previous_outputs
+            else:
+                found = self.other_stacks(_stack_of(name))
+                if found is None:
+                    # As the engine does: an invoke error raised into the program, not an RPC failure.
+                    return {}, [("name", f"unknown stack {name!r}")]
+                outputs = found if isinstance(found, Mapping) else {}
+            return {"name": name, "outputs": dict(outputs), "secretOutputNames": []}, []
         return {}, []
+
+
+def _resolved(value: Any) -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = asyncio.get_event_loop().create_future()
+    future.set_result(value)
+    return future
 
 
 # --------------------------------------------------------------------------- TLS material
@@ -1199,6 +1291,7 @@ def evaluate(
     config: Mapping[str, Any] | None = None,
     preview: bool = False,
     previous_outputs: Mapping[str, Any] | None = None,
+    stack_outputs: Mapping[str, StackOutputs] | None = None,
 ) -> Evaluation:
     """Evaluate the program for ``stack`` offline and return what it registered.
 
@@ -1211,8 +1304,15 @@ def evaluate(
     :param previous_outputs: the stack outputs of the "last deployment", as the
         engine's ``pulumi:pulumi:readStackOutputs`` would return them (default: none,
         a new stack).
+    :param stack_outputs: other stacks' outputs, as a ``pulumi.StackReference`` (or
+        ``readStackOutputs``) reads them, by stack name: a mapping, ``None`` for a stack
+        that does not exist, :data:`UNKNOWN` for outputs that are not known. A stack not
+        named here is modelled as deployed exactly as its ``Pulumi.<stack>.yaml`` in
+        ``project_dir`` says, by this checkout of the program (see
+        :func:`stacks_as_their_files_say`); without a stack file it does not exist.
     :raises: whatever the program raises (e.g. a ``pulumi.RunError`` from config
-        validation), re-raised unchanged.
+        validation), re-raised unchanged. What was registered and read up to the failure
+        is attached: :func:`evaluation_of_failure` returns it.
     """
     directory = (project_dir or REPO_ROOT).resolve()
     program = directory / "__main__.py"
@@ -1222,7 +1322,15 @@ def evaluate(
     raw_config = dict(config) if config is not None else load_stack_config(directory, stack)
     values, secret_keys = engine_config(raw_config, project)
 
-    monitor = RecordingMonitor(OfflineMocks(preview=preview, previous_outputs=previous_outputs))
+    from_files = stacks_as_their_files_say(directory)
+    given = dict(stack_outputs or {})
+
+    def other_stacks(name: str) -> StackOutputs:
+        return given[name] if name in given else from_files(name)
+
+    monitor = RecordingMonitor(
+        OfflineMocks(preview=preview, previous_outputs=previous_outputs, stack=stack, other_stacks=other_stacks)
+    )
     engine = _RecordingEngine()
     failure: list[BaseException] = []
 
@@ -1246,13 +1354,46 @@ def evaluate(
         thread = threading.Thread(target=target, name=f"pulumi-offline-{stack}")
         thread.start()
         thread.join()
-    if failure:
-        raise failure[0]
-    return Evaluation(
+    evaluation = Evaluation(
         stack=stack,
         preview=preview,
         resources=list(monitor.registrations),
         outputs=dict(monitor.stack_outputs),
         config=values,
         logs=list(engine.messages),
+        reads=list(monitor.reads),
     )
+    if failure:
+        failure[0].__dict__[_PARTIAL_EVALUATION] = evaluation
+        raise failure[0]
+    return evaluation
+
+
+_PARTIAL_EVALUATION: Final = "offline_evaluation"
+
+
+def evaluation_of_failure(error: BaseException) -> Evaluation | None:
+    """What a failed :func:`evaluate` had registered, read and logged before the program raised ``error``."""
+    found = getattr(error, _PARTIAL_EVALUATION, None)
+    return found if isinstance(found, Evaluation) else None
+
+
+def stacks_as_their_files_say(project_dir: Path) -> Callable[[str], StackOutputs]:
+    """Model other stacks offline: each deployed exactly as its stack file says, by this program revision.
+
+    The outputs are the release outputs the program's own ``components.release`` computes, so a stack that
+    promotes from another sees it run the release its file declares. Called while the program runs (its
+    modules are importable then); a stack without a stack file does not exist.
+    """
+
+    def outputs(stack: str) -> StackOutputs:
+        path = project_dir / f"Pulumi.{stack}.yaml"
+        if not path.is_file():
+            return None
+        release = importlib.import_module("components.release")
+        config = importlib.import_module("components.config")
+        parsed = config.config_from_stack_file(str(path), stack)
+        result: Mapping[str, Any] = release.deployment_outputs(parsed, release.program_digest(project_dir))
+        return result
+
+    return outputs

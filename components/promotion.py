@@ -1,0 +1,189 @@
+"""The promotion gate: a stack deploys only the release (and program revision) its source stack runs.
+
+`promotion: {from: dev}` in Pulumi.staging.yaml makes every preview and up of staging read dev's outputs
+through a `pulumi.StackReference` and refuse, before any cluster resource is registered, a release or
+program digest dev has not deployed. `gate: off` with a reason lets it through, with a warning on every run.
+
+The decision itself (`judge`) is a pure function of what the source exported; `enforce_promotion_gate` is
+the wiring that reads those outputs inside the running program.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import pulumi
+from pulumi.runtime.sync_await import _sync_await
+
+from components.config import ClusterConfig, PromotionConfig
+from components.previous import READ_STACK_OUTPUTS
+from components.release import (
+    deployment_differences,
+    has_deployed,
+)
+
+SOURCE_REFERENCE = "promotion-source"
+
+
+class _UnknownOutputs:
+    def __repr__(self) -> str:
+        return "UNKNOWN_OUTPUTS"
+
+
+# The source's outputs could not be known (an engine or mock that leaves a read unresolved in preview).
+UNKNOWN_OUTPUTS: Final = _UnknownOutputs()
+
+
+@dataclass(frozen=True)
+class SourceMissing:
+    """The source stack could not be read: it does not exist (or the backend would not say)."""
+
+    detail: str = ""
+
+
+class PromotionRefused(pulumi.RunError):
+    """The release this stack would deploy has not run in its promotion source."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    stack: str
+    source: str
+    reasons: tuple[str, ...]
+    advice: str
+
+    def message(self) -> str:
+        listing = "\n".join(f"  - {reason}" for reason in self.reasons)
+        return (
+            f"promotion gate (promotion.from: {self.source}): stack {self.stack} refuses to deploy a release "
+            f"{self.source} has not deployed:\n{listing}\n{self.advice}"
+        )
+
+
+def _override_hint(stack: str, source: str) -> str:
+    return (
+        f'(Only in an emergency: promotion: {{from: {source}, gate: off, reason: "..."}} in Pulumi.{stack}.yaml '
+        "lets it through, with a warning on every run.)"
+    )
+
+
+def judge(
+    *,
+    stack: str,
+    source: str,
+    wanted_release: Mapping[str, Any],
+    wanted_digest: str,
+    source_outputs: Mapping[str, Any] | _UnknownOutputs | SourceMissing,
+) -> Refusal | None:
+    """Whether `stack` may deploy `wanted_release` by program `wanted_digest`, given its source's outputs.
+
+    `source_outputs` is SourceMissing when the source stack could not be read, UNKNOWN_OUTPUTS when its outputs
+    are not known values. Returns None when the gate lets the deployment through.
+    """
+    hint = _override_hint(stack, source)
+    if isinstance(source_outputs, SourceMissing):
+        detail = f" ({source_outputs.detail})" if source_outputs.detail else ""
+        return Refusal(
+            stack,
+            source,
+            (f"stack {source} does not exist in this backend{detail}, so nothing has run there",),
+            f"Create and deploy it first (pulumi stack init {source}; pulumi up --stack {source}). {hint}",
+        )
+    if isinstance(source_outputs, _UnknownOutputs):
+        return Refusal(
+            stack,
+            source,
+            (f"the outputs of stack {source} are not known in this run, so what it runs cannot be compared",),
+            f"Run again once {source}'s outputs can be read (pulumi stack output --stack {source}). {hint}",
+        )
+    if not has_deployed(source_outputs):
+        return Refusal(
+            stack,
+            source,
+            (f"stack {source} has never finished a deployment of this program (it exports no release)",),
+            f"Deploy it first: pulumi up --stack {source}. {hint}",
+        )
+    differences = deployment_differences(wanted_release, wanted_digest, source_outputs)
+    if not differences:
+        return None
+    return Refusal(
+        stack,
+        source,
+        tuple(difference.describe(f"{stack} would deploy", f"{source} runs") for difference in differences),
+        f"Deploy this change to {source} first (pulumi up --stack {source}), or, to deploy what {source} runs, "
+        f"promote it: python -m tools.promote {stack} --from {source}. {hint}",
+    )
+
+
+def promotion_output(promotion: PromotionConfig) -> dict[str, str]:
+    """What the stack exports about its gate, so an override is visible in `pulumi stack output`."""
+    exported = {"from": promotion.source, "gate": promotion.gate}
+    if promotion.gate == "off" and promotion.reason:
+        exported["reason"] = promotion.reason
+    return exported
+
+
+def qualified_stack_name(source: str) -> str:
+    """`organization/project/stack`, the form both the local backend and Pulumi Cloud accept."""
+    return f"{pulumi.get_organization()}/{pulumi.get_project()}/{source}"
+
+
+def enforce_promotion_gate(
+    config: ClusterConfig, *, stack: str, release: Mapping[str, Any], digest: str
+) -> dict[str, str] | None:
+    """Refuse, with PromotionRefused, to deploy a release the promotion source does not run.
+
+    Call before any cluster resource is registered. Returns what to export as `promotion` (None: no gate).
+    """
+    promotion = config.promotion
+    if promotion is None:
+        return None
+    if promotion.gate == "off":
+        pulumi.log.warn(
+            f"promotion gate OFF for stack {stack} (promotion.from: {promotion.source}): this run may deploy a "
+            f"release {promotion.source} has not run. Reason given: {promotion.reason}"
+        )
+        return promotion_output(promotion)
+    refusal = judge(
+        stack=stack,
+        source=promotion.source,
+        wanted_release=release,
+        wanted_digest=digest,
+        source_outputs=_read_source_outputs(qualified_stack_name(promotion.source)),
+    )
+    if refusal is not None:
+        raise PromotionRefused(refusal.message())
+    return promotion_output(promotion)
+
+
+def _read_source_outputs(name: str) -> Mapping[str, Any] | _UnknownOutputs | SourceMissing:
+    """The source stack's outputs, read before any cluster resource exists.
+
+    Why two reads. The engine's `pulumi:pulumi:readStackOutputs` invoke is synchronous and raises into the
+    program, so a missing stack becomes our clear refusal here. A failed StackReference read, by contrast, is
+    an RPC failure the SDK records and re-raises once the program ends, replacing whatever we raised with
+    the engine's bare "unknown stack". Once the stack is known to exist, the StackReference is the read the
+    gate decides on: it is recorded in this stack's state as the one resource registered before the check.
+
+    Why `_sync_await`. The StackReference's outputs are an Output; the program has to know them *now*, before
+    it registers the cluster, not in an apply that runs after everything is registered. `_sync_await` pumps
+    the event loop until the read completes; it is what the SDK's own synchronous `pulumi.runtime.invoke`
+    (used for the probe, and by components/previous.py) is built on, and it works the same under the engine
+    and under the mock monitor (tools/offline.py). Preview reads stack references like `up` does, so the
+    decision is the same in both; an output that still comes back unknown is refused, never guessed.
+    """
+    try:
+        pulumi.runtime.invoke(READ_STACK_OUTPUTS, {"name": name})
+    except Exception as error:  # the engine reports a missing stack as a plain invoke error
+        return SourceMissing(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+    reference = pulumi.StackReference(SOURCE_REFERENCE, stack_name=name)
+    return _sync_await(_known_outputs(reference))
+
+
+async def _known_outputs(reference: pulumi.StackReference) -> Mapping[str, Any] | _UnknownOutputs:
+    if not await reference.outputs.is_known():
+        return UNKNOWN_OUTPUTS
+    outputs = await reference.outputs.future()
+    return dict(outputs or {})
