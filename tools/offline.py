@@ -527,8 +527,8 @@ class OfflineMocks(pulumi.runtime.Mocks):
         name = str(args.inputs.get("name") or args.resource_id)
         outputs = self._other_stack(name)
         if outputs is UNKNOWN:
-            unknown = pulumi.Output(set(), _resolved(None), _resolved(False))
-            return name, {"name": name, "outputs": unknown, "secretOutputNames": unknown}
+            # The wire form of an unknown value: the SDK resolves it as unknown, in preview and update alike.
+            return name, {"name": name, "outputs": _UNKNOWN_WIRE, "secretOutputNames": _UNKNOWN_WIRE}
         assert isinstance(outputs, Mapping)
         return name, {"name": name, "outputs": dict(outputs), "secretOutputNames": []}
 
@@ -560,12 +560,6 @@ class OfflineMocks(pulumi.runtime.Mocks):
                 outputs = found if isinstance(found, Mapping) else {}
             return {"name": name, "outputs": dict(outputs), "secretOutputNames": []}, []
         return {}, []
-
-
-def _resolved(value: Any) -> asyncio.Future[Any]:
-    future: asyncio.Future[Any] = asyncio.get_event_loop().create_future()
-    future.set_result(value)
-    return future
 
 
 # --------------------------------------------------------------------------- TLS material
