@@ -11,6 +11,7 @@ import functools
 import importlib.machinery
 import importlib.util
 import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -61,3 +62,31 @@ def reported_version(path: str) -> str:
     argv = [path, "version", "-o", "short"] if path.endswith("/kubeadm") else [path, "--version"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     return (result.stdout + result.stderr).strip()
+
+
+# What the suite runs (tests/run-all.sh builds these before pytest): kubeadm at both validated versions, and
+# the default release's control plane, kubectl (the program's scripts call it) and the etcd kubeadm pins.
+SUITE = (
+    *(f"kubeadm@{version}" for version in KUBEADM_VERSIONS),
+    *(
+        f"{name}@{DEFAULT_KUBERNETES}"
+        for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd", "etcdctl")
+    ),
+)
+
+
+def main() -> int:
+    """Build (or find in the cache) every binary of SUITE, one `build-binaries` run each, so the log shows each time."""
+    for spec in SUITE:
+        result = subprocess.run(
+            [sys.executable, str(BUILD_SCRIPT), spec], check=False, stdout=subprocess.PIPE, text=True
+        )
+        if result.returncode != 0:
+            print(f"tests/real: building {spec} failed (exit {result.returncode})", file=sys.stderr)
+            return result.returncode
+        print(result.stdout.strip(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

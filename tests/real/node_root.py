@@ -20,6 +20,7 @@ from tests.integration.conftest import require_root, unavailable
 from tools.plan import mask
 
 OVERLAID = ("etc", "var")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass(frozen=True)
@@ -66,16 +67,32 @@ class NodeRoot:
     def exists(self, absolute: str) -> bool:
         return self.path(absolute).is_file()
 
-    def run(self, argv: Sequence[str], *, timeout: float = 120, env: Mapping[str, str] | None = None) -> Ran:
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """`argv` run inside a new private mount namespace with this node's /etc and /var (exec: same pid)."""
         mounts = " && ".join(
             f"mount -t overlay overlay -o lowerdir=/{name},upperdir={self.directory / 'upper' / name},"
             f"workdir={self.directory / 'work' / name} /{name}"
             for name in OVERLAID
         )
-        environment = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", **(env or {})}
-        wrapper = ["unshare", "--mount", "--propagation", "private", "bash", "-c", f'{mounts} && exec "$@"', "node"]
+        return ["unshare", "--mount", "--propagation", "private", "bash", "-c", f'{mounts} && exec "$@"', "node", *argv]
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float = 120,
+        env: Mapping[str, str] | None = None,
+        netns: str | None = None,
+        stdin: str | None = None,
+    ) -> Ran:
+        """Run `argv` on this node (in network namespace `netns` if given), bounded; output masked."""
+        environment = {"PATH": DEFAULT_PATH, **(env or {})}
+        wrapped = self.wrap(argv)
+        if netns is not None:
+            wrapped = ["ip", "netns", "exec", netns, *wrapped]
         result = subprocess.run(
-            [*wrapper, *argv],
+            wrapped,
+            input=stdin if stdin is not None else "",
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -173,11 +173,12 @@ def test_kubeconfigs_point_at_the_programs_endpoints(phased: Phased) -> None:
         assert cluster["name"] == phased.config.cluster_name, name
         assert base64.b64decode(cluster["cluster"]["certificate-authority-data"]).decode() == ca_pem, name
         servers[name] = cluster["cluster"]["server"]
-    # Whatever a person or kubelet uses goes through the VIP; the local components talk to their own API server.
+    # What an operator uses goes through the VIP; a control plane's own components (its kubelet too, since
+    # kubeadm's ControlPlaneKubeletLocalMode) talk to the API server next to them.
     assert servers == {
         "admin.conf": phased.vip_endpoint,
         "super-admin.conf": phased.vip_endpoint,
-        "kubelet.conf": phased.vip_endpoint,
+        "kubelet.conf": local,
         "controller-manager.conf": local,
         "scheduler.conf": local,
     }

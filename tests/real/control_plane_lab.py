@@ -1,0 +1,397 @@
+"""A real control plane of one stack, in network namespaces at its planned addresses (section 3 of issue 9).
+
+What runs, and where each piece comes from:
+
+* etcd members (external topology): the files of each member's `etcd-member` step, and the command of the
+  static pod that step stages, with etcd built at the version kubeadm pins;
+* per control plane: the `place-pki` bundle, then real kubeadm's `init phase certs/kubeconfig/control-plane`
+  on the program's InitConfiguration (the first control plane's own `init.yaml`; the others' from the same
+  builder with their name and address, as `kubeadm join` derives them), then kube-apiserver,
+  kube-controller-manager (and kube-scheduler) started with the commands of kubeadm's static-pod manifests;
+* `kubeadm init phase upload-config all` and `bootstrap-token` on the first control plane, as `kubeadm
+  init` runs them (kubeadm-config, kubelet-config, cluster-info, the program's token and its RBAC);
+* per load balancer: HAProxy and keepalived from the `configure-lb` bundle.
+
+Each node is a network namespace (tests/integration/netns.py) plus a NodeRoot (its own /etc and /var as
+overlays), so the manifests' absolute paths are used unchanged and nothing on the host is written. A
+client namespace plays the operator, with the program's `kubeconfig` output. Everything is torn down by
+`close()`, after a failure too.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import http.client
+import ipaddress
+import json
+import shutil
+import signal
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components import lb_config
+from components.addressing import AddressPlan, NodePlan, plan_addresses
+from components.cluster import cluster_shape
+from components.config import ClusterConfig
+from components.etcd import STAGED_MANIFEST_PATH, EtcdClusterSpec, plan_membership
+from components.kubeadm import INIT_CONFIG_PATH, init_documents
+from components.pki import APISERVER_ETCD_CLIENT, ETCD_CA
+from components.previous import NEW_STACK
+from tests.integration.netns import Lab, Namespace, Process, poll_until, scratch_dir
+from tests.real.documents import evaluated_at, init_step, step_files
+from tests.real.node_root import DEFAULT_PATH, NodeRoot, Ran
+from tests.stacks import stack_config
+from tools.offline import Evaluation
+from tools.plan import mask
+
+MANIFESTS = "/etc/kubernetes/manifests"
+CLIENT_OFFSET = 200
+COMPONENTS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+# Bounds for a loaded 2-core machine.
+ETCD_BOUND = 60.0
+APISERVER_BOUND = 240.0
+KUBEADM_BOUND = 180.0
+
+
+def report(message: str) -> None:
+    print(f"[control-plane-live] {message}", flush=True)
+
+
+@dataclasses.dataclass
+class Node:
+    plan: NodePlan
+    namespace: Namespace
+    root: NodeRoot
+    processes: dict[str, Process] = dataclasses.field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.plan.hostname
+
+    @property
+    def address(self) -> str:
+        return str(self.plan.address)
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiResponse:
+    status: int
+    body: str
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class ControlPlaneLab:
+    def __init__(
+        self, lab: Lab, work: Path, stack: str, version: str, binaries: dict[str, str], programs: dict[str, str]
+    ) -> None:
+        self.lab, self.work, self.stack, self.version = lab, work, stack, version
+        self.binaries, self.programs = binaries, programs
+        self.evaluation: Evaluation = evaluated_at(stack, version)
+        self.config: ClusterConfig = stack_config(stack)
+        self.plan: AddressPlan = plan_addresses(self.config)
+        self.etcd_spec: EtcdClusterSpec | None = (
+            plan_membership(self.config, self.plan, NEW_STACK) if self.config.etcd.external else None
+        )
+        network = self.plan.network
+        self.bridge = lab.bridge()
+        self.client = lab.namespace("client")
+        lab.attach(
+            self.client,
+            self.bridge,
+            ipaddress.IPv4Interface(f"{network.network_address + CLIENT_OFFSET}/{network.prefixlen}"),
+        )
+        self.nodes: dict[str, Node] = {}
+        self._etcd_argv: dict[str, list[str]] = {}
+        self.token = ""
+        self.script_dir = scratch_dir("cpscripts", mode=0o755)
+        self._client_files()
+
+    # setup -------------------------------------------------------------------------------------
+
+    def add_node(self, plan: NodePlan) -> Node:
+        namespace = self.lab.namespace(plan.hostname.removeprefix(f"{self.stack}-"))
+        self.lab.attach(
+            namespace, self.bridge, ipaddress.IPv4Interface(f"{plan.address}/{self.plan.network.prefixlen}")
+        )
+        node = Node(plan, namespace, NodeRoot(self.work / plan.hostname))
+        self.nodes[plan.hostname] = node
+        return node
+
+    def _client_files(self) -> None:
+        """The program's `kubeconfig` output, split into files the client's TLS context loads."""
+        kubeconfig = yaml.safe_load(self.evaluation.outputs["kubeconfig"].value)
+        self.kubeconfig_server = kubeconfig["clusters"][0]["cluster"]["server"]
+        user = kubeconfig["users"][0]["user"]
+        directory = self.work / "client"
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o700)
+        self.ca_file = directory / "ca.crt"
+        self.ca_file.write_bytes(base64.b64decode(kubeconfig["clusters"][0]["cluster"]["certificate-authority-data"]))
+        self.cert_file = directory / "admin.crt"
+        self.cert_file.write_bytes(base64.b64decode(user["client-certificate-data"]))
+        self.key_file = directory / "admin.key"
+        self.key_file.write_bytes(b"")
+        self.key_file.chmod(0o600)
+        self.key_file.write_bytes(base64.b64decode(user["client-key-data"]))
+
+    def start_etcd(self) -> None:
+        assert self.etcd_spec is not None
+        for member in self.etcd_spec.members:
+            plan = next(node for node in self.plan.etcd_members if node.hostname == member.name)
+            node = self.add_node(plan)
+            files = step_files(self.evaluation, f"{member.name}-etcd-member")
+            node.root.place(files)
+            pod = yaml.safe_load(files[STAGED_MANIFEST_PATH][1])
+            command = pod["spec"]["containers"][0]["command"]
+            assert command[0] == "etcd"
+            self._etcd_argv[member.name] = [self.binaries["etcd"], *command[1:]]
+            self.start_etcd_member(member.name)
+        started = time.monotonic()
+        poll_until(self.etcd_healthy, timeout=ETCD_BOUND, interval=0.5, message="every etcd member healthy")
+        report(f"{len(self.etcd_spec.members)} etcd members healthy after {time.monotonic() - started:.1f}s")
+
+    def start_etcd_member(self, name: str) -> None:
+        node = self.nodes[name]
+        node.processes["etcd"] = self.spawn(node, self._etcd_argv[name], "etcd")
+
+    def etcdctl(self, *args: str, endpoints: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+        """etcdctl from the first control plane's node (the API server's client pair), bounded."""
+        assert self.etcd_spec is not None
+        cp = self.nodes[self.plan.control_planes[0].hostname]
+        urls = endpoints or list(self.etcd_spec.client_urls)
+        argv = [
+            self.binaries["etcdctl"], f"--endpoints={','.join(urls)}", f"--cacert={ETCD_CA.cert_path}",
+            f"--cert={APISERVER_ETCD_CLIENT.cert_path}", f"--key={APISERVER_ETCD_CLIENT.key_path}",
+            "--dial-timeout=2s", "--command-timeout=3s", *args,
+        ]  # fmt: skip
+        ran = cp.root.run(argv, netns=cp.namespace.name, timeout=30)
+        return subprocess.CompletedProcess(argv, ran.returncode, ran.stdout, ran.stderr)
+
+    def etcd_healthy(self) -> bool:
+        return self.etcdctl("endpoint", "health").returncode == 0
+
+    def prepare_control_planes(self) -> None:
+        """PKI placed, then kubeadm's own phases write certificates, kubeconfigs and static-pod manifests."""
+        init_yaml = step_files(self.evaluation, init_step(self.evaluation))[INIT_CONFIG_PATH][1]
+        token = next(yaml.safe_load_all(init_yaml))["bootstrapTokens"][0]["token"]
+        self.token = token
+        shape = cluster_shape(self.config, self.plan, self.etcd_spec)
+        shape = dataclasses.replace(shape, kubernetes_version=self.version)
+        for index, plan in enumerate(self.plan.control_planes):
+            node = self.add_node(plan)
+            node.root.place(step_files(self.evaluation, f"{plan.hostname}-place-pki"))
+            documents = (
+                init_yaml
+                if index == 0
+                else init_documents(shape, hostname=plan.hostname, address=str(plan.address), token=token)
+            )
+            node.root.place({INIT_CONFIG_PATH: (0o600, documents)})
+            phases = [["certs", "all"], ["kubeconfig", "all"], ["control-plane", "all"]]
+            if not self.config.etcd.external:
+                phases.append(["etcd", "local"])
+            for phase in phases:
+                ran = self.kubeadm(node, "init", "phase", *phase, "--config", INIT_CONFIG_PATH)
+                assert ran.returncode == 0, ran.output
+
+    def kubeadm(self, node: Node, *args: str, timeout: float = KUBEADM_BOUND) -> Ran:
+        return node.root.run([self.binaries["kubeadm"], *args], netns=node.namespace.name, timeout=timeout)
+
+    def manifest_command(self, node: Node, component: str) -> list[str]:
+        pod = yaml.safe_load(node.root.read(f"{MANIFESTS}/{component}.yaml"))
+        command = pod["spec"]["containers"][0]["command"]
+        assert command[0] == component
+        return list(command)
+
+    def start_component(self, node: Node, component: str) -> Process:
+        command = self.manifest_command(node, component)
+        process = self.spawn(node, [self.binaries[component], *command[1:]], component)
+        node.processes[component] = process
+        return process
+
+    def spawn(self, node: Node, argv: list[str], what: str) -> Process:
+        env = {"PATH": DEFAULT_PATH}
+        return self.lab.spawn(node.namespace, node.root.wrap(argv), name=f"{what}-{node.name}", env=env)
+
+    def start_control_planes(self, components: tuple[str, ...]) -> None:
+        started = time.monotonic()
+        for plan in self.plan.control_planes:
+            node = self.nodes[plan.hostname]
+            for component in components:
+                self.start_component(node, component)
+        for plan in self.plan.control_planes:
+            self.wait_apiserver_ready(plan.hostname, timeout=APISERVER_BOUND)
+        report(f"{len(self.plan.control_planes)} kube-apiservers ready {time.monotonic() - started:.1f}s after start")
+
+    def start_load_balancers(self) -> None:
+        for plan in self.plan.load_balancers:
+            node = self.add_node(plan)
+            files = step_files(self.evaluation, f"{plan.hostname}-configure-lb")
+            haproxy_cfg = self.work / f"{plan.hostname}-haproxy.cfg"
+            haproxy_cfg.write_text(files[lb_config.HAPROXY_CFG_PATH][1])
+            node.processes["haproxy"] = self.lab.spawn(
+                node.namespace, [self.programs["haproxy"], "-db", "-f", str(haproxy_cfg)], name=f"haproxy-{node.name}"
+            )
+            if lb_config.KEEPALIVED_CONF_PATH not in files:
+                continue
+            check = self.script_dir / "check_haproxy.sh"
+            check.write_text(files[lb_config.KEEPALIVED_CHECK_SCRIPT_PATH][1])
+            check.chmod(0o755)
+            conf = self.work / f"{plan.hostname}-keepalived.conf"
+            conf.write_text(
+                files[lb_config.KEEPALIVED_CONF_PATH][1].replace(lb_config.KEEPALIVED_CHECK_SCRIPT_PATH, str(check))
+            )
+            run_dir = self.work / f"{plan.hostname}-run"
+            run_dir.mkdir(exist_ok=True)
+            argv = [
+                self.programs["keepalived"], "--dont-fork", "--log-console", "--log-detail", "--no-syslog", "--vrrp",
+                "--use-file", str(conf), "--pid", str(run_dir / "keepalived.pid"),
+                "--vrrp_pid", str(run_dir / "vrrp.pid"),
+            ]  # fmt: skip
+            node.processes["keepalived"] = self.lab.spawn(node.namespace, argv, name=f"keepalived-{node.name}")
+        started = time.monotonic()
+        self.wait_vip_holder(timeout=30)
+        report(f"VIP {self.plan.vip} held by {self.vip_holders()} after {time.monotonic() - started:.1f}s")
+
+    # probes --------------------------------------------------------------------------------------
+
+    def tls_context(self, *, client_cert: bool) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        if client_cert:
+            context.load_cert_chain(str(self.cert_file), str(self.key_file))
+        return context
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        host: str | None = None,
+        body: Any = None,
+        admin: bool = True,
+        timeout: float = 5,
+        content_type: str = "application/json",
+    ) -> ApiResponse:
+        """One HTTPS request from the client namespace (to the VIP unless `host`), as the program's admin."""
+        address = host or str(self.plan.vip)
+        port = self.config.load_balancer.port if host is None else 6443
+        with self.client.entered():
+            connection = http.client.HTTPSConnection(
+                address, port, timeout=timeout, context=self.tls_context(client_cert=admin)
+            )
+            connection.connect()
+        try:
+            payload = json.dumps(body) if body is not None and not isinstance(body, str) else body
+            headers = {"Content-Type": content_type} if payload is not None else {}
+            connection.request(method, path, body=payload, headers=headers)
+            response = connection.getresponse()
+            return ApiResponse(response.status, response.read().decode(errors="replace"))
+        finally:
+            connection.close()
+
+    def apiserver_ready(self, hostname: str) -> bool:
+        process = self.nodes[hostname].processes["kube-apiserver"]
+        assert process.alive(), f"kube-apiserver on {hostname} exited:\n{mask(process.log()[-3000:])}"
+        return self.request("GET", "/readyz", host=self.nodes[hostname].address, admin=False, timeout=3).status == 200
+
+    def wait_apiserver_ready(self, hostname: str, *, timeout: float) -> float:
+        started = time.monotonic()
+        poll_until(lambda: self.apiserver_ready(hostname), timeout=timeout, interval=1, message=f"{hostname} /readyz")
+        return time.monotonic() - started
+
+    def vip_holders(self) -> set[str]:
+        return {
+            name
+            for name, node in self.nodes.items()
+            if node.plan.role == "lb" and self.plan.vip in node.namespace.ipv4_addresses()
+        }
+
+    def wait_vip_holder(self, *, timeout: float, exclude: str = "") -> str:
+        def single() -> str | None:
+            holders = self.vip_holders() - {exclude}
+            return next(iter(holders)) if len(holders) == 1 and not (self.vip_holders() & {exclude}) else None
+
+        return poll_until(single, timeout=timeout, interval=0.2, message="exactly one load balancer holding the VIP")
+
+    def backend_states(self, lb: str) -> dict[str, str]:
+        node = self.nodes[lb]
+        with node.namespace.entered():
+            connection = http.client.HTTPConnection("127.0.0.1", lb_config.HAPROXY_HEALTH_PORT, timeout=2)
+            connection.connect()
+        try:
+            connection.request("GET", lb_config.HAPROXY_STATS_URI + ";csv")
+            text = connection.getresponse().read().decode()
+        finally:
+            connection.close()
+        states = {}
+        for line in text.removeprefix("# ").splitlines()[1:]:
+            fields = line.split(",")
+            if len(fields) > 17 and fields[0] == "kube-apiserver" and fields[1] not in ("FRONTEND", "BACKEND"):
+                states[fields[1]] = fields[17]
+        return states
+
+    def wait_backends(self, expected: dict[str, str], *, timeout: float) -> float:
+        started = time.monotonic()
+        for lb in (node.name for node in self.nodes.values() if node.plan.role == "lb"):
+
+            def reached(lb: str = lb) -> bool:
+                states = self.backend_states(lb)
+                return all(states.get(server) == status for server, status in expected.items())
+
+            poll_until(
+                reached,
+                timeout=max(timeout - (time.monotonic() - started), 0.1),
+                interval=0.2,
+                message=f"HAProxy on {lb} to report {expected}",
+            )
+        return time.monotonic() - started
+
+    # scripts ----------------------------------------------------------------------------------------
+
+    def run_step(self, node: Node, script: str, stdin: str, *, timeout: float = 180) -> Ran:
+        """A program step's script on `node`, as pulumi-command runs it (bash -c, stdin = the bundle)."""
+        bin_dir = self.work / "bin"
+        if not bin_dir.exists():
+            bin_dir.mkdir()
+            for name in ("kubeadm", "kubectl"):
+                (bin_dir / name).symlink_to(self.binaries[name])
+        env = {"PATH": f"{bin_dir}:{DEFAULT_PATH}"}
+        return node.root.run(
+            ["bash", "-c", script, "step"], netns=node.namespace.name, timeout=timeout, env=env, stdin=stdin
+        )
+
+    def spawn_step(self, node: Node, script: str, stdin: str, name: str) -> subprocess.Popen[str]:
+        bin_dir = self.work / "bin"
+        env = {"PATH": f"{bin_dir}:{DEFAULT_PATH}"}
+        log = open(self.work / f"{name}.out", "w")  # noqa: SIM115 - closed by the caller through collect()
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", node.namespace.name, *node.root.wrap(["bash", "-c", script, "step"])],
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        assert process.stdin is not None
+        process.stdin.write(stdin)
+        process.stdin.close()
+        log.close()
+        return process
+
+    @contextlib.contextmanager
+    def stopped(self, process: Process) -> Iterator[None]:
+        process.stop(signal.SIGKILL)
+        yield
+
+    def close(self) -> None:
+        shutil.rmtree(self.script_dir, ignore_errors=True)
