@@ -225,9 +225,10 @@ def test_promotion_key_parses_with_yaml_booleans_for_gate() -> None:
 def test_promotion_rules_name_their_key() -> None:
     assert "this stack itself" in problems({"promotion": {"from": "staging"}})["promotion.from"]
     assert "non-empty reason" in problems({"promotion": {"from": "dev", "gate": "off"}})["promotion.reason"]
-    assert "non-empty reason" in problems({"promotion": {"from": "dev", "gate": "off", "reason": "  "}})[
-        "promotion.reason"
-    ]
+    assert (
+        "non-empty reason"
+        in problems({"promotion": {"from": "dev", "gate": "off", "reason": "  "}})["promotion.reason"]
+    )
     assert "only used with gate: off" in problems({"promotion": {"from": "dev", "reason": "why"}})["promotion.reason"]
     assert "unknown key" in problems({"promotion": {"from": "dev", "gates": "off"}})["promotion.gates"]
     assert "from" in " ".join(problems({"promotion": {"gate": "on"}}))

@@ -1,0 +1,408 @@
+"""Promote the release a stack runs to the next stack in the chain (dev -> staging -> prod).
+
+    python -m tools.promote TARGET [--from SOURCE] [--source-outputs FILE] [--target-outputs FILE] [--dry-run]
+
+Reads what SOURCE (default: TARGET's `promotion.from`) has deployed (`pulumi stack output --json`, or
+FILE), rewrites only the release keys of Pulumi.TARGET.yaml to it (every other byte, comments included,
+stays as it is), and prints the offline plan diff of TARGET before and after. Refuses, with a one-line
+reason and exit status 1, to skip a link of the chain, to promote from a source whose stack file or
+program differs from what it runs (undeployed edits), and a promotion TARGET's own rules would refuse
+(configuration validation, judged against TARGET's last deployment, and the promotion gate).
+`--dry-run` prints the same and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.config import CONFIG_NAMESPACE, ClusterConfig, ConfigError, parse_config
+from components.previous import PreviousDeployment
+from components.promotion import judge
+from components.release import (
+    PROGRAM_DIGEST_OUTPUT,
+    RELEASE_OUTPUT,
+    deployment_outputs,
+    has_deployed,
+    program_digest,
+    release_differences,
+    release_of,
+    stack_settings,
+)
+from tools.offline import REPO_ROOT, evaluate
+from tools.plan import write_plan
+
+PULUMI_TIMEOUT_SECONDS = 60
+_PREFIX = f"{CONFIG_NAMESPACE}:"
+
+
+class Refused(Exception):
+    """A promotion that must not happen; the message is the one-line reason."""
+
+
+# --------------------------------------------------------------------------- YAML: rewrite only what changes
+
+
+@dataclass(frozen=True)
+class _Edit:
+    start: int
+    end: int
+    text: str
+
+
+def _scalar(value: str, style: str | None) -> str:
+    """`value` as a YAML scalar in the original quoting style, or plain when that reads back unchanged."""
+    if style == "'":
+        return "'" + value.replace("'", "''") + "'"
+    if style == '"' or yaml.safe_load(value) != value or value != value.strip():
+        return json.dumps(value)
+    return value
+
+
+def _find(mapping: yaml.MappingNode, key: str) -> tuple[yaml.Node, yaml.Node] | None:
+    for key_node, value_node in mapping.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+            return key_node, value_node
+    return None
+
+
+def _last_leaf_end(node: yaml.Node) -> int:
+    """Where the text of a block collection's last value ends (a block node's own end mark runs past it)."""
+    if isinstance(node, yaml.MappingNode) and not node.flow_style and node.value:
+        return _last_leaf_end(node.value[-1][1])
+    if isinstance(node, yaml.SequenceNode) and not node.flow_style and node.value:
+        return _last_leaf_end(node.value[-1])
+    return int(node.end_mark.index)
+
+
+def _insert(text: str, mapping: yaml.MappingNode, key: str, value_text: str) -> _Edit:
+    """An edit adding `key: value_text` as the last entry of `mapping`, in its own style."""
+    if mapping.flow_style:
+        close = int(mapping.end_mark.index) - 1
+        separator = ", " if mapping.value else ""
+        return _Edit(close, close, f"{separator}{key}: {value_text}")
+    if not mapping.value:
+        raise Refused("cannot add to an empty block mapping in the stack file; add the key by hand")
+    indent = " " * int(mapping.value[0][0].start_mark.column)
+    line_end = text.find("\n", _last_leaf_end(mapping))
+    if line_end == -1:
+        return _Edit(len(text), len(text), f"\n{indent}{key}: {value_text}\n")
+    return _Edit(line_end + 1, line_end + 1, f"{indent}{key}: {value_text}\n")
+
+
+def rewrite_settings(text: str, settings: Mapping[tuple[str, ...], str]) -> str:
+    """Set each `(top-level key, [nested key])` under `config:` to its value, touching no other byte.
+
+    A key that exists gets its scalar replaced in place, in its quoting style; a missing one is added as the
+    last entry of its mapping, in that mapping's style (flow or block).
+    """
+    root = yaml.compose(text)
+    if not isinstance(root, yaml.MappingNode) or _find(root, "config") is None:
+        raise Refused("the stack file has no `config:` mapping")
+    found = _find(root, "config")
+    assert found is not None
+    config = found[1]
+    if not isinstance(config, yaml.MappingNode):
+        raise Refused("the stack file's `config:` is not a mapping")
+    edits: list[_Edit] = []
+    by_top: dict[str, dict[tuple[str, ...], str]] = {}
+    for path, value in settings.items():
+        by_top.setdefault(path[0], {})[path[1:]] = value
+    for top, nested in by_top.items():
+        entry = _find(config, top)
+        if entry is None:
+            if () in nested:
+                edits.append(_insert(text, config, top, _scalar(nested[()], None)))
+            else:
+                inner = ", ".join(f"{path[0]}: {_scalar(value, None)}" for path, value in nested.items())
+                edits.append(_insert(text, config, top, "{" + inner + "}"))
+            continue
+        for path, value in nested.items():
+            node = entry[1]
+            for key in path:
+                if not isinstance(node, yaml.MappingNode):
+                    raise Refused(f"{top} in the stack file is not a mapping; cannot set {'.'.join(path)}")
+                child = _find(node, key)
+                if child is None:
+                    edits.append(_insert(text, node, key, _scalar(value, None)))
+                    break
+                node = child[1]
+            else:
+                if not isinstance(node, yaml.ScalarNode) or node.style in ("|", ">"):
+                    raise Refused(f"{top} {'.'.join(path)} in the stack file is not a one-line scalar")
+                edits.append(_Edit(int(node.start_mark.index), int(node.end_mark.index), _scalar(value, node.style)))
+    for edit in sorted(edits, key=lambda e: (e.start, e.end), reverse=True):
+        text = text[: edit.start] + edit.text + text[edit.end :]
+    return text
+
+
+def _expected_document(document: Any, settings: Mapping[tuple[str, ...], str]) -> Any:
+    expected = json.loads(json.dumps(document, default=str))
+    config = expected["config"]
+    for path, value in settings.items():
+        if len(path) == 1:
+            config[path[0]] = value
+        else:
+            config.setdefault(path[0], {})[path[1]] = value
+    return expected
+
+
+# --------------------------------------------------------------------------- reading outputs
+
+
+def read_outputs(stack: str, file: Path | None, project_dir: Path) -> dict[str, Any]:
+    """A stack's outputs: from FILE (`pulumi stack output --json` of it), else from the Pulumi CLI."""
+    if file is not None:
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise Refused(f"cannot read {stack}'s outputs from {file}: {error}") from None
+    else:
+        command = ["pulumi", "stack", "output", "--json", "--stack", stack]
+        try:
+            done = subprocess.run(
+                command, cwd=project_dir, capture_output=True, text=True, timeout=PULUMI_TIMEOUT_SECONDS, check=False
+            )
+        except FileNotFoundError:
+            raise Refused(
+                f"the pulumi CLI is not installed; pass {stack}'s outputs as a file (pulumi stack output --json)"
+            ) from None
+        except subprocess.TimeoutExpired:
+            raise Refused(f"`{' '.join(command)}` did not answer within {PULUMI_TIMEOUT_SECONDS} s") from None
+        if done.returncode != 0:
+            detail = (done.stderr.strip().splitlines() or ["no error output"])[-1]
+            raise Refused(f"`{' '.join(command)}` failed: {detail}")
+        try:
+            data = json.loads(done.stdout or "{}")
+        except json.JSONDecodeError as error:
+            raise Refused(f"`{' '.join(command)}` printed no JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise Refused(f"{stack}'s outputs are not a JSON object")
+    return data
+
+
+# --------------------------------------------------------------------------- the promotion
+
+
+@dataclass(frozen=True)
+class Promotion:
+    target: str
+    source: str
+    before: str
+    after: str
+    changed: dict[tuple[str, ...], str]
+    plan_diff: str
+
+
+def _stack_file(project_dir: Path, stack: str) -> Path:
+    path = project_dir / f"Pulumi.{stack}.yaml"
+    if not path.is_file():
+        raise Refused(f"no stack file {path.name} in {project_dir}")
+    return path
+
+
+def read_text(path: Path) -> str:
+    # newline="" keeps CRLF line ends as they are: the rewrite must leave every other byte alone.
+    with open(path, encoding="utf-8", newline="") as handle:
+        return handle.read()
+
+
+def write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+
+
+def _raw_config(text: str) -> dict[str, Any]:
+    document = yaml.safe_load(text) or {}
+    config = document.get("config") or {}
+    return {key.removeprefix(_PREFIX): value for key, value in config.items() if key.startswith(_PREFIX)}
+
+
+def _one_line(error: ConfigError) -> str:
+    return "; ".join(str(problem) for problem in error.problems)
+
+
+def _parse(text: str, stack: str, previous: PreviousDeployment, what: str) -> ClusterConfig:
+    try:
+        return parse_config(_raw_config(text), stack=stack, previous=previous)
+    except ConfigError as error:
+        raise Refused(f"{what}: {_one_line(error)}") from None
+
+
+def prepare(
+    target: str,
+    *,
+    source: str | None,
+    source_outputs: Mapping[str, Any] | None = None,
+    target_outputs: Mapping[str, Any] | None = None,
+    project_dir: Path = REPO_ROOT,
+    source_outputs_file: Path | None = None,
+    target_outputs_file: Path | None = None,
+) -> Promotion:
+    """Work out the promotion into `target` and check it; raises Refused with the reason. Writes nothing."""
+    target_path = _stack_file(project_dir, target)
+    before = read_text(target_path)
+    current = _parse(before, target, PreviousDeployment(), f"Pulumi.{target}.yaml is invalid")
+    if current.promotion is None:
+        raise Refused(f"{target} has no promotion.from in Pulumi.{target}.yaml: it is the start of the chain")
+    declared = current.promotion.source
+    if source is not None and source != declared:
+        raise Refused(
+            f"{target} promotes from {declared} (promotion.from in Pulumi.{target}.yaml), not {source}: "
+            f"promoting from {source} would skip a link of the chain"
+        )
+
+    outputs = (
+        dict(source_outputs) if source_outputs is not None else read_outputs(declared, source_outputs_file, project_dir)
+    )
+    if not has_deployed(outputs):
+        raise Refused(
+            f"{declared} has never finished a deployment (no release output); pulumi up --stack {declared} first"
+        )
+    running = outputs[RELEASE_OUTPUT]
+    source_file = read_text(_stack_file(project_dir, declared))
+    declared_config = _parse(source_file, declared, PreviousDeployment(), f"Pulumi.{declared}.yaml is invalid")
+    edits = release_differences(release_of(declared_config), running)
+    if edits:
+        listing = "; ".join(d.describe(f"Pulumi.{declared}.yaml says", f"{declared} runs") for d in edits)
+        raise Refused(f"{declared} has undeployed edits ({listing}); pulumi up --stack {declared} first")
+    digest = program_digest(project_dir)
+    if outputs.get(PROGRAM_DIGEST_OUTPUT) != digest:
+        raise Refused(
+            f"{declared} runs program {outputs.get(PROGRAM_DIGEST_OUTPUT)}, this checkout is {digest}: deploy this "
+            f"checkout to {declared} first (pulumi up --stack {declared}), or check out the revision {declared} runs"
+        )
+
+    wanted = stack_settings(running)
+    have = stack_settings(release_of(current))
+    changed = {path: value for path, value in wanted.items() if have.get(path) != value}
+    after = rewrite_settings(before, changed) if changed else before
+    if _expected_document(yaml.safe_load(before), changed) != yaml.safe_load(after):
+        raise Refused(f"internal error: rewriting Pulumi.{target}.yaml would change more than {sorted(changed)}")
+
+    previous = PreviousDeployment(
+        dict(target_outputs) if target_outputs is not None else read_outputs(target, target_outputs_file, project_dir)
+    )
+    promoted = _parse(after, target, previous, f"{target}'s own rules refuse the promotion")
+    refusal = judge(
+        stack=target, source=declared, wanted_release=release_of(promoted), wanted_digest=digest, source_outputs=outputs
+    )
+    if refusal is not None:
+        raise Refused(f"{target}'s promotion gate would still refuse: " + "; ".join(refusal.reasons))
+    plan_diff = diff_plans(
+        target,
+        declared,
+        before=(before, deployment_outputs(current, digest)),
+        after=(after, outputs),
+        previous=previous.outputs,
+        project_dir=project_dir,
+    )
+    return Promotion(target, declared, before, after, changed, plan_diff)
+
+
+def diff_plans(
+    target: str,
+    source: str,
+    *,
+    before: tuple[str, Mapping[str, Any]],
+    after: tuple[str, Mapping[str, Any]],
+    previous: Mapping[str, Any],
+    project_dir: Path,
+) -> str:
+    """The unified diff of `target`'s offline plan (tools.plan) for two stack files.
+
+    Each is evaluated against its own source outputs: the current file as the source ran it (what the target
+    was admitted with), the promoted one against what the source runs now. Both start from the target's last
+    deployment, so the second shows the steps the promotion adds (an upgrade, say).
+    """
+    with tempfile.TemporaryDirectory(prefix="kubeadm-ha-promote-") as scratch:
+        roots = []
+        for label, (text, source_outputs) in (("before", before), ("after", after)):
+            evaluation = evaluate(
+                target,
+                project_dir=project_dir,
+                config=(yaml.safe_load(text) or {}).get("config") or {},
+                previous_outputs=previous,
+                stack_outputs={source: source_outputs},
+            )
+            root = Path(scratch) / label
+            write_plan(evaluation, root)
+            roots.append(root)
+        return _diff_trees(*roots)
+
+
+def _diff_trees(before: Path, after: Path) -> str:
+    files = sorted(
+        {path.relative_to(root).as_posix() for root in (before, after) for path in root.rglob("*") if path.is_file()}
+    )
+    chunks: list[str] = []
+    for name in files:
+        if name.endswith(".svg"):
+            continue  # a rendering of graph.dot, which is diffed
+        old, new = before / name, after / name
+        old_lines = old.read_text().splitlines(keepends=True) if old.is_file() else []
+        new_lines = new.read_text().splitlines(keepends=True) if new.is_file() else []
+        chunks.extend(difflib.unified_diff(old_lines, new_lines, f"before/{name}", f"after/{name}"))
+    return "".join(chunk if chunk.endswith("\n") else chunk + "\n" for chunk in chunks)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.promote", description=__doc__.split("\n\n")[0])
+    parser.add_argument("target", help="the stack to promote into: rewrites Pulumi.<target>.yaml")
+    parser.add_argument("--from", dest="source", help="the source stack (must be the target's promotion.from)")
+    parser.add_argument("--source-outputs", type=Path, help="the source's `pulumi stack output --json`, from a file")
+    parser.add_argument("--target-outputs", type=Path, help="the target's `pulumi stack output --json`, from a file")
+    parser.add_argument("--dry-run", action="store_true", help="print what would change; write nothing")
+    parser.add_argument("--project-dir", type=Path, default=REPO_ROOT, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        promotion = prepare(
+            args.target,
+            source=args.source,
+            project_dir=args.project_dir.resolve(),
+            source_outputs_file=args.source_outputs,
+            target_outputs_file=args.target_outputs,
+        )
+    except Refused as refusal:
+        print(f"promote: refused: {refusal}", file=sys.stderr)
+        return 1
+    target_file = f"Pulumi.{promotion.target}.yaml"
+    if not promotion.changed:
+        print(f"{target_file} already declares the release {promotion.source} runs; nothing to promote.")
+        return 0
+    print(f"# Promote {promotion.source} -> {promotion.target}: release keys in {target_file}")
+    print(
+        "".join(
+            difflib.unified_diff(
+                promotion.before.splitlines(keepends=True),
+                promotion.after.splitlines(keepends=True),
+                target_file,
+                target_file,
+            )
+        ),
+        end="",
+    )
+    print(f"\n# Offline plan of {promotion.target}, before -> after")
+    print(promotion.plan_diff or "(no difference in the plan)\n", end="")
+    if args.dry_run:
+        print(f"\n--dry-run: {target_file} not written.")
+        return 0
+    write_text(args.project_dir.resolve() / target_file, promotion.after)
+    print(
+        f"\nwrote {target_file}. Next: pulumi preview --stack {promotion.target}; pulumi up --stack {promotion.target}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
