@@ -5,6 +5,8 @@ import pulumi
 from components.cluster import build_cluster
 from components.config import load_stack_config
 from components.previous import (
+    DEPLOYMENT_ID_OUTPUT,
+    ETCD_IMAGE_TAG_OUTPUT,
     ETCD_INITIAL_MEMBERS_OUTPUT,
     ETCD_MEMBERS_OUTPUT,
     ETCD_TOPOLOGY_OUTPUT,
@@ -36,10 +38,12 @@ pulumi.export("sshPrivateKey", cluster.ssh_private_key)
 # Read back by the next run (components/previous.py) to judge upgrades and topology changes.
 pulumi.export(KUBERNETES_VERSION_OUTPUT, cluster.kubernetes_version)
 pulumi.export(ETCD_TOPOLOGY_OUTPUT, config.etcd.topology)
+pulumi.export(DEPLOYMENT_ID_OUTPUT, cluster.deployment_id)
 if cluster.etcd_initial_members is not None:
     # Which members bootstrapped the external etcd cluster (forever), and which are planned now.
     pulumi.export(ETCD_INITIAL_MEMBERS_OUTPUT, list(cluster.etcd_initial_members))
     pulumi.export(ETCD_MEMBERS_OUTPUT, list(cluster.etcd_members or ()))
+    pulumi.export(ETCD_IMAGE_TAG_OUTPUT, cluster.etcd_image_tag)
 # Read by the next stack in the promotion chain; published only once every step of this run has finished.
 pulumi.export(RELEASE_OUTPUT, cluster.finished.apply(lambda _: release))
 pulumi.export(PROGRAM_DIGEST_OUTPUT, cluster.finished.apply(lambda _: digest))

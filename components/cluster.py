@@ -18,7 +18,7 @@ from components.pki import ADMIN_USER, APISERVER_ETCD_CLIENT, ETCD_CA, ClusterPk
 from components.previous import NEW_STACK, PreviousDeployment
 from components.remote import secret
 from components.upgrade import KubernetesUpgrade, KubernetesUpgradeArgs
-from components.vm import Hypervisor
+from components.vm import Hypervisor, deployment_id
 from components.worker_pool import WorkerPool, WorkerPoolArgs
 
 
@@ -35,6 +35,8 @@ class ClusterOutputs:
     # External etcd only: re-exported for the next run, which judges membership changes by them.
     etcd_initial_members: tuple[str, ...] | None = None
     etcd_members: tuple[str, ...] | None = None
+    etcd_image_tag: str | None = None
+    deployment_id: pulumi.Output[str] | None = None
 
 
 def cluster_shape(config: ClusterConfig, plan: AddressPlan, etcd: EtcdClusterSpec | None = None) -> ClusterShape:
@@ -68,8 +70,9 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         "pki",
         ClusterPkiArgs(config.cluster_name, [node.hostname for node in plan.nodes], etcd_members=plan.etcd_members),
     )
-    # 2. Per hypervisor: the NAT network and the base image.
-    hypervisors = [Hypervisor(hypervisor.name, hypervisor, config) for hypervisor in config.hypervisors]
+    # 2. Per hypervisor: the NAT network and the base image; volume names carry this deployment's id.
+    deployment = deployment_id(last_deployment, parent=pki)
+    hypervisors = [Hypervisor(hypervisor.name, hypervisor, config, deployment) for hypervisor in config.hypervisors]
     context = NodeContext(config, plan, pki, hypervisors)
     # 3. The API endpoint: HAProxy (+ keepalived) in front of every control plane.
     load_balancer = LoadBalancer("api-lb", LoadBalancerArgs(context))
@@ -131,7 +134,9 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
     return ClusterOutputs(
         kubeconfig=kubeconfig,
         api_endpoint=server,
-        nodes={node.hostname: {"address": str(node.address), "role": node.role} for node in plan.nodes},
+        nodes={
+            node.hostname: {"address": str(node.address), "mac": node.mac, "role": node.role} for node in plan.nodes
+        },
         ssh_user=config.ssh.user,
         ssh_private_key=pki.operator_private_key,
         # Published only once every upgrade step is done: a failed upgrade is resumed by the next run.
@@ -139,6 +144,8 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         finished=finished,
         etcd_initial_members=etcd_spec.initial_members if etcd_spec is not None else None,
         etcd_members=tuple(member.name for member in etcd_spec.members) if etcd_spec is not None else None,
+        etcd_image_tag=etcd_spec.image.rsplit(":", 1)[1] if etcd_spec is not None else None,
+        deployment_id=deployment,
     )
 
 

@@ -5,9 +5,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from components.scripts import STATE_DIR, Script, command, logged, quote
+from components.scripts import STATE_DIR, Script, command, download_verified, logged, quote
 
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
+_CURL = (
+    "curl",
+    "--fail",
+    "--silent",
+    "--show-error",
+    "--location",
+    "--proto",
+    "=https",
+    "--max-time",
+    "120",
+    "--retry",
+    "5",
+    "--retry-delay",
+    "5",
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +46,8 @@ class CniManifest:
     daemonset: str
     # How to set the pod CIDR: the manifests ship a fixed default.
     cidr_edits: tuple[LineEdit, ...]
+    # SHA-256 of the file at `url`; the step refuses any other bytes.
+    sha256: str
 
 
 def _calico_edits(cidr: str) -> tuple[LineEdit, ...]:
@@ -45,8 +62,15 @@ def _flannel_edits(cidr: str) -> tuple[LineEdit, ...]:
     return (LineEdit('"Network": "10.244.0.0/16"', f'"Network": "{cidr}"'),)
 
 
-CALICO_VERSION = "v3.29.1"
-FLANNEL_VERSION = "v0.26.1"
+# Pinned releases and the SHA-256 of their manifests. Both files are read from the release tag's tree, the
+# bytes raw.githubusercontent.com serves for it: calico's `manifests/calico.yaml` at tag v3.32.1 of
+# projectcalico/calico (`git show v3.32.1:manifests/calico.yaml | sha256sum`), flannel's
+# `Documentation/kube-flannel.yml` from the module github.com/flannel-io/flannel@v0.28.10 as the Go module
+# proxy serves it (checksum-database verified). flannel's tree at the tag names its own images at v0.28.10.
+CALICO_VERSION = "v3.32.1"
+CALICO_SHA256 = "a1df919d9721cf667accdc3e72848911b0cb25cfab7d2478ad0c996302c95744"
+FLANNEL_VERSION = "v0.28.10"
+FLANNEL_SHA256 = "944a3c1f925f117727a1b7272a323c80965da642498397ec7e6ea9bef0f9e6c5"
 
 
 def manifest_for(cni: str, pod_subnet: str) -> CniManifest | None:
@@ -57,14 +81,16 @@ def manifest_for(cni: str, pod_subnet: str) -> CniManifest | None:
             "kube-system",
             "calico-node",
             _calico_edits(pod_subnet),
+            CALICO_SHA256,
         )
     if cni == "flannel":
         return CniManifest(
             "flannel",
-            f"https://github.com/flannel-io/flannel/releases/download/{FLANNEL_VERSION}/kube-flannel.yml",
+            f"https://raw.githubusercontent.com/flannel-io/flannel/{FLANNEL_VERSION}/Documentation/kube-flannel.yml",
             "kube-flannel",
             "kube-flannel-ds",
             _flannel_edits(pod_subnet),
+            FLANNEL_SHA256,
         )
     return None
 
@@ -87,22 +113,7 @@ def cni_script(hostname: str, manifest: CniManifest, pod_subnet: str) -> Script:
         done_when=command(*kubectl, "--namespace", manifest.namespace, "get", "daemonset", manifest.daemonset)
         + " >/dev/null 2>&1",
         body=(
-            command(
-                "curl",
-                "--fail",
-                "--silent",
-                "--show-error",
-                "--location",
-                "--max-time",
-                "120",
-                "--retry",
-                "5",
-                "--retry-delay",
-                "5",
-                "--output",
-                path,
-                manifest.url,
-            ),
+            *download_verified(_CURL, manifest.url, path, manifest.sha256),
             *expected,
             command("sed", "-i", *sed_args, path),
             *landed,

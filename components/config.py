@@ -7,6 +7,7 @@ so that one edit-and-retry fixes them all.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -23,20 +24,10 @@ from pydantic import (
 )
 
 from components.previous import NEW_STACK, PreviousDeployment, read_previous_deployment
+from components.versions import DEFAULT_KUBERNETES, RELEASES, UnknownRelease, etcd_version_of, next_minor, release_for
 
 CONFIG_NAMESPACE = "kubeadm-ha"
 
-# kubeadm's v1beta4 API (the only one we emit) arrived in 1.31.
-MIN_KUBERNETES = (1, 31)
-# The etcd image kubeadm itself deploys for each Kubernetes minor (its `constants.SupportedEtcdVersion`).
-# External etcd runs exactly that build, so the API server talks to the etcd it was tested against; a
-# minor missing here is refused for external etcd rather than guessed.
-ETCD_VERSIONS: dict[str, str] = {
-    "1.31": "3.5.15-0",
-    "1.32": "3.5.16-0",
-    "1.33": "3.5.21-0",
-    "1.34": "3.6.4-0",
-}
 # Hostnames are `{cluster}-{role}-{n}`; keep room for "-worker-999" inside a 63-byte DNS label.
 _CLUSTER_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
@@ -59,6 +50,19 @@ class HypervisorConfig(_Model):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,30}$")]
     uri: Annotated[str, Field(min_length=1)] = "qemu:///system"
     pool: Annotated[str, Field(min_length=1)] = "default"
+    # `kvm` needs hardware virtualisation on the host; `qemu` is plain software emulation (TCG): slow, but it
+    # runs where /dev/kvm is missing or unusable (nested labs, CI).
+    domain_type: Annotated[Literal["kvm", "qemu"], Field(alias="domainType")] = "kvm"
+    # Without a mode libvirt gives guests QEMU's `qemu64` model (no x86-64-v2, no AES-NI), which current
+    # distributions refuse to boot. None picks the best the domain type allows: `host-passthrough` under KVM,
+    # `maximum` (every feature TCG can emulate) under plain QEMU.
+    cpu_mode: Annotated[Literal["host-passthrough", "host-model", "maximum"] | None, Field(alias="cpuMode")] = None
+
+    @property
+    def effective_cpu_mode(self) -> str:
+        if self.cpu_mode is not None:
+            return self.cpu_mode
+        return "host-passthrough" if self.domain_type == "kvm" else "maximum"
 
 
 class NetworkConfig(_Model):
@@ -75,7 +79,7 @@ class NetworkConfig(_Model):
 
 
 class KubernetesConfig(_Model):
-    version: str = "1.34.2"
+    version: str = DEFAULT_KUBERNETES
     pod_subnet: Annotated[ipaddress.IPv4Network, Field(alias="podSubnet")] = ipaddress.IPv4Network("10.244.0.0/16")
     service_subnet: Annotated[ipaddress.IPv4Network, Field(alias="serviceSubnet")] = ipaddress.IPv4Network(
         "10.96.0.0/12"
@@ -88,8 +92,10 @@ class KubernetesConfig(_Model):
         match = _VERSION.match(value)
         if not match:
             raise ValueError(f"{value!r} is not a MAJOR.MINOR.PATCH version")
-        if (int(match[1]), int(match[2])) < MIN_KUBERNETES:
-            raise ValueError(f"{value} is older than 1.31; kubeadm's v1beta4 configuration API needs >= 1.31")
+        try:
+            release_for(value)
+        except UnknownRelease as error:
+            raise ValueError(f"{value}: {error}") from None
         return value.removeprefix("v")
 
     @property
@@ -115,6 +121,10 @@ class LoadBalancerConfig(_VmSize):
 
 class EtcdConfig(_Model):
     topology: Literal["stacked", "external"] = "stacked"
+    # External etcd only: the registry.k8s.io/etcd tag the members run. Unset, a new cluster starts on the tag
+    # kubeadm pins for its Kubernetes minor and keeps it across Kubernetes upgrades; setting it (or changing
+    # it) rolls the members to it one at a time, each healthy before the next.
+    version: Annotated[str | None, Field(pattern=r"^\d+\.\d+\.\d+-\d+$")] = None
     # Only read with topology `external`: stacked etcd has one member per control plane.
     replicas: int = 3
     cpus: Annotated[int, Field(ge=1, le=64)] = 2
@@ -251,7 +261,13 @@ class ConfigError(pulumi.RunError):
 _TOP_LEVEL_KEYS = {field.alias or name for name, field in ClusterConfig.model_fields.items()}
 
 
-def parse_config(raw: Mapping[str, Any], *, stack: str, previous: PreviousDeployment = NEW_STACK) -> ClusterConfig:
+def parse_config(
+    raw: Mapping[str, Any],
+    *,
+    stack: str,
+    previous: PreviousDeployment = NEW_STACK,
+    today: datetime.date | None = None,
+) -> ClusterConfig:
     """Validate `raw` (the `kubeadm-ha:` keys without prefix) and return the typed config.
 
     Raises ConfigError listing every problem: field rules first, then the
@@ -263,7 +279,12 @@ def parse_config(raw: Mapping[str, Any], *, stack: str, previous: PreviousDeploy
         config = ClusterConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError([_problem_from_pydantic(item) for item in error.errors()]) from None
-    problems = cross_field_problems(config) + promotion_problems(config, stack) + change_problems(config, previous)
+    problems = (
+        cross_field_problems(config)
+        + promotion_problems(config, stack)
+        + change_problems(config, previous)
+        + end_of_life_problems(config, previous, today or datetime.date.today())
+    )
     if problems:
         raise ConfigError(problems)
     return config
@@ -403,22 +424,52 @@ def _etcd_problems(config: ClusterConfig) -> list[Problem]:
             )
             for key in ignored
         ]
-    minor = config.kubernetes.minor
-    if minor not in ETCD_VERSIONS:
-        known = ", ".join(sorted(ETCD_VERSIONS, key=lambda m: tuple(int(p) for p in m.split("."))))
+    release = release_for(config.kubernetes.version)
+    if config.etcd.version is not None and _etcd_tuple(config.etcd.version) < _etcd_tuple(release.min_external_etcd):
         return [
             Problem(
-                "kubernetes.version",
-                f"{config.kubernetes.version}: external etcd runs the etcd release kubeadm {minor} expects, and none "
-                f"is known for {minor} (known minors: {known}; add it to ETCD_VERSIONS in components/config.py)",
+                "etcd.version",
+                f"{config.etcd.version} is older than {release.min_external_etcd}, the oldest external etcd kubeadm "
+                f"{release.minor} accepts (MinExternalEtcdVersion); use {release.etcd_image_tag}, the one it pins",
             )
         ]
     return []
 
 
-def etcd_image_tag(config: ClusterConfig) -> str:
-    """The `registry.k8s.io/etcd` tag for the configured Kubernetes minor (validated to exist)."""
-    return ETCD_VERSIONS[config.kubernetes.minor]
+def _etcd_tuple(tag: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in etcd_version_of(tag).split("."))
+
+
+def etcd_image_tag(config: ClusterConfig, previous: PreviousDeployment = NEW_STACK) -> str:
+    """The `registry.k8s.io/etcd` tag external etcd members run.
+
+    Explicit `etcd.version` wins; otherwise a running cluster keeps the tag it runs (a Kubernetes upgrade
+    does not roll etcd behind the operator's back), and a new one starts on the tag kubeadm pins for its
+    minor (components/versions.py).
+    """
+    if config.etcd.version is not None:
+        return config.etcd.version
+    if previous.etcd_image_tag is not None:
+        return previous.etcd_image_tag
+    return release_for(config.kubernetes.version).etcd_image_tag
+
+
+def end_of_life_problems(config: ClusterConfig, previous: PreviousDeployment, today: datetime.date) -> list[Problem]:
+    """A new cluster may not start on a minor upstream no longer patches; a running one may stay and upgrade."""
+    if previous.kubernetes_version is not None:
+        return []
+    release = release_for(config.kubernetes.version)
+    if release.end_of_life >= today:
+        return []
+    following = next_minor(release.minor)
+    advice = f"start on {following} ({RELEASES[following].latest_patch})" if following else "start on a newer minor"
+    return [
+        Problem(
+            "kubernetes.version",
+            f"Kubernetes {release.minor} reached end of life on {release.end_of_life.isoformat()}; a new cluster must "
+            f"{advice}. Running clusters on {release.minor} may stay and upgrade from it.",
+        )
+    ]
 
 
 def version_tuple(version: str) -> tuple[int, int, int]:
@@ -428,9 +479,58 @@ def version_tuple(version: str) -> tuple[int, int, int]:
     return int(match[1]), int(match[2]), int(match[3])
 
 
+def address_problems(config: ClusterConfig, previous: PreviousDeployment) -> list[Problem]:
+    """No running node may change address or MAC, and the API endpoint may not move.
+
+    terraform-provider-libvirt 0.8.1 applies a NIC change to a running domain in place without touching the
+    guest, so the guest keeps its old address while every step dials the new one (and keepalived could
+    raise a VIP another node still holds). Each problem names the key whose change caused it.
+    """
+    from components.addressing import plan_addresses  # noqa: PLC0415 - avoid an import cycle
+
+    problems: list[Problem] = []
+    plan = plan_addresses(config)
+    endpoint = f"https://{config.vip}:{config.load_balancer.port}"
+    if previous.api_endpoint is not None and previous.api_endpoint != endpoint:
+        problems.append(
+            Problem(
+                "loadBalancer.vip" if str(config.vip) not in previous.api_endpoint else "loadBalancer.port",
+                f"the running cluster's API endpoint is {previous.api_endpoint}; this config makes it {endpoint}. "
+                "Every certificate, kubeconfig and kubelet names the endpoint, so it cannot move under a running "
+                "cluster (build a new stack instead)",
+            )
+        )
+    running = previous.node_addresses
+    for node in plan.nodes:
+        if node.hostname not in running:
+            continue
+        address, mac = running[node.hostname]
+        if address == str(node.address) and mac in (None, node.mac):
+            continue
+        if node.role == "lb" and ipaddress.IPv4Address(address) in config.network.cidr:
+            path = "loadBalancer.replicas"
+            remedy = (
+                "a lone load balancer owns the VIP as its own address while several share it through keepalived, "
+                "so lb-1 cannot go from one to the other in place; keep the count on the same side of 1, or "
+                "build a new stack"
+            )
+        else:
+            path = "network.cidr"
+            remedy = "the network of a running cluster cannot change; keep it, or build a new stack"
+        problems.append(
+            Problem(
+                path,
+                f"node {node.hostname} runs at {address} ({mac or 'MAC as planned'}); this config would move it to "
+                f"{node.address} ({node.mac}). A running node never changes address or MAC: libvirt would update "
+                f"its NIC in place while the guest kept its old address. {remedy}",
+            )
+        )
+    return problems
+
+
 def change_problems(config: ClusterConfig, previous: PreviousDeployment) -> list[Problem]:
     """Rules about changing a running cluster, judged against the last deployment's outputs."""
-    problems: list[Problem] = []
+    problems: list[Problem] = address_problems(config, previous)
     if previous.etcd_topology and previous.etcd_topology != config.etcd.topology:
         problems.append(
             Problem(

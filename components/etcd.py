@@ -186,7 +186,7 @@ def plan_membership(config: ClusterConfig, plan: AddressPlan, previous: Previous
             starts[member.name] = MemberStart("existing", (*below, member))
     return EtcdClusterSpec(
         token=f"{config.cluster_name}-etcd",
-        image=f"{ETCD_IMAGE_REPOSITORY}:{etcd_image_tag(config)}",
+        image=f"{ETCD_IMAGE_REPOSITORY}:{etcd_image_tag(config, previous)}",
         members=members,
         starts=starts,
         initial_members=tuple(member.name for member in initial_cluster),

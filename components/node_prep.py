@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from components import yamldoc
 from components.kubeadm import CRI_SOCKET, KUBELET_API
-from components.scripts import Script, command, logged, quote, write_file
+from components.scripts import Script, command, download_signing_key, logged, quote, write_file
 
 if TYPE_CHECKING:
     from components.addressing import Role
@@ -35,6 +35,11 @@ STATIC_POD_DIR = "/etc/kubernetes/manifests"
 ETCD_KUBELET_CONFIG_FILE = "/etc/kubernetes/kubelet-standalone.yaml"
 ETCD_KUBELET_DROP_IN = "/etc/systemd/system/kubelet.service.d/20-etcd-service-manager.conf"
 KUBERNETES_KEYRING = "/etc/apt/keyrings/kubernetes-apt-keyring.gpg"
+# The pkgs.k8s.io signing key (OBS project isv:kubernetes), the same for every minor's repository:
+# `gpg --show-keys` of https://pkgs.k8s.io/core:/stable:/v1.3x/deb/Release.key, as published in the
+# kubernetes/website discussion of pinning it (issue 42718) and used by kubespray, puppetlabs-kubernetes
+# and others. Pinned by fingerprint: re-exports with a later expiry keep it.
+KUBERNETES_KEY_FINGERPRINT = "DE15B14486CD377B9E876E1A234654DA9A296436"
 KUBERNETES_SOURCES = "/etc/apt/sources.list.d/kubernetes.list"
 _DOWNLOADED_KEY = "/var/lib/kubeadm-ha/kubernetes-release.key"
 
@@ -167,7 +172,7 @@ def _pinned_kubernetes_packages(kubernetes: KubernetesConfig, packages: tuple[st
     return (
         f"# {_spoken_list(packages)} {kubernetes.version} from the v{kubernetes.minor} repository, held there.",
         command("install", "-d", "-m", "0755", "/etc/apt/keyrings"),
-        logged(LOG_NAME, *CURL, "--output", _DOWNLOADED_KEY, repository + "Release.key"),
+        *download_signing_key(CURL, repository + "Release.key", _DOWNLOADED_KEY, KUBERNETES_KEY_FINGERPRINT),
         command("gpg", "--batch", "--yes", "--dearmor", "--output", KUBERNETES_KEYRING + ".tmp", _DOWNLOADED_KEY),
         command("chmod", "0644", KUBERNETES_KEYRING + ".tmp"),
         command("mv", "-f", KUBERNETES_KEYRING + ".tmp", KUBERNETES_KEYRING),

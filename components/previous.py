@@ -20,9 +20,12 @@ READ_STACK_OUTPUTS = "pulumi:pulumi:readStackOutputs"
 # Output names the program exports so the next run can read them back.
 KUBERNETES_VERSION_OUTPUT = "kubernetesVersion"
 NODES_OUTPUT = "nodes"
+API_ENDPOINT_OUTPUT = "apiEndpoint"
 ETCD_TOPOLOGY_OUTPUT = "etcdTopology"
 ETCD_INITIAL_MEMBERS_OUTPUT = "etcdInitialMembers"
 ETCD_MEMBERS_OUTPUT = "etcdMembers"
+ETCD_IMAGE_TAG_OUTPUT = "etcdImageTag"
+DEPLOYMENT_ID_OUTPUT = "deploymentId"
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,35 @@ class PreviousDeployment:
         """The external etcd members the last deployment planned (None: unknown, e.g. a new stack)."""
         value = self.outputs.get(ETCD_MEMBERS_OUTPUT)
         return tuple(str(item) for item in value) if value else None
+
+    @property
+    def etcd_image_tag(self) -> str | None:
+        """The registry.k8s.io/etcd tag the external etcd members were last deployed with."""
+        value = self.outputs.get(ETCD_IMAGE_TAG_OUTPUT)
+        return str(value) if value else None
+
+    @property
+    def deployment_id(self) -> str | None:
+        value = self.outputs.get(DEPLOYMENT_ID_OUTPUT)
+        return str(value) if value else None
+
+    @property
+    def node_addresses(self) -> dict[str, tuple[str, str | None]]:
+        """hostname -> (address, MAC) of every node the last deployment ran (MAC: None before it was exported)."""
+        value = self.outputs.get(NODES_OUTPUT)
+        if not isinstance(value, dict):
+            return {}
+        found: dict[str, tuple[str, str | None]] = {}
+        for name, node in value.items():
+            if isinstance(node, dict) and node.get("address"):
+                mac = node.get("mac")
+                found[str(name)] = (str(node["address"]), str(mac).lower() if mac else None)
+        return found
+
+    @property
+    def api_endpoint(self) -> str | None:
+        value = self.outputs.get(API_ENDPOINT_OUTPUT)
+        return str(value) if value else None
 
 
 NEW_STACK = PreviousDeployment()

@@ -48,6 +48,9 @@ class Script:
     done_when: str
     body: tuple[str, ...]
     functions: tuple[str, ...] = field(default=())
+    # False for a script the machine running Pulumi runs about `host` (as an unprivileged user: it keeps
+    # no logs or state of its own).
+    on_node: bool = True
 
     def __post_init__(self) -> None:
         for what, value in (("step", self.step), ("host", self.host)):
@@ -66,7 +69,8 @@ def render(script: Script) -> str:
         "set -o errtrace",
         "umask 077",
         f"readonly KUBEADM_HA_STEP={quote(script.step)} KUBEADM_HA_HOST={quote(script.host)}",
-        f"readonly KUBEADM_HA_LOG_DIR={quote(LOG_DIR)} KUBEADM_HA_STATE_DIR={quote(STATE_DIR)}",
+        f"readonly KUBEADM_HA_LOG_DIR={quote(LOG_DIR)}"
+        + (f" KUBEADM_HA_STATE_DIR={quote(STATE_DIR)}" if script.on_node else ""),
         "trap 'kubeadm_ha_failed $? $LINENO' ERR",
         "kubeadm_ha_failed() {",
         '  echo "kubeadm-ha: step ${KUBEADM_HA_STEP} failed on host ${KUBEADM_HA_HOST} (exit $1 at line $2)" >&2',
@@ -78,7 +82,7 @@ def render(script: Script) -> str:
         '  echo "kubeadm-ha: ${KUBEADM_HA_STEP} already done on ${KUBEADM_HA_HOST}; nothing to do"',
         "  exit 0",
         "fi",
-        'mkdir -p "$KUBEADM_HA_LOG_DIR" "$KUBEADM_HA_STATE_DIR"',
+        *(['mkdir -p "$KUBEADM_HA_LOG_DIR" "$KUBEADM_HA_STATE_DIR"'] if script.on_node else []),
         *script.body,
         'echo "kubeadm-ha: ${KUBEADM_HA_STEP} done on ${KUBEADM_HA_HOST}"',
     ]
@@ -175,3 +179,58 @@ def files_match(expected: Mapping[str, str]) -> str:
 def remote_command(script: Script) -> str:
     """The command string given to pulumi-command: the rendered script, run as root by bash."""
     return f"sudo --non-interactive bash -c {quote(script.render())} {quote('kubeadm-ha-' + script.step)}"
+
+
+def _refuse(message: str) -> str:
+    """An `echo … >&2; exit 1` naming the host, for a check that failed before anything changed."""
+    return f'echo "kubeadm-ha: on ${{KUBEADM_HA_HOST}}: "{quote(message)} >&2'
+
+
+def download_verified(fetch: tuple[str, ...], url: str, path: str, sha256: str) -> tuple[str, ...]:
+    """Shell lines that download `url` to `path` only if its SHA-256 is `sha256`.
+
+    The file lands under a temporary name and is moved into place only once it matches, so a mismatch
+    (a moved tag, a compromised mirror) stops the step with the host and the file named and changes
+    nothing that was there before.
+    """
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError(f"{sha256!r} is not a lowercase hex SHA-256")
+    partial = path + ".download"
+    message = f"{url} (for {path}) does not have the pinned SHA-256 {sha256}; nothing was changed"
+    return (
+        command(*fetch, "--output", partial, url),
+        f"if ! printf '%s  %s\\n' {quote(sha256)} {quote(partial)} | sha256sum --check --status --strict; then",
+        f"  {command('rm', '-f', partial)}",
+        f"  {_refuse(message)}",
+        "  exit 1",
+        "fi",
+        command("mv", "-f", partial, path),
+    )
+
+
+_PRIMARY_FINGERPRINTS = '$1 == "pub" { p = 1; next } p && $1 == "fpr" { print $10; p = 0 }'
+
+
+def download_signing_key(fetch: tuple[str, ...], url: str, path: str, fingerprint: str) -> tuple[str, ...]:
+    """Shell lines that download an OpenPGP key to `path` only if its primary key has `fingerprint`.
+
+    A key is pinned by fingerprint rather than by file digest: the publisher re-exports the same key
+    with new expiry dates, which changes the file but not the fingerprint.
+    """
+    if not re.fullmatch(r"[0-9A-F]{40}", fingerprint):
+        raise ValueError(f"{fingerprint!r} is not an uppercase hex OpenPGP v4 fingerprint")
+    partial = path + ".download"
+    message = f"{url} (for {path}) is not the key with the pinned fingerprint {fingerprint}; nothing was changed"
+    show = command("gpg", "--batch", "--no-default-keyring", "--with-colons", "--show-keys", partial)
+    return (
+        command(*fetch, "--output", partial, url),
+        # The `fpr` record after each `pub` is a primary key's (the others are subkeys'); a file holding
+        # any further primary key prints two lines and is refused as well.
+        f'found="$({show} 2>/dev/null | awk -F: {quote(_PRIMARY_FINGERPRINTS)})" || found=""',
+        f'if [ "$found" != {quote(fingerprint)} ]; then',
+        f"  {command('rm', '-f', partial)}",
+        f"  {_refuse(message)}",
+        "  exit 1",
+        "fi",
+        command("mv", "-f", partial, path),
+    )

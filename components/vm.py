@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import pulumi
 import pulumi_libvirt as libvirt
+import pulumi_tls as tls
 
 from components.addressing import NodePlan
 from components.config import ClusterConfig, HypervisorConfig
 from components.node_prep import PREPARED_MARKER
+from components.previous import PreviousDeployment
 from components.remote import NodeAccess, run_step, secret
 from components.scripts import LOG_DIR, Script, command, quote
 
@@ -25,14 +28,43 @@ class VmSize:
     disk_gib: int
 
 
+def deployment_id(previous: PreviousDeployment, parent: pulumi.Resource) -> pulumi.Output[str]:
+    """Eight hex digits drawn once per deployment of the stack and kept in its state.
+
+    The libvirt provider adopts an existing volume of the same name as it is (terraform-provider-libvirt
+    0.8.1), so a root disk left behind by a lost or half-destroyed deployment of this stack would boot with
+    its old state and every step's guard would skip. Suffixing volume names with this id makes each
+    deployment's names its own. pulumi-tls is the program's only source of randomness: the id is the
+    digest of a key generated once and never used for anything else. A stack deployed before the id existed
+    keeps its unsuffixed names (an empty id), so upgrading the program rebuilds no node.
+    """
+    if previous.exists and previous.deployment_id is None:
+        return pulumi.Output.from_input("")
+    seed = tls.PrivateKey(
+        "deployment-id",
+        algorithm="ED25519",
+        opts=pulumi.ResourceOptions(
+            parent=parent, additional_secret_outputs=["privateKeyPem", "privateKeyOpenssh", "privateKeyPemPkcs8"]
+        ),
+    )
+    return seed.public_key_openssh.apply(lambda public: hashlib.sha256(public.encode()).hexdigest()[:8])
+
+
 class Hypervisor(pulumi.ComponentResource):
     """One libvirt host: its provider, the cluster's NAT network and the shared base image."""
 
     def __init__(
-        self, name: str, hypervisor: HypervisorConfig, config: ClusterConfig, opts: pulumi.ResourceOptions | None = None
+        self,
+        name: str,
+        hypervisor: HypervisorConfig,
+        config: ClusterConfig,
+        volume_suffix: pulumi.Input[str],
+        opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("kubeadm-ha:index:Hypervisor", name, None, opts)
         self.pool = hypervisor.pool
+        self.settings = hypervisor
+        self.volume_suffix = pulumi.Output.from_input(volume_suffix).apply(lambda ident: f"-{ident}" if ident else "")
         self.provider = libvirt.Provider(
             f"{name}-libvirt", uri=hypervisor.uri, opts=pulumi.ResourceOptions(parent=self)
         )
@@ -50,13 +82,18 @@ class Hypervisor(pulumi.ComponentResource):
         )
         self.base_image = libvirt.Volume(
             f"{name}-base-image",
-            name=f"{config.cluster_name}-base.qcow2",
+            name=self.volume_name(f"{config.cluster_name}-base"),
             pool=hypervisor.pool,
             source=config.image,
             format="qcow2",
             opts=on_host,
         )
         self.register_outputs({"networkId": self.network.id, "baseImageId": self.base_image.id})
+
+    def volume_name(self, stem: str) -> pulumi.Output[str]:
+        """`{stem}{suffix}.qcow2`: the provider adopts an existing volume of the same name as it is, so a name
+        must not collide with a leftover of an earlier deployment of this stack (see `volume_suffix`)."""
+        return self.volume_suffix.apply(lambda suffix: f"{stem}{suffix}.qcow2")
 
 
 @dataclass(frozen=True)
@@ -110,7 +147,7 @@ class Vm(pulumi.ComponentResource):
         on_host = pulumi.ResourceOptions(parent=self, provider=args.hypervisor.provider)
         self.root_volume = libvirt.Volume(
             f"{name}-root",
-            name=f"{node.hostname}-root.qcow2",
+            name=args.hypervisor.volume_name(f"{node.hostname}-root"),
             pool=args.hypervisor.pool,
             base_volume_id=args.hypervisor.base_image.id,
             format="qcow2",
@@ -120,7 +157,7 @@ class Vm(pulumi.ComponentResource):
         )
         self.cloud_init = libvirt.CloudInitDisk(
             f"{name}-cloud-init",
-            name=f"{node.hostname}-cloud-init.iso",
+            name=args.hypervisor.volume_suffix.apply(lambda suffix: f"{node.hostname}-cloud-init{suffix}.iso"),
             pool=args.hypervisor.pool,
             user_data=secret(args.user_data),
             meta_data=args.meta_data,
@@ -135,9 +172,15 @@ class Vm(pulumi.ComponentResource):
                 ),
             ),
         )
+        settings = args.hypervisor.settings
         self.domain = libvirt.Domain(
             f"{name}-domain",
             name=node.hostname,
+            type=settings.domain_type,
+            cpu=libvirt.DomainCpuArgs(mode=settings.effective_cpu_mode),
+            # The provider's default is SPICE, which RHEL 9 / Alma 9 QEMU no longer has; VNC on the host's
+            # loopback only keeps a console for emergencies without exposing one on the network.
+            graphics=libvirt.DomainGraphicsArgs(type="vnc", listen_type="address", listen_address="127.0.0.1"),
             vcpu=args.size.cpus,
             memory=args.size.memory_mib,
             autostart=True,
@@ -156,7 +199,13 @@ class Vm(pulumi.ComponentResource):
             ],
             consoles=[libvirt.DomainConsoleArgs(type="pty", target_port="0", target_type="serial")],
             # The name is unique on the hypervisor, so a replacement must remove the old domain first.
-            opts=pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(delete_before_replace=True)),
+            # The provider reads `addresses` back from the DHCP lease (terraform-provider-libvirt 0.8.1
+            # resource_libvirt_domain.go, read: addressesForMac), so a VM without a current lease would show a
+            # diff on every run; the address itself never changes (config.address_problems refuses that).
+            opts=pulumi.ResourceOptions.merge(
+                on_host,
+                pulumi.ResourceOptions(delete_before_replace=True, ignore_changes=["networkInterfaces[*].addresses"]),
+            ),
         )
         self.ready = run_step(
             f"{name}-ready",

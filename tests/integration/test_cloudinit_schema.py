@@ -40,7 +40,7 @@ def seed_disks(stacks: tuple[str, ...]) -> list:
     params = []
     for stack in stacks:
         for disk in evaluated(stack).by_type(CLOUD_INIT_DISK):
-            hostname = disk.inputs["name"].removesuffix("-cloud-init.iso")
+            hostname = disk.name.removesuffix("-cloud-init")
             network = yaml.safe_load(disk.inputs["networkConfig"])
             mac = network["network"]["ethernets"][NODE_INTERFACE]["match"]["macaddress"]
             seed = SeedDisk(

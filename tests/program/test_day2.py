@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from components.config import ConfigError
+from components.versions import DEFAULT_KUBERNETES, RELEASES
 from tools.offline import Evaluation, Registration, evaluate
 from tools.plan import bundle_by_path, script_of
 
@@ -32,6 +33,11 @@ def stack_config(stack: str, **overrides: Any) -> dict[str, Any]:
 def deployed(ev: Evaluation) -> dict[str, Any]:
     """What the engine would hand back as the last deployment's outputs."""
     return {name: output.value for name, output in ev.outputs.items()}
+
+
+# An upgrade from the minor before the default to the default (components/versions.py).
+TARGET = DEFAULT_KUBERNETES
+OLDER_PATCH = RELEASES[f"1.{int(TARGET.split('.')[1]) - 1}"].latest_patch
 
 
 def run(stack: str, previous: Evaluation | None = None, **overrides: Any) -> Evaluation:
@@ -190,31 +196,32 @@ def test_no_upgrade_steps_without_a_version_change(dev_again: Evaluation) -> Non
     assert upgrade_steps(dev_again) == []
 
 
-def test_upgrade_runs_in_kubeadms_order_with_worker_batches(dev_again: Evaluation) -> None:
-    five = run("dev", previous=dev_again, workers={"replicas": 5})
-    upgraded = run("dev", previous=five, kubernetes={"version": "1.35.0"}, workers={"replicas": 5, "maxUnavailable": 2})
+def test_upgrade_runs_in_kubeadms_order_with_worker_batches() -> None:
+    older = {"version": OLDER_PATCH}
+    five = run("dev", previous=run("dev", kubernetes=older), kubernetes=older, workers={"replicas": 5})
+    upgraded = run("dev", previous=five, kubernetes={"version": TARGET}, workers={"replicas": 5, "maxUnavailable": 2})
     steps = {step.name: step for step in upgrade_steps(upgraded)}
-    assert "upgrade apply v1.35.0" in script_of(steps["dev-cp-1-upgrade-1.35.0"]).replace("'", "")
+    assert f"upgrade apply v{TARGET}" in script_of(steps[f"dev-cp-1-upgrade-{TARGET}"]).replace("'", "")
     for index in (2, 3):
-        step = steps[f"dev-cp-{index}-upgrade-1.35.0"]
+        step = steps[f"dev-cp-{index}-upgrade-{TARGET}"]
         assert "upgrade node" in script_of(step).replace("'", "")
-        assert upgraded.depends_on(step, f"dev-cp-{index - 1}-upgrade-1.35.0")
+        assert upgraded.depends_on(step, f"dev-cp-{index - 1}-upgrade-{TARGET}")
     batches = [[1, 2], [3, 4], [5]]
-    previous_batch = ["dev-cp-3-upgrade-1.35.0"]
+    previous_batch = [f"dev-cp-3-upgrade-{TARGET}"]
     for batch in batches:
         for index in batch:
             worker = f"dev-worker-{index}"
             drain, upgrade, uncordon = (
-                steps[f"{worker}-upgrade-drain-1.35.0"],
-                steps[f"{worker}-upgrade-1.35.0"],
-                steps[f"{worker}-upgrade-uncordon-1.35.0"],
+                steps[f"{worker}-upgrade-drain-{TARGET}"],
+                steps[f"{worker}-upgrade-{TARGET}"],
+                steps[f"{worker}-upgrade-uncordon-{TARGET}"],
             )
             assert all(upgraded.depends_on(drain, before) for before in previous_batch)
             assert upgraded.depends_on(upgrade, drain) and upgraded.depends_on(uncordon, upgrade)
             for other in batch:
                 if other != index:
-                    assert not upgraded.depends_on(drain, f"dev-worker-{other}-upgrade-uncordon-1.35.0")
-        previous_batch = [f"dev-worker-{index}-upgrade-uncordon-1.35.0" for index in batch]
+                    assert not upgraded.depends_on(drain, f"dev-worker-{other}-upgrade-uncordon-{TARGET}")
+        previous_batch = [f"dev-worker-{index}-upgrade-uncordon-{TARGET}" for index in batch]
     # Nothing else is touched by an upgrade. The seed disks carry the new version for nodes built later, but
     # ignore changes to their documents (no VM is rebuilt); the first control plane's bootstrap documents name
     # the version too, and its guard (kubelet.conf exists) makes the re-run a no-op.
@@ -229,5 +236,6 @@ def test_upgrade_runs_in_kubeadms_order_with_worker_batches(dev_again: Evaluatio
 
 def test_upgrade_and_scaling_in_one_run_is_refused(dev_again: Evaluation) -> None:
     with pytest.raises(ConfigError) as caught:
-        run("dev", previous=dev_again, kubernetes={"version": "1.35.0"}, workers={"replicas": 2})
+        older = {"version": OLDER_PATCH}
+        run("dev", previous=run("dev", kubernetes=older), kubernetes={"version": TARGET}, workers={"replicas": 3})
     assert "one change at a time" in str(caught.value)

@@ -7,6 +7,7 @@ count turns into `member add` and `member remove`.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from functools import cache
 from pathlib import Path
@@ -18,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from components.addressing import plan_addresses
+from components.addressing import mac_for, plan_addresses
 from components.config import ConfigError, parse_config
 from components.etcd import (
     MANIFEST_PATH,
@@ -37,7 +38,7 @@ DOMAIN = "libvirt:index/domain:Domain"
 MEMBERS = ["prod-etcd-1", "prod-etcd-2", "prod-etcd-3"]
 ADDRESSES = {f"prod-etcd-{n}": f"10.17.5.{20 + n}" for n in range(1, 8)}
 ETCD_PKI = "/etc/kubernetes/pki/etcd"
-RUNNING = {"etcdTopology": "external", "kubernetesVersion": "1.34.2"}
+RUNNING = {"etcdTopology": "external", "kubernetesVersion": "1.37.2"}
 
 
 def prod_config(**etcd: Any) -> dict[str, Any]:
@@ -115,7 +116,8 @@ def test_prod_has_three_etcd_member_vms() -> None:
     assert sorted(vm.name for vm in vms) == MEMBERS
     nodes = ev.outputs["nodes"].value
     assert {name: nodes[name] for name in MEMBERS} == {
-        name: {"address": ADDRESSES[name], "role": "etcd"} for name in MEMBERS
+        name: {"address": ADDRESSES[name], "mac": mac_for(ipaddress.IPv4Address(ADDRESSES[name])), "role": "etcd"}
+        for name in MEMBERS
     }
     # Sized from etcd.cpus/memoryMiB, not from the control planes.
     domain = next(d for d in ev.by_type(DOMAIN) if d.inputs["name"] == "prod-etcd-1")
@@ -225,7 +227,7 @@ def test_manifest_runs_kubeadms_etcd_with_the_flags_of_the_pure_function() -> No
     for name in MEMBERS:
         manifest = manifest_of(ev, name)
         container = manifest["spec"]["containers"][0]
-        assert container["image"] == "registry.k8s.io/etcd:3.6.4-0"
+        assert container["image"] == "registry.k8s.io/etcd:3.7.0-0"
         assert container["command"] == ["etcd", *etcd_member_flags(spec.member(name), spec)]
         assert manifest["spec"]["hostNetwork"] is True
         assert flag(manifest, "initial-cluster-state") == "new"

@@ -210,7 +210,7 @@ def test_every_step_pins_its_nodes_host_key(stack: str) -> None:
         assert connection["user"] == "kube"
     # ...and the VM is booted with exactly that host key.
     for disk in ev.by_type("libvirt:index/cloudInitDisk:CloudInitDisk"):
-        hostname = disk.inputs["name"].removesuffix("-cloud-init.iso")
+        hostname = disk.name.removesuffix("-cloud-init")
         user_data = yaml.safe_load(disk.inputs["userData"])
         assert user_data["ssh_keys"]["ed25519_public"] == host_keys[hostname].outputs["publicKeyOpenssh"].strip()
         assert (
@@ -348,18 +348,19 @@ def test_smallest_cluster_and_no_cni() -> None:
 
 
 def test_upgrade_rules_are_judged_against_the_last_deployment() -> None:
-    running = {"kubernetesVersion": "1.33.5", "etcdTopology": "stacked"}
-    evaluate("dev", project_dir=ROOT, previous_outputs=running)  # 1.33 -> 1.34: one minor, allowed
+    # The stack files run the default, 1.37.x.
+    running = {"kubernetesVersion": "1.36.3", "etcdTopology": "stacked"}
+    evaluate("dev", project_dir=ROOT, previous_outputs=running)  # 1.36 -> 1.37: one minor, allowed
     with pytest.raises(ConfigError) as skipped:
-        evaluate("dev", project_dir=ROOT, previous_outputs={**running, "kubernetesVersion": "1.32.9"})
-    assert "skips a minor version" in str(skipped.value) and "1.33.x first" in str(skipped.value)
+        evaluate("dev", project_dir=ROOT, previous_outputs={**running, "kubernetesVersion": "1.35.4"})
+    assert "skips a minor version" in str(skipped.value) and "1.36.x first" in str(skipped.value)
     with pytest.raises(ConfigError) as downgraded:
-        evaluate("dev", project_dir=ROOT, previous_outputs={**running, "kubernetesVersion": "1.34.3"})
+        evaluate("dev", project_dir=ROOT, previous_outputs={**running, "kubernetesVersion": "1.37.9"})
     assert "kubernetes.version" in str(downgraded.value) and "downgrade" in str(downgraded.value)
 
 
 def test_etcd_topology_cannot_change_on_a_running_cluster() -> None:
     with pytest.raises(ConfigError) as caught:
-        evaluate("dev", project_dir=ROOT, previous_outputs={"kubernetesVersion": "1.34.2", "etcdTopology": "external"})
+        evaluate("dev", project_dir=ROOT, previous_outputs={"kubernetesVersion": "1.37.2", "etcdTopology": "external"})
     assert "etcd.topology" in str(caught.value)
     assert evaluated("dev").outputs["etcdTopology"].value == "stacked"

@@ -64,7 +64,7 @@ def test_every_field_problem_is_reported_at_once() -> None:
         "workers.replicas",
         "network.typo",
     }
-    assert "1.31" in found["kubernetes.version"]
+    assert "known: 1.34, 1.35, 1.36, 1.37" in found["kubernetes.version"]
 
 
 def test_cross_field_rules() -> None:

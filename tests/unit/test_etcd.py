@@ -21,7 +21,7 @@ import yaml
 
 from components import etcd as etcd_module
 from components.addressing import plan_addresses
-from components.config import ETCD_VERSIONS, ClusterConfig, ConfigError, parse_config
+from components.config import ClusterConfig, ConfigError, parse_config
 from components.etcd import (
     MANIFEST_PATH,
     STOPPED_MANIFEST_PATH,
@@ -132,22 +132,32 @@ def test_sizing_keys_with_stacked_etcd_are_refused_as_ignored() -> None:
     assert "only used with etcd.topology external" in found["etcd.replicas"]
 
 
-def test_kubernetes_minor_without_a_known_etcd_is_refused_for_external_etcd() -> None:
-    found = problems({"topology": "external"}, kubernetes={"version": "1.35.0"})
-    assert "no" in found["kubernetes.version"] and "1.35" in found["kubernetes.version"]
-    assert "1.31, 1.32, 1.33, 1.34" in found["kubernetes.version"]
-    # Stacked etcd is kubeadm's business: no table needed.
-    parse_config({"network": {"cidr": "10.17.5.0/24"}, "kubernetes": {"version": "1.35.0"}}, stack="t")
+def test_kubernetes_minor_the_table_does_not_know_is_refused() -> None:
+    found = problems({"topology": "external"}, kubernetes={"version": "1.38.0"})
+    assert "1.38" in found["kubernetes.version"] and "1.34, 1.35, 1.36, 1.37" in found["kubernetes.version"]
 
 
-@pytest.mark.parametrize(("version", "tag"), [("1.31.4", "3.5.15-0"), ("1.33.1", "3.5.21-0"), ("1.34.2", "3.6.4-0")])
-def test_image_follows_the_kubernetes_minor(version: str, tag: str) -> None:
+@pytest.mark.parametrize(("version", "tag"), [("1.35.1", "3.6.6-0"), ("1.36.3", "3.6.8-0"), ("1.37.2", "3.7.0-0")])
+def test_a_new_cluster_starts_on_the_etcd_kubeadm_pins_for_its_minor(version: str, tag: str) -> None:
     parsed = parse_config(
         {"network": {"cidr": "10.17.5.0/24"}, "etcd": {"topology": "external"}, "kubernetes": {"version": version}},
         stack="t",
     )
     assert plan_membership(parsed, plan_addresses(parsed), PreviousDeployment()).image == f"registry.k8s.io/etcd:{tag}"
-    assert ETCD_VERSIONS["1.32"] == "3.5.16-0"
+
+
+def test_a_kubernetes_upgrade_keeps_the_running_etcd_unless_etcd_version_says_otherwise() -> None:
+    running = PreviousDeployment({"etcdTopology": "external", "kubernetesVersion": "1.36.3", "etcdImageTag": "3.6.8-0"})
+    raw = {"network": {"cidr": "10.17.5.0/24"}, "etcd": {"topology": "external"}, "kubernetes": {"version": "1.37.2"}}
+    upgraded = parse_config(raw, stack="t", previous=running)
+    assert plan_membership(upgraded, plan_addresses(upgraded), running).image == "registry.k8s.io/etcd:3.6.8-0"
+    rolled = parse_config({**raw, "etcd": {"topology": "external", "version": "3.7.0-0"}}, stack="t", previous=running)
+    assert plan_membership(rolled, plan_addresses(rolled), running).image == "registry.k8s.io/etcd:3.7.0-0"
+
+
+def test_an_etcd_older_than_kubeadm_accepts_is_refused() -> None:
+    found = problems({"topology": "external", "version": "3.5.21-0"})
+    assert "3.5.24-0" in found["etcd.version"] and "MinExternalEtcdVersion" in found["etcd.version"]
 
 
 def test_previous_members_of_another_cluster_are_refused() -> None:
@@ -249,7 +259,7 @@ def test_static_pod_manifest() -> None:
     assert (pod["apiVersion"], pod["kind"], pod["metadata"]["namespace"]) == ("v1", "Pod", "kube-system")
     (container,) = pod["spec"]["containers"]
     assert container["command"] == ["etcd", *etcd_member_flags(member, plan)]
-    assert container["image"] == "registry.k8s.io/etcd:3.6.4-0"
+    assert container["image"] == "registry.k8s.io/etcd:3.7.0-0"
     assert container["livenessProbe"]["httpGet"] == {
         "host": "127.0.0.1",
         "path": "/livez",
@@ -272,7 +282,7 @@ def test_static_pod_refuses_certificates_in_several_directories() -> None:
 def test_etcd_node_preparation() -> None:
     parsed = config()
     text = etcd_node_preparation("t-etcd-1", parsed.kubernetes).render()
-    assert "kubelet=1.34.2-1.1" in text and "kubeadm=" not in text and "kubectl=" not in text
+    assert "kubelet=1.37.2-1.1" in text and "kubeadm=" not in text and "kubectl=" not in text
     assert " etcd-client" in text and "apt-mark hold kubelet" in text
     assert f"ExecStart=/usr/bin/kubelet --config={ETCD_KUBELET_CONFIG_FILE}" in text
     assert ETCD_KUBELET_DROP_IN in text and f"install -d -m 0755 {STATIC_POD_DIR}" in text

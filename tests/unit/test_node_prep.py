@@ -30,6 +30,7 @@ from components.config import KubernetesConfig, parse_config
 from components.node_prep import (
     CONTAINERD_CONFIG,
     CONTAINERD_CONFIG_FILE,
+    KUBERNETES_KEY_FINGERPRINT,
     KUBERNETES_KEYRING,
     KUBERNETES_SOURCES,
     MODULES_FILE,
@@ -80,10 +81,10 @@ def test_kubernetes_packages_are_pinned_held_and_from_the_minor_repository():
 
 
 def test_another_version_uses_its_own_minor_repository():
-    text = kubernetes_node_preparation("dev-cp-1", KubernetesConfig(version="1.33.5")).render()
-    assert "core:/stable:/v1.33/deb/" in text
+    text = kubernetes_node_preparation("dev-cp-1", KubernetesConfig(version="1.35.4")).render()
+    assert "core:/stable:/v1.35/deb/" in text
     assert "v1.34" not in text
-    assert "kubeadm=1.33.5-1.1" in text
+    assert "kubeadm=1.35.4-1.1" in text
 
 
 def test_containerd_config_uses_the_systemd_cgroup_driver():
@@ -196,10 +197,18 @@ def test_guard_condition(tmp_path: Path, marker: str | None, done: bool):
 # Every stub records its call; curl and gpg also write their `--output`.
 _TO_OUTPUT = '>"$(opt --output "$@")"'
 _ARMORED_KEY = "'-----BEGIN PGP PUBLIC KEY BLOCK-----' 'stub' '-----END PGP PUBLIC KEY BLOCK-----'"
+# `gpg --show-keys` lists the served key with a subkey, as the real Release.key has; the primary key's
+# fingerprint is the pinned one unless a test serves another ($STATE/served-fingerprint).
+_SHOW_KEYS = (
+    'served="$(cat "$STATE/served-fingerprint" 2>/dev/null || echo ' + KUBERNETES_KEY_FINGERPRINT + ')"; '
+    'printf "pub:-:2048:1:234654DA9A296436:1:::-:::scESC::::::23::0:\\nfpr:::::::::%s:\\n'
+    'sub:-:2048:1:AAAAAAAAAAAAAAAA:1:::::e::::::23:\\nfpr:::::::::%s:\\n" "$served" '
+    "0123456789ABCDEF0123456789ABCDEF01234567"
+)
 STUBS = {
     **dict.fromkeys(STUBBED, RECORD_ONLY),
     "curl": f"printf '%s\\n' {_ARMORED_KEY} {_TO_OUTPUT}",
-    "gpg": f"printf 'stub keyring\\n' {_TO_OUTPUT}",
+    "gpg": f'if has --show-keys "$@"; then {_SHOW_KEYS}; else printf "stub keyring\\n" {_TO_OUTPUT}; fi',
 }
 
 FSTAB = "UUID=1234 / ext4 defaults 0 1\n/swap.img\tnone\tswap\tsw\t0\t0\n# /old-swap none swap sw 0 0\n"
@@ -223,11 +232,12 @@ def test_kubernetes_preparation_runs_then_is_a_no_op(sandbox: Sandbox):
     names = [call[0] for call in calls]
     assert names == [
         "swapoff", "modprobe", "modprobe", "sysctl", "apt-get", "apt-get",
-        "systemctl", "systemctl", "curl", "gpg", "apt-get", "apt-get", "apt-mark", "systemctl",
+        "systemctl", "systemctl", "curl", "gpg", "gpg", "apt-get", "apt-get", "apt-mark", "systemctl",
     ]  # fmt: skip
     assert calls[8][-1] == "https://pkgs.k8s.io/core:/stable:/v1.34/deb/Release.key"
-    assert calls[11][-3:] == ["kubelet=1.34.2-1.1", "kubeadm=1.34.2-1.1", "kubectl=1.34.2-1.1"]
-    assert calls[12] == ["apt-mark", "hold", "kubelet", "kubeadm", "kubectl"]
+    assert calls[9][:2] == ["gpg", "--batch"] and "--show-keys" in calls[9]
+    assert calls[12][-3:] == ["kubelet=1.34.2-1.1", "kubeadm=1.34.2-1.1", "kubectl=1.34.2-1.1"]
+    assert calls[13] == ["apt-mark", "hold", "kubelet", "kubeadm", "kubectl"]
 
     assert sandbox.file(PREPARED_MARKER).read_text() == "kubernetes-node 1.34.2-1.1\n"
     assert sandbox.file(CONTAINERD_CONFIG_FILE).read_text() == CONTAINERD_CONFIG
@@ -312,3 +322,16 @@ def test_shell_metacharacters_cannot_break_out(sandbox: Sandbox):
     assert not canary.exists()
     install = next(call for call in sandbox.call_lines() if f"kubelet={version}-1.1" in call)
     assert install[-2:] == [f"kubeadm={version}-1.1", f"kubectl={version}-1.1"]
+
+
+def test_a_foreign_signing_key_stops_the_step_naming_host_and_file(sandbox: Sandbox):
+    text = kubernetes_node_preparation("dev-cp-1", K8S).render()
+    sandbox.put(KUBERNETES_KEYRING, "the keyring that was there before\n", 0o644)
+    sandbox.put_state("served-fingerprint", "F" * 40)
+    failed = sandbox.run(text)
+    assert failed.returncode != 0
+    assert "on dev-cp-1:" in failed.stderr and "Release.key" in failed.stderr
+    assert KUBERNETES_KEY_FINGERPRINT in failed.stderr and "nothing was changed" in failed.stderr
+    assert sandbox.file(KUBERNETES_KEYRING).read_text() == "the keyring that was there before\n"
+    assert not sandbox.exists(PREPARED_MARKER)
+    assert "apt-mark" not in [call[0] for call in sandbox.call_lines()]

@@ -26,6 +26,7 @@ For every script: the first run makes exactly the expected calls in order; a sec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import socket
@@ -709,16 +710,18 @@ CNI_HOST = "staging-cp-1"
 KUBECTL = ["kubectl", "--kubeconfig", ADMIN_KUBECONFIG]
 
 
-def _cni(name: str, cidr: str) -> tuple[CniManifest, Script, str]:
-    manifest = manifest_for(name, cidr)
-    assert manifest is not None
+def _cni(name: str, cidr: str, served: str) -> tuple[CniManifest, Script, str]:
+    """The step for `name`, with the manifest the stub internet serves (`served`) as the pinned one."""
+    upstream = manifest_for(name, cidr)
+    assert upstream is not None
+    manifest = dataclasses.replace(upstream, sha256=sha256_hex(served))
     return manifest, cni_script(CNI_HOST, manifest, cidr), f"{STATE_DIR}/cni-{name}.yaml"
 
 
 def _cni_calls(manifest: CniManifest, path: str) -> tuple[list[str], list[str], list[str]]:
     get = [*KUBECTL, "--namespace", manifest.namespace, "get", "daemonset", manifest.daemonset]
-    download = ["curl", "--fail", "--silent", "--show-error", "--location", "--max-time", "120"]
-    download += ["--retry", "5", "--retry-delay", "5", "--output", path, manifest.url]
+    download = ["curl", "--fail", "--silent", "--show-error", "--location", "--proto", "=https", "--max-time", "120"]
+    download += ["--retry", "5", "--retry-delay", "5", "--output", path + ".download", manifest.url]
     return get, download, [*KUBECTL, "apply", "--filename", path]
 
 
@@ -739,7 +742,7 @@ def _applied(sandbox: Sandbox, path: str) -> str:
 
 def test_calico_gets_the_pod_subnet_then_does_nothing(cni_node: Sandbox):
     cidr = "10.244.0.0/16"
-    manifest, script, path = _cni("calico", cidr)
+    manifest, script, path = _cni("calico", cidr, CALICO_UPSTREAM)
     _publish(cni_node, manifest, CALICO_UPSTREAM)
     get, download, apply = _cni_calls(manifest, path)
     assert _run_first(cni_node, script) == [get, download, apply]
@@ -758,7 +761,7 @@ def test_calico_gets_the_pod_subnet_then_does_nothing(cni_node: Sandbox):
 
 def test_flannel_gets_a_non_default_pod_subnet_then_does_nothing(cni_node: Sandbox):
     cidr = "10.32.0.0/16"
-    manifest, script, path = _cni("flannel", cidr)
+    manifest, script, path = _cni("flannel", cidr, FLANNEL_UPSTREAM)
     _publish(cni_node, manifest, FLANNEL_UPSTREAM)
     get, download, apply = _cni_calls(manifest, path)
     assert _run_first(cni_node, script) == [get, download, apply]
@@ -788,7 +791,7 @@ def test_flannel_gets_a_non_default_pod_subnet_then_does_nothing(cni_node: Sandb
     ],
 )
 def test_a_manifest_without_the_default_cidr_is_not_applied(cni_node: Sandbox, name: str, cidr: str, upstream: str):
-    manifest, script, path = _cni(name, cidr)
+    manifest, script, path = _cni(name, cidr, upstream)
     _publish(cni_node, manifest, upstream)
     get, download, _ = _cni_calls(manifest, path)
     stderr, calls = _run_failing(cni_node, script)
@@ -796,6 +799,27 @@ def test_a_manifest_without_the_default_cidr_is_not_applied(cni_node: Sandbox, n
     assert f"kubeadm-ha: {name} manifest did not take pod subnet {cidr}" in stderr
     assert not (cni_node.state / "applied").exists()
     assert not (cni_node.state / "daemonsets").exists()
+
+
+@pytest.mark.parametrize("name", ["calico", "flannel"])
+def test_a_manifest_other_than_the_pinned_one_is_refused_naming_host_and_file(cni_node: Sandbox, name: str):
+    upstream = CALICO_UPSTREAM if name == "calico" else FLANNEL_UPSTREAM
+    manifest, script, path = _cni(name, "10.244.0.0/16", upstream)
+    _publish(cni_node, manifest, upstream + "# one line more than the pinned release\n")
+    get, download, _ = _cni_calls(manifest, path)
+    stderr, calls = _run_failing(cni_node, script)
+    assert calls == [get, download]
+    assert f"on {CNI_HOST}: {manifest.url} (for {path}) does not have the pinned SHA-256" in stderr
+    assert not cni_node.exists(path) and not cni_node.exists(path + ".download")
+    assert not (cni_node.state / "applied").exists()
+
+
+def test_the_pinned_releases_are_current() -> None:
+    # Issue 8: Calico 3.31 or newer, flannel 0.28 or newer, each with a SHA-256 the step checks.
+    calico, flannel = manifest_for("calico", "10.244.0.0/16"), manifest_for("flannel", "10.244.0.0/16")
+    assert calico is not None and flannel is not None
+    assert "/v3.32.1/" in calico.url and "/v0.28.10/" in flannel.url
+    assert all(len(m.sha256) == 64 for m in (calico, flannel))
 
 
 # ---------------------------------------------------------------- cloud-init
