@@ -1,6 +1,6 @@
 """Offline plan: everything a stack would send to its nodes, without Pulumi, providers or a hypervisor.
 
-    python -m tools.plan prod --out build/plan/prod [--show-secrets]
+    python -m tools.plan prod --out build/plan/prod [--show-secrets] [--source-outputs FILE]
 
 Writes, for every node in execution order, each script that would run and each
 file it would write (secrets masked unless --show-secrets), the dependency graph
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools.graph import DeploymentGraph, transitive_reduction
-from tools.offline import Evaluation, Registration, evaluate
+from tools.offline import REPO_ROOT, Evaluation, Registration, evaluate, load_stack_config
 
 MARKER = "<secret: masked by tools.plan; run with --show-secrets to see it>"
 _PRIVATE_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?-----END \1PRIVATE KEY-----", re.DOTALL)
@@ -185,14 +185,31 @@ def render_summary(evaluation: Evaluation, graph: DeploymentGraph) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _promotion_source(stack: str) -> str:
+    config = load_stack_config(REPO_ROOT, stack)
+    promotion = config.get("kubeadm-ha:promotion") or {}
+    if not isinstance(promotion, dict) or not promotion.get("from"):
+        raise SystemExit(f"--source-outputs: Pulumi.{stack}.yaml has no kubeadm-ha:promotion.from")
+    return str(promotion["from"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("stack", help="stack name: reads Pulumi.<stack>.yaml")
     parser.add_argument("--out", type=Path, help="output directory (default: build/plan/<stack>)")
     parser.add_argument("--show-secrets", action="store_true", help="write keys and tokens in clear")
+    parser.add_argument(
+        "--source-outputs",
+        type=Path,
+        help="`pulumi stack output --json` of the stack this one promotes from (default: that stack deployed "
+        "as its stack file says)",
+    )
     args = parser.parse_args(argv)
     out = args.out or Path("build") / "plan" / args.stack
-    summary = write_plan(evaluate(args.stack), out, show_secrets=args.show_secrets)
+    stack_outputs = None
+    if args.source_outputs is not None:
+        stack_outputs = {_promotion_source(args.stack): json.loads(args.source_outputs.read_text())}
+    summary = write_plan(evaluate(args.stack, stack_outputs=stack_outputs), out, show_secrets=args.show_secrets)
     print(summary.read_text())
     print(f"plan written to {out}/")
     return 0

@@ -309,3 +309,19 @@ def test_rewrite_quotes_what_yaml_would_read_as_something_else() -> None:
     # `on` is a boolean to YAML 1.1 readers and 1.40 would be a number: both must stay strings.
     after = rewrite_settings("config:\n  x:y: a\n  x:z: b\n", {("x:y",): "on", ("x:z",): "1.40"})
     assert yaml.safe_load(after)["config"] == {"x:y": "on", "x:z": "1.40"}
+
+
+def test_the_plan_command_models_the_source_from_its_outputs(tmp_path: Path) -> None:
+    from components.config import config_from_stack_file
+    from components.promotion import PromotionRefused
+    from components.release import deployment_outputs
+    from tools import plan
+
+    staging = config_from_stack_file(str(ROOT / "Pulumi.staging.yaml"), "staging")
+    running = deployment_outputs(staging, program_digest(ROOT))
+    same = outputs_file(tmp_path, "dev", running)
+    assert plan.main(["staging", "--out", str(tmp_path / "plan"), "--source-outputs", str(same)]) == 0
+    assert (tmp_path / "plan" / "summary.md").is_file()
+    other = outputs_file(tmp_path, "dev-other", {**running, PROGRAM_DIGEST_OUTPUT: "sha256:" + "0" * 64})
+    with pytest.raises(PromotionRefused, match="programDigest"):
+        plan.main(["staging", "--out", str(tmp_path / "refused"), "--source-outputs", str(other)])
