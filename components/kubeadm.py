@@ -257,5 +257,16 @@ class TokenConfiguration:
     kind: str = "InitConfiguration"
 
 
-def token_documents(token: str) -> str:
-    return to_yaml(TokenConfiguration(bootstrap_tokens=(BootstrapToken(token=token),)))
+def token_documents(token: str, kubernetes_version: str) -> str:
+    """What `kubeadm token create --config` reads: the token, and the version so kubeadm looks nothing up.
+
+    kubeadm loads the file as an InitConfiguration plus a ClusterConfiguration and defaults a missing
+    `kubernetesVersion` to `stable-1`, which it resolves from dl.k8s.io; naming the cluster's version here
+    keeps the refresh offline.
+    """
+    version_only = {
+        "apiVersion": KUBEADM_API,
+        "kind": "ClusterConfiguration",
+        "kubernetesVersion": f"v{kubernetes_version}",
+    }
+    return to_yaml(TokenConfiguration(bootstrap_tokens=(BootstrapToken(token=token),)), version_only)

@@ -6,7 +6,9 @@ in time, so an interrupted `pulumi up` resumes by simply running again.
 Which node a script runs on matters:
 - on the node itself: package installation, `kubeadm reset`, `kubeadm upgrade`;
 - on a control plane other than the node ("admin node", holding admin.conf):
-  bootstrap-token refresh, waiting for Ready, drain, uncordon, Node deletion.
+  bootstrap-token refresh, waiting for Ready, drain, uncordon, Node (and etcd member) deletion;
+- on the machine running Pulumi: the reset of a leaving node over SSH, which can tell a node that
+  does not answer (gone: skipped) from one whose reset failed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 from components.config import KubernetesConfig
 from components.kubeadm import CONFIG_DIR
-from components.scripts import INSTALL_BUNDLE_FUNCTION, STATE_DIR, Script, command, logged, quote
+from components.scripts import INSTALL_BUNDLE_FUNCTION, STATE_DIR, Script, command, logged, quote, remote_command
 
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
 KUBELET_KUBECONFIG = "/etc/kubernetes/kubelet.conf"
@@ -26,8 +28,13 @@ TOKEN_CONFIG_PATH = f"{CONFIG_DIR}/bootstrap-token.yaml"
 # Bounds on every wait: a node has 10 minutes to become Ready, a drain 5 minutes.
 READY_TIMEOUT = "600s"
 DRAIN_TIMEOUT = "300s"
-# A token with less than this left is re-created before a join.
+# A token with less than this left is replaced before a join.
 TOKEN_MIN_REMAINING_SECONDS = 2 * 3600
+# Serialises token refreshes on an admin node; a refresh takes seconds, so a long wait means a stuck one.
+TOKEN_LOCK = f"{STATE_DIR}/bootstrap-token.lock"
+TOKEN_LOCK_WAIT_SECONDS = 300
+# A drain skips pods deleted longer ago than this: a dead kubelet never confirms their deletion.
+DRAIN_SKIP_WAIT_FOR_DELETE_SECONDS = 60
 
 KUBECTL = ("kubectl", "--kubeconfig", ADMIN_KUBECONFIG)
 _APT = (
@@ -111,13 +118,17 @@ class Target:
     node: str
 
 
-_TOKEN_FRESH_FUNCTION = (
+_TOKEN_FUNCTIONS = (
+    # Prints the token's expiration; fails when its Secret does not exist.
+    "token_expiration() {",
+    (
+        f"  {command(*KUBECTL, '--namespace', 'kube-system', 'get', 'secret')} "
+        '"bootstrap-token-$1" --output "jsonpath={.data.expiration}" 2>/dev/null | base64 -d'
+    ),
+    "}",
     "token_fresh() {",
     "  local expiration",
-    (
-        f'  expiration="$({command(*KUBECTL, "--namespace", "kube-system", "get", "secret")} '
-        '"bootstrap-token-$1" --output "jsonpath={.data.expiration}" 2>/dev/null | base64 -d)" || return 1'
-    ),
+    '  expiration="$(token_expiration "$1")" || return 1',
     '  [ -n "$expiration" ] || return 1',
     f'  [ "$(date -d "$expiration" +%s)" -gt "$(( $(date +%s) + {TOKEN_MIN_REMAINING_SECONDS} ))" ]',
     "}",
@@ -125,24 +136,43 @@ _TOKEN_FRESH_FUNCTION = (
 
 
 def join_token_script(target: Target, token_id: str) -> Script:
-    """Re-create the cluster's bootstrap token if it is missing or about to expire, before `target.node` joins.
+    """Replace the cluster's bootstrap token if it is missing or about to expire, before `target.node` joins.
 
-    `kubeadm token create --config` updates an existing token in place, so this is
-    safe at any time; the token itself arrives on stdin (an InitConfiguration).
+    Safe at any token age and from many steps at once (workers join in parallel, each with its own
+    step on the same admin node):
+    - `kubeadm token create` refuses an id whose Secret exists (it creates with failIfExists, unlike
+      `kubeadm init`), so a stale token is deleted first, then created again with the same id and secret;
+    - a lock on the admin node serialises the refresh, and the freshness check is repeated once it is
+      held, so only the first of several concurrent steps replaces the token;
+    - the token arrives on stdin (an InitConfiguration); the file holding it is written and removed
+      under the lock, so a concurrent step never removes the file another one is about to read.
     """
+    config = TOKEN_CONFIG_PATH
     return Script(
         step=f"join-token-for-{target.node}",
         host=target.admin,
         done_when=f"token_fresh {quote(token_id)}",
-        functions=(*_TOKEN_FRESH_FUNCTION, *INSTALL_BUNDLE_FUNCTION),
+        functions=(*_TOKEN_FUNCTIONS, *INSTALL_BUNDLE_FUNCTION),
         body=(
-            # The file holds the token: remove it however the step ends.
-            f"trap {quote(command('rm', '-f', TOKEN_CONFIG_PATH))} EXIT",
-            "install_bundle",
+            f"exec 9>>{quote(TOKEN_LOCK)}",
+            f"flock --wait {TOKEN_LOCK_WAIT_SECONDS} 9 || {{ echo "
+            + quote(f"kubeadm-ha: another bootstrap-token refresh held {TOKEN_LOCK} for {TOKEN_LOCK_WAIT_SECONDS} s")
+            + " >&2; exit 1; }",
+            # The file holds the token: remove it however the step ends (while the lock is still held).
+            f"trap {quote(command('rm', '-f', config))} EXIT",
+            f"if token_fresh {quote(token_id)}; then",
+            '  echo "kubeadm-ha: another step refreshed the bootstrap token on ${KUBEADM_HA_HOST} meanwhile"',
+            "else",
+            "  install_bundle",
+            f"  if token_expiration {quote(token_id)} >/dev/null; then",
+            "    " + command("kubeadm", "token", "delete", "--kubeconfig", ADMIN_KUBECONFIG, token_id) + " >/dev/null",
+            "  fi",
             # `token create` prints the token: send stdout nowhere, keep errors (a secret output) visible.
-            command("kubeadm", "token", "create", "--kubeconfig", ADMIN_KUBECONFIG, "--config", TOKEN_CONFIG_PATH)
+            "  "
+            + command("kubeadm", "token", "create", "--kubeconfig", ADMIN_KUBECONFIG, "--config", config)
             + " >/dev/null",
-            command("rm", "-f", TOKEN_CONFIG_PATH),
+            "fi",
+            command("rm", "-f", config),
         ),
     )
 
@@ -183,7 +213,13 @@ _REPORT_BLOCKERS = (
 
 def _drain(node: str) -> tuple[str, ...]:
     drain = command(
-        *KUBECTL, "drain", node, "--ignore-daemonsets", "--delete-emptydir-data", f"--timeout={DRAIN_TIMEOUT}"
+        *KUBECTL,
+        "drain",
+        node,
+        "--ignore-daemonsets",
+        "--delete-emptydir-data",
+        f"--skip-wait-for-delete-timeout={DRAIN_SKIP_WAIT_FOR_DELETE_SECONDS}",
+        f"--timeout={DRAIN_TIMEOUT}",
     )
     return (
         command(*KUBECTL, "cordon", node),
@@ -215,16 +251,71 @@ def drain_node_script(target: Target) -> Script:
     )
 
 
-def delete_node_script(target: Target) -> Script:
-    """After `kubeadm reset` stopped its kubelet (which would re-register it): delete the Node object."""
+_ETCD_PKI = "/etc/kubernetes/pki/etcd"
+
+
+def _etcdctl(admin: str, *words: str) -> str:
+    """etcdctl in the admin node's own stacked etcd pod (the node has no etcdctl; the image does)."""
+    exec_etcdctl = command(
+        *KUBECTL,
+        "--namespace",
+        "kube-system",
+        "exec",
+        f"etcd-{admin}",
+        "--",
+        "etcdctl",
+        "--endpoints=https://127.0.0.1:2379",
+        f"--cacert={_ETCD_PKI}/ca.crt",
+        f"--cert={_ETCD_PKI}/healthcheck-client.crt",
+        f"--key={_ETCD_PKI}/healthcheck-client.key",
+        "--command-timeout=30s",
+        *words,
+    )
+    return f"timeout 60 {exec_etcdctl}"
+
+
+def _etcd_member_function(admin: str) -> tuple[str, ...]:
+    """`etcd_member_of NAME` prints NAME's member id (nothing when it is no member) and fails when etcd cannot
+    be asked: an unanswered question must not pass for "no member"."""
+    listing = _etcdctl(admin, "member", "list", "--write-out=simple")
+    return (
+        "etcd_member_of() {",
+        "  local members",
+        f'  members="$({listing})" || return 1',
+        "  printf '%s\\n' \"$members\" | awk -F ', ' -v name=\"$1\" '$3 == name { print $1 }'",
+        "}",
+    )
+
+
+def delete_node_script(target: Target, *, etcd_member: bool = False) -> Script:
+    """After `kubeadm reset` stopped its kubelet (which would re-register it): delete the Node object.
+
+    With `etcd_member` (a stacked-etcd control plane) its etcd member is removed too, if still there: a
+    node's own `kubeadm reset` removes it, but a dead node's reset is skipped, and the survivors must not
+    keep counting a member that will never answer.
+    """
+    node = target.node
+    # --ignore-not-found: a re-run after the Node went but the member removal failed must reach the latter.
+    delete = command(*KUBECTL, "delete", "node", node, "--ignore-not-found", "--timeout=120s")
+    functions: tuple[str, ...] = ()
+    done_when = _node_absent(node)
+    body: tuple[str, ...] = (delete,)
+    if etcd_member:
+        functions = _etcd_member_function(target.admin)
+        done_when += f' && member="$(etcd_member_of {quote(node)})" && [ -z "$member" ]'
+        body = (
+            delete,
+            f'member="$(etcd_member_of {quote(node)})"',
+            'if [ -n "$member" ]; then',
+            f'  {_etcdctl(target.admin, "member", "remove")} "$member"',
+            "fi",
+        )
     return Script(
-        step=f"delete-node-{target.node}",
+        step=f"delete-node-{node}",
         host=target.admin,
-        done_when=_node_absent(target.node),
-        body=(
-            command(*KUBECTL, "delete", "node", target.node, "--timeout=120s"),
-            command("rm", "-f", f"{STATE_DIR}/drained-{target.node}"),
-        ),
+        done_when=done_when,
+        functions=functions,
+        body=(*body, command("rm", "-f", f"{STATE_DIR}/drained-{node}")),
     )
 
 
@@ -237,6 +328,107 @@ def reset_script(hostname: str) -> Script:
         body=(
             logged("kubeadm-reset", "timeout", "300", "kubeadm", "reset", "--force"),
             command("rm", "-rf", "/etc/cni/net.d"),
+        ),
+    )
+
+
+# --- on the machine running Pulumi -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SshNode:
+    """How the machine running Pulumi reaches a node: the pinned host key, never trust on first use."""
+
+    hostname: str
+    address: str
+    user: str
+    host_public_key: str
+    port: int = 22
+
+    @property
+    def known_hosts_line(self) -> str:
+        # OpenSSH looks up a non-default port as `[address]:port`.
+        name = self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+        return f"{name} {self.host_public_key.strip()}\n"
+
+
+# A node that does not answer within about a minute (sshd's port closed or silent) is taken for gone.
+SSH_PROBE_ATTEMPTS = 6
+SSH_PROBE_TIMEOUT_SECONDS = 5
+SSH_PROBE_INTERVAL_SECONDS = 5
+
+
+def _ssh_port_closed_function(node: SshNode) -> tuple[str, ...]:
+    probe = f"</dev/tcp/{node.address}/{node.port}"
+    gone = (
+        f"kubeadm-ha: {node.hostname} does not answer on {node.address}:{node.port}; treating it as gone: "
+        "kubeadm reset skipped (its Node, and a control plane's etcd member, are removed by the surviving "
+        "control planes)"
+    )
+    return (
+        "ssh_port_closed() {",
+        "  local try",
+        f"  for try in $(seq {SSH_PROBE_ATTEMPTS}); do",
+        f"    if timeout {SSH_PROBE_TIMEOUT_SECONDS} bash -c {quote(probe)} 2>/dev/null; then return 1; fi",
+        f'    if [ "$try" -lt {SSH_PROBE_ATTEMPTS} ]; then sleep {SSH_PROBE_INTERVAL_SECONDS}; fi',
+        "  done",
+        f"  echo {quote(gone)} >&2",
+        "}",
+    )
+
+
+def reset_over_ssh_script(node: SshNode) -> Script:
+    """`kubeadm reset` of a leaving node, run by the machine running Pulumi: skipped if the node is gone.
+
+    A remote step's delete needs SSH to its node and fails when the node does not answer, so a dead
+    node could never be removed or replaced. This script probes the node's SSH port (bounded) and, when
+    nothing answers, treats the node as gone: a node that does not answer has nothing left to reset, and
+    the steps around it (drain before, Node and etcd member removal after) run on the surviving control
+    planes. A node that answers is reset as before, and a failed reset fails the step.
+
+    The operator's private key arrives on stdin and lives in a private temporary directory for the
+    duration of the ssh call only; the node's host key is pinned.
+    """
+    ssh = command(
+        "ssh",
+        "-F",
+        "/dev/null",
+        "-i",
+        "@KEY@",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "@KNOWN@",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "ConnectTimeout=15",
+        "-o",
+        "ServerAliveInterval=15",
+        "-o",
+        "ServerAliveCountMax=4",
+        "-p",
+        node.port,
+        f"{node.user}@{node.address}",
+        remote_command(reset_script(node.hostname)),
+    )
+    ssh = ssh.replace("@KEY@", '"$dir/key"').replace("@KNOWN@", '"UserKnownHostsFile=$dir/known_hosts"')
+    return Script(
+        step="kubeadm-reset-over-ssh",
+        host=node.hostname,
+        done_when="ssh_port_closed",
+        functions=_ssh_port_closed_function(node),
+        on_node=False,
+        body=(
+            'dir="$(mktemp -d)"',
+            "trap 'rm -rf \"$dir\"' EXIT",
+            'cat >"$dir/key"',
+            f"printf '%s' {quote(node.known_hosts_line)} >\"$dir/known_hosts\"",
+            f"{ssh} </dev/null",
         ),
     )
 

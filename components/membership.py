@@ -49,7 +49,8 @@ def token_step(
     token = context.pki.bootstrap_token
     # The token id names the token's Secret and is public by design (only its second half is secret).
     token_id = pulumi.Output.unsecret(token.apply(lambda value: value.split(".", 1)[0]))
-    payload = token.apply(lambda value: encode_bundle([BundleFile(TOKEN_CONFIG_PATH, token_documents(value))]))
+    version = context.config.kubernetes.version
+    payload = token.apply(lambda value: encode_bundle([BundleFile(TOKEN_CONFIG_PATH, token_documents(value, version))]))
     return run_step(
         f"{node.hostname}-join-token",
         context.access(admin),

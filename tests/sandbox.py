@@ -205,6 +205,36 @@ class Sandbox:
             check=False,
         )
 
+    def run_concurrently(
+        self, script_text: str, copies: int, *, stdin: str = "", env: Mapping[str, str] | None = None
+    ) -> list[tuple[int, str]]:
+        """Start `copies` runs of the script at once on this one node; each run's exit status and output.
+
+        One namespace holds them all (separate overlay mounts of the same layers would not see each
+        other's writes), as concurrent steps on one real node would share its files.
+        """
+        runs = self.root / "concurrent"
+        runs.mkdir(exist_ok=True)
+        (runs / "script.sh").write_text(script_text)
+        (runs / "stdin").write_text(stdin)
+        script, quoted_stdin = shlex.quote(str(runs / "script.sh")), shlex.quote(str(runs / "stdin"))
+        driver = "\n".join(
+            [
+                "pids=()",
+                f"for i in $(seq {copies}); do",
+                f"  bash {script} <{quoted_stdin} >{shlex.quote(str(runs))}/out.$i 2>&1 &",
+                '  pids+=("$!")',
+                "done",
+                'for i in "${!pids[@]}"; do',
+                '  rc=0; wait "${pids[$i]}" || rc=$?',
+                f'  echo "$rc" >{shlex.quote(str(runs))}/rc.$((i + 1))',
+                "done",
+            ]
+        )
+        result = self.run(driver + "\n", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return [(int((runs / f"rc.{i}").read_text()), (runs / f"out.{i}").read_text()) for i in range(1, copies + 1)]
+
     def call_lines(self) -> list[list[str]]:
         return [line.split("\t") for line in self.calls.read_text().splitlines()]
 

@@ -96,9 +96,15 @@ def test_new_workers_refresh_the_bootstrap_token_first(dev_again: Evaluation) ->
     assert token.inputs["connection"]["host"] == "10.17.3.31"  # on a control plane, which holds admin.conf
     assert scaled.depends_on(join, token)
     assert "stdin" in token.secret_inputs
-    init = yaml.safe_load(bundle(token)["/etc/kubernetes/kubeadm-ha/bootstrap-token.yaml"])
+    init, cluster = yaml.safe_load_all(bundle(token)["/etc/kubernetes/kubeadm-ha/bootstrap-token.yaml"])
     assert init["kind"] == "InitConfiguration"
     assert init["bootstrapTokens"][0]["ttl"] == "24h0m0s"
+    # kubeadm would otherwise resolve `stable-1` online to fill in a version it does not need.
+    assert cluster == {
+        "apiVersion": "kubeadm.k8s.io/v1beta4",
+        "kind": "ClusterConfiguration",
+        "kubernetesVersion": "v" + stack_config("dev")["kubeadm-ha:kubernetes"]["version"],
+    }
     assert "kubeadm token create" in script_of(token).replace("'", "")
 
 
@@ -224,11 +230,13 @@ def test_upgrade_runs_in_kubeadms_order_with_worker_batches() -> None:
         previous_batch = [f"dev-worker-{index}-upgrade-uncordon-{TARGET}" for index in batch]
     # Nothing else is touched by an upgrade. The seed disks carry the new version for nodes built later, but
     # ignore changes to their documents (no VM is rebuilt); the first control plane's bootstrap documents name
-    # the version too, and its guard (kubelet.conf exists) makes the re-run a no-op.
+    # the version too, and its guard (kubelet.conf exists) makes the re-run a no-op; so do the token documents
+    # (kubeadm needs a version), whose steps' guard sees the token fresh.
     before, after = inputs(five), inputs(upgraded)
     changed = {urn.rsplit("::", 1)[1] for urn in before if urn in after and before[urn] != after[urn]}
     disks = {name for name in changed if name.endswith("-cloud-init")}
-    assert changed - disks == {"dev-cp-1-kubeadm-init"}, changed
+    tokens = {name for name in changed if name.endswith("-join-token")}
+    assert changed - disks - tokens == {"dev-cp-1-kubeadm-init"}, changed
     for disk in upgraded.by_type("libvirt:index/cloudInitDisk:CloudInitDisk"):
         assert {"userData", "metaData", "networkConfig"} <= set(disk.ignore_changes)
     assert "[ -f /etc/kubernetes/kubelet.conf ]" in script_of(upgraded.named("dev-cp-1-kubeadm-init"))

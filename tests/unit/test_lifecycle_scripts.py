@@ -25,8 +25,11 @@ For every script: the first run makes exactly the expected calls in order; a sec
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
 import subprocess
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -34,12 +37,14 @@ import pytest
 
 from components import lifecycle
 from components.config import KubernetesConfig
+from components.kubeadm import token_documents
 from components.lifecycle import (
     ADMIN_KUBECONFIG,
     KUBELET_KUBECONFIG,
     KUBERNETES_KEYRING,
     KUBERNETES_SOURCES,
     TOKEN_CONFIG_PATH,
+    SshNode,
     Target,
     delete_node_script,
     drain_for_upgrade_script,
@@ -47,12 +52,13 @@ from components.lifecycle import (
     join_token_script,
     kubernetes_packages_script,
     node_ready_script,
+    reset_over_ssh_script,
     reset_script,
     uncordon_script,
     upgrade_node_script,
 )
 from components.scripts import BundleFile, Script, encode_bundle
-from tests.sandbox import Sandbox, Stub, unavailable
+from tests.sandbox import RECORD_ONLY, Sandbox, Stub, unavailable
 
 CURRENT = KubernetesConfig(version="1.34.2")
 NEXT = KubernetesConfig(version="1.35.0")
@@ -61,16 +67,8 @@ NODE = "dev-worker-2"
 TARGET = Target(admin=ADMIN, node=NODE)
 TOKEN_ID = "abcdef"
 TOKEN = f"{TOKEN_ID}.0123456789abcdef"
-TOKEN_CONFIG = f"""\
-apiVersion: kubeadm.k8s.io/v1beta4
-kind: InitConfiguration
-bootstrapTokens:
-- token: "{TOKEN}"
-  ttl: 24h0m0s
-  usages: [signing, authentication]
-nodeRegistration:
-  name: {ADMIN}
-"""
+# What the program sends: kubeadm reads it with `token create --config`.
+TOKEN_CONFIG = token_documents(TOKEN, CURRENT.version)
 PODS = "default  web-7d4b9c-x2x9q  1/1  Running  0  5m  10.244.1.5  dev-worker-2\n"
 
 K = ["kubectl", "--kubeconfig", ADMIN_KUBECONFIG]
@@ -132,13 +130,39 @@ case "$1 ${2-}" in
   "drain "*)
     node_dir "$2"
     touch "$dir/unschedulable"
+    # A dead kubelet never confirms a pod's deletion: the drain waits for it unless told to skip such pods.
+    if [ -e "$dir/dead" ] && [ -s "$dir/pods" ] && [[ " $* " != *" --skip-wait-for-delete-timeout="[1-9]* ]]; then
+      echo "error: unable to drain node \"$2\" due to error: global timeout reached: 5m0s" >&2
+      exit 1
+    fi
     if [ -e "$dir/drain-blocked" ]; then
       echo "error: unable to drain node \"$2\" due to error: global timeout reached: 5m0s" >&2
       exit 1
     fi
     rm -f "$dir/pods"
     echo "node/$2 drained" ;;
-  "delete node") node_dir "$3"; rm -rf "$dir"; echo "node \"$3\" deleted" ;;
+  "delete node")
+    if [ ! -d "$STATE/nodes/$3" ] && has --ignore-not-found "$@"; then exit 0; fi
+    node_dir "$3"; rm -rf "$dir"; echo "node \"$3\" deleted" ;;
+  "exec etcd-"*)
+    # etcdctl in the admin node's etcd pod: `members/<name>` holds each member's id.
+    [ "$namespace" = kube-system ] || exit 2
+    [ "$3" = -- ] && [ "$4" = etcdctl ] || { echo "stub kubectl: exec without -- etcdctl" >&2; exit 2; }
+    has --cacert=/etc/kubernetes/pki/etcd/ca.crt "$@" || exit 2
+    case "${*: -3}" in
+      "member list --write-out=simple")
+        for member in "$STATE"/members/*; do
+          [ -e "$member" ] || continue
+          printf '%s, started, %s, https://x:2380, https://x:2379, false\n' "$(cat "$member")" "${member##*/}"
+        done ;;
+      *)
+        [ "${*: -3:2}" = "member remove" ] || { echo "stub etcdctl: unexpected call: $*" >&2; exit 2; }
+        id="${*: -1}"
+        found="$(grep -lxF "$id" "$STATE"/members/* 2>/dev/null)" \
+          || { echo "Error: etcdserver: member not found" >&2; exit 1; }
+        rm -f "$found"
+        echo "Member $id removed from cluster" ;;
+    esac ;;
   "wait "*)
     [ "$2" = --for=condition=Ready ] || exit 2
     node_dir "${3#node/}"
@@ -156,16 +180,35 @@ case "$1 ${2-}" in
     [ -r "$(opt --kubeconfig "$@")" ] || { echo "stub kubeadm: no kubeconfig" >&2; exit 1; }
     config="$(opt --config "$@")"
     [ -r "$config" ] || { echo "open $config: no such file or directory" >&2; exit 1; }
-    token="$(sed -n 's/^- token: "\(.*\)"$/\1/p' "$config")"
+    token="$(sed -n 's/^- token: "\{0,1\}\([a-z0-9.]*\)"\{0,1\}$/\1/p' "$config")"
     sha256sum <"$config" | cut -d' ' -f1 >>"$STATE/token-configs-read"
+    # Without a ClusterConfiguration naming the version, kubeadm looks up `stable-1` on dl.k8s.io.
+    if ! grep -qx 'kind: ClusterConfiguration' "$config" || ! grep -qE '^kubernetesVersion: v[0-9]' "$config"; then
+      echo "stub kubeadm: no kubernetesVersion in $config; would fetch https://dl.k8s.io/release/stable-1.txt" >&2
+      exit 2
+    fi
     if [ -e "$STATE/token-create-fails" ]; then
       echo "$token"
       echo "error: the server is currently unable to handle the request" >&2
       exit 1
     fi
-    mkdir -p "$STATE/secrets/bootstrap-token-${token%%.*}"
+    # The API server's create is atomic and refuses an existing Secret; a moment passes before it answers,
+    # as it would over the network, so concurrent callers overlap.
+    sleep 0.2
+    mkdir -p "$STATE/secrets"
+    if ! mkdir "$STATE/secrets/bootstrap-token-${token%%.*}" 2>/dev/null; then
+      echo "failed to create or update bootstrap token with name bootstrap-token-${token%%.*}:" \
+        "a token with id \"${token%%.*}\" already exists" >&2
+      exit 1
+    fi
     date -u -d '+24 hours' +%Y-%m-%dT%H:%M:%SZ >"$STATE/secrets/bootstrap-token-${token%%.*}/expiration"
     echo "$token" ;;
+  "token delete")
+    [ -r "$(opt --kubeconfig "$@")" ] || { echo "stub kubeadm: no kubeconfig" >&2; exit 1; }
+    id="${*: -1}"
+    rm -r "$STATE/secrets/bootstrap-token-$id" 2>/dev/null \
+      || { echo "failed to delete bootstrap token \"$id\": secrets \"bootstrap-token-$id\" not found" >&2; exit 1; }
+    echo "bootstrap token \"$id\" deleted" ;;
   "reset --force")
     rm -f /etc/kubernetes/{admin,super-admin,kubelet,bootstrap-kubelet,controller-manager,scheduler}.conf
     for dir in /etc/kubernetes/manifests /etc/kubernetes/pki /var/lib/kubelet; do
@@ -295,7 +338,30 @@ case "$*" in
 esac
 """
 
+_SSH = r"""
+# The machine running Pulumi reaching a node: the key and the pinned host key must be given as files, the
+# session must never prompt, and the remote command runs here, on the sandbox's node.
+key="$(opt -i "$@")" && [ -r "$key" ] || { echo "stub ssh: no readable -i key" >&2; exit 255; }
+for option in BatchMode=yes StrictHostKeyChecking=yes IdentitiesOnly=yes; do
+  has "$option" "$@" || { echo "stub ssh: missing -o $option" >&2; exit 255; }
+done
+known=""
+for arg in "$@"; do case "$arg" in UserKnownHostsFile=*) known="${arg#UserKnownHostsFile=}" ;; esac; done
+[ -r "$known" ] || { echo "stub ssh: no readable UserKnownHostsFile" >&2; exit 255; }
+cp "$key" "$STATE/ssh-key-used"
+cp "$known" "$STATE/ssh-known-hosts-used"
+exec bash -c "${*: -1}"
+"""
+
+_SUDO = r"""
+[ "$1" = --non-interactive ] || { echo "stub sudo: would prompt for a password" >&2; exit 1; }
+shift
+exec "$@"
+"""
+
 STUBS: dict[str, str | Stub] = {
+    "ssh": _SSH,
+    "sudo": _SUDO,
     "kubectl": _KUBECTL,
     "kubeadm": _KUBEADM,
     "dpkg-query": _DPKG_QUERY,
@@ -308,13 +374,13 @@ STUBS: dict[str, str | Stub] = {
 
 
 def _read_only(call: list[str]) -> bool:
-    """Calls that change nothing: `kubectl get`, `dpkg-query`."""
+    """Calls that change nothing: `kubectl get`, `etcdctl member list`, `dpkg-query`."""
     if call[0] == "dpkg-query":
         return True
     if call[:3] != K:
         return False
     words = call[5:] if call[3:5] == ["--namespace", "kube-system"] else call[3:]
-    return words[:1] == ["get"]
+    return words[:1] == ["get"] or (words[:1] == ["exec"] and words[-3:] == ["member", "list", "--write-out=simple"])
 
 
 # ---------------------------------------------------------------- fixtures and helpers
@@ -404,20 +470,25 @@ def _expiring_in(delta: timedelta) -> str:
 
 GET_TOKEN = [*K, "--namespace", "kube-system", "get", "secret", f"bootstrap-token-{TOKEN_ID}"]
 GET_TOKEN += ["--output", "jsonpath={.data.expiration}"]
+CREATE_TOKEN = ["kubeadm", "token", "create", "--kubeconfig", ADMIN_KUBECONFIG, "--config", TOKEN_CONFIG_PATH]
+DELETE_TOKEN = ["kubeadm", "token", "delete", "--kubeconfig", ADMIN_KUBECONFIG, TOKEN_ID]
+TOKEN_BUNDLE = encode_bundle([BundleFile(TOKEN_CONFIG_PATH, TOKEN_CONFIG)])
+# Token ages: a token is made with 24 h to live and refreshed once less than 2 h are left.
+STALE = {"expired": timedelta(hours=-1), "90min-left": timedelta(minutes=90), "23h-old": timedelta(hours=1)}
 
 
-@pytest.mark.parametrize(
-    "expires_in",
-    [None, timedelta(hours=-1), timedelta(minutes=90)],
-    ids=["missing", "expired", "expiring-within-2h"],
-)
-def test_a_missing_or_expiring_token_is_recreated_then_left_alone(sandbox: Sandbox, expires_in: timedelta | None):
+def _fresh_token_expiration(sandbox: Sandbox) -> datetime:
+    expiration = _state(sandbox, f"secrets/bootstrap-token-{TOKEN_ID}/expiration").strip()
+    return datetime.strptime(expiration, RFC3339).replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize("expires_in", [None, *STALE.values()], ids=["missing", *STALE])
+def test_a_missing_or_stale_token_is_replaced_then_left_alone(sandbox: Sandbox, expires_in: timedelta | None):
     if expires_in is not None:
         sandbox.put_state(f"secrets/bootstrap-token-{TOKEN_ID}/expiration", _expiring_in(expires_in))
     script = join_token_script(TARGET, TOKEN_ID)
-    bundle = encode_bundle([BundleFile(TOKEN_CONFIG_PATH, TOKEN_CONFIG)])
 
-    result = sandbox.run(script.render(), stdin=bundle)
+    result = sandbox.run(script.render(), stdin=TOKEN_BUNDLE)
     assert result.returncode == 0, result.stderr
     assert f"join-token-for-{NODE} done on {ADMIN}" in result.stdout
     assert TOKEN not in script.render()  # it arrives on stdin only
@@ -425,32 +496,50 @@ def test_a_missing_or_expiring_token_is_recreated_then_left_alone(sandbox: Sandb
     assert TOKEN not in result.stdout + result.stderr
     logs = sandbox.file("/var/log/kubeadm-ha")
     assert not logs.exists() or all(TOKEN not in log.read_text() for log in logs.iterdir())
-    assert sandbox.call_lines() == [
-        GET_TOKEN,
-        ["kubeadm", "token", "create", "--kubeconfig", ADMIN_KUBECONFIG, "--config", TOKEN_CONFIG_PATH],
-    ]
+    # The guard, the same check once the lock is held, whether a Secret is there to replace, then kubeadm:
+    # `token create` refuses an id whose Secret exists, so an existing one is deleted first.
+    replace = [DELETE_TOKEN] if expires_in is not None else []
+    assert sandbox.call_lines() == [GET_TOKEN, GET_TOKEN, GET_TOKEN, *replace, CREATE_TOKEN]
     # kubeadm read exactly the configuration from stdin, which is gone afterwards.
     sha = subprocess.run(["sha256sum"], input=TOKEN_CONFIG, capture_output=True, text=True, check=True)
     assert _state(sandbox, "token-configs-read").split() == [sha.stdout.split()[0]]
     assert not sandbox.exists(TOKEN_CONFIG_PATH)
-    expiration = _state(sandbox, f"secrets/bootstrap-token-{TOKEN_ID}/expiration").strip()
-    assert datetime.strptime(expiration, RFC3339).replace(tzinfo=UTC) > datetime.now(UTC) + timedelta(hours=23)
+    assert _fresh_token_expiration(sandbox) > datetime.now(UTC) + timedelta(hours=23)
 
-    assert _run_again(sandbox, script, stdin=bundle) == [GET_TOKEN]
+    assert _run_again(sandbox, script, stdin=TOKEN_BUNDLE) == [GET_TOKEN]
+
+
+@pytest.mark.parametrize("expires_in", [None, STALE["23h-old"]], ids=["missing", "23h-old"])
+def test_concurrent_refreshes_all_succeed_and_leave_one_token(sandbox: Sandbox, expires_in: timedelta | None):
+    """Workers join in parallel, so their token steps run on the first control plane at the same time."""
+    if expires_in is not None:
+        sandbox.put_state(f"secrets/bootstrap-token-{TOKEN_ID}/expiration", _expiring_in(expires_in))
+    runs = sandbox.run_concurrently(join_token_script(TARGET, TOKEN_ID).render(), 3, stdin=TOKEN_BUNDLE)
+    assert [rc for rc, _ in runs] == [0, 0, 0], runs
+    assert all(TOKEN not in output for _, output in runs)
+    assert [path.name for path in (sandbox.state / "secrets").iterdir()] == [f"bootstrap-token-{TOKEN_ID}"]
+    calls = sandbox.call_lines()
+    assert calls.count(CREATE_TOKEN) == 1
+    assert calls.count(DELETE_TOKEN) == (0 if expires_in is None else 1)
+    assert _fresh_token_expiration(sandbox) > datetime.now(UTC) + timedelta(hours=23)
+    assert not sandbox.exists(TOKEN_CONFIG_PATH)
+
+
+def test_the_token_refresh_waits_a_bounded_time_for_the_lock():
+    rendered = join_token_script(TARGET, TOKEN_ID).render()
+    assert "flock --wait 300 9" in rendered
 
 
 @pytest.mark.parametrize("expires_in", [timedelta(hours=3), timedelta(hours=23)], ids=["3h", "23h"])
 def test_a_fresh_token_is_left_alone(sandbox: Sandbox, expires_in: timedelta):
     sandbox.put_state(f"secrets/bootstrap-token-{TOKEN_ID}/expiration", _expiring_in(expires_in))
-    bundle = encode_bundle([BundleFile(TOKEN_CONFIG_PATH, TOKEN_CONFIG)])
-    assert _run_again(sandbox, join_token_script(TARGET, TOKEN_ID), stdin=bundle) == [GET_TOKEN]
+    assert _run_again(sandbox, join_token_script(TARGET, TOKEN_ID), stdin=TOKEN_BUNDLE) == [GET_TOKEN]
     assert not sandbox.exists(TOKEN_CONFIG_PATH)
 
 
 def test_a_failed_token_create_removes_the_config_and_shows_no_token(sandbox: Sandbox):
     sandbox.put_state("token-create-fails")
-    bundle = encode_bundle([BundleFile(TOKEN_CONFIG_PATH, TOKEN_CONFIG)])
-    result = sandbox.run(join_token_script(TARGET, TOKEN_ID).render(), stdin=bundle)
+    result = sandbox.run(join_token_script(TARGET, TOKEN_ID).render(), stdin=TOKEN_BUNDLE)
     assert result.returncode == 1
     assert "step join-token-for-dev-worker-2 failed on host dev-cp-1" in result.stderr
     assert TOKEN not in result.stdout + result.stderr
@@ -491,8 +580,21 @@ def test_node_ready_waits_for_the_node_to_register(sandbox: Sandbox, tmp_path: P
 
 # ---------------------------------------------------------------- remove and reset
 
-DRAIN = [*K, "drain", NODE, "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=300s"]
+DRAIN = [*K, "drain", NODE, "--ignore-daemonsets", "--delete-emptydir-data", "--skip-wait-for-delete-timeout=60"]
+DRAIN += ["--timeout=300s"]
 LIST_PODS = [*K, "get", "pods", "--all-namespaces", "--output", "wide", "--field-selector", f"spec.nodeName={NODE}"]
+CP = "dev-cp-3"
+ETCDCTL = [*K, "--namespace", "kube-system", "exec", f"etcd-{ADMIN}", "--", "etcdctl"]
+ETCDCTL += ["--endpoints=https://127.0.0.1:2379", "--cacert=/etc/kubernetes/pki/etcd/ca.crt"]
+ETCDCTL += ["--cert=/etc/kubernetes/pki/etcd/healthcheck-client.crt"]
+ETCDCTL += ["--key=/etc/kubernetes/pki/etcd/healthcheck-client.key", "--command-timeout=30s"]
+MEMBER_LIST = [*ETCDCTL, "member", "list", "--write-out=simple"]
+MEMBER_IDS = {ADMIN: "8e9e05c52164694d", "dev-cp-2": "2c3f5a0a9e7b1d44", CP: "91bc3c398fb3c146"}
+
+
+def _members(sandbox: Sandbox, *names: str) -> None:
+    for name in names:
+        sandbox.put_state(f"members/{name}", MEMBER_IDS[name])
 
 
 def test_drain_cordons_and_drains_then_does_nothing(sandbox: Sandbox):
@@ -510,12 +612,52 @@ def test_drain_cordons_and_drains_then_does_nothing(sandbox: Sandbox):
     ]
 
 
+def test_a_dead_node_drains_without_waiting_for_its_pods_to_go(sandbox: Sandbox):
+    # A NotReady node: evicted pods stay Terminating forever, because no kubelet confirms their deletion.
+    _node(sandbox, ready="Unknown", pods=PODS, dead="")
+    assert _run_first(sandbox, drain_node_script(TARGET))[-1] == DRAIN
+
+
 def test_delete_node_removes_the_node_object_then_does_nothing(sandbox: Sandbox):
     _node(sandbox, pods=PODS)
     script = delete_node_script(TARGET)
-    assert _run_first(sandbox, script) == [[*K, "get", "node", NODE], [*K, "delete", "node", NODE, "--timeout=120s"]]
+    assert _run_first(sandbox, script) == [
+        [*K, "get", "node", NODE],
+        [*K, "delete", "node", NODE, "--ignore-not-found", "--timeout=120s"],
+    ]
     assert not (sandbox.state / "nodes" / NODE).exists()
     assert _run_again(sandbox, script) == [[*K, "get", "node", NODE]]
+
+
+def test_delete_node_of_a_control_plane_removes_its_etcd_member_then_does_nothing(sandbox: Sandbox):
+    """Its own `kubeadm reset` removes a live node's member; a dead node's member is removed by the survivors."""
+    _node(sandbox, CP)
+    _members(sandbox, ADMIN, "dev-cp-2", CP)
+    script = delete_node_script(Target(ADMIN, CP), etcd_member=True)
+    assert _run_first(sandbox, script) == [
+        [*K, "get", "node", CP],
+        [*K, "delete", "node", CP, "--ignore-not-found", "--timeout=120s"],
+        MEMBER_LIST,
+        [*ETCDCTL, "member", "remove", MEMBER_IDS[CP]],
+    ]
+    assert sorted(path.name for path in (sandbox.state / "members").iterdir()) == [ADMIN, "dev-cp-2"]
+    assert _run_again(sandbox, script) == [[*K, "get", "node", CP], MEMBER_LIST]
+
+
+def test_delete_node_leaves_etcd_alone_once_the_reset_removed_the_member(sandbox: Sandbox):
+    _node(sandbox, CP)
+    _members(sandbox, ADMIN, "dev-cp-2")
+    calls = _run_first(sandbox, delete_node_script(Target(ADMIN, CP), etcd_member=True))
+    assert calls[-1] == MEMBER_LIST
+    assert sorted(path.name for path in (sandbox.state / "members").iterdir()) == [ADMIN, "dev-cp-2"]
+
+
+def test_delete_node_fails_when_etcd_cannot_be_asked(sandbox: Sandbox):
+    """No member list is not the same as no member: the step fails rather than leave a member behind."""
+    script = delete_node_script(Target(ADMIN, CP), etcd_member=True)
+    result = sandbox.run(script.render(), env={"STUB_FAIL": "kubectl"})
+    assert result.returncode != 0
+    assert f"step delete-node-{CP} failed on host {ADMIN}" in result.stderr
 
 
 @pytest.mark.parametrize("make", [drain_node_script, lambda target: drain_for_upgrade_script(target, NEXT)])
@@ -538,20 +680,134 @@ def test_a_drain_that_cannot_finish_fails_naming_the_node_and_its_pods(sandbox: 
 
 @pytest.mark.parametrize("role", ["control-plane", "worker"])
 def test_reset_then_does_nothing(sandbox: Sandbox, role: str):
-    host = "dev-cp-3" if role == "control-plane" else NODE
+    host = CP if role == "control-plane" else NODE
+    _reset_able(sandbox, control_plane=role == "control-plane")
+    script = reset_script(host)
+    assert _run_first(sandbox, script) == [["kubeadm", "reset", "--force"]]
+    _assert_reset(sandbox)
+    assert _run_again(sandbox, script) == []
+
+
+def _reset_able(sandbox: Sandbox, *, control_plane: bool) -> None:
+    """A node that has joined: kubelet's kubeconfig, static pods on a control plane, a CNI config."""
     sandbox.put(KUBELET_KUBECONFIG, "kubelet\n")
-    if role == "control-plane":
+    if control_plane:
         sandbox.put("/etc/kubernetes/super-admin.conf", "super\n")
         sandbox.put("/etc/kubernetes/manifests/kube-apiserver.yaml", "pod\n")
     else:
         sandbox.file(ADMIN_KUBECONFIG).unlink()
     sandbox.put("/etc/cni/net.d/10-calico.conflist", "{}\n", 0o644)
-    script = reset_script(host)
-    assert _run_first(sandbox, script) == [["kubeadm", "reset", "--force"]]
+
+
+def _assert_reset(sandbox: Sandbox) -> None:
     for path in (KUBELET_KUBECONFIG, ADMIN_KUBECONFIG, "/etc/kubernetes/manifests/kube-apiserver.yaml"):
         assert not sandbox.exists(path)
     assert not sandbox.exists("/etc/cni/net.d")
-    assert _run_again(sandbox, script) == []
+
+
+# The reset of a leaving node runs from the machine running Pulumi, over SSH, so that a node that does not
+# answer can be told apart from one whose reset failed. Nodes sit on loopback addresses; nothing listens on
+# 127.77.0.66, so that one is dead.
+OPERATOR_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGtleW9mdGhlbm9kZXRoYXRpc2xlYXZpbmc"
+DEAD_ADDRESS = "127.77.0.66"
+
+
+@contextlib.contextmanager
+def _listening(address: str) -> Iterator[int]:
+    """An open TCP port at `address` (an sshd that answers); its number."""
+    with socket.socket() as server:
+        server.bind((address, 0))
+        server.listen(8)
+        yield server.getsockname()[1]
+
+
+def _ssh_node(address: str, port: int, host: str = NODE) -> SshNode:
+    return SshNode(hostname=host, address=address, user="kube", host_public_key=HOST_KEY, port=port)
+
+
+@pytest.fixture
+def operator(sandbox_support: None, tmp_path: Path) -> Sandbox:
+    """The machine running Pulumi, which is also the node here: ssh runs the remote command on the sandbox.
+
+    `sleep` only records its call, so the probes of a dead node take no time.
+    """
+    box = Sandbox(tmp_path / "operator", {**STUBS, "sleep": RECORD_ONLY})
+    box.put(ADMIN_KUBECONFIG, "stub\n")
+    (tmp_path / "tmp").mkdir()
+    return box
+
+
+def _operator_env(sandbox: Sandbox) -> dict[str, str]:
+    return {"TMPDIR": str(sandbox.root.parent / "tmp")}
+
+
+def test_reset_over_ssh_resets_a_node_that_answers(operator: Sandbox):
+    _reset_able(operator, control_plane=False)
+    with _listening("127.77.0.5") as port:
+        script = reset_over_ssh_script(_ssh_node("127.77.0.5", port))
+        result = operator.run(script.render(), stdin=OPERATOR_KEY, env=_operator_env(operator))
+        assert result.returncode == 0, result.stdout + result.stderr
+        # The remote command is a script of many lines: keep each call's first line.
+        calls = [call for call in operator.call_lines() if call[0] in ("ssh", "sudo", "kubeadm")]
+        assert [call[0] for call in calls] == ["ssh", "sudo", "kubeadm"]
+        assert calls[0][-2] == "kube@127.77.0.5" and ["-p", str(port)] == calls[0][-4:-2]
+        assert calls[2] == ["kubeadm", "reset", "--force"]
+        _assert_reset(operator)
+        # The key and the pinned host key were files for ssh only, gone once the step is done.
+        assert _state(operator, "ssh-key-used") == OPERATOR_KEY
+        assert _state(operator, "ssh-known-hosts-used") == f"[127.77.0.5]:{port} {HOST_KEY}\n"
+        assert list((operator.root.parent / "tmp").iterdir()) == []
+        assert OPERATOR_KEY not in result.stdout + result.stderr
+
+        # Again: the node's own guard sees the reset done.
+        again = operator.run(script.render(), stdin=OPERATOR_KEY, env=_operator_env(operator))
+        assert again.returncode == 0, again.stderr
+        assert "kubeadm-reset already done on dev-worker-2" in again.stdout
+        again_calls = [call[0] for call in operator.call_lines() if call[0] in ("ssh", "sudo", "kubeadm")]
+        assert again_calls[len(calls) :] == ["ssh", "sudo"]
+
+
+def test_reset_over_ssh_treats_a_node_that_does_not_answer_as_gone(operator: Sandbox):
+    script = reset_over_ssh_script(_ssh_node(DEAD_ADDRESS, 22))
+    result = operator.run(script.render(), stdin=OPERATOR_KEY, env=_operator_env(operator))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{NODE} does not answer on {DEAD_ADDRESS}:22" in result.stderr
+    assert "kubeadm reset skipped" in result.stderr
+    # Bounded: a few probes a few seconds apart, then no ssh at all.
+    assert operator.call_lines() == [["sleep", "5"]] * 5
+    assert list((operator.root.parent / "tmp").iterdir()) == []
+
+
+def test_reset_over_ssh_fails_when_a_node_that_answers_cannot_be_reset(operator: Sandbox):
+    _reset_able(operator, control_plane=False)
+    with _listening("127.77.0.5") as port:
+        script = reset_over_ssh_script(_ssh_node("127.77.0.5", port))
+        failing = {**_operator_env(operator), "STUB_FAIL": "kubeadm"}
+        result = operator.run(script.render(), stdin=OPERATOR_KEY, env=failing)
+    assert result.returncode != 0
+    assert "step kubeadm-reset failed on host dev-worker-2" in result.stderr  # the node's own message
+    assert f"step kubeadm-reset-over-ssh failed on host {NODE}" in result.stderr
+    assert operator.exists(KUBELET_KUBECONFIG)
+    assert list((operator.root.parent / "tmp").iterdir()) == []
+
+
+def test_a_dead_control_plane_leaves_through_the_survivors(operator: Sandbox):
+    """README, day-2: remove or replace a dead node. Drain, reset (skipped), Node and etcd member removed."""
+    _node(operator, CP, ready="Unknown", pods=PODS.replace(NODE, CP), dead="")
+    _members(operator, ADMIN, "dev-cp-2", CP)
+    target = Target(ADMIN, CP)
+    steps = [
+        drain_node_script(target),
+        reset_over_ssh_script(_ssh_node(DEAD_ADDRESS, 22, host=CP)),
+        delete_node_script(target, etcd_member=True),
+    ]
+    for step in steps:
+        result = operator.run(step.render(), stdin=OPERATOR_KEY, env=_operator_env(operator))
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert not (operator.state / "nodes" / CP).exists()
+    assert sorted(path.name for path in (operator.state / "members").iterdir()) == [ADMIN, "dev-cp-2"]
+    assert not any(call[0] == "ssh" for call in operator.call_lines())
 
 
 # ---------------------------------------------------------------- upgrade
@@ -672,7 +928,9 @@ ALL_SCRIPTS = {
     "node-ready": node_ready_script(TARGET),
     "drain-node": drain_node_script(TARGET),
     "delete-node": delete_node_script(TARGET),
+    "delete-control-plane": delete_node_script(Target(ADMIN, CP), etcd_member=True),
     "reset": reset_script(NODE),
+    "reset-over-ssh": reset_over_ssh_script(_ssh_node("10.17.3.52", 22)),
     "drain-for-upgrade": drain_for_upgrade_script(TARGET, NEXT),
     "upgrade-first": upgrade_node_script(NODE, NEXT, first_control_plane=True),
     "upgrade-other": upgrade_node_script(NODE, NEXT, first_control_plane=False),
@@ -684,7 +942,7 @@ def test_every_lifecycle_script_is_covered():
     made = {name for name in dir(lifecycle) if name.endswith("_script")}
     assert made == {
         "kubernetes_packages_script", "join_token_script", "node_ready_script", "drain_node_script",
-        "delete_node_script",
+        "delete_node_script", "reset_over_ssh_script",
         "reset_script", "drain_for_upgrade_script", "upgrade_node_script", "uncordon_script",
     }  # fmt: skip
 
