@@ -18,7 +18,7 @@ from components.pki import ADMIN_USER, APISERVER_ETCD_CLIENT, ETCD_CA, ClusterPk
 from components.previous import NEW_STACK, PreviousDeployment
 from components.remote import secret
 from components.upgrade import KubernetesUpgrade, KubernetesUpgradeArgs
-from components.vm import Hypervisor, deployment_id
+from components.vm import BaseImage, Hypervisor, deployment_id
 from components.worker_pool import WorkerPool, WorkerPoolArgs
 
 
@@ -72,7 +72,10 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
     )
     # 2. Per hypervisor: the NAT network and the base image; volume names carry this deployment's id.
     deployment = deployment_id(last_deployment, parent=pki)
-    hypervisors = [Hypervisor(hypervisor.name, hypervisor, config, deployment) for hypervisor in config.hypervisors]
+    image = BaseImage("base-image", config)
+    hypervisors = [
+        Hypervisor(hypervisor.name, hypervisor, config, deployment, image) for hypervisor in config.hypervisors
+    ]
     context = NodeContext(config, plan, pki, hypervisors)
     # 3. The API endpoint: HAProxy (+ keepalived) in front of every control plane.
     load_balancer = LoadBalancer("api-lb", LoadBalancerArgs(context))

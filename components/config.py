@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from components.previous import NEW_STACK, PreviousDeployment, read_previous_deployment
@@ -39,11 +40,39 @@ _SSH_PUBLIC_KEY = re.compile(
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)$")
 
 DEFAULT_IMAGE = "https://cloud-images.ubuntu.com/releases/24.04/release/ubuntu-24.04-server-cloudimg-amd64.img"
+UBUNTU_CLOUD_IMAGES = "https://cloud-images.ubuntu.com/"
 
 
 class _Model(BaseModel):
     # Unknown keys are typos until proven otherwise: refuse them instead of ignoring them.
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ImageConfig(_Model):
+    """The cloud image every VM boots. A plain string in a stack file is taken as `url`."""
+
+    url: Annotated[str, Field(pattern=r"^(https://\S+|/\S+)$")] = DEFAULT_IMAGE
+    # Required for a download that is not an Ubuntu cloud image (those are checked against Ubuntu's signed
+    # SHA256SUMS instead); optional for a local file.
+    sha256: Annotated[str | None, Field(pattern=r"^[0-9a-f]{64}$")] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _verifiable(self) -> ImageConfig:
+        if self.downloaded and self.sha256 is None and not self.url.startswith(UBUNTU_CLOUD_IMAGES):
+            raise ValueError(
+                f"{self.url} is not an Ubuntu cloud image, whose signed SHA256SUMS the program checks; "
+                "give image.sha256 so the download can be verified"
+            )
+        return self
+
+    @property
+    def downloaded(self) -> bool:
+        return self.url.startswith("https://")
 
 
 class HypervisorConfig(_Model):
@@ -214,7 +243,7 @@ class ClusterConfig(_Model):
     cluster_name: Annotated[str, Field(alias="clusterName")]
     hypervisors: Annotated[tuple[HypervisorConfig, ...], Field(min_length=1)] = (HypervisorConfig(name="local"),)
     network: NetworkConfig
-    image: Annotated[str, Field(pattern=r"^(https?://\S+|/\S+)$")] = DEFAULT_IMAGE
+    image: ImageConfig = ImageConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
     load_balancer: Annotated[LoadBalancerConfig, Field(alias="loadBalancer")] = LoadBalancerConfig()
     etcd: EtcdConfig = EtcdConfig()

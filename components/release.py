@@ -77,7 +77,7 @@ def release_of(config: ClusterConfig) -> dict[str, str]:
     }
     if kubernetes.cni in _CNI_VERSIONS:
         release["cniVersion"] = _CNI_VERSIONS[kubernetes.cni]
-    release["image"] = config.image
+    release["image"] = config.image.url
     return release
 
 

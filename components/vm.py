@@ -6,11 +6,13 @@ import hashlib
 from dataclasses import dataclass
 
 import pulumi
+import pulumi_command as command_provider
 import pulumi_libvirt as libvirt
 import pulumi_tls as tls
 
 from components.addressing import NodePlan
 from components.config import ClusterConfig, HypervisorConfig
+from components.image import cached_image_path, image_fetch_script
 from components.node_prep import PREPARED_MARKER
 from components.previous import PreviousDeployment
 from components.remote import NodeAccess, run_step, secret
@@ -50,6 +52,22 @@ def deployment_id(previous: PreviousDeployment, parent: pulumi.Resource) -> pulu
     return seed.public_key_openssh.apply(lambda public: hashlib.sha256(public.encode()).hexdigest()[:8])
 
 
+class BaseImage(pulumi.ComponentResource):
+    """The verified base image, fetched once on the machine running Pulumi for every hypervisor to upload."""
+
+    def __init__(self, name: str, config: ClusterConfig, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("kubeadm-ha:index:BaseImage", name, None, opts)
+        self.path = cached_image_path(config.image)
+        self.fetched = command_provider.local.Command(
+            f"{name}-fetch",
+            create=image_fetch_script(config.image).render(),
+            interpreter=["/bin/bash", "-c"],
+            add_previous_output_in_env=False,
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        self.register_outputs({"path": self.path})
+
+
 class Hypervisor(pulumi.ComponentResource):
     """One libvirt host: its provider, the cluster's NAT network and the shared base image."""
 
@@ -59,6 +77,7 @@ class Hypervisor(pulumi.ComponentResource):
         hypervisor: HypervisorConfig,
         config: ClusterConfig,
         volume_suffix: pulumi.Input[str],
+        image: BaseImage,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("kubeadm-ha:index:Hypervisor", name, None, opts)
@@ -84,9 +103,9 @@ class Hypervisor(pulumi.ComponentResource):
             f"{name}-base-image",
             name=self.volume_name(f"{config.cluster_name}-base"),
             pool=hypervisor.pool,
-            source=config.image,
+            source=image.path,
             format="qcow2",
-            opts=on_host,
+            opts=pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=[image.fetched])),
         )
         self.register_outputs({"networkId": self.network.id, "baseImageId": self.base_image.id})
 
