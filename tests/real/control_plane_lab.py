@@ -43,7 +43,7 @@ from components.cluster import cluster_shape
 from components.config import ClusterConfig
 from components.etcd import STAGED_MANIFEST_PATH, EtcdClusterSpec, plan_membership
 from components.kubeadm import INIT_CONFIG_PATH, init_documents
-from components.pki import APISERVER_ETCD_CLIENT, ETCD_CA
+from components.pki import ETCD_CA, ETCD_HEALTHCHECK_CLIENT
 from components.previous import NEW_STACK
 from tests.integration.netns import Lab, Namespace, Process, poll_until, scratch_dir
 from tests.real.documents import evaluated_at, init_step, step_files
@@ -165,16 +165,16 @@ class ControlPlaneLab:
         node.processes["etcd"] = self.spawn(node, self._etcd_argv[name], "etcd")
 
     def etcdctl(self, *args: str, endpoints: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-        """etcdctl from the first control plane's node (the API server's client pair), bounded."""
+        """etcdctl on the first etcd member's node, with the healthcheck client pair the program placed, bounded."""
         assert self.etcd_spec is not None
-        cp = self.nodes[self.plan.control_planes[0].hostname]
+        node = self.nodes[self.etcd_spec.members[0].name]
         urls = endpoints or list(self.etcd_spec.client_urls)
         argv = [
             self.binaries["etcdctl"], f"--endpoints={','.join(urls)}", f"--cacert={ETCD_CA.cert_path}",
-            f"--cert={APISERVER_ETCD_CLIENT.cert_path}", f"--key={APISERVER_ETCD_CLIENT.key_path}",
+            f"--cert={ETCD_HEALTHCHECK_CLIENT.cert_path}", f"--key={ETCD_HEALTHCHECK_CLIENT.key_path}",
             "--dial-timeout=2s", "--command-timeout=3s", *args,
         ]  # fmt: skip
-        ran = cp.root.run(argv, netns=cp.namespace.name, timeout=30)
+        ran = node.root.run(argv, netns=node.namespace.name, timeout=30, env={"ETCDCTL_API": "3"})
         return subprocess.CompletedProcess(argv, ran.returncode, ran.stdout, ran.stderr)
 
     def etcd_healthy(self) -> bool:

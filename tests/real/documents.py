@@ -42,6 +42,9 @@ def evaluated_at(stack: str, kubernetes_version: str | None) -> Evaluation:
         config: dict[str, Any] = {f"kubeadm-ha:{key}": value for key, value in extra_raw_config(stack).items()}
     else:
         config = dict(load_stack_config(REPO_ROOT, stack))
+        # The promotion gate compares a stack's release with its source stack's; a version changed here is a
+        # question for kubeadm only, not a release to promote.
+        config.pop("kubeadm-ha:promotion", None)
     kubernetes = dict(config.get("kubeadm-ha:kubernetes") or {})
     kubernetes["version"] = kubernetes_version
     config["kubeadm-ha:kubernetes"] = kubernetes
