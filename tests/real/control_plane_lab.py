@@ -127,6 +127,12 @@ class ControlPlaneLab:
         self.nodes[plan.hostname] = node
         return node
 
+    def hold(self, node: Node) -> None:
+        """From now on every process of `node` shares one mount namespace (one /etc, one /var), as on a machine."""
+        holder = self.lab.spawn(node.namespace, node.root.holder_argv(), name=f"mounts-{node.name}")
+        node.processes["mounts"] = holder
+        node.root.hold(holder.pid)
+
     def _client_files(self) -> None:
         """The program's `kubeconfig` output, split into files the client's TLS context loads."""
         kubeconfig = yaml.safe_load(self.evaluation.outputs["kubeconfig"].value)
@@ -151,6 +157,7 @@ class ControlPlaneLab:
             node = self.add_node(plan)
             files = step_files(self.evaluation, f"{member.name}-etcd-member")
             node.root.place(files)
+            self.hold(node)
             pod = yaml.safe_load(files[STAGED_MANIFEST_PATH][1])
             command = pod["spec"]["containers"][0]["command"]
             assert command[0] == "etcd"
@@ -199,6 +206,7 @@ class ControlPlaneLab:
             phases = [["certs", "all"], ["kubeconfig", "all"], ["control-plane", "all"]]
             if not self.config.etcd.external:
                 phases.append(["etcd", "local"])
+            self.hold(node)
             for phase in phases:
                 ran = self.kubeadm(node, "init", "phase", *phase, "--config", INIT_CONFIG_PATH)
                 assert ran.returncode == 0, ran.output
@@ -373,7 +381,7 @@ class ControlPlaneLab:
         bin_dir = self.work / "bin"
         env = {"PATH": f"{bin_dir}:{DEFAULT_PATH}"}
         log = open(self.work / f"{name}.out", "w")  # noqa: SIM115 - closed by the caller through collect()
-        process = subprocess.Popen(
+        process = subprocess.Popen(  # the program's own step script, as pulumi-command runs it
             ["ip", "netns", "exec", node.namespace.name, *node.root.wrap(["bash", "-c", script, "step"])],
             stdin=subprocess.PIPE,
             stdout=log,

@@ -9,9 +9,11 @@ output is passed through the plan's masking (keys and bootstrap tokens never rea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ class NodeRoot:
         if shutil.which("unshare") is None:
             unavailable("`unshare` (util-linux) is not installed")
         self.directory = directory
+        self.holder: int | None = None
         for name in OVERLAID:
             (directory / "upper" / name).mkdir(parents=True, exist_ok=True)
             (directory / "work" / name).mkdir(parents=True, exist_ok=True)
@@ -67,14 +70,38 @@ class NodeRoot:
     def exists(self, absolute: str) -> bool:
         return self.path(absolute).is_file()
 
-    def wrap(self, argv: Sequence[str]) -> list[str]:
-        """`argv` run inside a new private mount namespace with this node's /etc and /var (exec: same pid)."""
+    def _unshare(self, argv: Sequence[str]) -> list[str]:
         mounts = " && ".join(
             f"mount -t overlay overlay -o lowerdir=/{name},upperdir={self.directory / 'upper' / name},"
             f"workdir={self.directory / 'work' / name} /{name}"
             for name in OVERLAID
         )
         return ["unshare", "--mount", "--propagation", "private", "bash", "-c", f'{mounts} && exec "$@"', "node", *argv]
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """`argv` on this node: in the holder's mount namespace once `hold()` was called (so every process of
+        the node sees one /etc and one /var, and flock, caches and writes behave as on one machine), else in a
+        new private mount namespace of its own (exec, so the pid is the program's)."""
+        if self.holder is not None:
+            return ["nsenter", f"--target={self.holder}", "--mount", "--", *argv]
+        return self._unshare(argv)
+
+    def holder_argv(self) -> list[str]:
+        """A process that mounts the overlays once and keeps the mount namespace alive (pass its pid to hold)."""
+        return self._unshare(["sleep", "infinity"])
+
+    def hold(self, pid: int, *, timeout: float = 10) -> None:
+        """Use the mount namespace of `pid` (started from holder_argv) for every later run, once mounted."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError):
+                mounts = Path(f"/proc/{pid}/mountinfo").read_text()
+                if all(f" /{name} " in mounts and "overlay" in mounts for name in OVERLAID):
+                    self.holder = pid
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the mount namespace of {self.directory.name} was not ready in {timeout}s")
+            time.sleep(0.05)
 
     def run(
         self,
