@@ -15,6 +15,7 @@ from tools.graph import REMOTE_STEP
 from tools.plan import script_of
 
 STACKS = ("dev", "staging", "prod")
+LOCAL_STEP = "command:local:Command"
 
 
 def stack_nodes() -> Iterator[tuple[str, ClusterConfig, NodePlan]]:
@@ -40,11 +41,21 @@ def remote_step_scripts() -> Iterator[tuple[str, str]]:
                 yield f"{stack}/{step.name}/delete", script_of(step, "delete")
 
 
+def local_step_scripts() -> Iterator[tuple[str, str]]:
+    """Every step the machine running Pulumi runs itself (the base image fetch), for every stack and shape."""
+    for stack in ALL_STACKS:
+        for step in evaluated(stack).by_type(LOCAL_STEP):
+            for phase in ("create", "delete"):
+                if step.inputs.get(phase):
+                    yield f"{stack}/{step.name}/{phase}", step.inputs[phase]
+
+
 def all_rendered_scripts() -> list[tuple[str, str]]:
     """(unique name, script text) pairs: every script `bash -n` and shellcheck must accept."""
     scripts: list[tuple[str, str]] = []
     scripts.extend(node_preparation_scripts())
     scripts.extend(remote_step_scripts())
+    scripts.extend(local_step_scripts())
     names = [name for name, _ in scripts]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:

@@ -72,6 +72,8 @@ SUITE = (
         f"{name}@{DEFAULT_KUBERNETES}"
         for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd", "etcdctl")
     ),
+    # The containerd Ubuntu ships (its own version), to load the config node preparation writes.
+    "containerd",
 )
 
 

@@ -1,0 +1,58 @@
+"""The containerd config node preparation writes, loaded by a real containerd 2.2 (what Ubuntu 24.04's
+noble-updates and Ubuntu 26.04 ship), built from its Go module by tests/real/build-binaries.
+
+`containerd config dump` prints the configuration the daemon would run with, after containerd 2.x has
+migrated the version-2 file to its own layout: the runc runtime of the CRI plugin must come out with the
+systemd cgroup driver kubelet is configured for (kubeadm.KubeletConfiguration.cgroup_driver).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tomllib
+from pathlib import Path
+
+from components.kubeadm import KubeletConfiguration
+from components.node_prep import CONTAINERD_CONFIG
+from tests.integration.conftest import unavailable
+from tests.real.binaries import _builder
+
+CRI_RUNTIME = "io.containerd.cri.v1.runtime"
+
+
+def containerd() -> str:
+    builder = _builder()
+    path = Path(builder.CACHE) / "containerd" / builder.CONTAINERD_VERSION / "containerd"
+    if not path.is_file():
+        unavailable(f"containerd is not built: run tests/real/build-binaries containerd@{builder.CONTAINERD_VERSION}")
+    return str(path)
+
+
+def dump(config: str, tmp_path: Path) -> dict:
+    source = tmp_path / "config.toml"
+    source.write_text(config)
+    # Its own root/state dirs: `config dump` only loads and prints, but nothing may touch the host's.
+    result = subprocess.run(
+        [containerd(), "--config", str(source), "--root", str(tmp_path / "root"), "--state", str(tmp_path / "run"),
+         "config", "dump"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return tomllib.loads(result.stdout)
+
+
+def runc(dumped: dict) -> dict:
+    return dumped["plugins"][CRI_RUNTIME]["containerd"]["runtimes"]["runc"]
+
+
+def test_containerd_2_runs_runc_with_the_systemd_cgroup_driver_kubelet_expects(tmp_path: Path) -> None:
+    dumped = dump(CONTAINERD_CONFIG, tmp_path)
+    assert dumped["version"] == 3  # migrated from the version-2 file
+    assert runc(dumped)["runtime_type"] == "io.containerd.runc.v2"
+    assert runc(dumped)["options"]["SystemdCgroup"] is True
+    assert KubeletConfiguration().cgroup_driver == "systemd"
+
+
+def test_without_the_file_containerd_2_would_use_cgroupfs(tmp_path: Path) -> None:
+    # The control: the default is not what kubelet needs, so the file is what makes the node ready.
+    assert runc(dump("version = 3\n", tmp_path))["options"].get("SystemdCgroup") is not True
