@@ -97,7 +97,11 @@ class Hypervisor(pulumi.ComponentResource):
             autostart=True,
             dhcp=libvirt.NetworkDhcpArgs(enabled=True),
             dns=libvirt.NetworkDnsArgs(enabled=True, local_only=True),
-            opts=on_host,
+            # terraform-provider-libvirt 0.8.1 rebuilds `dns` on read from two places (resource_libvirt_network.go:
+            # `local_only` from <domain localOnly>, then `enabled` only when libvirt's <dns> element carries the
+            # attribute), so the read-back need not match what was written and every run would show a diff.
+            # The program never changes these settings on a running network.
+            opts=pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(ignore_changes=["dns"])),
         )
         self.base_image = libvirt.Volume(
             f"{name}-base-image",

@@ -72,9 +72,12 @@ def test_an_unknown_cpu_mode_is_refused_with_its_key_path() -> None:
     assert "hypervisors.0.cpuMode" in problems(caught)
 
 
-def test_the_provider_reading_back_lease_addresses_is_no_diff() -> None:
-    for domain in run("dev").by_type(DOMAIN):
+def test_the_providers_read_back_quirks_are_no_diff() -> None:
+    ev = run("dev")
+    for domain in ev.by_type(DOMAIN):
         assert "networkInterfaces[*].addresses" in domain.ignore_changes
+    for network in ev.by_type("libvirt:index/network:Network"):
+        assert "dns" in network.ignore_changes
 
 
 # ------------------------------------------------------------------------------------------ volumes
