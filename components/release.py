@@ -8,7 +8,7 @@ In a release:
 - the Kubernetes version, and every pin the program derives from it: the kubelet/kubeadm/kubectl package
   version and the etcd image tag kubeadm pins for that minor (components/versions.py);
 - the CNI and the version of its manifest (pinned in components/cni.py);
-- the VM image (the config has no checksum key yet, so the image is named by its URL or path);
+- the VM image: its URL or path and, when the stack pins one, its sha256 (`image.sha256`);
 - beside it, the digest of the program's own source (`programDigest`): the same settings rendered by
   another revision of this program are another deployment.
 
@@ -60,14 +60,21 @@ RELEASE_KEYS: tuple[ReleaseKey, ...] = (
     ReleaseKey("etcdImageTag", "kubernetes.version (the etcd image kubeadm pins for its minor)"),
     ReleaseKey("cni", "kubernetes.cni", (f"{_NS}kubernetes", "cni")),
     ReleaseKey("cniVersion", "the CNI manifest version pinned in components/cni.py"),
-    ReleaseKey("image", "image", (f"{_NS}image",)),
+    ReleaseKey("image", "image.url", (f"{_NS}image", "url")),
+    ReleaseKey("imageSha256", "image.sha256", (f"{_NS}image", "sha256")),
 )
+# Stack-file keys whose plain scalar form stands for one of their fields (`image: URL` means `image.url`).
+SCALAR_SHORTHANDS = {f"{_NS}image": "url"}
 _BY_NAME = {key.name: key for key in RELEASE_KEYS}
 PROGRAM_DIGEST_SETTING = "programDigest (the program's source: __main__.py, components/, Pulumi.yaml, requirements.txt)"
 
 
 def release_of(config: ClusterConfig) -> dict[str, str]:
-    """The release `config` deploys, in RELEASE_KEYS order. A CNI of `none` has no version to pin."""
+    """The release `config` deploys, in RELEASE_KEYS order.
+
+    A CNI of `none` has no version to pin; an image without `sha256` (an Ubuntu cloud image, checked against
+    Ubuntu's signed SHA256SUMS) has no digest in the release.
+    """
     kubernetes = config.kubernetes
     release = {
         "kubernetesVersion": kubernetes.version,
@@ -78,6 +85,8 @@ def release_of(config: ClusterConfig) -> dict[str, str]:
     if kubernetes.cni in _CNI_VERSIONS:
         release["cniVersion"] = _CNI_VERSIONS[kubernetes.cni]
     release["image"] = config.image.url
+    if config.image.sha256 is not None:
+        release["imageSha256"] = config.image.sha256
     return release
 
 

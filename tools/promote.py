@@ -32,6 +32,7 @@ from components.promotion import judge
 from components.release import (
     PROGRAM_DIGEST_OUTPUT,
     RELEASE_OUTPUT,
+    SCALAR_SHORTHANDS,
     deployment_outputs,
     has_deployed,
     program_digest,
@@ -100,12 +101,17 @@ def _insert(text: str, mapping: yaml.MappingNode, key: str, value_text: str) -> 
     return _Edit(line_end + 1, line_end + 1, f"{indent}{key}: {value_text}\n")
 
 
-def rewrite_settings(text: str, settings: Mapping[tuple[str, ...], str]) -> str:
+def rewrite_settings(
+    text: str, settings: Mapping[tuple[str, ...], str], shorthands: Mapping[str, str] | None = None
+) -> str:
     """Set each `(top-level key, [nested key])` under `config:` to its value, touching no other byte.
 
     A key that exists gets its scalar replaced in place, in its quoting style; a missing one is added as the
-    last entry of its mapping, in that mapping's style (flow or block).
+    last entry of its mapping, in that mapping's style (flow or block). `shorthands` names the top-level keys
+    whose plain scalar stands for one field (`image: URL` is `image: {url: URL}`): such a scalar is replaced
+    in place, or turned into a flow mapping when another field must be set beside it.
     """
+    shorthands = shorthands or {}
     root = yaml.compose(text)
     if not isinstance(root, yaml.MappingNode) or _find(root, "config") is None:
         raise Refused("the stack file has no `config:` mapping")
@@ -120,6 +126,15 @@ def rewrite_settings(text: str, settings: Mapping[tuple[str, ...], str]) -> str:
         by_top.setdefault(path[0], {})[path[1:]] = value
     for top, nested in by_top.items():
         entry = _find(config, top)
+        short = shorthands.get(top)
+        if short is not None and set(nested) == {(short,)} and (entry is None or isinstance(entry[1], yaml.ScalarNode)):
+            nested = {(): nested[(short,)]}
+        if entry is not None and short is not None and isinstance(entry[1], yaml.ScalarNode) and () not in nested:
+            scalar = entry[1]
+            fields = {short: scalar.value, **{path[0]: value for path, value in nested.items()}}
+            inner = ", ".join(f"{key}: {_scalar(value, None)}" for key, value in fields.items())
+            edits.append(_Edit(int(scalar.start_mark.index), int(scalar.end_mark.index), "{" + inner + "}"))
+            continue
         if entry is None:
             if () in nested:
                 edits.append(_insert(text, config, top, _scalar(nested[()], None)))
@@ -146,15 +161,23 @@ def rewrite_settings(text: str, settings: Mapping[tuple[str, ...], str]) -> str:
     return text
 
 
-def _expected_document(document: Any, settings: Mapping[tuple[str, ...], str]) -> Any:
-    expected = json.loads(json.dumps(document, default=str))
-    config = expected["config"]
+def _effective(document: Any) -> Any:
+    """The `config:` mapping with shorthand scalars spelled out, so both spellings compare equal."""
+    config = json.loads(json.dumps((document or {}).get("config") or {}, default=str))
+    for top, short in SCALAR_SHORTHANDS.items():
+        if isinstance(config.get(top), str):
+            config[top] = {short: config[top]}
+    return config
+
+
+def _expected_config(document: Any, settings: Mapping[tuple[str, ...], str]) -> Any:
+    config = _effective(document)
     for path, value in settings.items():
         if len(path) == 1:
             config[path[0]] = value
         else:
             config.setdefault(path[0], {})[path[1]] = value
-    return expected
+    return config
 
 
 # --------------------------------------------------------------------------- reading outputs
@@ -286,8 +309,8 @@ def prepare(
     wanted = stack_settings(running)
     have = stack_settings(release_of(current))
     changed = {path: value for path, value in wanted.items() if have.get(path) != value}
-    after = rewrite_settings(before, changed) if changed else before
-    if _expected_document(yaml.safe_load(before), changed) != yaml.safe_load(after):
+    after = rewrite_settings(before, changed, SCALAR_SHORTHANDS) if changed else before
+    if _expected_config(yaml.safe_load(before), changed) != _effective(yaml.safe_load(after)):
         raise Refused(f"internal error: rewriting Pulumi.{target}.yaml would change more than {sorted(changed)}")
 
     previous = PreviousDeployment(

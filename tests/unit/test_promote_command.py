@@ -305,6 +305,22 @@ def test_rewrite_adds_missing_keys_in_the_mappings_style() -> None:
     assert created == "config:\n  a:b: 1\n  kubeadm-ha:kubernetes: {version: 1.37.2}\n"
 
 
+def test_rewrite_keeps_a_shorthand_scalar_until_a_second_field_is_needed() -> None:
+    image = {"kubeadm-ha:image": "url"}
+    text = "config:\n  kubeadm-ha:image: /img/a.img  # local\n  x:y: 1\n"
+    url_only = rewrite_settings(text, {("kubeadm-ha:image", "url"): "/img/b.img"}, image)
+    assert url_only == "config:\n  kubeadm-ha:image: /img/b.img  # local\n  x:y: 1\n"
+    digest = "ab" * 32
+    both = rewrite_settings(text, {("kubeadm-ha:image", "sha256"): digest}, image)
+    assert both == f"config:\n  kubeadm-ha:image: {{url: /img/a.img, sha256: {digest}}}  # local\n  x:y: 1\n"
+    added = rewrite_settings("config:\n  x:y: 1\n", {("kubeadm-ha:image", "url"): "/img/c.img"}, image)
+    assert added == "config:\n  x:y: 1\n  kubeadm-ha:image: /img/c.img\n"
+    mapping = "config:\n  kubeadm-ha:image:\n    url: /img/a.img\n    sha256: " + digest + "\n"
+    assert rewrite_settings(mapping, {("kubeadm-ha:image", "url"): "/img/d.img"}, image) == mapping.replace(
+        "/img/a.img", "/img/d.img"
+    )
+
+
 def test_rewrite_quotes_what_yaml_would_read_as_something_else() -> None:
     # `on` is a boolean to YAML 1.1 readers and 1.40 would be a number: both must stay strings.
     after = rewrite_settings("config:\n  x:y: a\n  x:z: b\n", {("x:y",): "on", ("x:z",): "1.40"})

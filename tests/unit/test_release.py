@@ -54,7 +54,10 @@ def test_release_holds_the_software_and_every_pin_derived_from_it() -> None:
         "cniVersion": CALICO_VERSION,
         "image": DEFAULT_IMAGE,
     }
-    assert list(release) == [key.name for key in RELEASE_KEYS]
+    assert list(release) == [key.name for key in RELEASE_KEYS if key.name != "imageSha256"]
+    pinned = release_of(config(image={"url": "/img/a.qcow2", "sha256": "ab" * 32}))
+    assert (pinned["image"], pinned["imageSha256"]) == ("/img/a.qcow2", "ab" * 32)
+    assert list(pinned) == [key.name for key in RELEASE_KEYS]
     flannel = release_of(config(kubernetes={"version": VERSION, "cni": "flannel"}))
     assert flannel["cniVersion"] == FLANNEL_VERSION
     assert "cniVersion" not in release_of(config(kubernetes={"version": VERSION, "cni": "none"}))
@@ -76,6 +79,7 @@ def test_environment_settings_are_not_part_of_a_release() -> None:
     other_patch = config(kubernetes={"version": RELEASES["1.37"].latest_patch[:-1] + "0"})
     assert release_of(other_patch) != release_of(small)
     assert release_of(config(image="/var/lib/images/noble.img"))["image"] == "/var/lib/images/noble.img"
+    assert release_of(config(image={"url": "/img/x", "sha256": "cd" * 32})) != release_of(config(image="/img/x"))
 
 
 def test_stack_settings_are_the_release_keys_an_operator_writes() -> None:
@@ -83,8 +87,10 @@ def test_stack_settings_are_the_release_keys_an_operator_writes() -> None:
     assert stack_settings(release) == {
         ("kubeadm-ha:kubernetes", "version"): VERSION,
         ("kubeadm-ha:kubernetes", "cni"): "flannel",
-        ("kubeadm-ha:image",): "/img/a.qcow2",
+        ("kubeadm-ha:image", "url"): "/img/a.qcow2",
     }
+    pinned = release_of(config(image={"url": "/img/a.qcow2", "sha256": "ab" * 32}))
+    assert stack_settings(pinned)[("kubeadm-ha:image", "sha256")] == "ab" * 32
 
 
 # --------------------------------------------------------------------------- program digest
@@ -182,7 +188,8 @@ def test_gate_lets_through_exactly_what_the_source_runs() -> None:
         ({"kubernetesVersion": "1.37.1"}, "kubernetes.version: staging would deploy"),
         ({"cniVersion": "v3.28.0"}, "CNI manifest version pinned in components/cni.py"),
         ({"cni": "flannel"}, "kubernetes.cni: staging would deploy calico; dev runs flannel"),
-        ({"image": "/img/other.img"}, "image: staging would deploy"),
+        ({"image": "/img/other.img"}, "image.url: staging would deploy"),
+        ({"imageSha256": "ef" * 32}, "image.sha256: staging would deploy nothing; dev runs " + "ef" * 32),
     ],
 )
 def test_gate_refuses_another_release_naming_the_setting(change: dict[str, str], named: str) -> None:
