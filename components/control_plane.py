@@ -12,8 +12,7 @@ import pulumi_command as command
 from components.addressing import NodePlan
 from components.cni import cni_script, manifest_for
 from components.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH, ClusterShape, init_documents, join_documents
-from components.lifecycle import reset_script
-from components.membership import admin_for, membership_step, token_step
+from components.membership import admin_for, membership_step, node_removal_step, reset_step, token_step
 from components.node_prep import kubernetes_node_preparation
 from components.nodes import NodeContext
 from components.pki import ETCD_CA, SA_KEY_PATH, SA_PUB_PATH, ClusterPki, IssuedLeaf
@@ -222,39 +221,40 @@ class ControlPlaneNode(pulumi.ComponentResource):
             script = first_control_plane_script(
                 node.hostname, args.shape.endpoint, peers, stacked_etcd=args.shape.external_etcd is None
             )
-            before_kubeadm = [self.pki_placed, *args.after]
+            # Its token step runs only once another control plane exists; this one removes its Node when it goes.
+            removal = node_removal_step(context, node, self.vm, self.admin, parent=self)
         else:
             # Joining nodes refresh the bootstrap token on the first control plane just before they join.
-            assert self.admin is not None
-            token = token_step(context, node, self.vm, self.admin, parent=self, after=args.after)
+            removal = token_step(context, node, self.vm, self.admin, parent=self, after=args.after, removes_node=True)
             stdin = config_bundle(JOIN_CONFIG_PATH, join_config)
             script = kubeadm_join_script(node.hostname)
-            before_kubeadm = [self.pki_placed, token, *args.after]
+        reset = reset_step(context, node, self.vm, parent=self, after=[removal])
         self.kubeadm: command.remote.Command = run_step(
             f"{name}-kubeadm-{args.bootstrap}",
             access,
             script,
             parent=self,
             stdin=stdin,
-            delete=reset_script(node.hostname),
-            depends_on=before_kubeadm,
+            depends_on=[self.pki_placed, reset, *args.after],
             replace_with=self.vm.domain.id,
-            deleted_with=context.hypervisor_for(node).network,
         )
-        # The first control plane's membership runs on the second, which does not exist yet: see `join_admin`.
+        # The first control plane's membership runs on the second, which does not exist yet: see `attach_admin`.
         self.membership: command.remote.Command | None = None
-        if args.bootstrap == "join" and self.admin is not None:
+        if args.bootstrap == "join":
             self.membership = membership_step(context, node, self.vm, self.admin, self.kubeadm, parent=self)
+        elif self.admin == node:
+            self.attach_admin(context, self)
         self.register_outputs({"address": str(node.address), "bootstrap": args.bootstrap})
 
     def attach_admin(self, context: NodeContext, admin: ControlPlaneNode) -> None:
-        """For the first control plane: its token and membership steps, on `admin` once that has joined.
+        """For the first control plane: its token and membership steps, on `admin` once that has joined
+        (on itself while it is the only control plane, so that scaling down to one keeps them).
 
         The token step is not a dependency of this node's kubeadm step (that would be a cycle at
         bootstrap); when this VM is rebuilt it is replaced with it and runs while the VM boots, and
         kubeadm's discovery retries until the refreshed token is there.
         """
-        token_step(context, self.node, self.vm, admin.node, parent=self, after=[admin.kubeadm])
+        token_step(context, self.node, self.vm, admin.node, parent=self, after=[admin.kubeadm], removes_node=False)
         self.membership = membership_step(
             context, self.node, self.vm, admin.node, self.kubeadm, parent=self, after=[admin.kubeadm]
         )

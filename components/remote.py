@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import pulumi
 import pulumi_command as command
@@ -44,7 +44,7 @@ class NodeAccess:
 def run_step(
     resource_name: str,
     access: NodeAccess,
-    script: pulumi.Input[Script],
+    script: pulumi.Input[Script] | None,
     *,
     parent: pulumi.Resource,
     stdin: pulumi.Input[str] | None = None,
@@ -70,24 +70,70 @@ def run_step(
     `delete` is then deleted first, against the old VM, before it is re-created.
     `deleted_with` skips the `delete` when that resource goes too: tearing down
     the whole cluster drains and resets nothing.
+
+    Without a `script` the step does nothing when created: it exists for its
+    `delete`, placed in the dependency graph where that must run.
     """
-    create = pulumi.Output.from_input(script).apply(remote_command)
-    if stdin is not None and stdin_is_secret:
-        stdin = secret(stdin)
+    create = pulumi.Output.from_input(script).apply(remote_command) if script is not None else None
+    secret_stdin = stdin is not None and stdin_is_secret
     return command.remote.Command(
         resource_name,
         connection=access.connection(booting=booting),
         create=create,
         delete=remote_command(delete) if delete is not None else None,
-        stdin=stdin,
+        stdin=secret(stdin) if stdin is not None and secret_stdin else stdin,
         triggers=[replace_with] if replace_with is not None else None,
-        opts=pulumi.ResourceOptions(
-            parent=parent,
-            depends_on=list(depends_on),
-            additional_secret_outputs=["stdout", "stderr"] if stdin is not None and stdin_is_secret else None,
-            delete_before_replace=delete is not None,
-            deleted_with=deleted_with,
-        ),
+        **_quiet_about(secret_stdin, command.remote.Logging.NONE),
+        opts=_step_options(parent, depends_on, secret_stdin, delete is not None, deleted_with),
+    )
+
+
+def run_delete_locally(
+    resource_name: str,
+    script: pulumi.Input[Script],
+    *,
+    parent: pulumi.Resource,
+    stdin: pulumi.Input[str],
+    depends_on: Sequence[pulumi.Resource],
+    replace_with: pulumi.Input[str],
+    deleted_with: pulumi.Resource,
+) -> command.local.Command:
+    """A step that does nothing when created and runs `script` on the machine running Pulumi when deleted.
+
+    For a teardown that must cope with its node being gone: a remote step's delete cannot even start
+    then (the SSH connection fails, and so does the delete). Otherwise like `run_step`: `stdin` (a
+    secret) is stored with the step and given to the delete, and the step is replaced with its VM.
+    """
+    return command.local.Command(
+        resource_name,
+        delete=pulumi.Output.from_input(script).apply(lambda found: found.render()),
+        interpreter=["/bin/bash", "-c"],
+        stdin=secret(stdin),
+        triggers=[replace_with],
+        **_quiet_about(True, command.local.Logging.NONE),
+        opts=_step_options(parent, depends_on, True, True, deleted_with),
+    )
+
+
+def _quiet_about(secret_stdin: bool, no_logging: object) -> dict[str, Any]:
+    # sshd refuses environment variables it does not accept (AcceptEnv), so the previous output is never sent;
+    # and a step given secrets streams nothing to the console (its output stays in the secret stdout/stderr).
+    return {"add_previous_output_in_env": False, "logging": no_logging if secret_stdin else None}
+
+
+def _step_options(
+    parent: pulumi.Resource,
+    depends_on: Sequence[pulumi.Resource],
+    secret_stdin: bool,
+    has_delete: bool,
+    deleted_with: pulumi.Resource | None,
+) -> pulumi.ResourceOptions:
+    return pulumi.ResourceOptions(
+        parent=parent,
+        depends_on=list(depends_on),
+        additional_secret_outputs=["stdout", "stderr"] if secret_stdin else None,
+        delete_before_replace=has_delete,
+        deleted_with=deleted_with,
     )
 
 

@@ -2,9 +2,10 @@
 
 Registered only in a run that raises `kubernetes.version` (judged against the
 last deployment's outputs), so the steps exist exactly while they are needed:
-the first control plane runs `kubeadm upgrade apply`, the others `kubeadm
-upgrade node` one at a time, then workers in batches of `workers.maxUnavailable`
-(drain, upgrade on the node, wait Ready on the new version and uncordon). Every
+every node is drained, upgraded on the node, then waited for (Ready on the new
+version) and uncordoned: the control planes one at a time, the first running
+`kubeadm upgrade apply` and the others `kubeadm upgrade node`, then the workers
+in batches of `workers.maxUnavailable`. Every
 step's guard sees work already done, so a failed run is resumed by the next.
 """
 
@@ -19,6 +20,7 @@ import pulumi_command as command
 from components.addressing import NodePlan
 from components.control_plane import ControlPlaneNode
 from components.lifecycle import Target, drain_for_upgrade_script, uncordon_script, upgrade_node_script
+from components.membership import admin_for
 from components.nodes import NodeContext
 from components.remote import run_step
 
@@ -36,53 +38,52 @@ class KubernetesUpgradeArgs:
 class KubernetesUpgrade(pulumi.ComponentResource):
     def __init__(self, name: str, args: KubernetesUpgradeArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("kubeadm-ha:index:KubernetesUpgrade", name, None, opts)
-        context = args.context
-        kubernetes = context.config.kubernetes
-        version = kubernetes.version
+        self.context = context = args.context
         previous: list[pulumi.Resource] = list(args.after)
+        # Control planes one at a time, each drained from another control plane (kubeadm's upgrade guide
+        # drains every node before its kubelet is upgraded; the first one also runs `upgrade apply`).
         for position, control_plane in enumerate(args.control_planes):
             node = control_plane.node
-            step = run_step(
-                f"{node.hostname}-upgrade-{version}",
-                context.access(node),
-                upgrade_node_script(node.hostname, kubernetes, first_control_plane=position == 0),
-                parent=self,
-                depends_on=previous,
-            )
-            previous = [step]
-        admin_access = context.access(args.admin)
+            admin = admin_for(context.plan, node)
+            previous = [self._upgrade(node, admin, first_control_plane=position == 0, after=previous)]
         nodes = list(context.plan.workers)
         size = context.config.workers.max_unavailable
         for start in range(0, len(nodes), size):
-            batch_done: list[pulumi.Resource] = []
-            for node in nodes[start : start + size]:
-                target = Target(args.admin.hostname, node.hostname)
-                drain = run_step(
-                    f"{node.hostname}-upgrade-drain-{version}",
-                    admin_access,
-                    drain_for_upgrade_script(target, kubernetes),
-                    parent=self,
-                    depends_on=previous,
-                )
-                upgraded = run_step(
-                    f"{node.hostname}-upgrade-{version}",
-                    context.access(node),
-                    upgrade_node_script(node.hostname, kubernetes, first_control_plane=False),
-                    parent=self,
-                    depends_on=[drain],
-                )
-                batch_done.append(
-                    run_step(
-                        f"{node.hostname}-upgrade-uncordon-{version}",
-                        admin_access,
-                        uncordon_script(target, kubernetes),
-                        parent=self,
-                        depends_on=[upgraded],
-                    )
-                )
-            previous = batch_done
+            batch = nodes[start : start + size]
+            previous = [self._upgrade(node, args.admin, first_control_plane=False, after=previous) for node in batch]
+        version = context.config.kubernetes.version
         finished: list[command.remote.Command] = [step for step in previous if isinstance(step, command.remote.Command)]
         self.completed_version: pulumi.Output[str] = pulumi.Output.all(*(step.id for step in finished)).apply(
             lambda _ids: version
         )
         self.register_outputs({"version": version})
+
+    def _upgrade(
+        self, node: NodePlan, admin: NodePlan, *, first_control_plane: bool, after: Sequence[pulumi.Resource]
+    ) -> command.remote.Command:
+        """Drain (on `admin`), upgrade (on the node), wait Ready on the new version and uncordon (on `admin`)."""
+        kubernetes = self.context.config.kubernetes
+        version = kubernetes.version
+        target = Target(admin.hostname, node.hostname)
+        admin_access = self.context.access(admin)
+        drain = run_step(
+            f"{node.hostname}-upgrade-drain-{version}",
+            admin_access,
+            drain_for_upgrade_script(target, kubernetes),
+            parent=self,
+            depends_on=after,
+        )
+        upgraded = run_step(
+            f"{node.hostname}-upgrade-{version}",
+            self.context.access(node),
+            upgrade_node_script(node.hostname, kubernetes, first_control_plane=first_control_plane),
+            parent=self,
+            depends_on=[drain],
+        )
+        return run_step(
+            f"{node.hostname}-upgrade-uncordon-{version}",
+            admin_access,
+            uncordon_script(target, kubernetes),
+            parent=self,
+            depends_on=[upgraded],
+        )

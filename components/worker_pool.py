@@ -12,8 +12,7 @@ import pulumi_command as command
 from components.addressing import NodePlan
 from components.control_plane import config_bundle, kubeadm_join_script
 from components.kubeadm import JOIN_CONFIG_PATH, ClusterShape, join_documents
-from components.lifecycle import reset_script
-from components.membership import membership_step, token_step
+from components.membership import membership_step, reset_step, token_step
 from components.node_prep import kubernetes_node_preparation
 from components.nodes import NodeContext
 from components.remote import run_step
@@ -47,17 +46,16 @@ class WorkerPool(pulumi.ComponentResource):
                 functools.partial(_worker_join_documents, args.shape, node)
             )
             self.vms[node.hostname] = vm
-            token = token_step(context, node, vm, args.admin, parent=self, after=args.after)
+            token = token_step(context, node, vm, args.admin, parent=self, after=args.after, removes_node=True)
+            reset = reset_step(context, node, vm, parent=self, after=[token])
             self.joins[node.hostname] = run_step(
                 f"{node.hostname}-kubeadm-join",
                 context.access(node),
                 kubeadm_join_script(node.hostname),
                 parent=self,
                 stdin=config_bundle(JOIN_CONFIG_PATH, documents),
-                delete=reset_script(node.hostname),
-                depends_on=[vm.ready, token, *args.after],
+                depends_on=[vm.ready, reset, *args.after],
                 replace_with=vm.domain.id,
-                deleted_with=context.hypervisor_for(node).network,
             )
             # Workers leave independently: several removals drain in parallel.
             self.memberships[node.hostname] = membership_step(

@@ -112,7 +112,8 @@ def write_plan(evaluation: Evaluation, out: Path, *, show_secrets: bool = False)
 
     depth = graph.step_depth
     per_node: dict[str, list[Registration]] = {}
-    for step in graph.steps:
+    # A step that exists only for its delete sends nothing to a node while it is in the cluster.
+    for step in (step for step in graph.steps if step.inputs.get("create")):
         per_node.setdefault(_node_of_step(step, by_address).hostname, []).append(step)
     for hostname, steps in per_node.items():
         node = by_hostname[hostname]

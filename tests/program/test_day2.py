@@ -116,16 +116,18 @@ def test_workers_down_tears_down_before_the_vm_goes(dev_again: Evaluation) -> No
     for worker in ("dev-worker-2", "dev-worker-3"):
         membership = three.named(f"{worker}-membership")
         join = three.named(f"{worker}-kubeadm-join")
+        reset = three.named(f"{worker}-reset")
         token = three.named(f"{worker}-join-token")
         drain = script_of(membership, "delete")
         assert " drain " in drain and "--ignore-daemonsets" in drain and "--delete-emptydir-data" in drain
         assert " delete node " not in drain
-        assert "kubeadm reset --force" in script_of(join, "delete").replace("'", "")
+        assert "kubeadm reset --force" in script_of(reset, "delete").replace("'", "")
         assert " delete node " in script_of(token, "delete").replace("'", "")
         # Deletes run in reverse dependency order: drain, then reset (kubelet stops), then the Node object
         # (a running kubelet would re-register it), then the VM.
         assert three.depends_on(membership, join)
-        assert three.depends_on(join, token)
+        assert three.depends_on(join, reset)
+        assert three.depends_on(reset, token)
         assert three.depends_on(token, f"{worker}-domain")
         # Removals of several workers do not wait for each other.
         other = "dev-worker-3" if worker == "dev-worker-2" else "dev-worker-2"
@@ -167,8 +169,9 @@ def test_every_node_step_is_replaced_with_its_vm(dev_again: Evaluation) -> None:
 
 
 def test_destroy_never_drains(dev_again: Evaluation) -> None:
-    teardown = [step for step in dev_again.by_type(COMMAND) if step.inputs.get("delete")]
-    assert {step.name.rsplit("-", 1)[-1] for step in teardown} >= {"membership", "join", "token"}
+    steps = [*dev_again.by_type(COMMAND), *dev_again.by_type("command:local:Command")]
+    teardown = [step for step in steps if step.inputs.get("delete")]
+    assert {step.name.rsplit("-", 1)[-1] for step in teardown} >= {"membership", "reset", "token", "removal"}
     for step in teardown:
         # Deleted together with the cluster network, these deletes are skipped: nothing drains a dying cluster.
         assert step.deleted_with == network(dev_again).urn, step.name

@@ -72,7 +72,8 @@ def test_graph_is_written_and_rendered(plans: dict[str, Path]) -> None:
     dot = (plans["staging"] / "graph.dot").read_text()
     assert '"staging-cp-1-kubeadm-init" -> "staging-cp-1-cni-calico";' in dot
     assert '"staging-cp-2-membership" -> "staging-cp-3-join-token";' in dot
-    assert '"staging-cp-3-join-token" -> "staging-cp-3-kubeadm-join";' in dot
+    assert '"staging-cp-3-join-token" -> "staging-cp-3-reset";' in dot
+    assert '"staging-cp-3-reset" -> "staging-cp-3-kubeadm-join";' in dot
     if shutil.which("dot") is None:
         pytest.skip("graphviz is not installed: no SVG")
     assert (plans["staging"] / "graph.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
