@@ -36,7 +36,8 @@ def remote_step_scripts() -> Iterator[tuple[str, str]]:
     """Every remote step the program registers (create and delete), for every stack and extra shape."""
     for stack in ALL_STACKS:
         for step in evaluated(stack).by_type(REMOTE_STEP):
-            yield f"{stack}/{step.name}", script_of(step)
+            if step.inputs.get("create"):  # a step that exists for its delete has none
+                yield f"{stack}/{step.name}", script_of(step)
             if step.inputs.get("delete"):
                 yield f"{stack}/{step.name}/delete", script_of(step, "delete")
 
