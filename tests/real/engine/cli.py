@@ -1,12 +1,16 @@
-"""Run the real Pulumi CLI the way the README tells a user to: a copy of the project, a fresh HOME.
+"""Run the real Pulumi CLI the way the README tells a user to: a copy of the project, a fresh home.
 
-Every command is bounded; the fresh HOME (and with it the default PULUMI_HOME, ~/.pulumi, and the
-backend of Pulumi.yaml, ~/.pulumi-kubeadm-ha) lives in a temporary directory the caller removes.
+Pulumi resolves `~` (Pulumi.yaml's `file://~/.pulumi-kubeadm-ha`) and its default PULUMI_HOME from the
+user database, not from $HOME, so a fresh HOME variable isolates nothing. Every command therefore runs in
+a private mount namespace where a temporary directory is bind-mounted over the user's real home
+directory: `~`, ~/.pulumi and the backend all land in it, and the real home is never touched.
+Every command is bounded; the caller removes the temporary directory.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import subprocess
 import time
@@ -23,6 +27,18 @@ PROJECT_FILES = ("Pulumi.yaml", "__main__.py", "requirements.txt")
 PROJECT_GLOBS = ("Pulumi.*.yaml", "components/*.py")
 # Only for the test: the secrets passphrase a user would type at `pulumi stack init`'s prompt.
 PASSPHRASE = "engine-lab-passphrase"
+REAL_HOME = pwd.getpwuid(os.geteuid()).pw_dir
+_IN_FRESH_HOME = [
+    "unshare",
+    "--mount",
+    "--propagation",
+    "private",
+    "--",
+    "sh",
+    "-c",
+    f'mount --bind "$FRESH_HOME" {REAL_HOME} && exec "$@"',
+    "in-fresh-home",
+]
 
 
 def stack_files() -> list[str]:
@@ -62,7 +78,6 @@ class UserSession:
 
     base: Path
     cli: Path
-    extra_path: list[Path] = field(default_factory=list)
     runs: list[Run] = field(default_factory=list)
 
     @property
@@ -73,7 +88,20 @@ class UserSession:
     def project(self) -> Path:
         return self.base / "kubeadm-ha"
 
+    @property
+    def bin(self) -> Path:
+        return self.base / "bin"
+
+    def tool(self, path: Path) -> Path:
+        """A copy outside the real home (hidden in the namespace), e.g. for `plugin install --file`."""
+        self.bin.mkdir(exist_ok=True)
+        copy = self.bin / path.name
+        if not copy.exists():
+            shutil.copy2(path, copy)
+        return copy
+
     def setup(self) -> UserSession:
+        self.cli = self.tool(self.cli)
         self.home.mkdir(parents=True)
         self.project.mkdir(parents=True)
         for name in PROJECT_FILES:
@@ -86,10 +114,10 @@ class UserSession:
         return self
 
     def env(self) -> dict[str, str]:
-        tools = [str(p) for p in [self.cli.parent, *self.extra_path]]
-        path = os.pathsep.join([*tools, "/usr/sbin", "/usr/bin", "/bin"])
+        path = os.pathsep.join([str(self.bin), "/usr/sbin", "/usr/bin", "/bin"])
         return {
-            "HOME": str(self.home),
+            "HOME": REAL_HOME,  # inside the namespace: the fresh directory
+            "FRESH_HOME": str(self.home),
             "PATH": path,
             "LANG": "C.UTF-8",
             "PULUMI_CONFIG_PASSPHRASE": PASSPHRASE,
@@ -103,7 +131,7 @@ class UserSession:
         started = time.monotonic()
         try:
             done = subprocess.run(
-                argv,
+                [*_IN_FRESH_HOME, *argv],
                 cwd=self.project,
                 env=self.env(),
                 capture_output=True,

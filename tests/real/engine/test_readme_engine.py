@@ -38,10 +38,9 @@ def test_readme_login_and_stack_init_on_a_fresh_machine(user: UserSession, stack
 
 
 def _with_plugins(user: UserSession) -> UserSession:
-    host = require_tool("pulumi-language-python")
-    user.extra_path.append(host.parent)
+    user.tool(require_tool("pulumi-language-python"))
     for name in PLUGINS:
-        path = require_tool(name)
+        path = user.tool(require_tool(name))
         plugin = name.removeprefix("pulumi-resource-")
         version = toolchain.default_version(name)
         installed = user.pulumi("plugin", "install", "resource", plugin, version, "--file", str(path))
