@@ -11,6 +11,7 @@ from components.previous import (
     ETCD_MEMBERS_OUTPUT,
     ETCD_TOPOLOGY_OUTPUT,
     KUBERNETES_VERSION_OUTPUT,
+    NETWORK_MODE_OUTPUT,
     read_previous_deployment,
 )
 from components.promotion import enforce_promotion_gate
@@ -38,6 +39,7 @@ pulumi.export("sshPrivateKey", cluster.ssh_private_key)
 # Read back by the next run (components/previous.py) to judge upgrades and topology changes.
 pulumi.export(KUBERNETES_VERSION_OUTPUT, cluster.kubernetes_version)
 pulumi.export(ETCD_TOPOLOGY_OUTPUT, config.etcd.topology)
+pulumi.export(NETWORK_MODE_OUTPUT, config.network.mode)
 pulumi.export(DEPLOYMENT_ID_OUTPUT, cluster.deployment_id)
 if cluster.etcd_initial_members is not None:
     # Which members bootstrapped the external etcd cluster (forever), and which are planned now.

@@ -121,7 +121,8 @@ def plan_addresses(config: ClusterConfig) -> AddressPlan:
             )
     return AddressPlan(
         network=network,
-        gateway=network.network_address + GATEWAY_OFFSET,
+        # A NAT network's gateway is the host at .1; on a bridged LAN it is the LAN's router.
+        gateway=config.network.gateway or network.network_address + GATEWAY_OFFSET,
         vip=vip,
         nodes=tuple(nodes),
         shortfall="; ".join(missing),

@@ -11,6 +11,7 @@ the image's keys and generates none: no trust on first use.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -166,25 +167,43 @@ def render_meta_data(hostname: str) -> str:
     return _dump({"instance-id": instance_id(hostname), "local-hostname": hostname})
 
 
-def render_network_config(mac: str) -> str:
-    """Netplan v2: the NIC with the planned MAC is named eth0 and takes its address from libvirt's DHCP reservation."""
-    document = {
-        "network": {
-            "version": 2,
-            "ethernets": {
-                NODE_INTERFACE: {
-                    "match": {"macaddress": _checked_mac(mac)},
-                    "set-name": NODE_INTERFACE,
-                    "dhcp4": True,
-                    # The reservation is keyed on the MAC; identify by MAC too (not the machine-id DUID), so a
-                    # rebuilt node with the same MAC is not refused its address over a stale lease.
-                    "dhcp-identifier": "mac",
-                    "dhcp6": False,
-                }
-            },
+@dataclass(frozen=True)
+class StaticAddress:
+    """A node's fixed address on a bridged LAN, where no DHCP server knows it."""
+
+    interface: ipaddress.IPv4Interface
+    gateway: ipaddress.IPv4Address
+    dns: tuple[ipaddress.IPv4Address, ...]
+
+    def __post_init__(self) -> None:
+        if self.gateway not in self.interface.network or self.gateway == self.interface.ip:
+            raise ValueError(f"gateway {self.gateway} is not another address of {self.interface.network}")
+        if not self.dns:
+            raise ValueError("no name server: the node could not resolve the package mirrors")
+
+
+def render_network_config(mac: str, static: StaticAddress | None = None) -> str:
+    """Netplan v2: the NIC with the planned MAC is named eth0; its address comes from libvirt's DHCP reservation,
+    or, on a bridged LAN, is `static`."""
+    ethernet: dict[str, Any] = {"match": {"macaddress": _checked_mac(mac)}, "set-name": NODE_INTERFACE}
+    if static is None:
+        ethernet |= {
+            "dhcp4": True,
+            # The reservation is keyed on the MAC; identify by MAC too (not the machine-id DUID), so a
+            # rebuilt node with the same MAC is not refused its address over a stale lease.
+            "dhcp-identifier": "mac",
+            "dhcp6": False,
         }
-    }
-    return _dump(document)
+    else:
+        ethernet |= {
+            "dhcp4": False,
+            "dhcp6": False,
+            "addresses": [str(static.interface)],
+            # `0.0.0.0/0`, not netplan's `default`, which cloud-init 22.4 (Debian 12) refuses.
+            "routes": [{"to": "0.0.0.0/0", "via": str(static.gateway)}],
+            "nameservers": {"addresses": [str(server) for server in static.dns]},
+        }
+    return _dump({"network": {"version": 2, "ethernets": {NODE_INTERFACE: ethernet}}})
 
 
 def _checked_mac(mac: str) -> str:

@@ -15,6 +15,7 @@ from components.kubeconfig import render_kubeconfig
 from components.loadbalancer import LoadBalancer, LoadBalancerArgs
 from components.nodes import NodeContext
 from components.pki import ADMIN_USER, APISERVER_ETCD_CLIENT, ETCD_CA, ClusterPki, ClusterPkiArgs
+from components.placement import placement_findings, plan_placement
 from components.previous import NEW_STACK, PreviousDeployment
 from components.remote import secret
 from components.upgrade import KubernetesUpgrade, KubernetesUpgradeArgs
@@ -70,13 +71,23 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         "pki",
         ClusterPkiArgs(config.cluster_name, [node.hostname for node in plan.nodes], etcd_members=plan.etcd_members),
     )
-    # 2. Per hypervisor: the NAT network and the base image; volume names carry this deployment's id.
+    # 2. Per hypervisor: the NAT network (nat mode) and the base image; volume names carry this deployment's id.
     deployment = deployment_id(last_deployment, parent=pki)
     image = BaseImage("base-image", config)
-    hypervisors = [
-        Hypervisor(hypervisor.name, hypervisor, config, deployment, image) for hypervisor in config.hypervisors
-    ]
-    context = NodeContext(config, plan, pki, hypervisors)
+    hypervisors = {
+        hypervisor.name: Hypervisor(hypervisor.name, hypervisor, config, deployment, image)
+        for hypervisor in config.hypervisors
+    }
+    placement = plan_placement(config, last_deployment)
+    # With `placement: strict` config validation has refused these already.
+    _, fragile = placement_findings(config, last_deployment)
+    if fragile:
+        pulumi.log.warn(
+            "this cluster does not survive the loss of one hypervisor:\n"
+            + "\n".join(f"  - {finding.path}: {finding.rule}" for finding in fragile)
+            + "\nSet placement: strict to refuse such a configuration."
+        )
+    context = NodeContext(config, plan, pki, hypervisors, placement)
     # 3. The API endpoint: HAProxy (+ keepalived) in front of every control plane.
     load_balancer = LoadBalancer("api-lb", LoadBalancerArgs(context))
     before_init: list[pulumi.Resource] = [*load_balancer.configured]
@@ -138,7 +149,13 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         kubeconfig=kubeconfig,
         api_endpoint=server,
         nodes={
-            node.hostname: {"address": str(node.address), "mac": node.mac, "role": node.role} for node in plan.nodes
+            node.hostname: {
+                "address": str(node.address),
+                "mac": node.mac,
+                "role": node.role,
+                "hypervisor": placement[node.hostname],
+            }
+            for node in plan.nodes
         },
         ssh_user=config.ssh.user,
         ssh_private_key=pki.operator_private_key,

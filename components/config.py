@@ -12,7 +12,7 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pulumi
 from pydantic import (
@@ -24,8 +24,12 @@ from pydantic import (
     model_validator,
 )
 
+from components.hostkeys import ed25519_key_problem, is_ssh_uri, uri_problems
 from components.previous import NEW_STACK, PreviousDeployment, read_previous_deployment
 from components.versions import DEFAULT_KUBERNETES, RELEASES, UnknownRelease, etcd_version_of, next_minor, release_for
+
+if TYPE_CHECKING:
+    from components.addressing import AddressPlan
 
 CONFIG_NAMESPACE = "kubeadm-ha"
 
@@ -38,6 +42,8 @@ _SSH_PUBLIC_KEY = re.compile(
     r" [A-Za-z0-9+/]+={0,2}( [^\n]*)?$"
 )
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)$")
+# A Linux interface name (IFNAMSIZ - 1 bytes), without the characters iproute2 refuses.
+_INTERFACE_NAME = r"^[A-Za-z0-9_.-]{1,15}$"
 
 DEFAULT_IMAGE = "https://cloud-images.ubuntu.com/releases/24.04/release/ubuntu-24.04-server-cloudimg-amd64.img"
 UBUNTU_CLOUD_IMAGES = "https://cloud-images.ubuntu.com/"
@@ -86,6 +92,20 @@ class HypervisorConfig(_Model):
     # distributions refuse to boot. None picks the best the domain type allows: `host-passthrough` under KVM,
     # `maximum` (every feature TCG can emulate) under plain QEMU.
     cpu_mode: Annotated[Literal["host-passthrough", "host-model", "maximum"] | None, Field(alias="cpuMode")] = None
+    # network.mode bridge only: this host's bridge, when it is not named network.bridge.
+    bridge: Annotated[str | None, Field(pattern=_INTERFACE_NAME)] = None
+    # The host's SSH host key (`ssh-ed25519 AAAA...`), required for a qemu+ssh:// URI (components/hostkeys.py).
+    host_key: Annotated[str | None, Field(alias="hostKey")] = None
+
+    @field_validator("host_key")
+    @classmethod
+    def _ed25519_key(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        problem = ed25519_key_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return " ".join(value.split()[:2])
 
     @property
     def effective_cpu_mode(self) -> str:
@@ -95,9 +115,22 @@ class HypervisorConfig(_Model):
 
 
 class NetworkConfig(_Model):
-    mode: Literal["nat"] = "nat"
+    # `nat`: a libvirt NAT network on the one hypervisor, addresses by DHCP reservation. `bridge`: every node
+    # on an existing Linux bridge of its hypervisor, i.e. on the LAN, with a static address.
+    mode: Literal["nat", "bridge"] = "nat"
     cidr: ipaddress.IPv4Network
     domain: str = "k8s.internal"
+    # The keys below are bridge mode only: a NAT network is its nodes' gateway and DNS server.
+    bridge: Annotated[str | None, Field(pattern=_INTERFACE_NAME)] = None
+    gateway: ipaddress.IPv4Address | None = None
+    # resolv.conf reads at most three name servers.
+    dns: Annotated[tuple[ipaddress.IPv4Address, ...], Field(max_length=3)] = ()
+    # Addresses and networks the LAN already uses (other hosts, a DHCP pool): no node or VIP may be in them.
+    reserved: tuple[ipaddress.IPv4Network, ...] = ()
+
+    @property
+    def bridged(self) -> bool:
+        return self.mode == "bridge"
 
     @field_validator("domain")
     @classmethod
@@ -251,6 +284,8 @@ class ClusterConfig(_Model):
     workers: WorkersConfig = WorkersConfig()
     ssh: SshConfig = SshConfig()
     promotion: PromotionConfig | None = None
+    # What a placement that does not survive the loss of one hypervisor gets: a warning, or (strict) refusal.
+    placement: Literal["warn", "strict"] = "warn"
 
     @field_validator("cluster_name")
     @classmethod
@@ -372,6 +407,7 @@ def cross_field_problems(config: ClusterConfig) -> list[Problem]:
     names = [hypervisor.name for hypervisor in config.hypervisors]
     for duplicate in sorted({name for name in names if names.count(name) > 1}):
         problems.append(Problem("hypervisors", f"name {duplicate!r} is used more than once"))
+    problems.extend(_hypervisor_problems(config))
 
     subnets = {
         "network.cidr": network,
@@ -396,6 +432,7 @@ def cross_field_problems(config: ClusterConfig) -> list[Problem]:
                 f"{network} is too small for {plan.shortfall}; use a larger prefix or fewer workers",
             )
         )
+    problems.extend(_bridge_problems(config, plan))
     vip = config.vip
     if vip not in network or vip in (network.network_address, network.broadcast_address):
         problems.append(
@@ -410,6 +447,97 @@ def cross_field_problems(config: ClusterConfig) -> list[Problem]:
         ]
         if clash:
             problems.append(Problem("loadBalancer.vip", f"{vip} is the address of node {clash[0]}"))
+    return problems
+
+
+def _hypervisor_problems(config: ClusterConfig) -> list[Problem]:
+    problems: list[Problem] = []
+    for position, hypervisor in enumerate(config.hypervisors):
+        path = f"hypervisors.{position}"
+        if not config.network.bridged and hypervisor.bridge is not None:
+            problems.append(Problem(f"{path}.bridge", "only used with network.mode bridge"))
+        if not is_ssh_uri(hypervisor.uri):
+            if hypervisor.host_key is not None:
+                problems.append(
+                    Problem(f"{path}.hostKey", "only used with a qemu+ssh:// URI; this URI does not connect over SSH")
+                )
+            continue
+        problems.extend(Problem(f"{path}.uri", rule) for rule in uri_problems(hypervisor.uri))
+        if hypervisor.host_key is None:
+            problems.append(
+                Problem(
+                    f"{path}.hostKey",
+                    f"required for {hypervisor.uri}: the provider checks the host's SSH key against it, and no "
+                    "connection trusts on first use (read it with `ssh-keyscan -t ed25519 HOST`, and compare its "
+                    "fingerprint with `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` run on the host)",
+                )
+            )
+    return problems
+
+
+def _bridge_problems(config: ClusterConfig, plan: AddressPlan) -> list[Problem]:
+    """The LAN settings of network.mode bridge: present in that mode, absent otherwise, and clear of the nodes."""
+    network = config.network
+    bridge_keys = sorted(
+        NetworkConfig.model_fields[name].alias or name
+        for name in network.model_fields_set & {"bridge", "gateway", "dns", "reserved"}
+    )
+    if not network.bridged:
+        return [
+            Problem(f"network.{key}", "only used with network.mode bridge; a NAT network is its nodes' gateway and DNS")
+            for key in bridge_keys
+        ]
+    problems: list[Problem] = []
+    unbridged = [hypervisor.name for hypervisor in config.hypervisors if hypervisor.bridge is None]
+    if network.bridge is None and unbridged:
+        problems.append(
+            Problem(
+                "network.bridge",
+                f"bridge mode attaches every node to a Linux bridge on its hypervisor; name it here, or as "
+                f"hypervisors[].bridge for {', '.join(unbridged)}",
+            )
+        )
+    nodes_at = {node.address: node.hostname for node in plan.nodes}
+    taken = {**nodes_at, config.vip: "the VIP (loadBalancer.vip)"}
+    if network.gateway is None:
+        problems.append(Problem("network.gateway", "required with network.mode bridge: the LAN's router"))
+    elif network.gateway not in network.cidr or network.gateway in (
+        network.cidr.network_address,
+        network.cidr.broadcast_address,
+    ):
+        problems.append(
+            Problem(
+                "network.gateway", f"{network.gateway} is not a usable host address inside network.cidr {network.cidr}"
+            )
+        )
+    elif network.gateway in taken:
+        problems.append(Problem("network.gateway", f"{network.gateway} is the address of {taken[network.gateway]}"))
+    if not network.dns:
+        problems.append(
+            Problem("network.dns", "required with network.mode bridge: 1-3 name servers the nodes can reach")
+        )
+    problems.extend(
+        Problem(f"network.dns.{i}", f"{server} is the address of {taken[server]}")
+        for i, server in enumerate(network.dns)
+        if server in taken
+    )
+    for i, entry in enumerate(network.reserved):
+        if not entry.overlaps(network.cidr):
+            problems.append(
+                Problem(f"network.reserved.{i}", f"{entry} is outside network.cidr {network.cidr}; list this LAN's")
+            )
+            continue
+        inside = [name for address, name in taken.items() if address in entry]
+        if inside:
+            problems.append(
+                Problem(
+                    f"network.reserved.{i}",
+                    f"{entry} is in use on the LAN, but the plan puts {', '.join(inside)} there. Addresses are "
+                    "fixed offsets of network.cidr (see README, Addresses and names) and never skip a reserved "
+                    "one, so no running node moves when this list changes: use fewer nodes of that role, another "
+                    "loadBalancer.vip, or a network where those offsets are free",
+                )
+            )
     return problems
 
 
@@ -557,9 +685,29 @@ def address_problems(config: ClusterConfig, previous: PreviousDeployment) -> lis
     return problems
 
 
+def placement_problems(config: ClusterConfig, previous: PreviousDeployment) -> list[Problem]:
+    """Running VMs whose hypervisor is gone; with `placement: strict`, also a host loss the cluster does not survive."""
+    from components.placement import placement_findings  # noqa: PLC0415 - avoid an import cycle
+
+    refused, fragile = placement_findings(config, previous)
+    problems = [Problem(finding.path, finding.rule) for finding in refused]
+    if config.placement == "strict":
+        problems += [Problem(finding.path, f"{finding.rule} (placement: strict)") for finding in fragile]
+    return problems
+
+
 def change_problems(config: ClusterConfig, previous: PreviousDeployment) -> list[Problem]:
     """Rules about changing a running cluster, judged against the last deployment's outputs."""
-    problems: list[Problem] = address_problems(config, previous)
+    problems: list[Problem] = address_problems(config, previous) + placement_problems(config, previous)
+    if previous.network_mode is not None and previous.network_mode != config.network.mode:
+        problems.append(
+            Problem(
+                "network.mode",
+                f"the cluster runs on network.mode {previous.network_mode}; switching a running node's NIC to "
+                f"{config.network.mode} would leave its guest with the other mode's addressing (cloud-init sets "
+                "the network up at first boot only): build a new stack instead",
+            )
+        )
     if previous.etcd_topology and previous.etcd_topology != config.etcd.topology:
         problems.append(
             Problem(

@@ -606,7 +606,7 @@ class EtcdCluster(pulumi.ComponentResource):
                 # The chain serialises additions, restarts and (in reverse) removals.
                 depends_on=[vm.ready, *([previous] if previous is not None else [])],
                 # Tearing down the whole cluster removes no members one by one.
-                deleted_with=context.hypervisor_for(node).network,
+                deleted_with=context.hypervisor_for(node).anchor,
             )
             self.vms[member.name], self.members[member.name] = vm, step
             previous = step

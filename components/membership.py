@@ -83,7 +83,7 @@ def token_step(
         delete=_node_removal(context, node, admin) if removes_node else None,
         depends_on=after,
         replace_with=vm.domain.id,
-        deleted_with=context.hypervisor_for(node).network,
+        deleted_with=context.hypervisor_for(node).anchor,
     )
 
 
@@ -99,7 +99,7 @@ def node_removal_step(
         parent=parent,
         delete=_node_removal(context, node, admin),
         replace_with=vm.domain.id,
-        deleted_with=context.hypervisor_for(node).network,
+        deleted_with=context.hypervisor_for(node).anchor,
     )
 
 
@@ -122,7 +122,7 @@ def reset_step(
         stdin=context.pki.operator_private_key,
         depends_on=after,
         replace_with=vm.domain.id,
-        deleted_with=context.hypervisor_for(node).network,
+        deleted_with=context.hypervisor_for(node).anchor,
     )
 
 
@@ -145,5 +145,5 @@ def membership_step(
         delete=_unless_itself(admin, node, drain_node_script(target)),
         depends_on=[kubeadm_step, *after],
         replace_with=vm.domain.id,
-        deleted_with=context.hypervisor_for(node).network,
+        deleted_with=context.hypervisor_for(node).anchor,
     )

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pulumi
 
 from components.addressing import AddressPlan, NodePlan
-from components.cloudinit import NodeIdentity, render_meta_data, render_network_config, render_user_data
+from components.cloudinit import (
+    NodeIdentity,
+    StaticAddress,
+    render_meta_data,
+    render_network_config,
+    render_user_data,
+)
 from components.config import ClusterConfig
 from components.pki import ClusterPki
 from components.remote import NodeAccess, secret
@@ -21,7 +28,8 @@ class NodeContext:
     config: ClusterConfig
     plan: AddressPlan
     pki: ClusterPki
-    hypervisors: Sequence[Hypervisor]
+    hypervisors: Mapping[str, Hypervisor]  # by name
+    placement: Mapping[str, str]  # hostname -> hypervisor name (components/placement.py)
 
     def access(self, node: NodePlan) -> NodeAccess:
         return NodeAccess(
@@ -33,8 +41,15 @@ class NodeContext:
         )
 
     def hypervisor_for(self, node: NodePlan) -> Hypervisor:
-        # Spread each role's replicas over the hypervisors so one host failure takes out one replica.
-        return self.hypervisors[(node.index - 1) % len(self.hypervisors)]
+        return self.hypervisors[self.placement[node.hostname]]
+
+    def network_config(self, node: NodePlan) -> str:
+        network = self.config.network
+        if not network.bridged:
+            return render_network_config(node.mac)
+        assert network.gateway is not None  # config validation requires it in bridge mode
+        interface = ipaddress.IPv4Interface(f"{node.address}/{network.cidr.prefixlen}")
+        return render_network_config(node.mac, StaticAddress(interface, network.gateway, network.dns))
 
     def vm_args(self, node: NodePlan, size: VmSize, preparation: Script) -> VmArgs:
         fqdn = f"{node.hostname}.{self.config.network.domain}"
@@ -64,5 +79,5 @@ class NodeContext:
             access=self.access(node),
             user_data=user_data,
             meta_data=render_meta_data(node.hostname),
-            network_config=render_network_config(node.mac),
+            network_config=self.network_config(node),
         )

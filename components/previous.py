@@ -26,6 +26,7 @@ ETCD_INITIAL_MEMBERS_OUTPUT = "etcdInitialMembers"
 ETCD_MEMBERS_OUTPUT = "etcdMembers"
 ETCD_IMAGE_TAG_OUTPUT = "etcdImageTag"
 DEPLOYMENT_ID_OUTPUT = "deploymentId"
+NETWORK_MODE_OUTPUT = "networkMode"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,26 @@ class PreviousDeployment:
                 mac = node.get("mac")
                 found[str(name)] = (str(node["address"]), str(mac).lower() if mac else None)
         return found
+
+    @property
+    def node_hypervisors(self) -> dict[str, str]:
+        """hostname -> hypervisor of every node the last deployment ran (none before placement was exported)."""
+        value = self.outputs.get(NODES_OUTPUT)
+        if not isinstance(value, dict):
+            return {}
+        return {
+            str(name): str(node["hypervisor"])
+            for name, node in value.items()
+            if isinstance(node, dict) and node.get("hypervisor")
+        }
+
+    @property
+    def network_mode(self) -> str | None:
+        """`nat` or `bridge`; a deployment from before the output existed could only be `nat`."""
+        value = self.outputs.get(NETWORK_MODE_OUTPUT)
+        if value:
+            return str(value)
+        return "nat" if self.exists else None
 
     @property
     def api_endpoint(self) -> str | None:

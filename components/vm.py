@@ -13,6 +13,7 @@ import pulumi_tls as tls
 from components.addressing import NodePlan
 from components.cloudinit import PREPARATION_PATH
 from components.config import ClusterConfig, HypervisorConfig
+from components.hostkeys import pin_host_key
 from components.image import cached_image_path, image_fetch_script
 from components.node_prep import LOG_NAME as PREP_LOG_NAME
 from components.node_prep import PREPARED_MARKER
@@ -71,7 +72,7 @@ class BaseImage(pulumi.ComponentResource):
 
 
 class Hypervisor(pulumi.ComponentResource):
-    """One libvirt host: its provider, the cluster's NAT network and the shared base image."""
+    """One libvirt host: its provider, the cluster's NAT network (nat mode only) and the shared base image."""
 
     def __init__(
         self,
@@ -86,25 +87,32 @@ class Hypervisor(pulumi.ComponentResource):
         self.pool = hypervisor.pool
         self.settings = hypervisor
         self.volume_suffix = pulumi.Output.from_input(volume_suffix).apply(lambda ident: f"-{ident}" if ident else "")
-        self.provider = libvirt.Provider(
-            f"{name}-libvirt", uri=hypervisor.uri, opts=pulumi.ResourceOptions(parent=self)
-        )
+        uri = hypervisor.uri
+        if hypervisor.host_key is not None:
+            uri = pin_host_key(
+                uri, hypervisor.host_key, project=pulumi.get_project(), stack=pulumi.get_stack(), hypervisor=name
+            )
+        self.provider = libvirt.Provider(f"{name}-libvirt", uri=uri, opts=pulumi.ResourceOptions(parent=self))
         on_host = pulumi.ResourceOptions(parent=self, provider=self.provider)
-        self.network = libvirt.Network(
-            f"{name}-network",
-            name=f"{config.cluster_name}-net",
-            mode=config.network.mode,
-            domain=config.network.domain,
-            addresses=[str(config.network.cidr)],
-            autostart=True,
-            dhcp=libvirt.NetworkDhcpArgs(enabled=True),
-            dns=libvirt.NetworkDnsArgs(enabled=True, local_only=True),
-            # terraform-provider-libvirt 0.8.1 rebuilds `dns` on read from two places (resource_libvirt_network.go:
-            # `local_only` from <domain localOnly>, then `enabled` only when libvirt's <dns> element carries the
-            # attribute), so the read-back need not match what was written and every run would show a diff.
-            # The program never changes these settings on a running network.
-            opts=pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(ignore_changes=["dns"])),
-        )
+        # Bridge mode: the nodes join an existing bridge of this host; the program creates no network.
+        self.bridge = (hypervisor.bridge or config.network.bridge) if config.network.bridged else None
+        self.network: libvirt.Network | None = None
+        if not config.network.bridged:
+            self.network = libvirt.Network(
+                f"{name}-network",
+                name=f"{config.cluster_name}-net",
+                mode=config.network.mode,
+                domain=config.network.domain,
+                addresses=[str(config.network.cidr)],
+                autostart=True,
+                dhcp=libvirt.NetworkDhcpArgs(enabled=True),
+                dns=libvirt.NetworkDnsArgs(enabled=True, local_only=True),
+                # terraform-provider-libvirt 0.8.1 rebuilds `dns` on read from two places (resource_libvirt_network.go:
+                # `local_only` from <domain localOnly>, then `enabled` only when libvirt's <dns> element carries the
+                # attribute), so the read-back need not match what was written and every run would show a diff.
+                # The program never changes these settings on a running network.
+                opts=pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(ignore_changes=["dns"])),
+            )
         self.base_image = libvirt.Volume(
             f"{name}-base-image",
             name=self.volume_name(f"{config.cluster_name}-base"),
@@ -113,7 +121,24 @@ class Hypervisor(pulumi.ComponentResource):
             format="qcow2",
             opts=pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=[image.fetched])),
         )
-        self.register_outputs({"networkId": self.network.id, "baseImageId": self.base_image.id})
+        # Deleted only when the cluster leaves this host (or is destroyed): steps that undo one node's membership
+        # are `deleted_with` it, so tearing the whole cluster down drains no node.
+        self.anchor: pulumi.CustomResource = self.network if self.network is not None else self.base_image
+        network = {"networkId": self.network.id} if self.network is not None else {}
+        self.register_outputs({**network, "baseImageId": self.base_image.id})
+
+    def interface(self, node: NodePlan) -> libvirt.DomainNetworkInterfaceArgs:
+        """The node's NIC: on the NAT network with its DHCP reservation, or on the bridge (the guest sets its
+        static address itself, from cloud-init)."""
+        if self.network is None:
+            return libvirt.DomainNetworkInterfaceArgs(bridge=self.bridge, mac=node.mac, wait_for_lease=False)
+        return libvirt.DomainNetworkInterfaceArgs(
+            network_id=self.network.id,
+            hostname=node.hostname,
+            addresses=[str(node.address)],
+            mac=node.mac,
+            wait_for_lease=False,
+        )
 
     def volume_name(self, stem: str) -> pulumi.Output[str]:
         """`{stem}{suffix}.qcow2`: the provider adopts an existing volume of the same name as it is, so a name
@@ -227,15 +252,7 @@ class Vm(pulumi.ComponentResource):
             # No `machine`: the default i440fx has the IDE bus the cloud-init disk is attached to.
             cloudinit=self.cloud_init.id,
             disks=[libvirt.DomainDiskArgs(volume_id=self.root_volume.id)],
-            network_interfaces=[
-                libvirt.DomainNetworkInterfaceArgs(
-                    network_id=args.hypervisor.network.id,
-                    hostname=node.hostname,
-                    addresses=[str(node.address)],
-                    mac=node.mac,
-                    wait_for_lease=False,
-                )
-            ],
+            network_interfaces=[args.hypervisor.interface(node)],
             consoles=[libvirt.DomainConsoleArgs(type="pty", target_port="0", target_type="serial")],
             # The name is unique on the hypervisor, so a replacement must remove the old domain first.
             # The provider reads `addresses` back from the DHCP lease (terraform-provider-libvirt 0.8.1
