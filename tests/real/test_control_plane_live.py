@@ -291,6 +291,7 @@ def _join_dry_run(cp_lab: ControlPlaneLab, documents: str, tag: str) -> tuple[in
         JOIN_CONFIG_PATH,
         "--ignore-preflight-errors=all",
         "--skip-phases=preflight",
+        "--v=1",
         timeout=DISCOVERY_BOUND,
     )
     (cp_lab.work / f"join-{tag}.out").write_text(ran.output)
@@ -310,7 +311,12 @@ def test_discovery_through_the_vip_with_the_programs_join_configuration(cp_lab: 
     documents = join_documents(cp_lab.evaluation, cp_lab.plan.workers[0].hostname)
     code, output = _join_dry_run(cp_lab, documents, "worker")
     assert code == 0, output
-    assert "Cluster info signature and contents are valid" in output or "[discovery]" in output, output
+    # kubeadm's own words once the JWS signature (token) and the CA pin (hash) both check out, via the VIP.
+    endpoint = f"{cp_lab.plan.vip}:{cp_lab.config.load_balancer.port}"
+    assert (
+        "Cluster info signature and contents are valid and TLS certificate validates against pinned roots, "
+        f'will use API Server "{endpoint}"'
+    ) in output, output
 
 
 def test_discovery_refuses_a_wrong_hash_and_a_foreign_ca(cp_lab: ControlPlaneLab) -> None:
@@ -321,7 +327,7 @@ def test_discovery_refuses_a_wrong_hash_and_a_foreign_ca(cp_lab: ControlPlaneLab
         started = time.monotonic()
         code, output = _join_dry_run(cp_lab, _with_hash(documents, value), tag)
         assert code != 0, f"{tag}: kubeadm join accepted it:\n{output}"
-        assert "none of the public keys" in output or "pinned" in output, output
+        assert "cluster CA found in cluster-info ConfigMap is invalid: none of the public keys" in output, output
         report(f"discovery with {tag} refused in {time.monotonic() - started:.1f}s")
 
 
