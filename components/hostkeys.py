@@ -44,7 +44,9 @@ def uri_problems(uri: str) -> list[str]:
     parts = urlsplit(uri)
     problems = []
     host = parts.netloc.rpartition("@")[2]
-    if ":" in host:
+    if host.startswith("["):
+        problems.append(f"{uri!r} names an IPv6 literal, which the provider's known_hosts lookup mangles; use a name")
+    elif ":" in host:
         problems.append(
             f"{uri!r} names a port; terraform-provider-libvirt 0.8.1 dials host:port:port then (fixed in 0.8.2), "
             "so use port 22"

@@ -13,6 +13,7 @@ DEBIAN_PACKAGES=(
   etcd-server etcd-client       # external etcd: a real cluster from the program's certificates
   openssl curl iproute2 procps psmisc  # PKI checks; namespaces, bridges and veths; process control
   graphviz                      # the offline plan's dependency graph
+  openssh-client                # ssh-keygen reads the known_hosts files pinning hypervisor host keys
 )
 VENV="${KUBEADM_HA_TEST_VENV:-.venv}"
 
