@@ -2,6 +2,7 @@
 
 import pulumi
 
+from components.backup import ETCD_BACKUPS_OUTPUT, HOST_KEYS_OUTPUT
 from components.cluster import build_cluster
 from components.config import load_stack_config
 from components.previous import (
@@ -41,6 +42,9 @@ pulumi.export(KUBERNETES_VERSION_OUTPUT, cluster.kubernetes_version)
 pulumi.export(ETCD_TOPOLOGY_OUTPUT, config.etcd.topology)
 pulumi.export(NETWORK_MODE_OUTPUT, config.network.mode)
 pulumi.export(DEPLOYMENT_ID_OUTPUT, cluster.deployment_id)
+# For the operator tools (tools/etcd_backup.py, tools/etcd_restore.py, tools/drill.py): pinned host keys, snapshots.
+pulumi.export(HOST_KEYS_OUTPUT, cluster.host_keys)
+pulumi.export(ETCD_BACKUPS_OUTPUT, cluster.etcd_backups)
 if cluster.etcd_initial_members is not None:
     # Which members bootstrapped the external etcd cluster (forever), and which are planned now.
     pulumi.export(ETCD_INITIAL_MEMBERS_OUTPUT, list(cluster.etcd_initial_members))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pulumi
 
 from components.addressing import AddressPlan, plan_addresses
+from components.backup import BackupTarget, EtcdBackups, EtcdBackupsArgs, backup_locations
 from components.config import ClusterConfig
 from components.control_plane import ControlPlaneNode, ControlPlaneNodeArgs
 from components.etcd import EtcdCluster, EtcdClusterArgs, EtcdClusterSpec, plan_membership
@@ -38,6 +39,10 @@ class ClusterOutputs:
     etcd_members: tuple[str, ...] | None = None
     etcd_image_tag: str | None = None
     deployment_id: pulumi.Output[str] | None = None
+    # hostname -> the node's pinned SSH host public key, for the tools (tools/access.py).
+    host_keys: dict[str, pulumi.Output[str]] | None = None
+    # Where each etcd member keeps its snapshots (components/backup.py).
+    etcd_backups: dict[str, object] | None = None
 
 
 def cluster_shape(config: ClusterConfig, plan: AddressPlan, etcd: EtcdClusterSpec | None = None) -> ClusterShape:
@@ -121,12 +126,21 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
             KubernetesUpgradeArgs(context, control_planes, admin=first, after=[previous, *bootstrapped]),
         )
 
+    # 10. An etcd snapshot timer on every member: the control planes, or the external etcd VMs.
+    if etcd_spec is None:
+        targets = [BackupTarget(cp.node, cp.vm, cp.kubeadm) for cp in control_planes]
+    else:
+        by_name = {node.hostname: node for node in plan.etcd_members}
+        targets = [BackupTarget(by_name[name], etcd.vms[name], step) for name, step in etcd.members.items()]
+    backups = EtcdBackups("etcd-backup", EtcdBackupsArgs(context, targets))
+
     # The last step of every chain: each other step is upstream of one of them.
     last_steps: list[pulumi.CustomResource] = [*load_balancer.configured, *bootstrapped]
     last_steps += [step for node in control_planes for step in (node.kubeadm, node.membership) if step is not None]
     last_steps += [*workers.joins.values(), *workers.memberships.values()]
     if etcd_spec is not None:
         last_steps.append(etcd.ready)
+    last_steps += backups.installed.values()
     kubernetes_version = (
         upgrade.completed_version if upgrade is not None else pulumi.Output.from_input(config.kubernetes.version)
     )
@@ -166,6 +180,8 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         etcd_members=tuple(member.name for member in etcd_spec.members) if etcd_spec is not None else None,
         etcd_image_tag=etcd_spec.image.rsplit(":", 1)[1] if etcd_spec is not None else None,
         deployment_id=deployment,
+        host_keys={node.hostname: pki.host_public_key(node.hostname) for node in plan.nodes},
+        etcd_backups=backup_locations(config, [target.node.hostname for target in targets]),
     )
 
 

@@ -181,8 +181,17 @@ class LoadBalancerConfig(_VmSize):
     disk_gib: Annotated[int, Field(alias="diskGiB", ge=10, le=4096)] = 10
 
 
+class EtcdBackupConfig(_Model):
+    """The snapshot timer on every etcd member (components/backup.py)."""
+
+    interval_minutes: Annotated[int, Field(alias="intervalMinutes", ge=5, le=1440)] = 60
+    # Snapshots kept on each member, newest first; the default is a day of hourly ones.
+    keep: Annotated[int, Field(ge=1, le=1000)] = 24
+
+
 class EtcdConfig(_Model):
     topology: Literal["stacked", "external"] = "stacked"
+    backup: EtcdBackupConfig = EtcdBackupConfig()
     # External etcd only: the registry.k8s.io/etcd tag the members run. Unset, a new cluster starts on the tag
     # kubeadm pins for its Kubernetes minor and keeps it across Kubernetes upgrades; setting it (or changing
     # it) rolls the members to it one at a time, each healthy before the next.
@@ -255,6 +264,12 @@ class SshConfig(_Model):
         return tuple(key.strip() for key in value)
 
 
+class CertificatesConfig(_Model):
+    """When `pulumi up` renews the certificates kubeadm made on the nodes (components/certificates.py)."""
+
+    renew_before_days: Annotated[int, Field(alias="renewBeforeDays", ge=7, le=300)] = 60
+
+
 class PromotionConfig(_Model):
     """Where this stack's release comes from: it may deploy only what `from` runs (components/promotion.py)."""
 
@@ -283,6 +298,7 @@ class ClusterConfig(_Model):
     control_plane: Annotated[ControlPlaneConfig, Field(alias="controlPlane")] = ControlPlaneConfig()
     workers: WorkersConfig = WorkersConfig()
     ssh: SshConfig = SshConfig()
+    certificates: CertificatesConfig = CertificatesConfig()
     promotion: PromotionConfig | None = None
     # What a placement that does not survive the loss of one hypervisor gets: a warning, or (strict) refusal.
     placement: Literal["warn", "strict"] = "warn"
@@ -572,7 +588,8 @@ def _etcd_problems(config: ClusterConfig) -> list[Problem]:
     etcd = config.etcd
     if not etcd.external:
         # Sizing keys would silently do nothing: stacked members live on the control planes.
-        ignored = sorted(EtcdConfig.model_fields[name].alias or name for name in etcd.model_fields_set - {"topology"})
+        sizing = etcd.model_fields_set - {"topology", "backup"}
+        ignored = sorted(EtcdConfig.model_fields[name].alias or name for name in sizing)
         return [
             Problem(
                 f"etcd.{key}",

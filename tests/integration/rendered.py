@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from components.addressing import NodePlan, plan_addresses
 from components.config import ClusterConfig
 from components.node_prep import preparation_for
+from tests.integration.tool_scripts import operator_tool_scripts
 from tests.stacks import ALL_STACKS, evaluated, stack_config
 from tools.graph import REMOTE_STEP
 from tools.plan import script_of
@@ -57,6 +58,7 @@ def all_rendered_scripts() -> list[tuple[str, str]]:
     scripts.extend(node_preparation_scripts())
     scripts.extend(remote_step_scripts())
     scripts.extend(local_step_scripts())
+    scripts.extend(operator_tool_scripts())
     names = [name for name, _ in scripts]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
