@@ -70,7 +70,15 @@ SUITE = (
     *(f"kubeadm@{version}" for version in KUBEADM_VERSIONS),
     *(
         f"{name}@{DEFAULT_KUBERNETES}"
-        for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd", "etcdctl")
+        for name in (
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kubectl",
+            "etcd",
+            "etcdctl",
+            "etcdutl",
+        )
     ),
     # The containerd Ubuntu ships (its own version), to load the config node preparation writes.
     "containerd",
