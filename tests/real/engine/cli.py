@@ -126,14 +126,21 @@ class UserSession:
             "PULUMI_AUTOMATION_API_SKIP_VERSION_CHECK": "true",
         }
 
+    def shell(self, script: str, timeout: float = 120) -> Run:
+        """A user's shell running `script` in the project directory, with no secrets passphrase preset."""
+        env = {key: value for key, value in self.env().items() if key != "PULUMI_CONFIG_PASSPHRASE"}
+        return self._run(["bash", "-euo", "pipefail", "-c", script], env, timeout)
+
     def pulumi(self, *args: str, timeout: float = 120) -> Run:
-        argv = ["pulumi", *args, "--non-interactive"]
+        return self._run(["pulumi", *args, "--non-interactive"], self.env(), timeout)
+
+    def _run(self, argv: list[str], env: dict[str, str], timeout: float) -> Run:
         started = time.monotonic()
         try:
             done = subprocess.run(
                 [*_IN_FRESH_HOME, *argv],
                 cwd=self.project,
-                env=self.env(),
+                env=env,
                 capture_output=True,
                 text=True,
                 timeout=timeout,
