@@ -14,7 +14,8 @@ from components.config import ClusterConfig, config_from_stack_file, parse_confi
 from tools.offline import Evaluation, evaluate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STACK_FILES = ("dev", "staging", "prod")
+# Every Pulumi.<stack>.yaml in the repository: prod-multihost is the bridged, three-hypervisor example.
+STACK_FILES = ("dev", "staging", "prod", "prod-multihost")
 # name: (control planes, load balancers, workers)
 EXTRA_SHAPES: dict[str, tuple[int, int, int]] = {
     "big": (5, 2, 20),

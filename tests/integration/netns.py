@@ -1,4 +1,4 @@
-"""A disposable network lab for integration tests: namespaces, one bridge, veths, processes.
+"""A disposable network lab for integration tests: namespaces, bridges, veths, processes.
 
 Everything a `Lab` creates carries its prefix (``kha-<pid>-<tag>-``), lives in
 namespaces it created (the root namespace is never touched, so test traffic
@@ -220,10 +220,38 @@ class Lab:
         return namespace
 
     def bridge(self, name: str = "br0") -> Bridge:
-        namespace = self.namespace("net")
+        namespace = self.namespace(f"net-{name}")
         namespace.ip("link", "add", name, "type", "bridge", "stp_state", "0")
         namespace.ip("link", "set", name, "up")
         return Bridge(namespace, name)
+
+    def link(self, bridge: Bridge, uplink: Bridge) -> str:
+        """Join `bridge` to `uplink` with a veth (one L2 segment, as a host's bridge on the LAN switch);
+        returns the port on `bridge`'s side, which `cut` takes down."""
+        port, peer = f"up-{uplink.name}"[:15], f"dn-{bridge.name}"[:15]
+        bridge.namespace.ip("link", "add", port, "type", "veth", "peer", "name", peer, "netns", uplink.namespace.name)
+        bridge.namespace.ip("link", "set", port, "master", bridge.name, "up")
+        uplink.namespace.ip("link", "set", peer, "master", uplink.name, "up")
+        bridge.ports.append(port)
+        uplink.ports.append(peer)
+        return port
+
+    @staticmethod
+    def cut(bridge: Bridge, port: str) -> None:
+        """Take `port` down: everything behind it drops off the segment at once, as a host losing power does."""
+        bridge.namespace.ip("link", "set", port, "down")
+
+    def kill(self, namespaces: Sequence[Namespace]) -> None:
+        """SIGKILL every process inside `namespaces`: no daemon gets to say goodbye (no VRRP priority-0 advert)."""
+        doomed = {namespace.name for namespace in namespaces}
+        for process in self.processes:
+            if process.namespace.name in doomed:
+                process.send_signal(signal.SIGKILL)
+        for namespace in namespaces:
+            for pid in namespace.pids():
+                if pid != os.getpid():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
 
     def attach(
         self,

@@ -11,17 +11,16 @@ from components.addressing import NodePlan, plan_addresses
 from components.config import ClusterConfig
 from components.node_prep import preparation_for
 from tests.integration.tool_scripts import operator_tool_scripts
-from tests.stacks import ALL_STACKS, evaluated, stack_config
+from tests.stacks import ALL_STACKS, STACK_FILES, evaluated, stack_config
 from tools.graph import REMOTE_STEP
 from tools.plan import script_of
 
-STACKS = ("dev", "staging", "prod")
 LOCAL_STEP = "command:local:Command"
 
 
 def stack_nodes() -> Iterator[tuple[str, ClusterConfig, NodePlan]]:
     """(stack, config, node) for every planned node of every stack file."""
-    for stack in STACKS:
+    for stack in STACK_FILES:
         config = stack_config(stack)
         for node in plan_addresses(config).nodes:
             yield stack, config, node

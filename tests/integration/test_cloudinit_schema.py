@@ -87,7 +87,8 @@ def test_network_config_is_understood_by_cloud_init(tmp_path: Path, seed: SeedDi
         result = _run(cloud_init, "schema", "--schema-type", "network-config", "--config-file", str(network_config))
         assert result.returncode == 0, result.stdout + result.stderr
 
-    # Parsed into cloud-init's network state and rendered for systemd-networkd: the MAC match and DHCPv4.
+    # Parsed into cloud-init's network state and rendered for systemd-networkd: the MAC match, and DHCPv4 or
+    # (bridged LAN) the static address, default route and name servers.
     networkd = tmp_path / "networkd"
     result = _run(
         cloud_init, "devel", "net-convert", "--network-data", str(network_config), "--kind", "yaml",
@@ -97,7 +98,15 @@ def test_network_config_is_understood_by_cloud_init(tmp_path: Path, seed: SeedDi
     rendered = "\n".join(path.read_text() for path in sorted(networkd.rglob("*")) if path.is_file())
     assert f"MACAddress={seed.mac}" in rendered, rendered
     assert f"Name={NODE_INTERFACE}" in rendered, rendered
-    assert "DHCP=ipv4" in rendered, rendered
+    ethernet = yaml.safe_load(seed.network_config)["network"]["ethernets"][NODE_INTERFACE]
+    if "addresses" not in ethernet:
+        assert "DHCP=ipv4" in rendered, rendered
+    else:
+        assert "DHCP=no" in rendered, rendered
+        assert f"Address={ethernet['addresses'][0]}" in rendered, rendered
+        assert "Destination=0.0.0.0/0" in rendered, rendered
+        assert f"Gateway={ethernet['routes'][0]['via']}" in rendered, rendered
+        assert "DNS=" + " ".join(ethernet["nameservers"]["addresses"]) in rendered, rendered
 
     # Rendered for netplan (what Ubuntu uses): the v2 document passes through intact.
     netplan = tmp_path / "netplan"

@@ -2,7 +2,9 @@
 
 * `haproxy -c` and `keepalived --config-test` accept every rendered config.
 * Live: each stack's planned addresses are rebuilt with network namespaces on one
-  bridge (LBs, control planes, a client). Every control plane runs a TLS stub of
+  bridge (LBs, control planes, a client); a bridged stack gets one bridge per
+  hypervisor its nodes are placed on, each linked to a LAN bridge where the
+  client sits, so a whole "host" can be lost at once. Every control plane runs a TLS stub of
   kube-apiserver (``/readyz``) with a kubeadm-shaped serving certificate; every
   LB runs HAProxy and, with 2+ LBs, keepalived, all from the rendered files.
   The client reaches ``https://VIP:PORT`` verifying the cluster CA, and the tests
@@ -43,7 +45,7 @@ from components import lb_config
 from components.addressing import AddressPlan, NodePlan, plan_addresses
 from components.config import ClusterConfig
 from tests.integration.conftest import phase_failed, require_programs, require_root
-from tests.integration.netns import Lab, Namespace, Process, cleanup_stale, poll_until, scratch_dir
+from tests.integration.netns import Bridge, Lab, Namespace, Process, cleanup_stale, poll_until, scratch_dir
 from tests.stacks import ALL_STACKS, evaluated, stack_config
 from tools.plan import decode_bundle
 
@@ -63,6 +65,17 @@ VIP_FAILOVER_BOUND = (
 )
 # First election: 3 advert intervals + skew, plus process start-up.
 ELECTION_BOUND = 3 * lb_config.VRRP_ADVERT_INT + 8.0
+# A host that vanishes sends no priority-0 advert: the backup takes over once VRRP's master-down interval
+# (3 adverts + skew, under 4) has passed; a client probe may then spend its 1 s on a dead backend first.
+HOST_LOSS_BOUND = 4 * lb_config.VRRP_ADVERT_INT + 1.0 + 3.0
+# An unreachable backend (no RST) fails each check after min(timeout connect, inter), `fall` times, `fastinter`
+# apart after the first: longer than a stopped one, which refuses at once.
+UNREACHABLE_DOWN_BOUND = (
+    lb_config.BACKEND_CHECK_INTER_S
+    + lb_config.BACKEND_CHECK_FALL * lb_config.BACKEND_CHECK_INTER_S
+    + (lb_config.BACKEND_CHECK_FALL - 1) * lb_config.BACKEND_CHECK_FASTINTER_S
+    + 4.0
+)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -397,6 +410,18 @@ class LbLab:
     stubs: dict[str, Process] = dataclasses.field(default_factory=dict)
     certs: dict[str, tuple[Path, Path]] = dataclasses.field(default_factory=dict)
     keepalived_started: float = 0.0
+    # hostname -> hypervisor, as the program placed it; hypervisor -> its bridge and uplink port (bridged stacks).
+    placement: dict[str, str] = dataclasses.field(default_factory=dict)
+    hosts: dict[str, tuple[Bridge, str]] = dataclasses.field(default_factory=dict)
+
+    def lose_host(self, hypervisor: str) -> float:
+        """Everything on `hypervisor` drops off the LAN at once and its processes die; returns when it happened."""
+        bridge, uplink = self.hosts[hypervisor]
+        Lab.cut(bridge, uplink)
+        lost = time.monotonic()
+        on_host = [name for name, host in self.placement.items() if host == hypervisor]
+        self.lab.kill([namespace for name, namespace in {**self.lbs, **self.cps}.items() if name in on_host])
+        return lost
 
     @property
     def haproxy_settings(self) -> lb_config.HaproxySettings:
@@ -495,10 +520,10 @@ class LbLab:
             if row["pxname"] == "kube-apiserver" and row["svname"] not in ("FRONTEND", "BACKEND")
         }
 
-    def wait_backends(self, expected: dict[str, str], *, timeout: float) -> float:
-        """Wait until every LB reports `expected` (server -> exact status); returns the seconds it took."""
+    def wait_backends(self, expected: dict[str, str], *, timeout: float, among: set[str] | None = None) -> float:
+        """Wait until every LB (of `among`) reports `expected` (server -> exact status); returns the seconds it took."""
         start = time.monotonic()
-        for lb in self.lbs:
+        for lb in self.lbs if among is None else sorted(among):
 
             def reached(lb: str = lb) -> bool:
                 states = self.backend_states(lb)
@@ -512,8 +537,9 @@ class LbLab:
             )
         return time.monotonic() - start
 
-    def vip_holders(self) -> set[str]:
-        return {lb for lb, namespace in self.lbs.items() if self.plan.vip in namespace.ipv4_addresses()}
+    def vip_holders(self, among: set[str] | None = None) -> set[str]:
+        candidates = self.lbs if among is None else {lb: self.lbs[lb] for lb in among}
+        return {lb for lb, namespace in candidates.items() if self.plan.vip in namespace.ipv4_addresses()}
 
     def wait_single_vip_holder(self, *, timeout: float, stable_for: float = 2.5, exclude: str = "") -> str:
         """Wait for exactly one LB (not `exclude`) to hold the VIP, continuously for `stable_for` seconds."""
@@ -602,11 +628,19 @@ def lb_lab(
         client_address = plan.network.network_address + CLIENT_OFFSET
         assert client_address not in {node.address for node in plan.nodes} | {plan.vip, plan.gateway}
 
-        bridge = lab.bridge()
+        placement = {name: node["hypervisor"] for name, node in evaluated(stack).outputs["nodes"].value.items()}
+        nodes = (*plan.load_balancers, *plan.control_planes)
+        lan = lab.bridge("lan")
         client = lab.namespace("client")
-        lab.attach(client, bridge, ipaddress.IPv4Interface(f"{client_address}/{prefix}"))
-        live = LbLab(lab, config, plan, programs, work, script_dir, ca_file, client)
-        for node in (*plan.load_balancers, *plan.control_planes):
+        lab.attach(client, lan, ipaddress.IPv4Interface(f"{client_address}/{prefix}"))
+        live = LbLab(lab, config, plan, programs, work, script_dir, ca_file, client, placement=placement)
+        if config.network.bridged:
+            # One bridge per hypervisor, uplinked to the LAN, as the program places the nodes.
+            for hypervisor in sorted({placement[node.hostname] for node in nodes}):
+                host = lab.bridge(hypervisor)
+                live.hosts[hypervisor] = (host, lab.link(host, lan))
+        for node in nodes:
+            bridge = live.hosts[placement[node.hostname]][0] if live.hosts else lan
             namespace = lab.namespace(node.hostname.removeprefix(config.cluster_name + "-"))
             lab.attach(namespace, bridge, ipaddress.IPv4Interface(f"{node.address}/{prefix}"), mac=node.mac)
             (live.lbs if node.role == "lb" else live.cps)[node.hostname] = namespace
@@ -761,3 +795,32 @@ def test_single_load_balancer_owns_the_vip(lb_lab: Callable[[str], LbLab]) -> No
     seen = live.spread(3 * len(live.cps))
     report(f"dev: responses per backend {dict(seen)}")
     assert set(seen) == set(live.cps)
+
+
+def test_losing_the_whole_host_of_the_vip_holder_keeps_the_api_answering(lb_lab: Callable[[str], LbLab]) -> None:
+    """(f) bridged, three hypervisors: the LBs run on different hosts; every namespace on the VIP holder's host
+    (its LB and a control plane) drops off the LAN at once, and the API through the VIP is back within the
+    bound, then serves from the surviving control planes only."""
+    live = lb_lab("prod-multihost")
+    assert len(live.hosts) == 3 and len({live.placement[lb] for lb in live.lbs}) == len(live.lbs)
+    holder = live.wait_single_vip_holder(timeout=ELECTION_BOUND)
+    assert set(live.spread(3 * len(live.cps))) == set(live.cps)
+    host = live.placement[holder]
+    dead = {name for name in (*live.lbs, *live.cps) if live.placement[name] == host}
+    assert holder in dead and dead & set(live.cps), dead
+
+    lost = live.lose_host(host)
+    live.wait_client_ok(timeout=HOST_LOSS_BOUND)
+    served = time.monotonic() - lost
+    survivors = set(live.lbs) - dead
+    (new_holder,) = live.vip_holders(among=survivors)
+    report(f"prod-multihost: host {host} ({', '.join(sorted(dead))}) lost: API via VIP served after {served:.2f}s")
+    assert served <= HOST_LOSS_BOUND
+
+    # The dead control plane leaves the rotation of the surviving LB; then no request fails.
+    down = live.wait_backends(
+        {cp: "DOWN" for cp in dead & set(live.cps)}, timeout=UNREACHABLE_DOWN_BOUND, among=survivors
+    )
+    report(f"prod-multihost: unreachable backend(s) DOWN {down:.1f}s after the API answered again")
+    assert set(live.spread(3 * len(live.cps))) == set(live.cps) - dead
+    assert live.vip_holders(among=survivors) == {new_holder}
