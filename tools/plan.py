@@ -179,6 +179,11 @@ def render_summary(evaluation: Evaluation, graph: DeploymentGraph) -> str:
     chain = graph.longest_chain()
     lines += ["", f"## Longest chain of remote steps ({len(chain)})", ""]
     lines.append(" → ".join(f"`{step.name}`" for step in chain))
+    lines += ["", "## Placement", "", "| hypervisor | VMs |", "|---|---|"]
+    hosts: dict[str, list[str]] = {}
+    for hostname, node in sorted(evaluation.outputs["nodes"].value.items()):
+        hosts.setdefault(node.get("hypervisor", "?"), []).append(hostname)
+    lines += [f"| {host} | {', '.join(names)} |" for host, names in sorted(hosts.items())]
     lines += ["", "## Outputs", ""]
     for name, output in sorted(evaluation.outputs.items()):
         shown = "[secret]" if output.secret else f"`{json.dumps(output.value, sort_keys=True)}`"

@@ -19,7 +19,9 @@ import yaml
 from components.config import ConfigError
 from components.hostkeys import expand_home
 from tests.program.test_platform import problems
+from tools.graph import DeploymentGraph
 from tools.offline import Evaluation, Registration, evaluate
+from tools.plan import render_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK = "prod-multihost"
@@ -169,6 +171,19 @@ def test_a_changed_host_key_rewrites_the_file_the_next_run_reads() -> None:
     multihost.cache_clear()
     multihost()
     assert path.read_text() == f"hv-a.lan.example {hypervisors()[0]['hostKey']}\n"
+
+
+def test_the_offline_plan_shows_where_each_vm_runs() -> None:
+    summary = render_summary(multihost(), DeploymentGraph(multihost()))
+    section = summary.split("## Placement", 1)[1].split("##", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| hv-")]
+    assert len(rows) == 3
+    for host, names in placement_rows(rows).items():
+        assert names == sorted(name for name, where in placement(multihost()).items() if where == host)
+
+
+def placement_rows(rows: list[str]) -> dict[str, list[str]]:
+    return {row.split("|")[1].strip(): row.split("|")[2].strip().split(", ") for row in rows}
 
 
 # ------------------------------------------------------------------------------------------ stability
