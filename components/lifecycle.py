@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from components.config import KubernetesConfig
 from components.kubeadm import CONFIG_DIR
+from components.node_prep import use_kubernetes_repository
 from components.scripts import INSTALL_BUNDLE_FUNCTION, STATE_DIR, Script, command, logged, quote, remote_command
 
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
@@ -65,16 +66,12 @@ def _installed(package: str, version: str) -> str:
 
 
 def _use_repository(kubernetes: KubernetesConfig) -> tuple[str, ...]:
-    """Point apt at the minor's repository (each minor has its own; an upgrade moves to the next)."""
-    source = f"deb [signed-by={KUBERNETES_KEYRING}] {repository(kubernetes)} /\n"
-    fetch_key = command(*_CURL, f"{repository(kubernetes)}Release.key")
-    dearmor = command("gpg", "--batch", "--yes", "--dearmor", "--output", KUBERNETES_KEYRING)
+    """The minor's repository, its signing key checked against the pinned fingerprint (as node preparation)."""
     return (
-        # Under the script's umask 077 `mkdir` would make it 0700, unreadable for apt's `_apt` user.
-        command("install", "-d", "-m", "0755", "/etc/apt/keyrings"),
-        f"{fetch_key} | {dearmor}",
-        "chmod 0644 " + quote(KUBERNETES_KEYRING),
-        f"printf '%s' {quote(source)} >{quote(KUBERNETES_SOURCES)}",
+        # The script runs under umask 077; the keyring and sources must stay readable for apt's `_apt` user.
+        "umask 022",
+        *use_kubernetes_repository(kubernetes),
+        "umask 077",
         logged("apt", *_APT, "update"),
     )
 

@@ -166,17 +166,26 @@ def _containerd(*extra_packages: str) -> tuple[str, ...]:
     )
 
 
-def _pinned_kubernetes_packages(kubernetes: KubernetesConfig, packages: tuple[str, ...]) -> tuple[str, ...]:
+def use_kubernetes_repository(kubernetes: KubernetesConfig) -> tuple[str, ...]:
+    """Point apt at the minor's pkgs.k8s.io repository (each minor has its own; an upgrade moves to the next),
+    trusting only the signing key with the pinned fingerprint. Run under umask 022: apt reads the keyring as
+    the `_apt` user."""
     repository = kubernetes_repository(kubernetes)
-    apt_version = kubernetes_apt_version(kubernetes)
     return (
-        f"# {_spoken_list(packages)} {kubernetes.version} from the v{kubernetes.minor} repository, held there.",
         command("install", "-d", "-m", "0755", "/etc/apt/keyrings"),
         *download_signing_key(CURL, repository + "Release.key", _DOWNLOADED_KEY, KUBERNETES_KEY_FINGERPRINT),
         command("gpg", "--batch", "--yes", "--dearmor", "--output", KUBERNETES_KEYRING + ".tmp", _DOWNLOADED_KEY),
         command("chmod", "0644", KUBERNETES_KEYRING + ".tmp"),
         command("mv", "-f", KUBERNETES_KEYRING + ".tmp", KUBERNETES_KEYRING),
         *write_file(KUBERNETES_SOURCES, f"deb [signed-by={KUBERNETES_KEYRING}] {repository} /\n"),
+    )
+
+
+def _pinned_kubernetes_packages(kubernetes: KubernetesConfig, packages: tuple[str, ...]) -> tuple[str, ...]:
+    apt_version = kubernetes_apt_version(kubernetes)
+    return (
+        f"# {_spoken_list(packages)} {kubernetes.version} from the v{kubernetes.minor} repository, held there.",
+        *use_kubernetes_repository(kubernetes),
         logged(LOG_NAME, *APT_GET, "update"),
         # --allow-change-held-packages: a re-run finds the packages already held.
         logged(

@@ -57,6 +57,8 @@ from components.lifecycle import (
     uncordon_script,
     upgrade_node_script,
 )
+from components.node_prep import CURL as NODE_PREP_CURL
+from components.node_prep import KUBERNETES_KEY_FINGERPRINT
 from components.scripts import BundleFile, Script, encode_bundle
 from tests.sandbox import RECORD_ONLY, Sandbox, Stub, unavailable
 
@@ -73,8 +75,19 @@ PODS = "default  web-7d4b9c-x2x9q  1/1  Running  0  5m  10.244.1.5  dev-worker-2
 
 K = ["kubectl", "--kubeconfig", ADMIN_KUBECONFIG]
 APT = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "-o", "Dpkg::Options::=--force-confold", "--quiet", "--yes"]
-CURL = ["curl", "--fail", "--silent", "--show-error", "--location", "--max-time", "60", "--retry", "5"]
-GPG = ["gpg", "--batch", "--yes", "--dearmor", "--output", KUBERNETES_KEYRING]
+DOWNLOADED_KEY = "/var/lib/kubeadm-ha/kubernetes-release.key"
+
+
+def key_calls(repository: str) -> list[list[str]]:
+    """Fetch the Release.key, check its fingerprint, dearmor it: as node preparation does."""
+    partial = DOWNLOADED_KEY + ".download"
+    return [
+        [*NODE_PREP_CURL, "--output", partial, f"{repository}Release.key"],
+        ["gpg", "--batch", "--no-default-keyring", "--with-colons", "--show-keys", partial],
+        ["gpg", "--batch", "--yes", "--dearmor", "--output", KUBERNETES_KEYRING + ".tmp", DOWNLOADED_KEY],
+    ]
+
+
 INSTALL = [*APT, "install", "--allow-downgrades", "--allow-change-held-packages"]
 VERSION_OF = "--showformat=${Version}"
 KUBEADM_INSTALLED = ["dpkg-query", "--show", "--showformat=${db:Status-Status}", "kubeadm"]
@@ -317,13 +330,19 @@ done
 
 _CURL = r"""
 has --fail "$@" || exit 2
-printf 'KEY for %s\n' "${*: -1}"
+printf 'KEY for %s\n' "${*: -1}" >"$(opt --output "$@")"
 """
 
+# `--show-keys` lists the served key as the real Release.key: the pinned primary key and a subkey.
 _GPG = r"""
+if has --show-keys "$@"; then
+  printf 'pub:-:2048:1:234654DA9A296436:1:::-:::scESC::::::23::0:\nfpr:::::::::%s:\n' "$PINNED_KEY"
+  printf 'sub:-:2048:1:AAAAAAAAAAAAAAAA:1:::::e::::::23:\nfpr:::::::::0123456789ABCDEF0123456789ABCDEF01234567:\n'
+  exit 0
+fi
 has --dearmor "$@" || exit 2
-{ printf 'dearmored '; cat; } >"$(opt --output "$@")"
-"""
+{ printf 'dearmored '; cat "${@: -1}"; } >"$(opt --output "$@")"
+""".replace("$PINNED_KEY", KUBERNETES_KEY_FINGERPRINT)
 
 _SYSTEMCTL = r"""
 case "$*" in
@@ -368,7 +387,7 @@ STUBS: dict[str, str | Stub] = {
     "apt-get": _APT_GET,
     "apt-mark": _APT_MARK,
     "curl": _CURL,
-    "gpg": Stub(_GPG, reads_stdin=True),
+    "gpg": _GPG,
     "systemctl": _SYSTEMCTL,
 }
 
@@ -435,8 +454,7 @@ def test_packages_install_the_pinned_version_from_the_minor_repository_then_do_n
     pinned = ["kubelet=1.34.2-1.1", "kubeadm=1.34.2-1.1", "kubectl=1.34.2-1.1"]
     assert calls == [
         KUBEADM_INSTALLED,
-        [*CURL, f"{repository}Release.key"],
-        GPG,
+        *key_calls(repository),
         [*APT, "update"],
         ["apt-mark", "unhold", "kubelet", "kubeadm", "kubectl"],
         [*INSTALL, *pinned],
@@ -849,8 +867,7 @@ def test_upgrade_installs_kubeadm_upgrades_then_installs_kubelet(sandbox: Sandbo
     repository = "https://pkgs.k8s.io/core:/stable:/v1.35/deb/"
     assert calls == [
         ["dpkg-query", "--show", VERSION_OF, "kubelet"],
-        [*CURL, f"{repository}Release.key"],
-        GPG,
+        *key_calls(repository),
         [*APT, "update"],
         ["apt-mark", "unhold", "kubeadm"],
         [*INSTALL, "kubeadm=1.35.0-1.1"],
