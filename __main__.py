@@ -3,6 +3,7 @@
 import pulumi
 
 from components.backup import ETCD_BACKUPS_OUTPUT, HOST_KEYS_OUTPUT
+from components.certificates import CERTIFICATE_RENEWALS_OUTPUT, CERTIFICATES_EXPIRE_OUTPUT
 from components.cluster import build_cluster
 from components.config import load_stack_config
 from components.previous import (
@@ -45,6 +46,9 @@ pulumi.export(DEPLOYMENT_ID_OUTPUT, cluster.deployment_id)
 # For the operator tools (tools/etcd_backup.py, tools/etcd_restore.py, tools/drill.py): pinned host keys, snapshots.
 pulumi.export(HOST_KEYS_OUTPUT, cluster.host_keys)
 pulumi.export(ETCD_BACKUPS_OUTPUT, cluster.etcd_backups)
+# Read back by the next run to decide which control planes' certificates are due (components/certificates.py).
+pulumi.export(CERTIFICATES_EXPIRE_OUTPUT, cluster.certificates_expire)
+pulumi.export(CERTIFICATE_RENEWALS_OUTPUT, cluster.certificate_renewals)
 if cluster.etcd_initial_members is not None:
     # Which members bootstrapped the external etcd cluster (forever), and which are planned now.
     pulumi.export(ETCD_INITIAL_MEMBERS_OUTPUT, list(cluster.etcd_initial_members))

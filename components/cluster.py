@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import pulumi
 
 from components.addressing import AddressPlan, plan_addresses
 from components.backup import BackupTarget, EtcdBackups, EtcdBackupsArgs, backup_locations
+from components.certificates import (
+    CertificateRenewal,
+    CertificateRenewalArgs,
+    RenewalTarget,
+    certificate_expiries,
+    plan_renewals,
+)
 from components.config import ClusterConfig
 from components.control_plane import ControlPlaneNode, ControlPlaneNodeArgs
 from components.etcd import EtcdCluster, EtcdClusterArgs, EtcdClusterSpec, plan_membership
@@ -43,6 +51,9 @@ class ClusterOutputs:
     host_keys: dict[str, pulumi.Output[str]] | None = None
     # Where each etcd member keeps its snapshots (components/backup.py).
     etcd_backups: dict[str, object] | None = None
+    # hostname -> earliest certificate expiry, and each control plane's renewal generation (components/certificates.py).
+    certificates_expire: pulumi.Output[dict[str, str | None]] | None = None
+    certificate_renewals: dict[str, int] | None = None
 
 
 def cluster_shape(config: ClusterConfig, plan: AddressPlan, etcd: EtcdClusterSpec | None = None) -> ClusterShape:
@@ -74,7 +85,12 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
     # 1. Keys and certificates, generated once and shared by every control plane (and the etcd members').
     pki = ClusterPki(
         "pki",
-        ClusterPkiArgs(config.cluster_name, [node.hostname for node in plan.nodes], etcd_members=plan.etcd_members),
+        ClusterPkiArgs(
+            config.cluster_name,
+            [node.hostname for node in plan.nodes],
+            etcd_members=plan.etcd_members,
+            early_renewal_hours=config.certificates.renew_before_days * 24,
+        ),
     )
     # 2. Per hypervisor: the NAT network (nat mode) and the base image; volume names carry this deployment's id.
     deployment = deployment_id(last_deployment, parent=pki)
@@ -133,6 +149,23 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         by_name = {node.hostname: node for node in plan.etcd_members}
         targets = [BackupTarget(by_name[name], etcd.vms[name], step) for name, step in etcd.members.items()]
     backups = EtcdBackups("etcd-backup", EtcdBackupsArgs(context, targets))
+    # 11. kubeadm's certificates on every control plane, one node at a time, renewed within renewBeforeDays.
+    renewals = plan_renewals(
+        [cp.node.hostname for cp in control_planes],
+        last_deployment.outputs,
+        config.certificates.renew_before_days,
+        datetime.date.today(),
+    )
+    renewal = CertificateRenewal(
+        "certificates",
+        CertificateRenewalArgs(
+            context,
+            [RenewalTarget(cp.node, cp.vm, cp.membership or cp.kubeadm) for cp in control_planes],
+            renewals,
+            stacked_etcd=etcd_spec is None,
+            after=[upgrade] if upgrade is not None else [],
+        ),
+    )
 
     # The last step of every chain: each other step is upstream of one of them.
     last_steps: list[pulumi.CustomResource] = [*load_balancer.configured, *bootstrapped]
@@ -141,6 +174,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
     if etcd_spec is not None:
         last_steps.append(etcd.ready)
     last_steps += backups.installed.values()
+    last_steps += renewal.steps.values()
     kubernetes_version = (
         upgrade.completed_version if upgrade is not None else pulumi.Output.from_input(config.kubernetes.version)
     )
@@ -182,6 +216,8 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         deployment_id=deployment,
         host_keys={node.hostname: pki.host_public_key(node.hostname) for node in plan.nodes},
         etcd_backups=backup_locations(config, [target.node.hostname for target in targets]),
+        certificates_expire=certificate_expiries(renewal, pki),
+        certificate_renewals={host: plan.generation for host, plan in renewals.items()},
     )
 
 

@@ -200,6 +200,9 @@ class ClusterPkiArgs:
     hostnames: Sequence[str]
     # External etcd members; empty with stacked etcd, where kubeadm makes the etcd certificates on each node.
     etcd_members: Sequence[NodePlan] = ()
+    # `certificates.renewBeforeDays`: pulumi-tls re-issues a leaf certificate on the first `pulumi up` this close
+    # to its expiry (components/certificates.py).
+    early_renewal_hours: int = LEAF_EARLY_RENEWAL_HOURS
 
 
 class ClusterPki(pulumi.ComponentResource):
@@ -208,6 +211,7 @@ class ClusterPki(pulumi.ComponentResource):
     def __init__(self, name: str, args: ClusterPkiArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("kubeadm-ha:index:ClusterPki", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
+        self.early_renewal_hours = args.early_renewal_hours
         self.cas = {purpose.name: self._ca(purpose, args.cluster_name, child) for purpose in SHARED_CAS}
         self.cluster_ca = self.cas[CLUSTER_CA.name]
 
@@ -225,7 +229,7 @@ class ClusterPki(pulumi.ComponentResource):
             ca_private_key_pem=self.cluster_ca.key.private_key_pem,
             ca_cert_pem=self.cluster_ca.cert.cert_pem,
             validity_period_hours=CLIENT_VALIDITY_HOURS,
-            early_renewal_hours=CLIENT_EARLY_RENEWAL_HOURS,
+            early_renewal_hours=args.early_renewal_hours,
             allowed_uses=["digital_signature", "key_encipherment", "client_auth"],
             opts=child,
         )
@@ -300,7 +304,7 @@ class ClusterPki(pulumi.ComponentResource):
             ca_private_key_pem=ca.key.private_key_pem,
             ca_cert_pem=ca.cert.cert_pem,
             validity_period_hours=LEAF_VALIDITY_HOURS,
-            early_renewal_hours=LEAF_EARLY_RENEWAL_HOURS,
+            early_renewal_hours=self.early_renewal_hours,
             allowed_uses=purpose.allowed_uses,
             opts=child,
         )

@@ -111,6 +111,7 @@ def test_every_child_has_a_component_parent(stack: str) -> None:
         "kubeadm-ha:index:LoadBalancer",
         "kubeadm-ha:index:EtcdCluster",
         "kubeadm-ha:index:EtcdBackups",
+        "kubeadm-ha:index:CertificateRenewal",
         "kubeadm-ha:index:ControlPlaneNode",
         "kubeadm-ha:index:WorkerPool",
     }

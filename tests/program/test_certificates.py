@@ -1,0 +1,142 @@
+"""Certificate renewal as the program plans it, run by run (components/certificates.py).
+
+Each "run" is an offline evaluation whose previous outputs are what the run before exported, with the
+expiries the nodes would have printed. Proven: nothing is re-run while every recorded expiry is outside
+`certificates.renewBeforeDays`; the control planes whose certificates are due get a new renewal generation
+(their step runs again) and no others; the steps are chained, one control plane after another; the run after
+a renewal is a no-op (every step input byte-identical); pulumi-tls re-issues within the same window; the
+exported expiries of external etcd members are their certificates' own end times.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from components.certificates import (
+    CERTIFICATE_RENEWALS_OUTPUT,
+    CERTIFICATES_EXPIRE_OUTPUT,
+    earliest,
+    parse_expiry,
+    plan_renewals,
+    renewal_script,
+)
+from tests.stacks import evaluated
+from tools.offline import Evaluation, evaluate, load_stack_config
+
+REPO = Path(__file__).resolve().parents[2]
+TODAY = datetime.date.today()
+CPS = ("dev-cp-1", "dev-cp-2", "dev-cp-3")
+
+
+def _in(days: int) -> str:
+    return f"{TODAY + datetime.timedelta(days=days)}T12:00:00Z"
+
+
+def _outputs(ev: Evaluation) -> dict[str, Any]:
+    return {key: output.value for key, output in ev.outputs.items()}
+
+
+def _run(previous: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> Evaluation:
+    return evaluate("dev", project_dir=REPO, previous_outputs=previous, config=config)
+
+
+def _after(ev: Evaluation, expires: Mapping[str, str]) -> dict[str, Any]:
+    """What the next run reads back: this run's outputs, with the expiries its steps printed."""
+    return {**_outputs(ev), CERTIFICATES_EXPIRE_OUTPUT: dict(expires)}
+
+
+def _trigger(ev: Evaluation, host: str) -> str:
+    (trigger,) = ev.named(f"{host}-certificates").inputs["triggers"]
+    return str(trigger)
+
+
+def _steps(ev: Evaluation) -> dict[str, Any]:
+    return {r.name: r.inputs for r in ev.resources if r.name.endswith("-certificates")}
+
+
+def test_the_decision_raises_a_generation_only_inside_the_window() -> None:
+    previous = {
+        CERTIFICATES_EXPIRE_OUTPUT: {"a": "2027-03-02T00:00:00Z", "b": "2027-06-01T00:00:00Z", "c": None},
+        CERTIFICATE_RENEWALS_OUTPUT: {"a": 2, "b": 0},
+    }
+    plans = plan_renewals(["a", "b", "c", "d"], previous, 60, datetime.date(2027, 1, 1))
+    assert {host: (plan.generation, plan.due) for host, plan in plans.items()} == {
+        "a": (2, False),  # 60 days left on 2027-01-01: not yet inside a 60-day window
+        "b": (0, False),
+        "c": (0, False),  # nothing recorded: its step checks when it is created
+        "d": (0, False),
+    }
+    plans = plan_renewals(["a", "b"], previous, 60, datetime.date(2027, 1, 2))
+    assert plans["a"].generation == 3 and plans["a"].due and not plans["b"].due
+
+
+def test_the_step_prints_the_expiry_the_next_run_reads() -> None:
+    assert parse_expiry("kubeadm-ha: x\ncertificates-expire: 2027-12-02T10:00:00Z\ndone\n") == "2027-12-02T10:00:00Z"
+    assert parse_expiry("certificates-expire: nonsense") is None
+    assert earliest(["2027-12-02T10:00:00Z", None, "2027-11-30T09:00:00+00:00"]) == "2027-11-30T09:00:00Z"
+    script = renewal_script("dev-cp-1", 60, stacked_etcd=True).render()
+    assert "certificates_fresh" in script.split("kubeadm certs renew", 1)[0]  # the guard checks first
+    assert "/etc/kubernetes/pki/etcd/server.crt" in script
+    assert "/etc/kubernetes/pki/etcd/server.crt" not in renewal_script("prod-cp-1", 60, stacked_etcd=False).render()
+
+
+def test_renewal_runs_only_when_due_one_control_plane_at_a_time_then_nothing() -> None:
+    first = evaluated("dev")
+    # Run 2: nothing is due (a year left everywhere): every step input is as in run 1.
+    quiet = _run(_after(first, dict.fromkeys(CPS, _in(365))))
+    assert _steps(quiet) == _steps(first)
+    assert quiet.outputs[CERTIFICATE_RENEWALS_OUTPUT].value == dict.fromkeys(CPS, 0)
+
+    # Run 3: cp-1 and cp-3 expire within 60 days, cp-2 does not: only theirs run again.
+    due = _run(_after(quiet, {"dev-cp-1": _in(59), "dev-cp-2": _in(200), "dev-cp-3": _in(10)}))
+    assert due.outputs[CERTIFICATE_RENEWALS_OUTPUT].value == {"dev-cp-1": 1, "dev-cp-2": 0, "dev-cp-3": 1}
+    changed = {host for host in CPS if _trigger(due, host) != _trigger(quiet, host)}
+    assert changed == {"dev-cp-1", "dev-cp-3"}
+    assert _trigger(due, "dev-cp-1").endswith("/renewal-1")
+    # Serial: each control plane's step waits for the one before it (and for that node's own join).
+    assert due.depends_on("dev-cp-2-certificates", "dev-cp-1-certificates")
+    assert due.depends_on("dev-cp-3-certificates", "dev-cp-2-certificates")
+    assert not due.depends_on("dev-cp-1-certificates", "dev-cp-2-certificates")
+    assert due.depends_on("dev-cp-3-certificates", "dev-cp-3-kubeadm-join")
+
+    # Run 4: the renewed nodes printed a new expiry a year out; the generation stays, nothing changes.
+    renewed = _run(_after(due, {"dev-cp-1": _in(365), "dev-cp-2": _in(200), "dev-cp-3": _in(365)}))
+    assert _steps(renewed) == _steps(due)
+    assert renewed.outputs[CERTIFICATE_RENEWALS_OUTPUT].value == {"dev-cp-1": 1, "dev-cp-2": 0, "dev-cp-3": 1}
+
+
+def test_the_window_is_the_stack_setting_and_pulumi_tls_uses_it_too() -> None:
+    config = load_stack_config(REPO, "dev")
+    config["kubeadm-ha:certificates"] = {"renewBeforeDays": 90}
+    first = _run({}, config)
+    due = _run(_after(first, {"dev-cp-1": _in(80), "dev-cp-2": _in(100), "dev-cp-3": _in(100)}), config)
+    assert due.outputs[CERTIFICATE_RENEWALS_OUTPUT].value == {"dev-cp-1": 1, "dev-cp-2": 0, "dev-cp-3": 0}
+    assert first.named("admin-client-cert").inputs["earlyRenewalHours"] == 90 * 24
+    assert evaluated("prod").named("prod-etcd-1-etcd-server-cert").inputs["earlyRenewalHours"] == 60 * 24
+
+
+def test_external_etcd_members_report_their_own_certificates_end() -> None:
+    ev = evaluated("prod")
+    expires = ev.outputs[CERTIFICATES_EXPIRE_OUTPUT].value
+    for host in ("prod-etcd-1", "prod-etcd-2", "prod-etcd-3"):
+        ends = [ev.named(f"{host}-etcd-{kind}-cert").outputs["validityEndTime"] for kind in ("server", "peer")] + [
+            ev.named("etcd-healthcheck-client-cert").outputs["validityEndTime"]
+        ]
+        assert expires[host] == earliest(ends)
+    # Control planes have a certificates step; the etcd VMs do not (pulumi-tls renews theirs).
+    assert {r.name for r in ev.resources if r.name.endswith("-certificates")} == {
+        f"prod-cp-{index}-certificates" for index in (1, 2, 3)
+    }
+
+
+@pytest.mark.parametrize("days", [6, 301])
+def test_a_window_outside_the_certificates_life_is_refused(days: int) -> None:
+    from components.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"certificates\.renewBeforeDays"):
+        parse_config({"network": {"cidr": "10.17.9.0/24"}, "certificates": {"renewBeforeDays": days}}, stack="dev")
