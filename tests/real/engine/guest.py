@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+from components.remote import PER_DIAL_TIMEOUT_SECONDS, STEP_DIAL_ERROR_LIMIT
 from tests.real.engine.libvirtd import Libvirtd
 from tools.offline import Evaluation
 
 BOOT_TIMEOUT_SECONDS = 900
-SSH_CONNECT_TIMEOUT_SECONDS = 5
+# As the program's steps dial (components/remote.py): 10 s per dial, up to 10 failed dials per step.
+SSH_CONNECT_TIMEOUT_SECONDS = PER_DIAL_TIMEOUT_SECONDS
+DIAL_ATTEMPTS = STEP_DIAL_ERROR_LIMIT
 
 
 @dataclass(frozen=True)
@@ -147,23 +150,32 @@ class Ssh:
             f"{self.node.user}@{self.node.address}",
         ]
 
-    def run(self, command: str, *, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        # pulumi-command hands the command string to the remote shell as is; so does ssh.
-        return subprocess.run(
-            [*self.argv(), command],
-            input=stdin if stdin is not None else "",
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+    def run(
+        self, command: str, *, stdin: str | None = None, timeout: float = 120, attempts: int = DIAL_ATTEMPTS
+    ) -> subprocess.CompletedProcess[str]:
+        """pulumi-command hands the command string to the remote shell as is; so does ssh. Failed dials
+        (exit 255 before the session: a timeout or a refused connection) are retried like its dials."""
+        for _ in range(attempts):
+            done = subprocess.run(
+                [*self.argv(), command],
+                input=stdin if stdin is not None else "",
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+            dial_failed = done.returncode == 255 and ("timed out" in done.stderr or "refused" in done.stderr)
+            if not dial_failed:
+                return done
+            time.sleep(2)
+        return done
 
     def wait_until_up(self, timeout: float = BOOT_TIMEOUT_SECONDS) -> float:
         started = time.monotonic()
         last = ""
         while time.monotonic() - started < timeout:
             try:
-                done = self.run("true", timeout=30)
+                done = self.run("true", timeout=30, attempts=1)
             except subprocess.TimeoutExpired:
                 continue
             if done.returncode == 0:
