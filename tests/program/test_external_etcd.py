@@ -116,7 +116,12 @@ def test_prod_has_three_etcd_member_vms() -> None:
     assert sorted(vm.name for vm in vms) == MEMBERS
     nodes = ev.outputs["nodes"].value
     assert {name: nodes[name] for name in MEMBERS} == {
-        name: {"address": ADDRESSES[name], "mac": mac_for(ipaddress.IPv4Address(ADDRESSES[name])), "role": "etcd"}
+        name: {
+            "address": ADDRESSES[name],
+            "mac": mac_for(ipaddress.IPv4Address(ADDRESSES[name])),
+            "role": "etcd",
+            "hypervisor": "local",
+        }
         for name in MEMBERS
     }
     # Sized from etcd.cpus/memoryMiB, not from the control planes.
