@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ from components.cloudinit import (
     NODE_INTERFACE,
     PREPARATION_PATH,
     NodeIdentity,
+    StaticAddress,
     node_identity,
     render_meta_data,
     render_network_config,
@@ -148,6 +150,37 @@ def test_network_config_matches_the_mac_and_names_eth0():
     assert eth0["dhcp4"] is True
     assert eth0["dhcp6"] is False
     assert "addresses" not in eth0  # the address comes from the libvirt DHCP reservation
+
+
+def test_a_bridged_node_gets_its_static_address_route_and_name_servers():
+    static = StaticAddress(
+        ipaddress.IPv4Interface("10.40.0.31/24"),
+        ipaddress.IPv4Address("10.40.0.1"),
+        (ipaddress.IPv4Address("10.40.0.2"), ipaddress.IPv4Address("9.9.9.9")),
+    )
+    eth0 = yaml.safe_load(render_network_config("52:54:00:28:00:1f", static))["network"]["ethernets"]["eth0"]
+    assert eth0 == {
+        "match": {"macaddress": "52:54:00:28:00:1f"},
+        "set-name": "eth0",
+        "dhcp4": False,
+        "dhcp6": False,
+        "addresses": ["10.40.0.31/24"],
+        "routes": [{"to": "0.0.0.0/0", "via": "10.40.0.1"}],
+        "nameservers": {"addresses": ["10.40.0.2", "9.9.9.9"]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("gateway", "dns", "message"),
+    [("10.41.0.1", ("10.40.0.2",), "gateway"), ("10.40.0.31", ("10.40.0.2",), "gateway"), ("10.40.0.1", (), "name")],
+)
+def test_a_static_address_without_a_reachable_gateway_or_dns_is_refused(gateway, dns, message):
+    with pytest.raises(ValueError, match=message):
+        StaticAddress(
+            ipaddress.IPv4Interface("10.40.0.31/24"),
+            ipaddress.IPv4Address(gateway),
+            tuple(ipaddress.IPv4Address(server) for server in dns),
+        )
 
 
 @pytest.mark.parametrize(
