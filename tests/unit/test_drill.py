@@ -1,0 +1,154 @@
+"""tools.drill's decisions against a simulated cluster: what it stops, in which order, and what it refuses.
+
+The real failovers are measured in tests/real/test_drill_live.py; here a model cluster answers instantly:
+stopping a control plane moves its leases and (stacked) etcd leadership to the next node, stopping the VIP
+holder moves the VIP.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tools.access import ToolError
+from tools.drill import drill, holder_host, quorum_refusal, write_configmap
+
+
+class Model:
+    def __init__(self, *, stacked: bool = True, cps: int = 3, lbs: int = 2, unhealthy: set[str] | None = None) -> None:
+        self.cps = [f"dev-cp-{index}" for index in range(1, cps + 1)]
+        self.lbs = [f"dev-lb-{index}" for index in range(1, lbs + 1)]
+        self.stacked = stacked
+        self.down: set[str] = set(unhealthy or ())
+        self.leader: str | None = self.cps[0]
+        self.leases: dict[str, str | None] = {
+            "kube-scheduler": self.cps[1 % cps],
+            "kube-controller-manager": self.cps[0],
+        }
+        self.vip = self.lbs[0] if lbs > 1 else None
+        self.lb_down: set[str] = set()
+        self.calls: list[str] = []
+
+    def _next_up(self, excluded: str) -> str | None:
+        return next((cp for cp in self.cps if cp != excluded and cp not in self.down), None)
+
+    def control_planes(self) -> list[str]:
+        return self.cps
+
+    def load_balancers(self) -> list[str]:
+        return self.lbs
+
+    def etcd_members(self) -> list[str]:
+        return self.cps if self.stacked else ["dev-etcd-1", "dev-etcd-2", "dev-etcd-3"]
+
+    def stacked_etcd(self) -> bool:
+        return self.stacked
+
+    def etcd_leader(self) -> str | None:
+        return self.leader
+
+    def etcd_healthy(self) -> set[str]:
+        return set(self.etcd_members()) - self.down
+
+    def lease_holder(self, lease: str) -> str | None:
+        return self.leases[lease]
+
+    def api_ready(self) -> bool:
+        return len(self.down) < len(self.cps)
+
+    def api_write(self, value: str) -> bool:
+        self.calls.append("write")
+        return self.api_ready()
+
+    def stop_control_plane(self, host: str) -> None:
+        self.calls.append(f"stop {host}")
+        self.down.add(host)
+        if self.stacked and self.leader == host:
+            self.leader = self._next_up(host)
+        for lease, holder in self.leases.items():
+            if holder == host:
+                self.leases[lease] = self._next_up(host)
+
+    def start_control_plane(self, host: str) -> None:
+        self.calls.append(f"start {host}")
+        self.down.discard(host)
+
+    def control_plane_ready(self, host: str) -> bool:
+        return host not in self.down
+
+    def vip_holder(self) -> str | None:
+        return self.vip
+
+    def stop_load_balancer(self, host: str) -> None:
+        self.calls.append(f"stop {host}")
+        self.lb_down.add(host)
+        self.vip = next(lb for lb in self.lbs if lb not in self.lb_down)
+
+    def start_load_balancer(self, host: str) -> None:
+        self.calls.append(f"start {host}")
+        self.lb_down.discard(host)
+
+
+def test_a_dry_run_stops_nothing() -> None:
+    model = Model()
+    report = drill(model, yes=False)
+    assert model.calls == [] and report.rows == []
+
+
+def test_the_drill_stops_the_lease_holder_then_the_vip_holder_and_everything_holds() -> None:
+    model = Model()
+    report = drill(model, yes=True)
+    assert [call for call in model.calls if call != "write"] == [
+        "stop dev-cp-1",
+        "start dev-cp-1",
+        "stop dev-lb-1",
+        "start dev-lb-1",
+    ]
+    assert report.passed
+    rows = {row.check: row for row in report.rows}
+    assert rows["etcd leader re-elected"].after == "dev-cp-2"
+    assert rows["kube-controller-manager lease moved"].after == "dev-cp-2"
+    assert rows["kube-scheduler lease kept"].after == "dev-cp-2"
+    assert rows["VIP moved"].after == "dev-lb-2"
+    table = report.table()
+    assert "recovery (s)" in table and "NO" not in table
+
+
+def test_one_load_balancer_owns_the_vip_and_is_not_stopped() -> None:
+    model = Model(lbs=1)
+    drill(model, yes=True)
+    assert not any("lb" in call for call in model.calls)
+
+
+@pytest.mark.parametrize(("cps", "unhealthy"), [(1, set()), (3, {"dev-cp-2"}), (5, {"dev-cp-4", "dev-cp-5"})])
+def test_a_stop_that_loses_quorum_is_refused_unless_allowed(
+    cps: int, unhealthy: set[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = Model(cps=cps, unhealthy=unhealthy)
+    assert quorum_refusal(model, "dev-cp-1") is not None
+    with pytest.raises(ToolError, match="allow-quorum-loss"):
+        drill(model, yes=True)
+    assert model.calls == []
+    # Allowed: it goes ahead, and reports what did not hold (waits cut short: the model never recovers).
+    for bound in ("API_BOUND", "LEADER_BOUND", "LEASE_BOUND", "RECOVERY_BOUND", "VIP_BOUND"):
+        monkeypatch.setattr(f"tools.drill.{bound}", 0.2)
+    allowed = Model(cps=cps, unhealthy=unhealthy)
+    report = drill(allowed, yes=True, allow_quorum_loss=True)
+    assert allowed.calls[0] == "stop dev-cp-1" and not report.passed
+
+
+def test_external_etcd_is_never_a_quorum_concern_for_a_control_plane() -> None:
+    model = Model(stacked=False, cps=1)
+    assert quorum_refusal(model, "dev-cp-1") is None
+
+
+def test_lease_identities_and_the_write() -> None:
+    assert holder_host({"spec": {"holderIdentity": "dev-cp-2_6f1c"}}, ["dev-cp-1", "dev-cp-2"]) == "dev-cp-2"
+    assert holder_host({"spec": {}}, ["dev-cp-1"]) is None
+    seen: list[tuple[str, str]] = []
+
+    def request(method: str, path: str, body: object) -> tuple[int, object]:
+        seen.append((method, path))
+        return (404, None) if method == "PUT" else (201, None)
+
+    assert write_configmap(request, "x")
+    assert [method for method, _ in seen] == ["PUT", "POST"]
