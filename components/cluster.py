@@ -160,10 +160,10 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         "certificates",
         CertificateRenewalArgs(
             context,
-            [RenewalTarget(cp.node, cp.vm, cp.membership or cp.kubeadm) for cp in control_planes],
+            [RenewalTarget(cp.node, cp.vm, cp.kubeadm) for cp in control_planes],
             renewals,
             stacked_etcd=etcd_spec is None,
-            after=[upgrade] if upgrade is not None else [],
+            after=[*bootstrapped, *([upgrade] if upgrade is not None else [])],
         ),
     )
 
