@@ -5,24 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from components.scripts import STATE_DIR, Script, command, download_verified, logged, quote
+from components.scripts import STATE_DIR, Script, command, download_verified, https_fetch, logged, quote
 
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
-_CURL = (
-    "curl",
-    "--fail",
-    "--silent",
-    "--show-error",
-    "--location",
-    "--proto",
-    "=https",
-    "--max-time",
-    "120",
-    "--retry",
-    "5",
-    "--retry-delay",
-    "5",
-)
+# A manifest is larger than a key: a longer bound per attempt.
+_CURL = https_fetch(120)
 
 
 @dataclass(frozen=True)

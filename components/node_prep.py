@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from components import yamldoc
 from components.kubeadm import CRI_SOCKET, KUBELET_API
-from components.scripts import Script, command, download_signing_key, logged, quote, write_file
+from components.scripts import Script, command, download_signing_key, https_fetch, logged, quote, write_file
 
 if TYPE_CHECKING:
     from components.addressing import Role
@@ -93,25 +93,7 @@ APT_GET = (
     "--yes",
     "--quiet",
 )
-# Every fetch is bounded: per attempt (connect and total) and in the number of attempts.
-CURL = (
-    "curl",
-    "--fail",
-    "--silent",
-    "--show-error",
-    "--location",
-    "--proto",
-    "=https",
-    "--connect-timeout",
-    "15",
-    "--max-time",
-    "60",
-    "--retry",
-    "5",
-    "--retry-delay",
-    "5",
-    "--retry-all-errors",
-)
+CURL = https_fetch(60)
 
 
 def kubernetes_repository(kubernetes: KubernetesConfig) -> str:

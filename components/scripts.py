@@ -181,6 +181,28 @@ def remote_command(script: Script) -> str:
     return f"sudo --non-interactive bash -c {quote(script.render())} {quote('kubeadm-ha-' + script.step)}"
 
 
+def https_fetch(max_seconds: int) -> tuple[str, ...]:
+    """curl over HTTPS only, bounded per attempt (connect and total) and in the number of attempts."""
+    return (
+        "curl",
+        "--fail",
+        "--silent",
+        "--show-error",
+        "--location",
+        "--proto",
+        "=https",
+        "--connect-timeout",
+        "15",
+        "--max-time",
+        str(max_seconds),
+        "--retry",
+        "5",
+        "--retry-delay",
+        "5",
+        "--retry-all-errors",
+    )
+
+
 def _refuse(message: str) -> str:
     """An `echo … >&2; exit 1` naming the host, for a check that failed before anything changed."""
     return f'echo "kubeadm-ha: on ${{KUBEADM_HA_HOST}}: "{quote(message)} >&2'

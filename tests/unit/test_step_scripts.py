@@ -723,8 +723,9 @@ def _cni(name: str, cidr: str, served: str) -> tuple[CniManifest, Script, str]:
 
 def _cni_calls(manifest: CniManifest, path: str) -> tuple[list[str], list[str], list[str]]:
     get = [*KUBECTL, "--namespace", manifest.namespace, "get", "daemonset", manifest.daemonset]
-    download = ["curl", "--fail", "--silent", "--show-error", "--location", "--proto", "=https", "--max-time", "120"]
-    download += ["--retry", "5", "--retry-delay", "5", "--output", path + ".download", manifest.url]
+    download = ["curl", "--fail", "--silent", "--show-error", "--location", "--proto", "=https"]
+    download += ["--connect-timeout", "15", "--max-time", "120", "--retry", "5", "--retry-delay", "5"]
+    download += ["--retry-all-errors", "--output", path + ".download", manifest.url]
     return get, download, [*KUBECTL, "apply", "--filename", path]
 
 
