@@ -211,8 +211,9 @@ class ControlPlaneLab:
                 ran = self.kubeadm(node, "init", "phase", *phase, "--config", INIT_CONFIG_PATH)
                 assert ran.returncode == 0, ran.output
 
-    def kubeadm(self, node: Node, *args: str, timeout: float = KUBEADM_BOUND) -> Ran:
-        return node.root.run([self.binaries["kubeadm"], *args], netns=node.namespace.name, timeout=timeout)
+    def kubeadm(self, node: Node, *args: str, timeout: float = KUBEADM_BOUND, env: dict[str, str] | None = None) -> Ran:
+        argv = [self.binaries["kubeadm"], *args]
+        return node.root.run(argv, netns=node.namespace.name, timeout=timeout, env=env)
 
     def manifest_command(self, node: Node, component: str) -> list[str]:
         pod = yaml.safe_load(node.root.read(f"{MANIFESTS}/{component}.yaml"))

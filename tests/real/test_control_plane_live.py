@@ -331,6 +331,33 @@ def test_discovery_refuses_a_wrong_hash_and_a_foreign_ca(cp_lab: ControlPlaneLab
         report(f"discovery with {tag} refused in {time.monotonic() - started:.1f}s")
 
 
+def test_control_plane_join_document_yields_the_manifests_the_lab_runs(cp_lab: ControlPlaneLab) -> None:
+    """`kubeadm join --dry-run` with cp-2's own JoinConfiguration: discovery through the VIP, then kubeadm derives
+    cp-2's static pods from the cluster's ClusterConfiguration; they are the ones the lab runs on cp-2."""
+    refresh(cp_lab)
+    hostname = cp_lab.plan.control_planes[1].hostname
+    node = cp_lab.nodes[hostname]
+    node.root.place({JOIN_CONFIG_PATH: (0o600, join_documents(cp_lab.evaluation, hostname))})
+    dry_run_dir = "/etc/kubernetes/tmp/kubeadm-ha-join-dry-run"
+    ran = cp_lab.kubeadm(
+        node,
+        "join",
+        "--dry-run",
+        "--config",
+        JOIN_CONFIG_PATH,
+        "--skip-phases=preflight",
+        "--v=1",
+        timeout=DISCOVERY_BOUND,
+        env={"KUBEADM_JOIN_DRYRUN_DIR": dry_run_dir},
+    )
+    (cp_lab.work / "join-control-plane.out").write_text(ran.output)
+    assert ran.returncode == 0, ran.output
+    assert "TLS certificate validates against pinned roots" in ran.output, ran.output
+    for component in ("kube-apiserver", "kube-controller-manager", "kube-scheduler"):
+        derived = yaml.safe_load(node.root.read(f"{dry_run_dir}/{component}.yaml"))["spec"]["containers"][0]
+        assert derived["command"] == cp_lab.manifest_command(node, component), component
+
+
 # ----------------------------------------------------------------------------- (5) LB failover
 
 
