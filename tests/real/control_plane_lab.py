@@ -26,6 +26,7 @@ import dataclasses
 import http.client
 import ipaddress
 import json
+import os
 import shutil
 import signal
 import ssl
@@ -42,7 +43,7 @@ from components.addressing import AddressPlan, NodePlan, plan_addresses
 from components.cluster import cluster_shape
 from components.config import ClusterConfig
 from components.etcd import STAGED_MANIFEST_PATH, EtcdClusterSpec, plan_membership
-from components.kubeadm import INIT_CONFIG_PATH, init_documents
+from components.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH, init_documents
 from components.pki import ETCD_CA, ETCD_HEALTHCHECK_CLIENT
 from components.previous import NEW_STACK
 from tests.integration.netns import Lab, Namespace, Process, poll_until, scratch_dir
@@ -187,14 +188,14 @@ class ControlPlaneLab:
     def etcd_healthy(self) -> bool:
         return self.etcdctl("endpoint", "health").returncode == 0
 
-    def prepare_control_planes(self) -> None:
+    def prepare_control_planes(self, *, only_first: bool = False) -> None:
         """PKI placed, then kubeadm's own phases write certificates, kubeconfigs and static-pod manifests."""
         init_yaml = step_files(self.evaluation, init_step(self.evaluation))[INIT_CONFIG_PATH][1]
         token = next(yaml.safe_load_all(init_yaml))["bootstrapTokens"][0]["token"]
         self.token = token
         shape = cluster_shape(self.config, self.plan, self.etcd_spec)
         shape = dataclasses.replace(shape, kubernetes_version=self.version)
-        for index, plan in enumerate(self.plan.control_planes):
+        for index, plan in enumerate(self.plan.control_planes[:1] if only_first else self.plan.control_planes):
             node = self.add_node(plan)
             node.root.place(step_files(self.evaluation, f"{plan.hostname}-place-pki"))
             documents = (
@@ -215,6 +216,74 @@ class ControlPlaneLab:
         argv = [self.binaries["kubeadm"], *args]
         return node.root.run(argv, netns=node.namespace.name, timeout=timeout, env=env)
 
+    def start_stacked_etcd(self, node: Node) -> Process:
+        """etcd from the manifest kubeadm wrote on `node` (stacked topology), as kubelet would start it."""
+        command = self.manifest_command(node, "etcd")
+        process = self.spawn(node, [self.binaries["etcd"], *command[1:]], "etcd")
+        node.processes["etcd"] = process
+        return process
+
+    def mirror_pod(self, node: Node, component: str) -> None:
+        """What kubelet posts for a static pod (its mirror pod): kubeadm finds the etcd members of a stacked
+        cluster by listing these (label component=etcd, annotation with the client URL)."""
+        pod = yaml.safe_load(node.root.read(f"{MANIFESTS}/{component}.yaml"))
+        metadata = pod["metadata"]
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"{component}-{node.name}",
+                "namespace": "kube-system",
+                "labels": metadata.get("labels", {}),
+                "annotations": metadata.get("annotations", {}),
+            },
+            "spec": {**pod["spec"], "nodeName": node.name},
+        }
+        response = self.request("POST", "/api/v1/namespaces/kube-system/pods", body=body)
+        assert response.status == 201, (response.status, response.body[:500])
+
+    def join_stacked_control_plane(self, plan: NodePlan, components: tuple[str, ...]) -> float:
+        """`kubeadm join` of a stacked control plane, phase by phase with the program's own JoinConfiguration and
+        placed PKI, this test playing kubelet: it starts etcd once kubeadm writes its manifest (kubeadm adds the
+        member, then waits for it), then the other static pods. Returns the seconds it took."""
+        started = time.monotonic()
+        node = self.add_node(plan)
+        node.root.place(step_files(self.evaluation, f"{plan.hostname}-place-pki"))
+        node.root.place(step_files(self.evaluation, f"{plan.hostname}-kubeadm-join"))
+        self.hold(node)
+        ran = self.kubeadm(node, "join", "phase", "control-plane-prepare", "all", "--config", JOIN_CONFIG_PATH)
+        assert ran.returncode == 0, ran.output
+        # kubeadm >= 1.35 has etcd's join as a phase of its own (it was control-plane-join etcd).
+        join_etcd = [self.binaries["kubeadm"], "join", "phase", "etcd-join", "--config", JOIN_CONFIG_PATH]
+        joining = subprocess.Popen(  # the real kubeadm, with the program's document; output masked below
+            ["ip", "netns", "exec", node.namespace.name, *node.root.wrap(join_etcd)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={"PATH": DEFAULT_PATH},
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + KUBEADM_BOUND
+            while not node.root.exists(f"{MANIFESTS}/etcd.yaml"):
+                if joining.poll() is not None:
+                    output, _ = joining.communicate(timeout=10)
+                    raise AssertionError(f"kubeadm ended before writing etcd's manifest:\n{mask(output)}")
+                assert time.monotonic() < deadline, f"no etcd manifest from kubeadm on {plan.hostname}"
+                time.sleep(0.2)
+            self.start_stacked_etcd(node)
+            output, _ = joining.communicate(timeout=KUBEADM_BOUND)
+        finally:
+            if joining.poll() is None:
+                os.killpg(joining.pid, signal.SIGKILL)
+                joining.wait(timeout=5)
+        assert joining.returncode == 0, mask(output)
+        self.mirror_pod(node, "etcd")
+        for component in components:
+            self.start_component(node, component)
+        self.wait_apiserver_ready(plan.hostname, timeout=APISERVER_BOUND)
+        return time.monotonic() - started
+
     def manifest_command(self, node: Node, component: str) -> list[str]:
         pod = yaml.safe_load(node.root.read(f"{MANIFESTS}/{component}.yaml"))
         command = pod["spec"]["containers"][0]["command"]
@@ -231,15 +300,15 @@ class ControlPlaneLab:
         env = {"PATH": DEFAULT_PATH}
         return self.lab.spawn(node.namespace, node.root.wrap(argv), name=f"{what}-{node.name}", env=env)
 
-    def start_control_planes(self, components: tuple[str, ...]) -> None:
+    def start_control_planes(self, components: tuple[str, ...], *, only: list[str] | None = None) -> None:
         started = time.monotonic()
-        for plan in self.plan.control_planes:
-            node = self.nodes[plan.hostname]
+        names = only or [plan.hostname for plan in self.plan.control_planes]
+        for name in names:
             for component in components:
-                self.start_component(node, component)
-        for plan in self.plan.control_planes:
-            self.wait_apiserver_ready(plan.hostname, timeout=APISERVER_BOUND)
-        report(f"{len(self.plan.control_planes)} kube-apiservers ready {time.monotonic() - started:.1f}s after start")
+                self.start_component(self.nodes[name], component)
+        for name in names:
+            self.wait_apiserver_ready(name, timeout=APISERVER_BOUND)
+        report(f"{len(names)} kube-apiserver(s) ready {time.monotonic() - started:.1f}s after start")
 
     def start_load_balancers(self) -> None:
         for plan in self.plan.load_balancers:
