@@ -267,13 +267,16 @@ def test_three_token_refreshes_at_once(cp_lab: ControlPlaneLab) -> None:
     for worker in (1, 2, 3):
         admin, script, stdin = token_step(cp_lab, worker)
         runs.append((worker, cp_lab.spawn_step(cp_lab.nodes[admin], script, stdin, f"token-{worker}")))
-    failures = []
+    failures, outputs = [], []
     for worker, process in runs:
         code = process.wait(timeout=SCRIPT_BOUND)
+        output = mask((cp_lab.work / f"token-{worker}.out").read_text())
+        outputs.append(output.strip().splitlines()[-1:] or ["(no output)"])
         if code != 0:
-            failures.append(f"worker-{worker}: exit {code}\n{mask((cp_lab.work / f'token-{worker}.out').read_text())}")
+            failures.append(f"worker-{worker}: exit {code}\n{output}")
     assert not failures, "\n".join(failures)
     assert_one_valid_token(cp_lab)
+    report("three token steps at once: " + " | ".join(line for lines in outputs for line in lines))
 
 
 # ----------------------------------------------------------------------------- (4) discovery
