@@ -40,7 +40,7 @@ import pulumi_command as command
 from components.kubeadm import CONFIG_DIR, PKI_DIR
 from components.node_prep import STATIC_POD_DIR
 from components.remote import run_step
-from components.scripts import Script, logged, quote
+from components.scripts import Script, logged, quote, write_file
 from components.scripts import command as shell
 
 if TYPE_CHECKING:
@@ -78,6 +78,7 @@ STATIC_PODS = (
     ("kube-scheduler", "https://127.0.0.1:10259/healthz"),
 )
 HELD_DIR = f"{CONFIG_DIR}/renewal-held"
+RENEW_CONFIG_PATH = f"{CONFIG_DIR}/renew.yaml"
 STOP_TIMEOUT_SECONDS = 120
 HEALTHY_TIMEOUT_SECONDS = 300
 POLL_SECONDS = 2
@@ -192,12 +193,21 @@ def _restart(name: str, check: str) -> list[str]:
     ]
 
 
-def renewal_script(host: str, renew_before_days: int, *, stacked_etcd: bool) -> Script:
+def renewal_script(host: str, renew_before_days: int, *, stacked_etcd: bool, cluster_config: str) -> Script:
     """Renew kubeadm's certificates on `host` when any expires within `renew_before_days`, then restart the
-    static pods that read them, one at a time. Prints `certificates-expire: <UTC time>` either way."""
+    static pods that read them, one at a time. Prints `certificates-expire: <UTC time>` either way.
+
+    kubeadm is given the program's ClusterConfiguration (`cluster_config`, no secrets, without
+    `kubernetesVersion`: the node's kubeadm adds its own) with `--config`.
+    Without it, `kubeadm certs renew` reads the configuration from the cluster, and when it cannot (the API
+    does not answer, admin.conf's own certificate has already expired, or this node's Node object or mirror
+    pod is missing) it falls back to kubeadm's defaults: a local etcd, whose certificates do not exist with
+    external etcd, so `renew all` failed there after renewing only the first two."""
     body: list[str] = [
         shell("install", "-d", "-m", "0700", HELD_DIR),
-        logged("kubeadm-certs-renew", "kubeadm", "certs", "renew", "all"),
+        *write_file(RENEW_CONFIG_PATH, cluster_config, 0o600),
+        f"printf 'kubernetesVersion: %s\\n' \"$(kubeadm version -o short)\" >>{quote(RENEW_CONFIG_PATH)}",
+        logged("kubeadm-certs-renew", "kubeadm", "certs", "renew", "all", "--config", RENEW_CONFIG_PATH),
     ]
     for name, url in STATIC_PODS:
         body += _restart(name, shell("answers", url))
@@ -230,6 +240,7 @@ class CertificateRenewalArgs:
     targets: Sequence[RenewalTarget]  # control planes, in order
     plans: Mapping[str, RenewalPlan]
     stacked_etcd: bool
+    cluster_config: str  # the program's ClusterConfiguration document, which `kubeadm certs renew` reads
     after: Sequence[pulumi.Resource] = ()
 
 
@@ -246,7 +257,7 @@ class CertificateRenewal(pulumi.ComponentResource):
             step = run_step(
                 f"{host}-certificates",
                 args.context.access(target.node),
-                renewal_script(host, days, stacked_etcd=args.stacked_etcd),
+                renewal_script(host, days, stacked_etcd=args.stacked_etcd, cluster_config=args.cluster_config),
                 parent=self,
                 depends_on=[target.after, *previous],
                 # A new generation runs the step again: the renewal the previous run found due.

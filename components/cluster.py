@@ -19,7 +19,7 @@ from components.certificates import (
 from components.config import ClusterConfig
 from components.control_plane import ControlPlaneNode, ControlPlaneNodeArgs
 from components.etcd import EtcdCluster, EtcdClusterArgs, EtcdClusterSpec, plan_membership
-from components.kubeadm import ClusterShape, ExternalEtcd
+from components.kubeadm import ClusterShape, ExternalEtcd, renewal_document
 from components.kubeconfig import render_kubeconfig
 from components.loadbalancer import LoadBalancer, LoadBalancerArgs
 from components.nodes import NodeContext
@@ -163,6 +163,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
             [RenewalTarget(cp.node, cp.vm, cp.kubeadm) for cp in control_planes],
             renewals,
             stacked_etcd=etcd_spec is None,
+            cluster_config=renewal_document(shape),
             after=[*bootstrapped, *([upgrade] if upgrade is not None else [])],
         ),
     )

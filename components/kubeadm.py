@@ -215,6 +215,15 @@ def cluster_configuration(shape: ClusterShape) -> ClusterConfiguration:
     )
 
 
+def renewal_document(shape: ClusterShape) -> str:
+    """The ClusterConfiguration `kubeadm certs renew --config` reads, without `kubernetesVersion`: the renewal
+    step adds its own kubeadm's version when it runs (kubeadm would look `stable-1` up on dl.k8s.io), so an
+    upgrade leaves the step unchanged."""
+    wire = _to_wire(cluster_configuration(shape))
+    del wire["kubernetesVersion"]
+    return yamldoc.dump(wire)
+
+
 def init_documents(shape: ClusterShape, *, hostname: str, address: str, token: str) -> str:
     init = InitConfiguration(
         node_registration=_registration(hostname, address, control_plane=True),

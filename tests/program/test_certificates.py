@@ -79,10 +79,28 @@ def test_the_step_prints_the_expiry_the_next_run_reads() -> None:
     assert parse_expiry("kubeadm-ha: x\ncertificates-expire: 2027-12-02T10:00:00Z\ndone\n") == "2027-12-02T10:00:00Z"
     assert parse_expiry("certificates-expire: nonsense") is None
     assert earliest(["2027-12-02T10:00:00Z", None, "2027-11-30T09:00:00+00:00"]) == "2027-11-30T09:00:00Z"
-    script = renewal_script("dev-cp-1", 60, stacked_etcd=True).render()
+    script = renewal_script("dev-cp-1", 60, stacked_etcd=True, cluster_config="kind: ClusterConfiguration\n").render()
     assert "certificates_fresh" in script.split("kubeadm certs renew", 1)[0]  # the guard checks first
     assert "/etc/kubernetes/pki/etcd/server.crt" in script
-    assert "/etc/kubernetes/pki/etcd/server.crt" not in renewal_script("prod-cp-1", 60, stacked_etcd=False).render()
+    external = renewal_script("prod-cp-1", 60, stacked_etcd=False, cluster_config="kind: ClusterConfiguration\n")
+    assert "/etc/kubernetes/pki/etcd/server.crt" not in external.render()
+
+
+def test_kubeadm_renews_from_the_programs_cluster_configuration_not_the_clusters() -> None:
+    """`kubeadm certs renew` without --config reads the cluster, and falls back to defaults (a local etcd)
+    when it cannot: with external etcd that failed against real kubeadm (tests/real/test_renewal_live.py)."""
+    for stack, external in (("prod", True), ("dev", False)):
+        ev = evaluated(stack)
+        step = ev.named(f"{stack}-cp-1-certificates")
+        script = step.inputs["create"]
+        assert "kubeadm certs renew all --config /etc/kubernetes/kubeadm-ha/renew.yaml" in script
+        document = script.split("/etc/kubernetes/kubeadm-ha/renew.yaml.kubeadm-ha.tmp", 1)[0]
+        assert "kind: ClusterConfiguration" in document and "bootstrapTokens" not in document
+        assert ("external:" in document) is external
+        assert "controlPlaneEndpoint:" in document
+        # The node's kubeadm names its version (an upgrade leaves the step unchanged; nothing is looked up).
+        assert "kubernetesVersion" not in document
+        assert "kubernetesVersion: %s" in script.split("kubeadm certs renew", 1)[0]
 
 
 def test_renewal_runs_only_when_due_one_control_plane_at_a_time_then_nothing() -> None:
