@@ -40,7 +40,7 @@ import pulumi_command as command
 from components.kubeadm import CONFIG_DIR, PKI_DIR
 from components.node_prep import STATIC_POD_DIR
 from components.remote import run_step
-from components.scripts import Script, logged, quote, write_file
+from components.scripts import Script, bounded_wait_function, logged, quote, write_file
 from components.scripts import command as shell
 
 if TYPE_CHECKING:
@@ -153,18 +153,7 @@ def _expiry_functions(renew_before_days: int, *, stacked_etcd: bool) -> tuple[st
         f'  echo "{EXPIRY_LINE} $(date -u -d "@$earliest" +%Y-%m-%dT%H:%M:%SZ)"',
         f'  [ "$earliest" -gt "$(($(date -u +%s) + {renew_before_days} * 86400))" ]',
         "}",
-        "wait_for() {",
-        '  local limit="$1" what="$2" deadline',
-        "  shift 2",
-        "  deadline=$((SECONDS + limit))",
-        '  until "$@"; do',
-        '    if [ "$SECONDS" -ge "$deadline" ]; then',
-        '      echo "kubeadm-ha: gave up after ${limit}s waiting for ${what} on ${KUBEADM_HA_HOST}" >&2',
-        "      return 1",
-        "    fi",
-        f"    sleep {POLL_SECONDS}",
-        "  done",
-        "}",
+        *bounded_wait_function(POLL_SECONDS),
         "container_gone() {",
         '  [ -z "$(crictl ps --quiet --name "^$1\\$" 2>/dev/null)" ]',
         "}",
@@ -185,9 +174,9 @@ def _restart(name: str, check: str) -> list[str]:
     return [
         f"if [ -f {quote(manifest)} ]; then",
         "  " + shell("mv", "-f", manifest, held),
-        "  " + shell("wait_for", STOP_TIMEOUT_SECONDS, f"{name} to stop", "container_gone", name),
+        "  " + shell("kha_wait", STOP_TIMEOUT_SECONDS, f"{name} to stop", "container_gone", name),
         "  " + shell("mv", "-f", held, manifest),
-        "  " + f"wait_for {HEALTHY_TIMEOUT_SECONDS} {quote(f'{name} to be healthy again')} {check}",
+        "  " + f"kha_wait {HEALTHY_TIMEOUT_SECONDS} {quote(f'{name} to be healthy again')} {check}",
         f"  echo {quote(f'kubeadm-ha: {name} restarted with the renewed certificates')}",
         "fi",
     ]

@@ -63,6 +63,7 @@ from components.scripts import (
     INSTALL_BUNDLE_FUNCTION,
     BundleFile,
     Script,
+    bounded_wait_function,
     encode_bundle,
     files_match,
     quote,
@@ -314,18 +315,7 @@ def etcdctl_functions(paths: EtcdPaths) -> tuple[str, ...]:
         "etcd_stopped() {",
         "  ! pgrep -x etcd >/dev/null",
         "}",
-        "kha_wait() {",
-        '  local limit="$1" what="$2" deadline',
-        "  shift 2",
-        "  deadline=$((SECONDS + limit))",
-        '  until "$@"; do',
-        '    if [ "$SECONDS" -ge "$deadline" ]; then',
-        '      echo "kubeadm-ha: gave up after ${limit}s waiting for ${what} on ${KUBEADM_HA_HOST}" >&2',
-        "      return 1",
-        "    fi",
-        f"    sleep {POLL_SECONDS}",
-        "  done",
-        "}",
+        *bounded_wait_function(POLL_SECONDS),
     )
 
 

@@ -181,6 +181,25 @@ def remote_command(script: Script) -> str:
     return f"sudo --non-interactive bash -c {quote(script.render())} {quote('kubeadm-ha-' + script.step)}"
 
 
+def bounded_wait_function(poll_seconds: float) -> tuple[str, ...]:
+    """`kha_wait LIMIT WHAT CMD...`: run CMD every `poll_seconds` until it succeeds, or fail after LIMIT seconds
+    naming WHAT and the host, so every wait in a step script is bounded the same way."""
+    return (
+        "kha_wait() {",
+        '  local limit="$1" what="$2" deadline',
+        "  shift 2",
+        "  deadline=$((SECONDS + limit))",
+        '  until "$@"; do',
+        '    if [ "$SECONDS" -ge "$deadline" ]; then',
+        '      echo "kubeadm-ha: gave up after ${limit}s waiting for ${what} on ${KUBEADM_HA_HOST}" >&2',
+        "      return 1",
+        "    fi",
+        f"    sleep {poll_seconds}",
+        "  done",
+        "}",
+    )
+
+
 def https_fetch(max_seconds: int) -> tuple[str, ...]:
     """curl over HTTPS only, bounded per attempt (connect and total) and in the number of attempts."""
     return (

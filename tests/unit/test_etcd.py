@@ -390,7 +390,8 @@ def fast(monkeypatch: pytest.MonkeyPatch) -> None:
     """Bounds short enough for a test (the values are rendered into the scripts)."""
     monkeypatch.setattr(etcd_module, "POLL_SECONDS", 0)
     monkeypatch.setattr(etcd_module, "CLUSTER_READY_TIMEOUT_SECONDS", 1)
-    monkeypatch.setattr(etcd_module, "MEMBER_READY_TIMEOUT_SECONDS", 1)
+    # Long enough for a few retries of the stubbed etcdctl on a loaded 2-core machine (1 s was not).
+    monkeypatch.setattr(etcd_module, "MEMBER_READY_TIMEOUT_SECONDS", 4)
 
 
 PEMS = MemberPems("CA\n", "SERVER\n", "server-key\n", "PEER\n", "peer-key\n", "HEALTH\n", "health-key\n")
@@ -460,7 +461,7 @@ def test_changed_manifest_restarts_the_member_and_waits_until_it_is_healthy(node
     node.set("unhealthy", "https://10.17.5.22:2379")
     failed = member_run(node, plan, "t-etcd-2")
     assert failed.returncode != 0
-    assert "gave up after 1s waiting for etcd member t-etcd-2 to be healthy on t-etcd-2" in failed.stderr
+    assert "gave up after 4s waiting for etcd member t-etcd-2 to be healthy on t-etcd-2" in failed.stderr
 
 
 def test_added_member_waits_for_the_others_then_member_adds_then_waits_for_itself(node: Node, fast: None) -> None:
@@ -497,7 +498,7 @@ def test_member_add_is_retried_while_etcd_refuses_it_then_given_up_in_time(node:
     node.set("add-fails", "1000")
     refused = member_run(node, plan, "t-etcd-4")
     assert refused.returncode != 0
-    assert "gave up after 1s waiting for the etcd cluster to accept t-etcd-4" in refused.stderr
+    assert "gave up after 4s waiting for the etcd cluster to accept t-etcd-4" in refused.stderr
     assert "etcdserver: unhealthy cluster" in refused.stderr  # the log's tail
     assert not node.path(MANIFEST_PATH).exists()
 
