@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import http.client
 import ipaddress
 import json
@@ -226,8 +227,17 @@ class ControlPlaneLab:
     def mirror_pod(self, node: Node, component: str) -> None:
         """What kubelet posts for a static pod (its mirror pod): kubeadm finds the etcd members of a stacked
         cluster by listing these (label component=etcd, annotation with the client URL)."""
-        pod = yaml.safe_load(node.root.read(f"{MANIFESTS}/{component}.yaml"))
+        text = node.root.read(f"{MANIFESTS}/{component}.yaml")
+        pod = yaml.safe_load(text)
         metadata = pod["metadata"]
+        digest = hashlib.sha256(text.encode()).hexdigest()[:32]
+        # kubelet marks a mirror pod with these annotations; the API server's ServiceAccount admission skips
+        # mirror pods, so the post does not race the controller manager creating kube-system's default account.
+        kubelet = {
+            "kubernetes.io/config.hash": digest,
+            "kubernetes.io/config.mirror": digest,
+            "kubernetes.io/config.source": "file",
+        }
         body = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -235,7 +245,7 @@ class ControlPlaneLab:
                 "name": f"{component}-{node.name}",
                 "namespace": "kube-system",
                 "labels": metadata.get("labels", {}),
-                "annotations": metadata.get("annotations", {}),
+                "annotations": {**metadata.get("annotations", {}), **kubelet},
             },
             "spec": {**pod["spec"], "nodeName": node.name},
         }
