@@ -26,7 +26,10 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import csv
 import ctypes
+import http.client
+import io
 import ipaddress
 import itertools
 import os
@@ -36,7 +39,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -83,6 +86,49 @@ def poll_until(
             detail = f" (last error: {last_error!r})" if last_error else ""
             raise AssertionError(f"timed out after {timeout:.1f}s waiting for {message}{detail}")
         time.sleep(interval)
+
+
+def haproxy_servers(namespace: Namespace, port: int, stats_uri: str, backend: str) -> dict[str, dict[str, str]]:
+    """HAProxy's stats CSV (`stats_uri;csv` on `port`, fetched from inside `namespace`) for the servers of
+    `backend`: server name -> its row, by HAProxy's column names (`status`, `stot`, `wretr`, ...)."""
+    with namespace.entered():
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        connection.connect()
+    try:
+        connection.request("GET", stats_uri + ";csv")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    rows = csv.DictReader(io.StringIO(text.removeprefix("# ")))
+    return {
+        row["svname"]: row for row in rows if row["pxname"] == backend and row["svname"] not in ("FRONTEND", "BACKEND")
+    }
+
+
+def wait_for_backends(
+    states: Callable[[str], dict[str, str]],
+    lbs: Iterable[str],
+    expected: dict[str, str],
+    *,
+    timeout: float,
+    interval: float,
+) -> float:
+    """Wait until every load balancer in `lbs` reports `expected` (server -> exact status) through `states`,
+    all within `timeout`; returns the seconds it took."""
+    started = time.monotonic()
+    for lb in lbs:
+
+        def reached(lb: str = lb) -> bool:
+            found = states(lb)
+            return all(found.get(server) == status for server, status in expected.items())
+
+        poll_until(
+            reached,
+            timeout=max(timeout - (time.monotonic() - started), 0.1),
+            interval=interval,
+            message=f"HAProxy on {lb} to report {expected}",
+        )
+    return time.monotonic() - started
 
 
 def _setns(fd: int) -> None:

@@ -17,12 +17,10 @@ Runs as root. Debian packages: haproxy keepalived iproute2 curl shellcheck
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import datetime
 import functools
 import http.client
-import io
 import ipaddress
 import re
 import shutil
@@ -45,7 +43,17 @@ from components import lb_config
 from components.addressing import AddressPlan, NodePlan, plan_addresses
 from components.config import ClusterConfig
 from tests.integration.conftest import phase_failed, require_programs, require_root
-from tests.integration.netns import Bridge, Lab, Namespace, Process, cleanup_stale, poll_until, scratch_dir
+from tests.integration.netns import (
+    Bridge,
+    Lab,
+    Namespace,
+    Process,
+    cleanup_stale,
+    haproxy_servers,
+    poll_until,
+    scratch_dir,
+    wait_for_backends,
+)
 from tests.stacks import ALL_STACKS, evaluated, stack_config
 from tools.plan import decode_bundle
 
@@ -505,37 +513,14 @@ class LbLab:
 
     def backend_states(self, lb: str) -> dict[str, str]:
         """kube-apiserver backend server -> HAProxy status ("UP", "DOWN", "UP 1/3", ...)."""
-        with self.lbs[lb].entered():
-            connection = http.client.HTTPConnection("127.0.0.1", self.haproxy_settings.health_port, timeout=2)
-            connection.connect()
-        try:
-            connection.request("GET", lb_config.HAPROXY_STATS_URI + ";csv")
-            text = connection.getresponse().read().decode()
-        finally:
-            connection.close()
-        rows = csv.DictReader(io.StringIO(text.removeprefix("# ")))
-        return {
-            row["svname"]: row["status"]
-            for row in rows
-            if row["pxname"] == "kube-apiserver" and row["svname"] not in ("FRONTEND", "BACKEND")
-        }
+        port, uri = self.haproxy_settings.health_port, lb_config.HAPROXY_STATS_URI
+        servers = haproxy_servers(self.lbs[lb], port, uri, "kube-apiserver")
+        return {name: row["status"] for name, row in servers.items()}
 
     def wait_backends(self, expected: dict[str, str], *, timeout: float, among: set[str] | None = None) -> float:
         """Wait until every LB (of `among`) reports `expected` (server -> exact status); returns the seconds it took."""
-        start = time.monotonic()
-        for lb in self.lbs if among is None else sorted(among):
-
-            def reached(lb: str = lb) -> bool:
-                states = self.backend_states(lb)
-                return all(states.get(server) == status for server, status in expected.items())
-
-            poll_until(
-                reached,
-                timeout=max(timeout - (time.monotonic() - start), 0.1),
-                interval=0.1,
-                message=f"backends {expected} on {lb}",
-            )
-        return time.monotonic() - start
+        lbs = self.lbs if among is None else sorted(among)
+        return wait_for_backends(self.backend_states, lbs, expected, timeout=timeout, interval=0.1)
 
     def vip_holders(self, among: set[str] | None = None) -> set[str]:
         candidates = self.lbs if among is None else {lb: self.lbs[lb] for lb in among}

@@ -47,7 +47,15 @@ from components.etcd import STAGED_MANIFEST_PATH, EtcdClusterSpec, plan_membersh
 from components.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH, init_documents
 from components.pki import ETCD_CA, ETCD_HEALTHCHECK_CLIENT
 from components.previous import NEW_STACK
-from tests.integration.netns import Lab, Namespace, Process, poll_until, scratch_dir
+from tests.integration.netns import (
+    Lab,
+    Namespace,
+    Process,
+    haproxy_servers,
+    poll_until,
+    scratch_dir,
+    wait_for_backends,
+)
 from tests.real.documents import evaluated_at, init_step, step_files
 from tests.real.node_root import DEFAULT_PATH, NodeRoot, Ran
 from tests.stacks import stack_config
@@ -411,37 +419,13 @@ class ControlPlaneLab:
         return poll_until(single, timeout=timeout, interval=0.2, message="exactly one load balancer holding the VIP")
 
     def backend_states(self, lb: str) -> dict[str, str]:
-        node = self.nodes[lb]
-        with node.namespace.entered():
-            connection = http.client.HTTPConnection("127.0.0.1", lb_config.HAPROXY_HEALTH_PORT, timeout=2)
-            connection.connect()
-        try:
-            connection.request("GET", lb_config.HAPROXY_STATS_URI + ";csv")
-            text = connection.getresponse().read().decode()
-        finally:
-            connection.close()
-        states = {}
-        for line in text.removeprefix("# ").splitlines()[1:]:
-            fields = line.split(",")
-            if len(fields) > 17 and fields[0] == "kube-apiserver" and fields[1] not in ("FRONTEND", "BACKEND"):
-                states[fields[1]] = fields[17]
-        return states
+        namespace, port = self.nodes[lb].namespace, lb_config.HAPROXY_HEALTH_PORT
+        servers = haproxy_servers(namespace, port, lb_config.HAPROXY_STATS_URI, "kube-apiserver")
+        return {name: row["status"] for name, row in servers.items()}
 
     def wait_backends(self, expected: dict[str, str], *, timeout: float) -> float:
-        started = time.monotonic()
-        for lb in (node.name for node in self.nodes.values() if node.plan.role == "lb"):
-
-            def reached(lb: str = lb) -> bool:
-                states = self.backend_states(lb)
-                return all(states.get(server) == status for server, status in expected.items())
-
-            poll_until(
-                reached,
-                timeout=max(timeout - (time.monotonic() - started), 0.1),
-                interval=0.2,
-                message=f"HAProxy on {lb} to report {expected}",
-            )
-        return time.monotonic() - started
+        lbs = [node.name for node in self.nodes.values() if node.plan.role == "lb"]
+        return wait_for_backends(self.backend_states, lbs, expected, timeout=timeout, interval=0.2)
 
     # scripts ----------------------------------------------------------------------------------------
 

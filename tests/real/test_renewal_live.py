@@ -49,7 +49,7 @@ from components import lb_config
 from components.certificates import parse_expiry
 from components.kubeadm import PKI_DIR
 from components.scripts import LOG_DIR
-from tests.integration.netns import poll_until
+from tests.integration.netns import haproxy_servers, poll_until
 from tests.real.control_plane_lab import COMPONENTS, MANIFESTS, ControlPlaneLab, Node, report
 from tests.real.kubelet import STOP_GRACE, Kubelet, node_tools
 from tests.real.node_root import DEFAULT_PATH, Ran
@@ -189,19 +189,13 @@ def haproxy_retries(lab: ControlPlaneLab, server: str) -> dict[str, tuple[int, i
     """Per load balancer: HAProxy's (sessions, retries, redispatches) for `server` in the API backend."""
     found = {}
     for plan in lab.plan.load_balancers:
-        node = lab.nodes[plan.hostname]
-        with node.namespace.entered():
-            connection = http.client.HTTPConnection("127.0.0.1", lb_config.HAPROXY_HEALTH_PORT, timeout=2)
-            connection.connect()
-        try:
-            connection.request("GET", lb_config.HAPROXY_STATS_URI + ";csv")
-            text = connection.getresponse().read().decode()
-        finally:
-            connection.close()
-        for line in text.removeprefix("# ").splitlines()[1:]:
-            fields = line.split(",")
-            if len(fields) > 17 and fields[0] == "kube-apiserver" and fields[1] == server:
-                found[plan.hostname] = (int(fields[7] or 0), int(fields[15] or 0), int(fields[16] or 0))
+        namespace = lab.nodes[plan.hostname].namespace
+        servers = haproxy_servers(
+            namespace, lb_config.HAPROXY_HEALTH_PORT, lb_config.HAPROXY_STATS_URI, "kube-apiserver"
+        )
+        row = servers.get(server)
+        if row is not None:
+            found[plan.hostname] = (int(row["stot"] or 0), int(row["wretr"] or 0), int(row["wredis"] or 0))
     return found
 
 
