@@ -26,7 +26,15 @@ from pydantic import (
 
 from components.hostkeys import ed25519_key_problem, is_ssh_uri, uri_problems
 from components.previous import NEW_STACK, PreviousDeployment, read_previous_deployment
-from components.versions import DEFAULT_KUBERNETES, RELEASES, UnknownRelease, etcd_version_of, next_minor, release_for
+from components.versions import (
+    DEFAULT_KUBERNETES,
+    RELEASES,
+    UnknownRelease,
+    etcd_version_of,
+    minor_of,
+    next_minor,
+    release_for,
+)
 
 if TYPE_CHECKING:
     from components.addressing import AddressPlan
@@ -163,7 +171,7 @@ class KubernetesConfig(_Model):
     @property
     def minor(self) -> str:
         """`1.34` for `1.34.2`: the pkgs.k8s.io repository path."""
-        return ".".join(self.version.split(".")[:2])
+        return minor_of(self.version)
 
 
 class _VmSize(_Model):

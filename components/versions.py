@@ -21,8 +21,6 @@ class KubernetesRelease:
     min_external_etcd: str
     # End of life: kubernetes/website data/releases/schedule.yaml (`endOfLifeDate`).
     end_of_life: datetime.date
-    # The go directive of k8s.io/kubernetes's go.mod at that patch: the toolchain the tests build it with.
-    go_version: str
 
     @property
     def etcd_version(self) -> str:
@@ -38,10 +36,10 @@ _D = datetime.date
 # four. End-of-life dates: 1.34 from the upstream release calendar (2026-10-27); the later minors follow
 # upstream's published policy (about 14 months of patches, ending on the 28th) and the README says so.
 for _release in (
-    KubernetesRelease("1.34", "1.34.4", "3.6.5-0", "3.5.24-0", _D(2026, 10, 27), "1.24.0"),
-    KubernetesRelease("1.35", "1.35.4", "3.6.6-0", "3.5.24-0", _D(2027, 2, 28), "1.25.0"),
-    KubernetesRelease("1.36", "1.36.3", "3.6.8-0", "3.5.24-0", _D(2027, 6, 28), "1.26.0"),
-    KubernetesRelease("1.37", "1.37.2", "3.7.0-0", "3.5.24-0", _D(2027, 10, 28), "1.26.0"),
+    KubernetesRelease("1.34", "1.34.4", "3.6.5-0", "3.5.24-0", _D(2026, 10, 27)),
+    KubernetesRelease("1.35", "1.35.4", "3.6.6-0", "3.5.24-0", _D(2027, 2, 28)),
+    KubernetesRelease("1.36", "1.36.3", "3.6.8-0", "3.5.24-0", _D(2027, 6, 28)),
+    KubernetesRelease("1.37", "1.37.2", "3.7.0-0", "3.5.24-0", _D(2027, 10, 28)),
 ):
     RELEASES[_release.minor] = _release
 
