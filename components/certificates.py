@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import pulumi
 import pulumi_command as command
 
+from components import lb_config
 from components.kubeadm import CONFIG_DIR, PKI_DIR
 from components.node_prep import STATIC_POD_DIR
 from components.remote import run_step
@@ -168,18 +169,25 @@ def _expiry_functions(renew_before_days: int, *, stacked_etcd: bool) -> tuple[st
     )
 
 
-def _restart(name: str, check: str) -> list[str]:
+def _restart(name: str, check: str, *, held_down: int = 0, settle: int = 0) -> list[str]:
+    """Restart static pod `name`: manifest out, container gone, `held_down` seconds, manifest back, healthy,
+    `settle` seconds."""
     manifest = f"{STATIC_POD_DIR}/{name}.yaml"
     held = f"{HELD_DIR}/{name}.yaml"
-    return [
+    lines = [
         f"if [ -f {quote(manifest)} ]; then",
         "  " + shell("mv", "-f", manifest, held),
         "  " + shell("kha_wait", STOP_TIMEOUT_SECONDS, f"{name} to stop", "container_gone", name),
+    ]
+    if held_down:
+        lines.append("  " + shell("sleep", held_down))
+    lines += [
         "  " + shell("mv", "-f", held, manifest),
         "  " + f"kha_wait {HEALTHY_TIMEOUT_SECONDS} {quote(f'{name} to be healthy again')} {check}",
-        f"  echo {quote(f'kubeadm-ha: {name} restarted with the renewed certificates')}",
-        "fi",
     ]
+    if settle:
+        lines.append("  " + shell("sleep", settle))
+    return [*lines, f"  echo {quote(f'kubeadm-ha: {name} restarted with the renewed certificates')}", "fi"]
 
 
 def renewal_script(host: str, renew_before_days: int, *, stacked_etcd: bool, cluster_config: str) -> Script:
@@ -199,9 +207,27 @@ def renewal_script(host: str, renew_before_days: int, *, stacked_etcd: bool, clu
         logged("kubeadm-certs-renew", "kubeadm", "certs", "renew", "all", "--config", RENEW_CONFIG_PATH),
     ]
     for name, url in STATIC_PODS:
-        body += _restart(name, shell("answers", url))
+        if name == "kube-apiserver":
+            # Out of every load balancer before it comes back, so no client reaches it before it is ready
+            # (a 403 from its empty RBAC cache otherwise), and back in before the step moves on.
+            body += _restart(
+                name,
+                shell("answers", url),
+                held_down=lb_config.BACKEND_OUT_OF_ROTATION_S,
+                settle=lb_config.BACKEND_BACK_IN_ROTATION_S,
+            )
+        else:
+            body += _restart(name, shell("answers", url))
     if stacked_etcd:
         body += _restart("etcd", "etcd_answers")
+        # The API server here reads only its own member: it turned unready with it, and the load balancers
+        # took it out. Like after its own restart, the step moves on once they have it back.
+        apiserver = dict(STATIC_PODS)["kube-apiserver"]
+        body += [
+            f"kha_wait {HEALTHY_TIMEOUT_SECONDS} {quote('kube-apiserver to be ready on the restarted etcd')} "
+            + shell("answers", apiserver),
+            shell("sleep", lb_config.BACKEND_BACK_IN_ROTATION_S),
+        ]
     still = quote(f"kubeadm-ha: certificates on {host} still expire within {renew_before_days} days after renewal")
     body += [f"if ! certificates_fresh; then echo {still} >&2; exit 1; fi"]
     return Script(

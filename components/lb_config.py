@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+import math
 import re
 import string
 from dataclasses import dataclass
@@ -56,6 +57,21 @@ BACKEND_CHECK_INTER_S = 2
 BACKEND_CHECK_FASTINTER_S = 1
 BACKEND_CHECK_FALL = 3
 BACKEND_CHECK_RISE = 2
+# `spread-checks`: each check interval is jittered by up to this many percent.
+CHECK_SPREAD_PERCENT = 5
+
+
+def _stretched(seconds: float) -> int:
+    return math.ceil(seconds * (100 + CHECK_SPREAD_PERCENT) / 100)
+
+
+# What a step that restarts kube-apiserver must allow for, because it cannot see the load balancers:
+# a restarted API server listens before it is ready (its RBAC cache still empty, it answers 403), and
+# HAProxy keeps sending it clients until `fall` checks have failed. Held down (port closed) this long,
+# every HAProxy has marked it DOWN, and takes it back only after `rise` good /readyz. One second of margin.
+BACKEND_OUT_OF_ROTATION_S = _stretched(BACKEND_CHECK_INTER_S + (BACKEND_CHECK_FALL - 1) * BACKEND_CHECK_FASTINTER_S) + 1
+# Ready (/readyz 200) this long, every HAProxy has it back in rotation.
+BACKEND_BACK_IN_ROTATION_S = _stretched(BACKEND_CHECK_RISE * BACKEND_CHECK_INTER_S) + 1
 
 # The first LB gets the highest priority; each next one 10 less (5 LBs max -> 110).
 _TOP_PRIORITY = 150
@@ -203,6 +219,7 @@ def render_haproxy_cfg(settings: HaproxySettings) -> str:
         fastinter=BACKEND_CHECK_FASTINTER_S,
         fall=BACKEND_CHECK_FALL,
         rise=BACKEND_CHECK_RISE,
+        spread=CHECK_SPREAD_PERCENT,
         servers=servers,
     )
 

@@ -14,6 +14,7 @@ DEBIAN_PACKAGES=(
   openssl curl iproute2 procps psmisc  # PKI checks; namespaces, bridges and veths; process control
   graphviz                      # the offline plan's dependency graph
   openssh-client                # ssh-keygen reads the known_hosts files pinning hypervisor host keys
+  openssh-server sudo           # the tools' SshTransport against a real sshd and sudo, inside namespaces
   gpg gpgv                      # pinned signing keys (pkgs.k8s.io) and signed image checksums, checked for real
 )
 VENV="${KUBEADM_HA_TEST_VENV:-.venv}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import subprocess
 import tempfile
@@ -28,6 +29,8 @@ from components.scripts import Script, quote
 
 PULUMI_TIMEOUT_SECONDS = 60
 SSH_CONNECT_TIMEOUT_SECONDS = 10
+# A step past its bound gets SIGTERM on the node, then SIGKILL this much later.
+REMOTE_KILL_AFTER_SECONDS = 10
 
 
 class ToolError(RuntimeError):
@@ -159,6 +162,8 @@ def run_checked(
         done = transport.run(node, script, stdin=stdin, stdout=stdout, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise ToolError(f"{script.step} on {node.hostname} did not finish within {timeout:.0f} s") from None
+    except OSError as error:  # e.g. a script longer than one command-line argument may be (128 KiB on Linux)
+        raise ToolError(f"{script.step} could not be started for {node.hostname}: {error.strerror}") from None
     text = (done.stdout or b"").decode(errors="replace") + (done.stderr or b"").decode(errors="replace")
     if done.returncode != 0:
         tail = "\n  ".join(text.strip().splitlines()[-12:])
@@ -203,7 +208,10 @@ class SshTransport:
         stdout: IO[bytes] | None = None,
         timeout: float,
     ) -> subprocess.CompletedProcess[bytes]:
-        remote = f"sudo --non-interactive bash -c {quote(script.render())} {quote('kubeadm-ha-' + script.step)}"
+        # Killing the local ssh at the timeout would leave the step running as root on the node (no pty, so
+        # no hangup reaches it): the node bounds it too (tests/integration/test_ssh_transport_live.py).
+        bound = f"timeout --kill-after={REMOTE_KILL_AFTER_SECONDS} {math.ceil(timeout)}"
+        remote = f"sudo --non-interactive {bound} bash -c {quote(script.render())} {quote('kubeadm-ha-' + script.step)}"
         return _run([*self.ssh_argv(node), remote], stdin=stdin, stdout=stdout, timeout=timeout)
 
 

@@ -11,12 +11,15 @@ exported expiries of external etcd members are their certificates' own end times
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from components import lb_config
+from components.addressing import plan_addresses
 from components.certificates import (
     CERTIFICATE_RENEWALS_OUTPUT,
     CERTIFICATES_EXPIRE_OUTPUT,
@@ -25,6 +28,7 @@ from components.certificates import (
     plan_renewals,
     renewal_script,
 )
+from components.config import config_from_stack_file
 from tests.stacks import evaluated
 from tools.offline import Evaluation, evaluate, load_stack_config
 
@@ -158,3 +162,40 @@ def test_a_window_outside_the_certificates_life_is_refused(days: int) -> None:
 
     with pytest.raises(ConfigError, match=r"certificates\.renewBeforeDays"):
         parse_config({"network": {"cidr": "10.17.9.0/24"}, "certificates": {"renewBeforeDays": days}}, stack="dev")
+
+
+def test_the_restarted_api_server_is_out_of_every_load_balancer_until_ready_and_back_before_the_step_moves_on() -> None:
+    """A restarted kube-apiserver listens before its RBAC cache is filled and answers 403 meanwhile; HAProxy
+    routes to it until `fall` checks fail. tests/real/test_renewal_live.py saw those 403s through the VIP.
+    The step holds the API server down for as long as the rendered HAProxy needs to take it out of rotation
+    (every interval stretched by `spread-checks`), and waits after /readyz as long as it needs to take it back."""
+    config = config_from_stack_file(str(REPO / "Pulumi.prod.yaml"), "prod")
+    haproxy = lb_config.render_haproxy_cfg(lb_config.haproxy_settings(config, plan_addresses(config)))
+    spread = 1 + int(re.search(r"^\s*spread-checks (\d+)$", haproxy, re.M).group(1)) / 100  # type: ignore[union-attr]
+    check = re.search(r"inter (\d+)s fastinter (\d+)s fall (\d+) rise (\d+)", haproxy)
+    assert check is not None
+    inter, fastinter, fall, rise = (int(value) for value in check.groups())
+    out_within = (inter + (fall - 1) * fastinter) * spread
+    back_within = rise * inter * spread
+
+    script = renewal_script("prod-cp-1", 60, stacked_etcd=False, cluster_config="kind: ClusterConfiguration\n").render()
+    restart = script.split("'kube-apiserver to stop'", 1)[1].split("kube-controller-manager", 1)[0]
+    held_down = re.search(r"^\s*sleep (\d+)\n\s*mv -f \S+/renewal-held/kube-apiserver\.yaml ", restart, re.M)
+    assert held_down is not None, restart
+    assert int(held_down.group(1)) > out_within
+    settle = re.search(r"'kube-apiserver to be healthy again' answers \S+\n\s*sleep (\d+)\n", restart)
+    assert settle is not None, restart
+    assert int(settle.group(1)) > back_within
+    # Only the API server is behind the load balancers: the others restart without waiting.
+    rest = script.split("'kube-controller-manager to stop'", 1)[1]
+    assert "sleep" not in rest
+
+    # Stacked: the API server reads only its own etcd member, so it is out of rotation while that restarts;
+    # the step waits until it is ready and back (found in tests/real/test_stacked_control_plane_live.py).
+    stacked = renewal_script("dev-cp-1", 60, stacked_etcd=True, cluster_config="kind: ClusterConfiguration\n").render()
+    after_etcd = stacked.split("'etcd to be healthy again'", 1)[1]
+    back = re.search(
+        r"'kube-apiserver to be ready on the restarted etcd' answers \S+/readyz\n\s*sleep (\d+)\n", after_etcd
+    )
+    assert back is not None, after_etcd
+    assert int(back.group(1)) > back_within

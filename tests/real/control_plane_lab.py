@@ -423,9 +423,13 @@ class ControlPlaneLab:
         servers = haproxy_servers(namespace, port, lb_config.HAPROXY_STATS_URI, "kube-apiserver")
         return {name: row["status"] for name, row in servers.items()}
 
+    def load_balancer_names(self) -> list[str]:
+        return [node.name for node in self.nodes.values() if node.plan.role == "lb"]
+
     def wait_backends(self, expected: dict[str, str], *, timeout: float) -> float:
-        lbs = [node.name for node in self.nodes.values() if node.plan.role == "lb"]
-        return wait_for_backends(self.backend_states, lbs, expected, timeout=timeout, interval=0.2)
+        return wait_for_backends(
+            self.backend_states, self.load_balancer_names(), expected, timeout=timeout, interval=0.2
+        )
 
     # scripts ----------------------------------------------------------------------------------------
 

@@ -21,13 +21,16 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from cryptography import x509
 
-from components.pki import ETCD_CA, ETCD_HEALTHCHECK_CLIENT
+from components.pki import ETCD_CA, ETCD_HEALTHCHECK_CLIENT, ETCD_PEER_CERT_PATH, ETCD_SERVER_CERT_PATH
 from components.versions import DEFAULT_KUBERNETES
 from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.netns import Lab, cleanup_stale, poll_until
 from tests.real.binaries import binary
 from tests.real.control_plane_lab import ControlPlaneLab, report
+from tests.real.kubelet import Kubelet
+from tests.real.renewal import renew_and_prove, sans, served_certificate, signed_by
 from tools.plan import mask
 
 pytestmark = pytest.mark.real
@@ -35,7 +38,9 @@ pytestmark = pytest.mark.real
 STACK = "staging"
 VERSION = DEFAULT_KUBERNETES
 COMPONENTS = ("kube-apiserver", "kube-controller-manager")
-REQUIRED = ("kubeadm", "kube-apiserver", "kube-controller-manager", "kubectl", "etcd", "etcdctl")
+REQUIRED = (
+    "kubeadm", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd", "etcdctl"
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +128,34 @@ def test_losing_one_control_plane(stacked: ControlPlaneLab) -> None:
     stacked.wait_backends({victim.name: "UP"}, timeout=30)
     report(f"{victim.name} back after {time.monotonic() - started:.1f}s")
     assert stacked.request("GET", f"/api/v1/namespaces/default/configmaps/{name}", host=victim.address).status == 200
+
+
+def served_etcd_certificate(lab: ControlPlaneLab, node_name: str) -> x509.Certificate:
+    node = lab.nodes[node_name]
+    client = ETCD_HEALTHCHECK_CLIENT
+    pair = (str(node.root.path(client.cert_path)), str(node.root.path(client.key_path)))
+    return served_certificate(lab, node, port=2379, ca_file=str(node.root.path(ETCD_CA.cert_path)), client=pair)
+
+
+def test_renewal_on_a_stacked_control_plane_renews_and_restarts_its_etcd_member_too(stacked: ControlPlaneLab) -> None:
+    """The program's certificates step on a stacked control plane (tests/real/renewal.py proves the API server
+    part): kubeadm renews the etcd member's certificates too, the step restarts etcd last, and the member
+    serves a new certificate from the etcd CA with the same names, while the cluster keeps its three members."""
+    node = stacked.nodes[stacked.plan.control_planes[1].hostname]
+    etcd_ca = x509.load_pem_x509_certificate(node.root.read(ETCD_CA.cert_path).encode())
+    etcd_before = served_etcd_certificate(stacked, node.name)
+    kubelet = Kubelet(stacked, {node.name: ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")})
+    with kubelet:
+        ran = renew_and_prove(stacked, node, kubelet, watched=(ETCD_SERVER_CERT_PATH, ETCD_PEER_CERT_PATH))
+    assert kubelet.error is None, f"the kubelet stand-in failed: {kubelet.error!r}"
+    assert "etcd restarted with the renewed certificates" in ran.stdout, ran.output
+
+    etcd_after = served_etcd_certificate(stacked, node.name)
+    assert etcd_after.serial_number != etcd_before.serial_number
+    assert etcd_after.not_valid_after_utc >= etcd_before.not_valid_after_utc
+    assert signed_by(etcd_after, etcd_ca)
+    assert sans(etcd_after) == sans(etcd_before)
+    expected = {plan.hostname: [f"https://{plan.address}:2380"] for plan in stacked.plan.control_planes}
+    assert etcd_members(stacked, node.name) == expected
+    report(f"{node.name}: etcd serves serial {etcd_before.serial_number:x} -> {etcd_after.serial_number:x}, "
+           f"notAfter {etcd_after.not_valid_after_utc:%Y-%m-%d}")  # fmt: skip

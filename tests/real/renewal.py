@@ -1,0 +1,272 @@
+"""The certificate renewal step, run for real and proven: shared by the external-etcd lab
+(tests/real/test_renewal_live.py) and the stacked one (tests/real/test_stacked_control_plane_live.py).
+
+`renew_and_prove` makes one control plane due (its API server certificate re-issued by the program's CA, same
+key and names, ending in SHORT_DAYS, and served), runs the program's `certificates` step for that node
+unmodified (bash -c, as root, in the node's namespaces, with the real kubeadm and the crictl stand-in) while
+clients loop through the VIP, and checks what an operator relies on: the renewed certificate is served,
+every static pod restarted, no client noticed, the API server is back behind every load balancer when the
+step returns, and a second run changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import http.client
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from components import lb_config
+from components.certificates import parse_expiry
+from components.kubeadm import PKI_DIR
+from components.scripts import LOG_DIR
+from tests.integration.netns import haproxy_servers, poll_until
+from tests.real.control_plane_lab import MANIFESTS, ControlPlaneLab, Node, report
+from tests.real.kubelet import STOP_GRACE, Kubelet, node_tools
+from tests.real.node_root import DEFAULT_PATH, Ran
+from tools.plan import script_of
+
+SHORT_DAYS = 20
+STEP_BOUND = 900.0
+CLIENT_ATTEMPTS = 3
+CLIENT_BACKOFF = 0.5
+
+
+@dataclass
+class VipClient:
+    """GETs through the VIP in a loop: each request bounded, retried as client-go would; counts what failed."""
+
+    lab: ControlPlaneLab
+    requests: int = 0
+    retried: int = 0
+    failures: list[str] = field(default_factory=list)
+    workers: int = 4
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def one(self) -> None:
+        last = ""
+        for attempt in range(CLIENT_ATTEMPTS):
+            if attempt:
+                with self._lock:
+                    self.retried += 1
+                time.sleep(CLIENT_BACKOFF * attempt)
+            try:
+                response = self.lab.request("GET", "/api/v1/namespaces/kube-system/configmaps/kubeadm-config")
+            except (OSError, http.client.HTTPException) as error:
+                last = repr(error)
+                continue
+            if response.status == 200 and '"ClusterConfiguration"' in response.body:
+                return
+            last = f"HTTP {response.status}: {response.body[:200]}"
+            if response.status < 500 and response.status != 429:
+                break
+        self.failures.append(last)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                self.requests += 1
+            self.one()
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> VipClient:
+        self._threads = [
+            threading.Thread(target=self._loop, daemon=True, name=f"vip-client-{n}") for n in range(self.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+
+def served_certificate(
+    lab: ControlPlaneLab, node: Node, *, port: int = 6443, ca_file: str = "", client: tuple[str, str] | None = None
+) -> x509.Certificate:
+    """The certificate `node` serves on `port` (the API server's by default), verified against `ca_file` (the
+    program's cluster CA by default) and for the node's address; `client`: a (certificate, key) pair to present."""
+    context = ssl.create_default_context(cafile=ca_file or str(lab.ca_file))
+    if client is not None:
+        context.load_cert_chain(*client)
+    with lab.client.entered():
+        connection = http.client.HTTPSConnection(node.address, port, timeout=5, context=context)
+        connection.connect()
+    try:
+        assert connection.sock is not None
+        der = connection.sock.getpeercert(binary_form=True)
+    finally:
+        connection.close()
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def sans(certificate: x509.Certificate) -> set[str]:
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(name.value) for name in names}
+
+
+def signed_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
+    certificate.verify_directly_issued_by(ca)  # raises unless the CA's key signed it and it names the CA
+    return True
+
+
+def on_node(node: Node, *argv: str) -> None:
+    ran = node.root.run(list(argv), netns=node.namespace.name, timeout=30)
+    assert ran.returncode == 0, ran.output
+
+
+def write_on_node(lab: ControlPlaneLab, node: Node, path: str, content: bytes) -> None:
+    """Write a file as a process of the node does (inside its mount namespace), keeping the file's mode."""
+    ran = node.root.run(
+        ["bash", "-c", 'cat >"$1"', "write", path], netns=node.namespace.name, timeout=30, stdin=content.decode()
+    )
+    assert ran.returncode == 0, ran.output
+
+
+def reissue_due(lab: ControlPlaneLab, node: Node) -> x509.Certificate:
+    """The node's API server certificate again, by the program's CA, same key and names, ending in SHORT_DAYS."""
+    current = x509.load_pem_x509_certificate(node.root.read(f"{PKI_DIR}/apiserver.crt").encode())
+    ca = x509.load_pem_x509_certificate(node.root.read(f"{PKI_DIR}/ca.crt").encode())
+    ca_key = serialization.load_pem_private_key(node.root.read(f"{PKI_DIR}/ca.key").encode(), password=None)
+    assert isinstance(ca_key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey))
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(current.subject)
+        .issuer_name(ca.subject)
+        .public_key(current.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=SHORT_DAYS))
+    )
+    for extension in current.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    short = builder.sign(ca_key, hashes.SHA256())
+    write_on_node(lab, node, f"{PKI_DIR}/apiserver.crt", short.public_bytes(serialization.Encoding.PEM))
+    return short
+
+
+def run_certificates_step(lab: ControlPlaneLab, node: Node, script: str) -> tuple[Ran, float]:
+    """The step as pulumi-command runs it (bash -c, as root, no stdin), with kubeadm and the crictl stand-in."""
+    tools = node_tools(lab.work / "renewal-bin", {"kubeadm": lab.binaries["kubeadm"]})
+    started = time.monotonic()
+    ran = node.root.run(
+        ["bash", "-c", script, "kubeadm-ha-certificates"],
+        netns=node.namespace.name,
+        timeout=STEP_BOUND,
+        env={"PATH": f"{tools}:{DEFAULT_PATH}"},
+    )
+    return ran, time.monotonic() - started
+
+
+def haproxy_retries(lab: ControlPlaneLab, server: str) -> dict[str, tuple[int, int, int]]:
+    """Per load balancer: HAProxy's (sessions, retries, redispatches) for `server` in the API backend."""
+    found = {}
+    for plan in lab.plan.load_balancers:
+        namespace = lab.nodes[plan.hostname].namespace
+        servers = haproxy_servers(
+            namespace, lb_config.HAPROXY_HEALTH_PORT, lb_config.HAPROXY_STATS_URI, "kube-apiserver"
+        )
+        row = servers.get(server)
+        if row is not None:
+            found[plan.hostname] = (int(row["stot"] or 0), int(row["wretr"] or 0), int(row["wredis"] or 0))
+    return found
+
+
+def digest(node: Node, path: str) -> str:
+    return hashlib.sha256(node.root.path(path).read_bytes()).hexdigest()
+
+
+def renew_and_prove(lab: ControlPlaneLab, node: Node, kubelet: Kubelet, *, watched: tuple[str, ...] = ()) -> Ran:
+    """Make `node` due, run its certificates step with clients on the VIP, and prove the outcome (see the
+    module). `watched`: more files the second run must leave untouched. Returns the first run."""
+    days = lab.config.certificates.renew_before_days
+    assert days > SHORT_DAYS
+    original = served_certificate(lab, node)
+    ca = x509.load_pem_x509_certificate(node.root.read(f"{PKI_DIR}/ca.crt").encode())
+    assert signed_by(original, ca)
+
+    # Due: the API server certificate ends in SHORT_DAYS; the API server restarted (by its manifest) to serve it.
+    short = reissue_due(lab, node)
+    manifest, held = f"{MANIFESTS}/kube-apiserver.yaml", "/etc/kubernetes/kube-apiserver.yaml.test-held"
+    on_node(node, "mv", manifest, held)
+    poll_until(lambda: not node.processes["kube-apiserver"].alive(), timeout=STOP_GRACE + 10, interval=0.2,
+               message="the kubelet stand-in to stop kube-apiserver")  # fmt: skip
+    on_node(node, "mv", held, manifest)
+    lab.wait_apiserver_ready(node.name, timeout=240)
+    lab.wait_backends({node.name: "UP"}, timeout=60)
+    before = served_certificate(lab, node)
+    assert before.serial_number == short.serial_number
+    assert sans(before) == sans(original)
+
+    script = script_of(lab.evaluation.named(f"{node.name}-certificates"))
+    kubelet.events.clear()
+    counters = haproxy_retries(lab, node.name)
+    with VipClient(lab) as client:
+        time.sleep(2)  # the client runs before the step starts
+        ran, took = run_certificates_step(lab, node, script)
+        # The step moves on only once the load balancers route to the restarted API server again.
+        in_rotation = {lb: lab.backend_states(lb).get(node.name) for lb in lab.load_balancer_names()}
+        time.sleep(2)
+    log = node.root.path(f"{LOG_DIR}/kubeadm-certs-renew.log")
+    renew_log = log.read_text() if log.exists() else "(no log)"
+    assert ran.returncode == 0, f"{ran.output}\n--- kubeadm certs renew:\n{renew_log}"
+    assert "Falling back to default configuration" not in renew_log, renew_log  # the program's document was read
+    report(f"renewal step on {node.name}: {took:.1f}s; kubelet stand-in: {', '.join(kubelet.events)}")
+    report(
+        f"VIP client: {client.requests} requests, {len(client.failures)} failed, {client.retried} retries"
+        + (f"; failures: {client.failures[:5]}" if client.failures else "")
+    )
+    shielded = {
+        lb: tuple(now - then for now, then in zip(values, counters[lb], strict=True))
+        for lb, values in haproxy_retries(lab, node.name).items()
+    }
+    report(f"HAProxy (sessions, retries, redispatches) to {node.name} during the step: {shielded}")
+    for component in kubelet.pods[node.name]:
+        if component in node.processes:
+            assert f"{component} restarted with the renewed certificates" in ran.stdout, ran.output
+            assert f"stopped {component} on {node.name}" in kubelet.events
+            assert f"started {component} on {node.name}" in kubelet.events
+
+    # The API server serves a renewed certificate: later end, the program's CA, the same names.
+    after = served_certificate(lab, node)
+    assert after.not_valid_after_utc > before.not_valid_after_utc + datetime.timedelta(days=300)
+    assert signed_by(after, ca)
+    assert sans(after) == sans(original)
+    recorded = parse_expiry(ran.stdout)
+    assert recorded is not None
+    recorded_at = datetime.datetime.fromisoformat(recorded.replace("Z", "+00:00"))
+    assert recorded_at > datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=days)
+    report(f"served notAfter {before.not_valid_after_utc:%Y-%m-%d} -> {after.not_valid_after_utc:%Y-%m-%d}; "
+           f"step recorded {recorded}")  # fmt: skip
+
+    # Clients through the VIP noticed nothing, and the API server was back behind every load balancer.
+    assert set(in_rotation.values()) == {"UP"}, in_rotation
+    assert client.requests >= 10
+    assert client.failures == []
+
+    # A second run changes nothing: nothing renewed, nothing restarted.
+    files = [f"{PKI_DIR}/apiserver.crt", f"{PKI_DIR}/front-proxy-client.crt", "/etc/kubernetes/admin.conf", *watched]
+    digests = {path: digest(node, path) for path in files}
+    pids = {name: process.pid for name, process in node.processes.items()}
+    kubelet.events.clear()
+    again, _ = run_certificates_step(lab, node, script)
+    assert again.returncode == 0, again.output
+    assert "already done" in again.stdout and "restarted" not in again.stdout, again.output
+    assert parse_expiry(again.stdout) == recorded
+    assert {path: digest(node, path) for path in files} == digests
+    assert {name: process.pid for name, process in node.processes.items()} == pids
+    assert kubelet.events == []
+    return ran
