@@ -97,11 +97,20 @@ def etcd_tool_functions(*, writable: Sequence[str], paths: EtcdPaths = _PATHS) -
     held = f"{HELD_MANIFEST_DIR}/etcd.yaml"
     mounts = [f"--mount=type=bind,src={cert_dir},dst={cert_dir},options=rbind:ro"]
     mounts += [f"--mount=type=bind,src={path},dst={path},options=rbind:rw" for path in writable]
-    image_line = r"""s/^[[:space:]-]*image:[[:space:]]*"?([^"[:space:]]+)"?.*/\1/p"""
+    # The first image: line, and sed stops there (no `| head`, whose early exit is a SIGPIPE under pipefail).
+    image_line = r"""/^[[:space:]-]*image:/{s/^[[:space:]-]*image:[[:space:]]*"?([^"[:space:]]+)"?.*/\1/p;q}"""
     return (
+        # The image kubelet runs (or ran, while a restore holds the manifest). Only a manifest that exists is
+        # read: sed fails (exit 2) on a missing file, and outside an `if` that failure ended the whole step
+        # (the drill's etcd queries failed on every node: tests/real/test_stacked_control_plane_live.py).
         "etcd_image() {",
-        # The image kubelet runs (or ran, while a restore holds the manifest): the first image: line.
-        f"  sed -nE {quote(image_line)} {quote(MANIFEST_PATH)} {quote(held)} 2>/dev/null | head -n 1",
+        "  local manifest",
+        f"  for manifest in {quote(MANIFEST_PATH)} {quote(held)}; do",
+        '    if [ -f "$manifest" ]; then',
+        f'      sed -nE {quote(image_line)} "$manifest"',
+        "      return 0",
+        "    fi",
+        "  done",
         "}",
         "kha_etcd_tool() {",
         "  local image",

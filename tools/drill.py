@@ -28,7 +28,7 @@ import json
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -233,6 +233,19 @@ def drill(target: DrillTarget, *, yes: bool, allow_quorum_loss: bool = False) ->
 # --- production: SSH to the nodes, HTTPS to the VIP --------------------------------------------------------
 
 
+def agreed_leader(statuses: Sequence[Any], members: Any) -> str | None:
+    """The member that every answering endpoint names as leader; None while they disagree or none answers.
+
+    `statuses`: `etcdctl endpoint status -w json` entries, each endpoint asked on its own. Asked together,
+    etcdctl fails the whole call when one endpoint does not answer, and the drill asks exactly while one member
+    is stopped: the re-elected leader was never seen (tests/real/test_stacked_control_plane_live.py).
+    `members`: `etcdctl member list -w json`."""
+    listed = members.get("members", []) if isinstance(members, Mapping) else []
+    names = {int(member["ID"]): member.get("name", "") for member in listed}
+    leaders = {int(status["Status"]["leader"]) for status in statuses}
+    return names.get(leaders.pop()) if len(leaders) == 1 else None
+
+
 def _script(step: str, host: str, *body: str, functions: tuple[str, ...] = ()) -> Script:
     return Script(step=step, host=host, done_when="false", on_node=False, functions=functions, body=body)
 
@@ -254,6 +267,7 @@ class StackTarget:
         self.context.load_cert_chain(str(cert), str(key))
         server = urlsplit(cluster["server"])
         self.host, self.port = server.hostname or "", server.port or 443
+        self._members: Any = None
 
     def _on(self, host: str, script: Script, timeout: float = 60) -> str:
         return run_checked(self.transport, self.access.nodes[host], script, timeout=timeout)
@@ -270,30 +284,39 @@ class StackTarget:
     def stacked_etcd(self) -> bool:
         return self.access.etcd_topology != "external"
 
+    def _etcd_on(self, host: str, *args: str) -> Any:
+        """etcdctl's JSON from `host`, against its own member (`kha_etcdctl` names the local endpoint; a second
+        `--endpoints` would be added to it, not replace it); None when that fails."""
+        script = _script(
+            "drill-etcd", host, "kha_etcdctl " + " ".join(quote(arg) for arg in args),
+            functions=etcd_tool_functions(writable=()),
+        )  # fmt: skip
+        try:
+            return json.loads(self._on(host, script).split("\nkubeadm-ha:")[0])
+        except (ToolError, json.JSONDecodeError):
+            return None
+
     def _etcd(self, *args: str) -> Any:
+        """etcdctl's JSON from the first member that answers."""
         for member in self.access.etcd_members:
-            script = _script(
-                "drill-etcd", member.name, "kha_etcdctl " + " ".join(quote(arg) for arg in args),
-                functions=etcd_tool_functions(writable=()),
-            )  # fmt: skip
-            try:
-                return json.loads(self._on(member.name, script).split("\nkubeadm-ha:")[0])
-            except (ToolError, json.JSONDecodeError):
-                continue
+            found = self._etcd_on(member.name, *args)
+            if found is not None:
+                return found
         return None
 
     def etcd_leader(self) -> str | None:
-        urls = ",".join(member.client_url for member in self.access.etcd_members)
-        statuses = self._etcd(f"--endpoints={urls}", "endpoint", "status", "-w", "json") or []
-        members = (self._etcd("member", "list", "-w", "json") or {}).get("members", [])
-        names = {int(member["ID"]): member["name"] for member in members}
-        leaders = {int(status["Status"]["leader"]) for status in statuses}
-        return names.get(leaders.pop()) if len(leaders) == 1 else None
+        # Each member on its own node: a stopped member fails only its own query (see `agreed_leader`).
+        statuses: list[Any] = []
+        for member in self.access.etcd_members:
+            statuses += self._etcd_on(member.name, "endpoint", "status", "-w", "json") or []
+        if self._members is None:  # the members do not change during a drill: listed once
+            self._members = self._etcd("member", "list", "-w", "json")
+        return agreed_leader(statuses, self._members)
 
     def etcd_healthy(self) -> set[str]:
         healthy = set()
         for member in self.access.etcd_members:
-            found = self._etcd(f"--endpoints={member.client_url}", "endpoint", "health", "-w", "json")
+            found = self._etcd_on(member.name, "endpoint", "health", "-w", "json")
             if found and all(entry.get("health") for entry in found):
                 healthy.add(member.name)
         return healthy

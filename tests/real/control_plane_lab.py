@@ -181,11 +181,20 @@ class ControlPlaneLab:
         node = self.nodes[name]
         node.processes["etcd"] = self.spawn(node, self._etcd_argv[name], "etcd")
 
+    def etcd_client_urls(self) -> dict[str, str]:
+        """Every etcd member's client URL by name: the etcd VMs, or with stacked etcd the control planes."""
+        if self.etcd_spec is not None:
+            return {member.name: member.client_url for member in self.etcd_spec.members}
+        return {plan.hostname: f"https://{plan.address}:2379" for plan in self.plan.control_planes}
+
     def etcdctl(self, *args: str, endpoints: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-        """etcdctl on the first etcd member's node, with the healthcheck client pair the program placed, bounded."""
-        assert self.etcd_spec is not None
-        node = self.nodes[self.etcd_spec.members[0].name]
-        urls = endpoints or list(self.etcd_spec.client_urls)
+        """etcdctl on an etcd member's node (the first whose etcd runs), with the healthcheck client pair placed
+        there, bounded."""
+        members = self.etcd_client_urls()
+        running = [name for name in members if name in self.nodes and self.nodes[name].processes.get("etcd")]
+        alive = [name for name in running if self.nodes[name].processes["etcd"].alive()]
+        node = self.nodes[(alive or running or list(members))[0]]
+        urls = endpoints or list(members.values())
         argv = [
             self.binaries["etcdctl"], f"--endpoints={','.join(urls)}", f"--cacert={ETCD_CA.cert_path}",
             f"--cert={ETCD_HEALTHCHECK_CLIENT.cert_path}", f"--key={ETCD_HEALTHCHECK_CLIENT.key_path}",

@@ -2,11 +2,9 @@
 kube-scheduler (from kubeadm's manifests) behind the program's HAProxy and keepalived, in network namespaces
 (tests/real/control_plane_lab.py; the same lab as test_control_plane_live.py).
 
-`LabTarget` is the drill's view of that lab: what SSH and the VIP's HTTPS are in production, processes and
-the client namespace are here. Stopping a control plane stops its three components; stopping a load
-balancer stops its keepalived and HAProxy. Lease holders are read from the API; since every lab process
-shares the machine's hostname (a lease identity is `<hostname>_<uuid>`), the holder's node is the one whose
-component reports `leader_election_master_status 1` on its own metrics endpoint.
+`LabTarget` (tests/real/drill_target.py) is the drill's view of that lab: what SSH and the VIP's HTTPS are
+in production, processes and the client namespace are here. The stacked case is in
+test_stacked_control_plane_live.py.
 
 Proven, and measured: with the controller manager's lease holder down, the API through the VIP answers and
 takes writes, both leases end up on running control planes, the stopped node comes back ready; with the VIP
@@ -16,137 +14,16 @@ by the drill itself.
 
 from __future__ import annotations
 
-import http.client
-import json
-import signal
-import ssl
-from typing import Any
-
 import pytest
 
-from tests.integration.netns import Process
 from tests.real.control_plane_lab import ControlPlaneLab, report
+from tests.real.drill_target import LabTarget
 from tests.real.test_control_plane_live import cp_lab
-from tools.drill import drill, write_configmap
+from tools.drill import drill
 
 pytestmark = pytest.mark.integration
 
-COMPONENT_PORTS = {"kube-controller-manager": 10257, "kube-scheduler": 10259}
 __all__ = ["cp_lab"]
-
-
-class LabTarget:
-    def __init__(self, lab: ControlPlaneLab) -> None:
-        self.lab = lab
-        self.stopped: dict[str, list[Process]] = {}
-
-    def control_planes(self) -> list[str]:
-        return [plan.hostname for plan in self.lab.plan.control_planes]
-
-    def load_balancers(self) -> list[str]:
-        return [plan.hostname for plan in self.lab.plan.load_balancers]
-
-    def etcd_members(self) -> list[str]:
-        assert self.lab.etcd_spec is not None
-        return [member.name for member in self.lab.etcd_spec.members]
-
-    def stacked_etcd(self) -> bool:
-        return not self.lab.config.etcd.external
-
-    def etcd_leader(self) -> str | None:
-        status = self.lab.etcdctl("endpoint", "status", "-w", "json")
-        listing = self.lab.etcdctl("member", "list", "-w", "json")
-        if status.returncode != 0 or listing.returncode != 0:
-            return None
-        names = {int(member["ID"]): member["name"] for member in json.loads(listing.stdout)["members"]}
-        leaders = {int(entry["Status"]["leader"]) for entry in json.loads(status.stdout)}
-        return names.get(leaders.pop()) if len(leaders) == 1 else None
-
-    def etcd_healthy(self) -> set[str]:
-        assert self.lab.etcd_spec is not None
-        return {
-            member.name
-            for member in self.lab.etcd_spec.members
-            if self.lab.etcdctl("endpoint", "health", endpoints=[member.client_url]).returncode == 0
-        }
-
-    def _leading(self, host: str, component: str) -> bool:
-        node = self.lab.nodes[host]
-        process = node.processes.get(component)
-        if process is None or not process.alive():
-            return False
-        # The component's own serving certificate is self-signed; the admin pair authenticates.
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        context.load_cert_chain(str(self.lab.cert_file), str(self.lab.key_file))
-        with node.namespace.entered():
-            connection = http.client.HTTPSConnection(
-                "127.0.0.1", COMPONENT_PORTS[component], timeout=3, context=context
-            )
-            connection.connect()
-        try:
-            connection.request("GET", "/metrics")
-            text = connection.getresponse().read().decode(errors="replace")
-        finally:
-            connection.close()
-        return any(
-            line.startswith("leader_election_master_status") and line.rstrip().endswith(" 1")
-            for line in text.splitlines()
-        )
-
-    def lease_holder(self, lease: str) -> str | None:
-        response = self.lab.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/{lease}")
-        if response.status != 200 or not (response.json().get("spec") or {}).get("holderIdentity"):
-            return None
-        leaders = [host for host in self.control_planes() if self._safe_leading(host, lease)]
-        return leaders[0] if len(leaders) == 1 else None
-
-    def _safe_leading(self, host: str, component: str) -> bool:
-        try:
-            return self._leading(host, component)
-        except OSError:
-            return False
-
-    def api_ready(self) -> bool:
-        return self.lab.request("GET", "/readyz", admin=False, timeout=2).status == 200
-
-    def api_write(self, value: str) -> bool:
-        def request(method: str, path: str, body: object) -> tuple[int, Any]:
-            return self.lab.request(method, path, body=body, timeout=8).status, None
-
-        return write_configmap(request, value)
-
-    def stop_control_plane(self, host: str) -> None:
-        node = self.lab.nodes[host]
-        for component in ("kube-scheduler", "kube-controller-manager", "kube-apiserver"):
-            if component in node.processes:
-                node.processes[component].stop(signal.SIGTERM, timeout=10)
-
-    def start_control_plane(self, host: str) -> None:
-        node = self.lab.nodes[host]
-        for component in ("kube-apiserver", "kube-controller-manager", "kube-scheduler"):
-            if component in node.processes:
-                self.lab.start_component(node, component)
-
-    def control_plane_ready(self, host: str) -> bool:
-        return self.lab.apiserver_ready(host)
-
-    def vip_holder(self) -> str | None:
-        holders = self.lab.vip_holders()
-        return next(iter(holders)) if len(holders) == 1 else None
-
-    def stop_load_balancer(self, host: str) -> None:
-        node = self.lab.nodes[host]
-        self.stopped[host] = [node.processes[name] for name in ("keepalived", "haproxy") if name in node.processes]
-        for process in self.stopped[host]:
-            process.stop(signal.SIGTERM, timeout=10)
-
-    def start_load_balancer(self, host: str) -> None:
-        node = self.lab.nodes[host]
-        for process in reversed(self.stopped.pop(host, [])):
-            what = process.name.split("-", 1)[0]
-            node.processes[what] = self.lab.lab.spawn(node.namespace, process.argv, name=f"{process.name}-again")
 
 
 def test_the_drill_holds_on_a_real_control_plane(cp_lab: ControlPlaneLab) -> None:

@@ -26,22 +26,20 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import pytest
 
 from components.backup import BackupPolicy, backup_script
 from components.etcd import MANIFEST_PATH, STAGED_MANIFEST_PATH
 from components.node_prep import STATIC_POD_DIR
-from components.scripts import Script
 from tests.integration.lab_nodes import fake_ctr
 from tests.integration.netns import poll_until
 from tests.real.binaries import binary
 from tests.real.control_plane_lab import APISERVER_BOUND, COMPONENTS, ControlPlaneLab, Node, report
 from tests.real.kubelet import Kubelet, node_tools
 from tests.real.node_root import DEFAULT_PATH
+from tests.real.node_transport import NodeTransport
 from tests.real.test_control_plane_live import cp_lab
-from tools import access as tool_access
 from tools.access import StackAccess, ToolError, access_from_outputs
 from tools.etcd_backup import backup
 from tools.etcd_restore import restore
@@ -55,33 +53,6 @@ AFTER = "kubeadm-ha-restore-after-snapshot"
 WRITTEN = "kubeadm-ha-restore-after-restore"
 ETCD_BOUND = 60.0
 KUBECTL_BOUND = 60.0
-
-
-class NodeTransport:
-    """tools.access.SshTransport's interface over lab nodes: a script runs as root in the node's namespaces."""
-
-    def __init__(self, lab: ControlPlaneLab, tools: dict[str, Path]) -> None:
-        self.lab, self.tools = lab, tools
-        self.ran: list[tuple[str, str]] = []
-
-    def run(
-        self,
-        node: tool_access.Node,
-        script: Script,
-        *,
-        stdin: bytes | IO[bytes] | None = None,
-        stdout: IO[bytes] | None = None,
-        timeout: float,
-    ) -> subprocess.CompletedProcess[bytes]:
-        lab_node = self.lab.nodes[node.hostname]
-        self.ran.append((node.hostname, script.step))
-        env = ["/usr/bin/env", "-i", f"PATH={self.tools[node.hostname]}:/usr/sbin:/usr/bin:/sbin:/bin"]
-        argv = ["ip", "netns", "exec", lab_node.namespace.name]
-        argv += lab_node.root.wrap([*env, "bash", "-c", script.render(), f"kubeadm-ha-{script.step}"])
-        sink = stdout or subprocess.PIPE
-        if isinstance(stdin, bytes) or stdin is None:
-            return subprocess.run(argv, input=stdin or b"", stdout=sink, stderr=subprocess.PIPE, timeout=timeout)
-        return subprocess.run(argv, stdin=stdin, stdout=sink, stderr=subprocess.PIPE, timeout=timeout)
 
 
 class Kubectl:

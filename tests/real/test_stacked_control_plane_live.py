@@ -19,6 +19,7 @@ import json
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -26,11 +27,16 @@ from cryptography import x509
 from components.pki import ETCD_CA, ETCD_HEALTHCHECK_CLIENT, ETCD_PEER_CERT_PATH, ETCD_SERVER_CERT_PATH
 from components.versions import DEFAULT_KUBERNETES
 from tests.integration.conftest import phase_failed, require_programs, require_root
+from tests.integration.lab_nodes import fake_ctr
 from tests.integration.netns import Lab, cleanup_stale, poll_until
 from tests.real.binaries import binary
-from tests.real.control_plane_lab import ControlPlaneLab, report
-from tests.real.kubelet import Kubelet
+from tests.real.control_plane_lab import APISERVER_BOUND, MANIFESTS, ControlPlaneLab, report
+from tests.real.drill_target import LabTarget
+from tests.real.kubelet import Kubelet, node_tools
+from tests.real.node_transport import NodeTransport
 from tests.real.renewal import renew_and_prove, sans, served_certificate, signed_by
+from tools.access import access_from_outputs
+from tools.drill import StackTarget, choose_control_plane, drill, quorum_refusal
 from tools.plan import mask
 
 pytestmark = pytest.mark.real
@@ -159,3 +165,90 @@ def test_renewal_on_a_stacked_control_plane_renews_and_restarts_its_etcd_member_
     assert etcd_members(stacked, node.name) == expected
     report(f"{node.name}: etcd serves serial {etcd_before.serial_number:x} -> {etcd_after.serial_number:x}, "
            f"notAfter {etcd_after.not_valid_after_utc:%Y-%m-%d}")  # fmt: skip
+
+
+def stack_target(lab: ControlPlaneLab) -> StackTarget:
+    """tools.drill's production target on the lab: the stack's outputs, scripts run on the nodes through
+    NodeTransport (where SSH is in production), etcdctl behind the `ctr` stand-in that checks its command line."""
+    outputs = {key: output.value for key, output in lab.evaluation.outputs.items()}
+    access = access_from_outputs(lab.stack, outputs)
+    tools = {}
+    for plan in lab.plan.control_planes:
+        node = lab.nodes[plan.hostname]
+        directory = node_tools(lab.work / f"drill-bin-{node.name}", {})
+        image = node.root.read(f"{MANIFESTS}/etcd.yaml").split("image: ", 1)[1].split()[0]
+        (directory / "ctr").write_text(fake_ctr(Path(lab.binaries["etcdctl"]).parent, image))
+        (directory / "ctr").chmod(0o755)
+        tools[node.name] = directory
+    workdir = lab.work / "drill-target"
+    workdir.mkdir(mode=0o700, exist_ok=True)
+    return StackTarget(access, NodeTransport(lab, tools), workdir)
+
+
+def test_the_drill_sees_the_new_etcd_leader_while_the_old_one_is_stopped(stacked: ControlPlaneLab) -> None:
+    """tools.drill's StackTarget (production code, scripts run on the nodes) with a stacked member stopped."""
+    target = stack_target(stacked)
+    members = {plan.hostname for plan in stacked.plan.control_planes}
+    leader = target.etcd_leader()
+    assert leader is not None and leader == LabTarget(stacked).etcd_leader()
+    assert target.etcd_healthy() == members
+    assert quorum_refusal(target, leader) is None  # 2 of 3 stay: the drill may stop it (it refused every node)
+
+    node = stacked.nodes[leader]
+    node.processes["etcd"].stop(signal.SIGTERM, timeout=30)
+    try:
+        # Why each endpoint is asked on its own: asked together, the real etcdctl fails the whole call.
+        together = stacked.etcdctl("endpoint", "status", "-w", "json")
+        assert together.returncode != 0, together.stdout
+        started = time.monotonic()
+        new = poll_until(
+            lambda: (found := target.etcd_leader()) not in (None, leader) and found,
+            timeout=60,
+            interval=1,
+            message=f"the drill to see a leader other than {leader}",
+        )
+        report(f"stacked: {leader} stopped, the drill sees {new} lead after {time.monotonic() - started:.1f}s")
+        assert target.etcd_healthy() == members - {leader}
+        remaining = sorted(members - {leader})
+        assert quorum_refusal(target, remaining[0]) is not None  # one more would cost the quorum
+    finally:
+        stacked.start_stacked_etcd(node)
+    poll_until(lambda: target.etcd_healthy() == members, timeout=60, interval=1, message="every member healthy again")
+    stacked.wait_apiserver_ready(node.name, timeout=APISERVER_BOUND)
+
+
+def test_the_drill_on_stacked_etcd_stops_the_leader_and_etcd_elects_another(stacked: ControlPlaneLab) -> None:
+    """tools.drill on the stacked lab: the control plane it stops (the controller manager's lease holder) is
+    made the etcd leader first (`etcdctl move-leader`), so stopping it must make etcd elect another."""
+    for plan in stacked.plan.control_planes:
+        node = stacked.nodes[plan.hostname]
+        scheduler = node.processes.get("kube-scheduler")
+        if scheduler is None or not scheduler.alive():
+            stacked.start_component(node, "kube-scheduler")
+    target = LabTarget(stacked)
+    poll_until(
+        lambda: all(target.lease_holder(lease) for lease in ("kube-controller-manager", "kube-scheduler")),
+        timeout=120,
+        interval=1,
+        message="both leases held",
+    )
+    host = choose_control_plane(target)
+    urls = stacked.etcd_client_urls()
+    leader = target.etcd_leader()
+    assert leader is not None
+    if leader != host:
+        listing = stacked.etcdctl("member", "list", "-w", "json")
+        assert listing.returncode == 0, listing.stderr
+        ids = {member["name"]: int(member["ID"]) for member in json.loads(listing.stdout)["members"]}
+        moved = stacked.etcdctl("move-leader", f"{ids[host]:x}", endpoints=[urls[leader]])
+        assert moved.returncode == 0, moved.stderr
+    poll_until(lambda: target.etcd_leader() == host, timeout=30, interval=0.5, message=f"{host} to lead etcd")
+
+    result = drill(target, yes=True)
+    for row in result.rows:
+        report(f"drill (stacked): {row.check}: {row.before} -> {row.after}, {'held' if row.held else 'NO'}, "
+               f"{row.seconds}")  # fmt: skip
+    assert result.passed, result.table()
+    re_elected = next(row for row in result.rows if row.check == "etcd leader re-elected")
+    assert re_elected.before == host and re_elected.after not in (None, host)
+    assert {row.check for row in result.rows} >= {"every etcd member healthy", "VIP moved", "write through the VIP"}

@@ -1,0 +1,137 @@
+"""tools.drill's view of the real control-plane lab (tests/real/control_plane_lab.py), external or stacked etcd.
+
+`LabTarget` implements tools.drill.DrillTarget: what SSH and the VIP's HTTPS are in production, processes and
+the client namespace are here. Stopping a control plane stops its components (and its etcd member with stacked
+etcd); stopping a load balancer stops its keepalived and HAProxy. Lease holders are read from the API; since
+every lab process shares the machine's hostname (a lease identity is `<hostname>_<uuid>`), the holder's node is
+the one whose component reports `leader_election_master_status 1` on its own metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import ssl
+from typing import Any
+
+from tests.integration.netns import Process
+from tests.real.control_plane_lab import ControlPlaneLab
+from tools.drill import agreed_leader, write_configmap
+
+COMPONENT_PORTS = {"kube-controller-manager": 10257, "kube-scheduler": 10259}
+
+
+class LabTarget:
+    def __init__(self, lab: ControlPlaneLab) -> None:
+        self.lab = lab
+        self.stopped: dict[str, list[Process]] = {}
+
+    def control_planes(self) -> list[str]:
+        return [plan.hostname for plan in self.lab.plan.control_planes]
+
+    def load_balancers(self) -> list[str]:
+        return [plan.hostname for plan in self.lab.plan.load_balancers]
+
+    def etcd_members(self) -> list[str]:
+        return list(self.lab.etcd_client_urls())
+
+    def stacked_etcd(self) -> bool:
+        return not self.lab.config.etcd.external
+
+    def etcd_leader(self) -> str | None:
+        statuses: list[Any] = []
+        for url in self.lab.etcd_client_urls().values():
+            status = self.lab.etcdctl("endpoint", "status", "-w", "json", endpoints=[url])
+            if status.returncode == 0:
+                statuses += json.loads(status.stdout)
+        listing = self.lab.etcdctl("member", "list", "-w", "json")
+        return agreed_leader(statuses, json.loads(listing.stdout) if listing.returncode == 0 else None)
+
+    def etcd_healthy(self) -> set[str]:
+        return {
+            name
+            for name, url in self.lab.etcd_client_urls().items()
+            if self.lab.etcdctl("endpoint", "health", endpoints=[url]).returncode == 0
+        }
+
+    def _leading(self, host: str, component: str) -> bool:
+        node = self.lab.nodes[host]
+        process = node.processes.get(component)
+        if process is None or not process.alive():
+            return False
+        # The component's own serving certificate is self-signed; the admin pair authenticates.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.load_cert_chain(str(self.lab.cert_file), str(self.lab.key_file))
+        with node.namespace.entered():
+            connection = http.client.HTTPSConnection(
+                "127.0.0.1", COMPONENT_PORTS[component], timeout=3, context=context
+            )
+            connection.connect()
+        try:
+            connection.request("GET", "/metrics")
+            text = connection.getresponse().read().decode(errors="replace")
+        finally:
+            connection.close()
+        return any(
+            line.startswith("leader_election_master_status") and line.rstrip().endswith(" 1")
+            for line in text.splitlines()
+        )
+
+    def lease_holder(self, lease: str) -> str | None:
+        response = self.lab.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/{lease}")
+        if response.status != 200 or not (response.json().get("spec") or {}).get("holderIdentity"):
+            return None
+        leaders = [host for host in self.control_planes() if self._safe_leading(host, lease)]
+        return leaders[0] if len(leaders) == 1 else None
+
+    def _safe_leading(self, host: str, component: str) -> bool:
+        try:
+            return self._leading(host, component)
+        except OSError:
+            return False
+
+    def api_ready(self) -> bool:
+        return self.lab.request("GET", "/readyz", admin=False, timeout=2).status == 200
+
+    def api_write(self, value: str) -> bool:
+        def request(method: str, path: str, body: object) -> tuple[int, Any]:
+            return self.lab.request(method, path, body=body, timeout=8).status, None
+
+        return write_configmap(request, value)
+
+    def stop_control_plane(self, host: str) -> None:
+        """Its static pods, as kubelet stops them; with stacked etcd its member too, last."""
+        node = self.lab.nodes[host]
+        for component in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
+            if component in node.processes:
+                node.processes[component].stop(signal.SIGTERM, timeout=10)
+
+    def start_control_plane(self, host: str) -> None:
+        node = self.lab.nodes[host]
+        if "etcd" in node.processes:
+            self.lab.start_stacked_etcd(node)
+        for component in ("kube-apiserver", "kube-controller-manager", "kube-scheduler"):
+            if component in node.processes:
+                self.lab.start_component(node, component)
+
+    def control_plane_ready(self, host: str) -> bool:
+        return self.lab.apiserver_ready(host)
+
+    def vip_holder(self) -> str | None:
+        holders = self.lab.vip_holders()
+        return next(iter(holders)) if len(holders) == 1 else None
+
+    def stop_load_balancer(self, host: str) -> None:
+        node = self.lab.nodes[host]
+        self.stopped[host] = [node.processes[name] for name in ("keepalived", "haproxy") if name in node.processes]
+        for process in self.stopped[host]:
+            process.stop(signal.SIGTERM, timeout=10)
+
+    def start_load_balancer(self, host: str) -> None:
+        node = self.lab.nodes[host]
+        for process in reversed(self.stopped.pop(host, [])):
+            what = process.name.split("-", 1)[0]
+            node.processes[what] = self.lab.lab.spawn(node.namespace, process.argv, name=f"{process.name}-again")

@@ -1,0 +1,73 @@
+"""`kha_etcdctl`'s image lookup (components/backup.py `etcd_tool_functions`), run by bash as the steps run it:
+under `set -euo pipefail`, outside any `if`.
+
+Found by running tools.drill's production target against the stacked lab: `etcd_image` read the live manifest
+and the restore-held one with one `sed`, which exits 2 when one of them is missing (always, outside a restore);
+under pipefail that ended every script that called `kha_etcdctl` directly. The backup and restore scripts call
+it inside `if` or `||`, where errexit is off, so only the drill's queries failed: on every node, always.
+`ctr` cannot run here; a stand-in prints the image and command it is given.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from components.backup import HELD_MANIFEST_DIR, etcd_tool_functions
+from components.etcd import MANIFEST_PATH
+
+LIVE = "registry.k8s.io/etcd:3.7.0-0"
+HELD = "registry.k8s.io/etcd:3.6.8-0"
+
+
+def manifest(image: str) -> str:
+    return (
+        "apiVersion: v1\nkind: Pod\nspec:\n  containers:\n  - command:\n    - etcd\n"
+        f"    image: {image}\n    name: etcd\n  - image: registry.k8s.io/pause:3.10\n    name: second\n"
+    )
+
+
+def run(tmp_path: Path, body: str, *, live: str | None, held: str | None) -> subprocess.CompletedProcess[str]:
+    paths = {MANIFEST_PATH: tmp_path / "manifests/etcd.yaml", f"{HELD_MANIFEST_DIR}/etcd.yaml": tmp_path / "held.yaml"}
+    for path, image in zip(paths.values(), (live, held), strict=True):
+        if image is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(manifest(image))
+    functions = "\n".join(etcd_tool_functions(writable=()))
+    for original, moved in paths.items():
+        functions = functions.replace(original, str(moved))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "ctr").write_text('#!/bin/sh\nshift 3\nwhile [ "${1#--}" != "$1" ]; do shift; done\necho "$1 $3"\n')
+    (bin_dir / "ctr").chmod(0o755)
+    script = f"set -euo pipefail\nKUBEADM_HA_HOST=etcd-1\n{functions}\n{body}\necho end"
+    return subprocess.run(
+        ["bash", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("live", "held", "image"),
+    [(LIVE, None, LIVE), (None, HELD, HELD), (LIVE, HELD, LIVE)],
+    ids=["running", "held-by-a-restore", "both"],
+)
+def test_the_image_comes_from_the_manifest_there_is_outside_an_if(
+    tmp_path: Path, live: str | None, held: str | None, image: str
+) -> None:
+    found = run(tmp_path, "etcd_image\nkha_etcdctl endpoint status", live=live, held=held)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout == f"{image}\n{image} etcdctl\nend\n"
+
+
+def test_no_manifest_at_all_is_a_named_failure(tmp_path: Path) -> None:
+    found = run(tmp_path, "kha_etcdctl endpoint status", live=None, held=None)
+    assert found.returncode == 1
+    assert "kubeadm-ha: no etcd manifest on etcd-1 to take the etcd image from" in found.stderr
+    assert "end" not in found.stdout
