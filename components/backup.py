@@ -268,14 +268,26 @@ def _manifests(etcd_member: bool, control_plane: bool) -> tuple[str, ...]:
 
 
 def quorum_probe_script(host: str) -> Script:
-    """Exit 0 and print `quorum` when the local member answers a quorum read; `no-quorum` otherwise."""
+    """Exit 0 and print `quorum` when the local member answers a quorum read, `no-quorum` when it does not.
+
+    Fails (exit 1, naming what ctr said) when etcdctl itself cannot run on the node: a `no-quorum` then would
+    let the restore go ahead against a cluster nobody looked at (the image gone, containerd down; found with
+    the real ctr in tests/real/test_ctr_etcd_tools.py). `etcdctl version` needs no member.
+    """
+    cannot = quote(f"kubeadm-ha: etcdctl cannot run on {host} (through ctr, in the member's etcd image), so")
     return Script(
         step="etcd-quorum-probe",
         host=host,
         done_when="false",
         functions=etcd_tool_functions(writable=()),
         on_node=False,
-        body=("if kha_etcdctl endpoint health >/dev/null 2>&1; then echo quorum; else echo no-quorum; fi",),
+        body=(
+            'if ! tool="$(kha_etcdctl version 2>&1)"; then',
+            f'  echo {cannot}" whether etcd has a quorum is unknown: $tool" >&2',
+            "  exit 1",
+            "fi",
+            "if kha_etcdctl endpoint health >/dev/null 2>&1; then echo quorum; else echo no-quorum; fi",
+        ),
     )
 
 

@@ -16,6 +16,7 @@ DEBIAN_PACKAGES=(
   openssh-client                # ssh-keygen reads the known_hosts files pinning hypervisor host keys
   openssh-server sudo           # the tools' SshTransport against a real sshd and sudo, inside namespaces
   gpg gpgv                      # pinned signing keys (pkgs.k8s.io) and signed image checksums, checked for real
+  runc                          # real containerd + ctr run the etcd tools the way the nodes do
 )
 VENV="${KUBEADM_HA_TEST_VENV:-.venv}"
 

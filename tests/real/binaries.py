@@ -40,11 +40,17 @@ def cached_path(name: str, kubernetes_version: str = DEFAULT_KUBERNETES) -> Path
     builder = _builder()
     if name in builder.KUBERNETES:
         return Path(builder.CACHE) / "kubernetes" / kubernetes_version / name
+    if name in builder.CONTAINERD:
+        # containerd's own version, whatever the Kubernetes one.
+        return Path(builder.CACHE) / "containerd" / builder.CONTAINERD_VERSION / name
     etcd = RELEASES[minor_of(kubernetes_version)].etcd_version
     return Path(builder.CACHE) / "etcd" / etcd / name
 
 
 def build_command(name: str, kubernetes_version: str = DEFAULT_KUBERNETES) -> str:
+    builder = _builder()
+    if name in builder.CONTAINERD:
+        return f"tests/real/build-binaries {name}@{builder.CONTAINERD_VERSION}"
     return f"tests/real/build-binaries {name}@{kubernetes_version}"
 
 
@@ -53,7 +59,9 @@ def binary(name: str, kubernetes_version: str = DEFAULT_KUBERNETES) -> str:
     path = cached_path(name, kubernetes_version)
     if not path.is_file():
         command = build_command(name, kubernetes_version)
-        unavailable(f"{name} for Kubernetes {kubernetes_version} is not built: run {command}")
+        builder = _builder()
+        which = builder.CONTAINERD_VERSION if name in builder.CONTAINERD else f"for Kubernetes {kubernetes_version}"
+        unavailable(f"{name} {which} is not built: run {command}")
     return str(path)
 
 
@@ -80,8 +88,11 @@ SUITE = (
             "etcdutl",
         )
     ),
-    # The containerd Ubuntu ships (its own version), to load the config node preparation writes.
+    # The containerd Ubuntu ships (its own version), to load the config node preparation writes; with its ctr and
+    # runc shim, to run the etcd tools in an etcd image the way the nodes do.
     "containerd",
+    "ctr",
+    "containerd-shim-runc-v2",
 )
 
 

@@ -35,6 +35,7 @@ from tests.real.drill_target import LabTarget
 from tests.real.kubelet import Kubelet, node_tools
 from tests.real.node_transport import NodeTransport
 from tests.real.renewal import renew_and_prove, sans, served_certificate, signed_by
+from tests.real.restore import RestoreLab, restore_and_prove
 from tools.access import access_from_outputs
 from tools.drill import StackTarget, choose_control_plane, drill, quorum_refusal
 from tools.plan import mask
@@ -252,3 +253,14 @@ def test_the_drill_on_stacked_etcd_stops_the_leader_and_etcd_elects_another(stac
     re_elected = next(row for row in result.rows if row.check == "etcd leader re-elected")
     assert re_elected.before == host and re_elected.after not in (None, host)
     assert {row.check for row in result.rows} >= {"every etcd member healthy", "VIP moved", "write through the VIP"}
+
+
+def test_a_restore_of_stacked_etcd_serves_the_objects_from_before_the_snapshot(
+    stacked: ControlPlaneLab, tmp_path: Path
+) -> None:
+    """tools.etcd_restore on stacked etcd (tests/real/restore.py has the proof): the members are the control
+    planes, held, restored and started with their API servers. Last in this module: it rewinds the cluster."""
+    live = RestoreLab(stacked)
+    with live.kubelet() as kubelet:
+        restore_and_prove(live, kubelet, tmp_path)
+    assert kubelet.error is None, f"the kubelet stand-in failed: {kubelet.error!r}"

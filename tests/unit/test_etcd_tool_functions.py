@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from components.backup import HELD_MANIFEST_DIR, etcd_tool_functions
+from components.backup import HELD_MANIFEST_DIR, etcd_tool_functions, quorum_probe_script
 from components.etcd import MANIFEST_PATH
 
 LIVE = "registry.k8s.io/etcd:3.7.0-0"
@@ -71,3 +71,21 @@ def test_no_manifest_at_all_is_a_named_failure(tmp_path: Path) -> None:
     assert found.returncode == 1
     assert "kubeadm-ha: no etcd manifest on etcd-1 to take the etcd image from" in found.stderr
     assert "end" not in found.stdout
+
+
+def test_the_quorum_probe_fails_when_etcdctl_cannot_run(tmp_path: Path) -> None:
+    """A `no-quorum` from a node where etcdctl never ran would let tools.etcd_restore go ahead without --force."""
+    script = quorum_probe_script("etcd-1").render()
+    for original in (MANIFEST_PATH, f"{HELD_MANIFEST_DIR}/etcd.yaml"):
+        script = script.replace(original, str(tmp_path / original.replace("/", "_")))
+    (tmp_path / MANIFEST_PATH.replace("/", "_")).write_text(manifest(LIVE))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ctr").write_text('#!/bin/sh\necho "ctr: image not found" >&2\nexit 1\n')
+    (bin_dir / "ctr").chmod(0o755)
+    ran = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=30, env={"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    )
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    assert "quorum" not in ran.stdout
+    assert "kubeadm-ha: etcdctl cannot run on etcd-1" in ran.stderr and "ctr: image not found" in ran.stderr
