@@ -5,8 +5,9 @@ import pulumi
 from components.backup import ETCD_BACKUPS_OUTPUT, HOST_KEYS_OUTPUT
 from components.certificates import CERTIFICATE_RENEWALS_OUTPUT, CERTIFICATES_EXPIRE_OUTPUT
 from components.cluster import build_cluster
-from components.config import load_stack_config
-from components.previous import (
+from components.promotion import enforce_promotion_gate
+from model.config import load_stack_config
+from model.previous import (
     DEPLOYMENT_ID_OUTPUT,
     ETCD_IMAGE_TAG_OUTPUT,
     ETCD_INITIAL_MEMBERS_OUTPUT,
@@ -16,8 +17,7 @@ from components.previous import (
     NETWORK_MODE_OUTPUT,
     read_previous_deployment,
 )
-from components.promotion import enforce_promotion_gate
-from components.release import (
+from model.release import (
     PROGRAM_DIGEST_OUTPUT,
     PROMOTION_OUTPUT,
     RELEASE_OUTPUT,
@@ -38,7 +38,7 @@ pulumi.export("apiEndpoint", cluster.api_endpoint)
 pulumi.export("nodes", cluster.nodes)
 pulumi.export("sshUser", cluster.ssh_user)
 pulumi.export("sshPrivateKey", cluster.ssh_private_key)
-# Read back by the next run (components/previous.py) to judge upgrades and topology changes.
+# Read back by the next run (model/previous.py) to judge upgrades and topology changes.
 pulumi.export(KUBERNETES_VERSION_OUTPUT, cluster.kubernetes_version)
 pulumi.export(ETCD_TOPOLOGY_OUTPUT, config.etcd.topology)
 pulumi.export(NETWORK_MODE_OUTPUT, config.network.mode)

@@ -28,17 +28,17 @@ import pulumi
 import pulumi_command as command
 
 from components.etcd import CLIENT_PORT, DATA_DIR, MANIFEST_PATH, EtcdMember, EtcdPaths
-from components.kubeadm import CONFIG_DIR
-from components.node_prep import STATIC_POD_DIR
 from components.remote import run_step
-from components.scripts import Script, files_match, logged, quote, sha256_hex, write_file
-from components.scripts import command as shell
+from render.kubeadm import CONFIG_DIR
+from render.node_prep import STATIC_POD_DIR
+from render.scripts import Script, files_match, logged, quote, sha256_hex, write_file
+from render.scripts import command as shell
 
 if TYPE_CHECKING:
-    from components.addressing import NodePlan
-    from components.config import ClusterConfig
     from components.nodes import NodeContext
     from components.vm import Vm
+    from model.addressing import NodePlan
+    from model.config import ClusterConfig
 
 BACKUP_DIR = "/var/backups/kubeadm-ha/etcd"
 BACKUP_SCRIPT_PATH = "/usr/local/sbin/kubeadm-ha-etcd-backup"

@@ -37,18 +37,18 @@ from typing import TYPE_CHECKING, Any
 import pulumi
 import pulumi_command as command
 
-from components import lb_config
-from components.kubeadm import CONFIG_DIR, PKI_DIR
-from components.node_prep import STATIC_POD_DIR
 from components.remote import run_step
-from components.scripts import Script, bounded_wait_function, logged, quote, write_file
-from components.scripts import command as shell
+from render import lb_config
+from render.kubeadm import CONFIG_DIR, PKI_DIR
+from render.node_prep import STATIC_POD_DIR
+from render.scripts import Script, bounded_wait_function, logged, quote, write_file
+from render.scripts import command as shell
 
 if TYPE_CHECKING:
-    from components.addressing import NodePlan
     from components.nodes import NodeContext
     from components.pki import ClusterPki
     from components.vm import Vm
+    from model.addressing import NodePlan
 
 CERTIFICATES_EXPIRE_OUTPUT = "certificatesExpire"
 CERTIFICATE_RENEWALS_OUTPUT = "certificateRenewals"

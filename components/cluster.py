@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import pulumi
 
-from components.addressing import AddressPlan, plan_addresses
 from components.backup import BackupTarget, EtcdBackups, EtcdBackupsArgs, backup_locations
 from components.certificates import (
     CertificateRenewal,
@@ -16,20 +15,21 @@ from components.certificates import (
     certificate_expiries,
     plan_renewals,
 )
-from components.config import ClusterConfig
 from components.control_plane import ControlPlaneNode, ControlPlaneNodeArgs
 from components.etcd import EtcdCluster, EtcdClusterArgs, EtcdClusterSpec, plan_membership
-from components.kubeadm import ClusterShape, ExternalEtcd, renewal_document
-from components.kubeconfig import render_kubeconfig
 from components.loadbalancer import LoadBalancer, LoadBalancerArgs
 from components.nodes import NodeContext
 from components.pki import ADMIN_USER, APISERVER_ETCD_CLIENT, ETCD_CA, ClusterPki, ClusterPkiArgs
-from components.placement import placement_findings, plan_placement
-from components.previous import NEW_STACK, PreviousDeployment
 from components.remote import secret
 from components.upgrade import KubernetesUpgrade, KubernetesUpgradeArgs
 from components.vm import BaseImage, Hypervisor, deployment_id
 from components.worker_pool import WorkerPool, WorkerPoolArgs
+from model.addressing import AddressPlan, plan_addresses
+from model.config import ClusterConfig
+from model.placement import placement_findings, plan_placement
+from model.previous import NEW_STACK, PreviousDeployment
+from render.kubeadm import ClusterShape, ExternalEtcd, renewal_document
+from render.kubeconfig import render_kubeconfig
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,16 @@ from typing import Literal
 import pulumi
 import pulumi_command as command
 
-from components.addressing import NodePlan
-from components.cni import cni_script, manifest_for
-from components.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH, ClusterShape, init_documents, join_documents
 from components.membership import admin_for, membership_step, node_removal_step, reset_step, token_step
-from components.node_prep import kubernetes_node_preparation
 from components.nodes import NodeContext
 from components.pki import ETCD_CA, SA_KEY_PATH, SA_PUB_PATH, ClusterPki, IssuedLeaf
 from components.remote import run_step, secret
-from components.scripts import (
+from components.vm import Vm, VmSize
+from model.addressing import NodePlan
+from render.cni import cni_script, manifest_for
+from render.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH, ClusterShape, init_documents, join_documents
+from render.node_prep import kubernetes_node_preparation
+from render.scripts import (
     INSTALL_BUNDLE_FUNCTION,
     BundleFile,
     Script,
@@ -27,8 +28,7 @@ from components.scripts import (
     quote,
     sha256_hex,
 )
-from components.scripts import command as shell
-from components.vm import Vm, VmSize
+from render.scripts import command as shell
 
 KUBELET_KUBECONFIG = "/etc/kubernetes/kubelet.conf"
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"

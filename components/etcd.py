@@ -43,11 +43,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import pulumi
 import pulumi_command as command
 
-from components import yamldoc
-from components.addressing import AddressPlan, role_address
-from components.config import ClusterConfig, etcd_image_tag
-from components.kubeadm import CONFIG_DIR
-from components.node_prep import STATIC_POD_DIR, etcd_node_preparation
 from components.pki import (
     ETCD_CA,
     ETCD_HEALTHCHECK_CLIENT,
@@ -57,9 +52,15 @@ from components.pki import (
     ETCD_SERVER_KEY_PATH,
     EtcdPki,
 )
-from components.previous import PreviousDeployment
 from components.remote import run_step, secret
-from components.scripts import (
+from components.vm import Vm, VmSize
+from model.addressing import AddressPlan, role_address
+from model.config import ClusterConfig, etcd_image_tag
+from model.previous import PreviousDeployment
+from render import yamldoc
+from render.kubeadm import CONFIG_DIR
+from render.node_prep import STATIC_POD_DIR, etcd_node_preparation
+from render.scripts import (
     INSTALL_BUNDLE_FUNCTION,
     BundleFile,
     Script,
@@ -69,8 +70,7 @@ from components.scripts import (
     quote,
     sha256_hex,
 )
-from components.scripts import command as shell
-from components.vm import Vm, VmSize
+from render.scripts import command as shell
 
 if TYPE_CHECKING:
     from components.nodes import NodeContext

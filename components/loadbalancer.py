@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_command as command
 
-from components import lb_config
-from components.node_prep import load_balancer_preparation
 from components.nodes import NodeContext
 from components.remote import run_step
-from components.scripts import (
+from components.vm import Vm, VmSize
+from render import lb_config
+from render.node_prep import load_balancer_preparation
+from render.scripts import (
     INSTALL_BUNDLE_FUNCTION,
     STATE_DIR,
     BundleFile,
@@ -22,8 +23,7 @@ from components.scripts import (
     sha256_hex,
     write_file,
 )
-from components.scripts import command as shell
-from components.vm import Vm, VmSize
+from render.scripts import command as shell
 
 # The configs the daemons last accepted and were (re)started with. Written last, so a step that stopped after
 # installing the files (a config rejected by its checker) is not mistaken for done when it runs again.

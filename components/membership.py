@@ -24,9 +24,12 @@ from collections.abc import Sequence
 import pulumi
 import pulumi_command as command
 
-from components.addressing import AddressPlan, NodePlan
-from components.kubeadm import token_documents
-from components.lifecycle import (
+from components.nodes import NodeContext
+from components.remote import run_delete_locally, run_step
+from components.vm import Vm
+from model.addressing import AddressPlan, NodePlan
+from render.kubeadm import token_documents
+from render.lifecycle import (
     TOKEN_CONFIG_PATH,
     SshNode,
     Target,
@@ -36,10 +39,7 @@ from components.lifecycle import (
     node_ready_script,
     reset_over_ssh_script,
 )
-from components.nodes import NodeContext
-from components.remote import run_delete_locally, run_step
-from components.scripts import BundleFile, Script, encode_bundle
-from components.vm import Vm
+from render.scripts import BundleFile, Script, encode_bundle
 
 
 def admin_for(plan: AddressPlan, node: NodePlan) -> NodePlan:

@@ -8,19 +8,19 @@ from dataclasses import dataclass
 
 import pulumi
 
-from components.addressing import AddressPlan, NodePlan
-from components.cloudinit import (
+from components.pki import ClusterPki
+from components.remote import NodeAccess, secret
+from components.vm import Hypervisor, VmArgs, VmSize
+from model.addressing import AddressPlan, NodePlan
+from model.config import ClusterConfig
+from render.cloudinit import (
     NodeIdentity,
     StaticAddress,
     render_meta_data,
     render_network_config,
     render_user_data,
 )
-from components.config import ClusterConfig
-from components.pki import ClusterPki
-from components.remote import NodeAccess, secret
-from components.scripts import Script
-from components.vm import Hypervisor, VmArgs, VmSize
+from render.scripts import Script
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class NodeContext:
     plan: AddressPlan
     pki: ClusterPki
     hypervisors: Mapping[str, Hypervisor]  # by name
-    placement: Mapping[str, str]  # hostname -> hypervisor name (components/placement.py)
+    placement: Mapping[str, str]  # hostname -> hypervisor name (model/placement.py)
 
     def access(self, node: NodePlan) -> NodeAccess:
         return NodeAccess(

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_tls as tls
 
-from components.addressing import NodePlan
-from components.kubeadm import PKI_DIR
 from components.remote import secret
+from model.addressing import NodePlan
+from render.kubeadm import PKI_DIR
 
 CA_VALIDITY_HOURS = 10 * 365 * 24  # kubeadm's CA lifetime
 CLIENT_VALIDITY_HOURS = 365 * 24  # kubeadm's client-certificate lifetime

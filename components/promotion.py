@@ -17,9 +17,9 @@ from typing import Any, Final
 import pulumi
 from pulumi.runtime.sync_await import _sync_await
 
-from components.config import ClusterConfig, PromotionConfig
-from components.previous import READ_STACK_OUTPUTS
-from components.release import (
+from model.config import ClusterConfig, PromotionConfig
+from model.previous import READ_STACK_OUTPUTS
+from model.release import (
     deployment_differences,
     has_deployed,
 )
@@ -170,7 +170,7 @@ def _read_source_outputs(name: str) -> Mapping[str, Any] | _UnknownOutputs | Sou
     Why `_sync_await`. The StackReference's outputs are an Output; the program has to know them *now*, before
     it registers the cluster, not in an apply that runs after everything is registered. `_sync_await` pumps
     the event loop until the read completes; it is what the SDK's own synchronous `pulumi.runtime.invoke`
-    (used for the probe, and by components/previous.py) is built on, and it works the same under the engine
+    (used for the probe, and by model/previous.py) is built on, and it works the same under the engine
     and under the mock monitor (tools/offline.py). Preview reads stack references like `up` does, so the
     decision is the same in both; an output that still comes back unknown is refused, never guessed.
     """

@@ -14,7 +14,7 @@ from typing import Any, cast
 import pulumi
 import pulumi_command as command
 
-from components.scripts import Script, remote_command
+from render.scripts import Script, remote_command
 
 # A VM being created needs minutes before sshd answers: ~100 dials of up to 10 s each.
 BOOT_DIAL_ERROR_LIMIT = 100

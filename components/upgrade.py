@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_command as command
 
-from components.addressing import NodePlan
 from components.control_plane import ControlPlaneNode
-from components.lifecycle import Target, drain_for_upgrade_script, uncordon_script, upgrade_node_script
 from components.membership import admin_for
 from components.nodes import NodeContext
 from components.remote import run_step
+from model.addressing import NodePlan
+from render.lifecycle import Target, drain_for_upgrade_script, uncordon_script, upgrade_node_script
 
 
 @dataclass(frozen=True)

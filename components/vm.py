@@ -10,16 +10,16 @@ import pulumi_command as command_provider
 import pulumi_libvirt as libvirt
 import pulumi_tls as tls
 
-from components.addressing import NodePlan
-from components.cloudinit import PREPARATION_PATH
-from components.config import ClusterConfig, HypervisorConfig
-from components.hostkeys import pin_host_key
-from components.image import cached_image_path, image_fetch_script
-from components.node_prep import LOG_NAME as PREP_LOG_NAME
-from components.node_prep import PREPARED_MARKER
-from components.previous import PreviousDeployment
 from components.remote import NodeAccess, run_step, secret
-from components.scripts import LOG_DIR, Script, command, logged, quote
+from model.addressing import NodePlan
+from model.config import ClusterConfig, HypervisorConfig
+from model.hostkeys import pin_host_key
+from model.previous import PreviousDeployment
+from render.cloudinit import PREPARATION_PATH
+from render.image import cached_image_path, image_fetch_script
+from render.node_prep import LOG_NAME as PREP_LOG_NAME
+from render.node_prep import PREPARED_MARKER
+from render.scripts import LOG_DIR, Script, command, logged, quote
 
 CLOUD_INIT_TIMEOUT_SECONDS = 1800
 READY_MARKER = "/var/lib/kubeadm-ha/cloud-init-done"

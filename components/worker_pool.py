@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_command as command
 
-from components.addressing import NodePlan
 from components.control_plane import config_bundle, kubeadm_join_script
-from components.kubeadm import JOIN_CONFIG_PATH, ClusterShape, join_documents
 from components.membership import membership_step, reset_step, token_step
-from components.node_prep import kubernetes_node_preparation
 from components.nodes import NodeContext
 from components.remote import run_step
 from components.vm import Vm, VmSize
+from model.addressing import NodePlan
+from render.kubeadm import JOIN_CONFIG_PATH, ClusterShape, join_documents
+from render.node_prep import kubernetes_node_preparation
 
 
 @dataclass(frozen=True)

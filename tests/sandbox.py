@@ -36,7 +36,7 @@ from typing import NoReturn
 
 import pytest
 
-from components.scripts import Script
+from render.scripts import Script
 
 OVERLAID = ("etc", "var")
 # A stub that only records its call.

@@ -25,7 +25,7 @@ from typing import IO, Any, Protocol
 
 from components.backup import ETCD_BACKUPS_OUTPUT, HOST_KEYS_OUTPUT
 from components.etcd import EtcdMember
-from components.scripts import Script, quote
+from render.scripts import Script, quote
 
 PULUMI_TIMEOUT_SECONDS = 60
 SSH_CONNECT_TIMEOUT_SECONDS = 10

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from components.backup import etcd_tool_functions, hold_script, release_script
-from components.scripts import Script, quote
+from render.scripts import Script, quote
 from tools.access import (
     SshTransport,
     StackAccess,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.backup import BACKUP_SCRIPT_PATH, FORCE_VARIABLE
-from components.scripts import Script, quote
+from render.scripts import Script, quote
 from tools.access import (
     Node,
     SshTransport,

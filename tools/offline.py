@@ -1375,7 +1375,7 @@ def evaluation_of_failure(error: BaseException) -> Evaluation | None:
 def stacks_as_their_files_say(project_dir: Path) -> Callable[[str], StackOutputs]:
     """Model other stacks offline: each deployed exactly as its stack file says, by this program revision.
 
-    The outputs are the release outputs the program's own ``components.release`` computes, so a stack that
+    The outputs are the release outputs the program's own ``model.release`` computes, so a stack that
     promotes from another sees it run the release its file declares. Called while the program runs (its
     modules are importable then); a stack without a stack file does not exist.
     """
@@ -1384,8 +1384,8 @@ def stacks_as_their_files_say(project_dir: Path) -> Callable[[str], StackOutputs
         path = project_dir / f"Pulumi.{stack}.yaml"
         if not path.is_file():
             return None
-        release = importlib.import_module("components.release")
-        config = importlib.import_module("components.config")
+        release = importlib.import_module("model.release")
+        config = importlib.import_module("model.config")
         parsed = config.config_from_stack_file(str(path), stack)
         result: Mapping[str, Any] = release.deployment_outputs(parsed, release.program_digest(project_dir))
         return result

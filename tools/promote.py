@@ -26,10 +26,10 @@ from typing import Any
 
 import yaml
 
-from components.config import CONFIG_NAMESPACE, ClusterConfig, ConfigError, parse_config
-from components.previous import PreviousDeployment
 from components.promotion import judge
-from components.release import (
+from model.config import CONFIG_NAMESPACE, ClusterConfig, ConfigError, parse_config
+from model.previous import PreviousDeployment
+from model.release import (
     PROGRAM_DIGEST_OUTPUT,
     RELEASE_OUTPUT,
     SCALAR_SHORTHANDS,

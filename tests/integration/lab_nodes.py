@@ -23,7 +23,7 @@ from typing import IO
 
 import yaml
 
-from components.scripts import Script
+from render.scripts import Script
 from tests.integration.netns import Lab, Namespace, Process
 from tools.access import Node
 

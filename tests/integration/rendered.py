@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from components.addressing import NodePlan, plan_addresses
-from components.config import ClusterConfig
-from components.node_prep import preparation_for
+from model.addressing import NodePlan, plan_addresses
+from model.config import ClusterConfig
+from render.node_prep import preparation_for
 from tests.integration.tool_scripts import operator_tool_scripts
 from tests.stacks import ALL_STACKS, STACK_FILES, evaluated, stack_config
 from tools.graph import REMOTE_STEP

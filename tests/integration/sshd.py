@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.scripts import command
+from render.scripts import command
 from tests.integration.netns import Lab, LabError, Namespace, Process, poll_until
 
 SSH_PORT = 22

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.cloudinit import NODE_INTERFACE
+from render.cloudinit import NODE_INTERFACE
 from tests.integration.conftest import require_programs
 from tests.stacks import ALL_STACKS, STACK_FILES, evaluated
 

@@ -40,8 +40,6 @@ from typing import Any
 import pytest
 import yaml
 
-from components.addressing import plan_addresses
-from components.config import config_from_stack_file, parse_config
 from components.etcd import (
     MANIFEST_PATH,
     PEER_PORT,
@@ -54,8 +52,10 @@ from components.etcd import (
     plan_membership,
 )
 from components.pki import APISERVER_ETCD_CLIENT
-from components.previous import NEW_STACK, PreviousDeployment
-from components.scripts import BundleFile, encode_bundle
+from model.addressing import plan_addresses
+from model.config import config_from_stack_file, parse_config
+from model.previous import NEW_STACK, PreviousDeployment
+from render.scripts import BundleFile, encode_bundle
 from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.netns import Lab, Namespace, Process, cleanup_stale, poll_until
 from tools.offline import Evaluation, evaluate, load_stack_config

@@ -39,9 +39,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from components import lb_config
-from components.addressing import AddressPlan, NodePlan, plan_addresses
-from components.config import ClusterConfig
+from model.addressing import AddressPlan, NodePlan, plan_addresses
+from model.config import ClusterConfig
+from render import lb_config
 from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.netns import (
     Bridge,

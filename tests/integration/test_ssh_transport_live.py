@@ -43,7 +43,7 @@ from typing import IO
 
 import pytest
 
-from components.scripts import Script, command, quote
+from render.scripts import Script, command, quote
 from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.netns import Lab, Namespace, cleanup_stale, poll_until, scratch_dir
 from tests.integration.sshd import SshNode, generate_key, start_node

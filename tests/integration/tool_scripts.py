@@ -19,7 +19,7 @@ from components.backup import (
     release_script,
     restore_data_script,
 )
-from components.scripts import Script
+from render.scripts import Script
 from tests.stacks import STACK_FILES, evaluated
 from tools.access import access_from_outputs
 from tools.etcd_backup import copy_script, list_script, snapshot_now_script

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from components.config import ConfigError
-from components.versions import DEFAULT_KUBERNETES, RELEASES
+from model.config import ConfigError
+from model.versions import DEFAULT_KUBERNETES, RELEASES
 from tools.offline import Evaluation, Registration, evaluate
 from tools.plan import bundle_by_path, script_of
 
@@ -35,7 +35,7 @@ def deployed(ev: Evaluation) -> dict[str, Any]:
     return {name: output.value for name, output in ev.outputs.items()}
 
 
-# An upgrade from the minor before the default to the default (components/versions.py).
+# An upgrade from the minor before the default to the default (model/versions.py).
 TARGET = DEFAULT_KUBERNETES
 OLDER_PATCH = RELEASES[f"1.{int(TARGET.split('.')[1]) - 1}"].latest_patch
 

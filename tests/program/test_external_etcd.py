@@ -19,8 +19,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from components.addressing import mac_for, plan_addresses
-from components.config import ConfigError, parse_config
 from components.etcd import (
     MANIFEST_PATH,
     STAGED_MANIFEST_PATH,
@@ -28,7 +26,9 @@ from components.etcd import (
     etcd_member_flags,
     plan_membership,
 )
-from components.previous import PreviousDeployment
+from model.addressing import mac_for, plan_addresses
+from model.config import ConfigError, parse_config
+from model.previous import PreviousDeployment
 from tools.offline import UNKNOWN, Evaluation, Registration, evaluate, load_stack_config
 from tools.plan import bundle_by_path, script_of
 

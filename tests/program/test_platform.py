@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from components.config import ConfigError, config_from_stack_file, parse_config
-from components.previous import PreviousDeployment
-from components.versions import RELEASES
+from model.config import ConfigError, config_from_stack_file, parse_config
+from model.previous import PreviousDeployment
+from model.versions import RELEASES
 from tools.offline import Evaluation, evaluate
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
-from components.config import config_from_stack_file, parse_config
 from components.promotion import SOURCE_REFERENCE, PromotionRefused
-from components.release import PROGRAM_DIGEST_OUTPUT, RELEASE_OUTPUT, program_digest, release_of
-from components.versions import RELEASES
+from model.config import config_from_stack_file, parse_config
+from model.release import PROGRAM_DIGEST_OUTPUT, RELEASE_OUTPUT, program_digest, release_of
+from model.versions import RELEASES
 from tools.offline import STACK_TYPE, UNKNOWN, Evaluation, evaluate, evaluation_of_failure
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,7 +98,7 @@ def test_release_and_digest_are_exported_only_once_every_step_has_run() -> None:
     ("change", "setting", "running"),
     [
         ({"kubernetesVersion": OLDER_PATCH}, "kubernetes.version: staging would deploy", f"dev runs {OLDER_PATCH}"),
-        ({"cniVersion": "v3.28.0"}, "CNI manifest version pinned in components/cni.py", "dev runs v3.28.0"),
+        ({"cniVersion": "v3.28.0"}, "CNI manifest version pinned in model/versions.py", "dev runs v3.28.0"),
         ({PROGRAM_DIGEST_OUTPUT: "sha256:" + "0" * 64}, "programDigest (the program's source", "0" * 64),
     ],
     ids=["older-patch", "other-cni-version", "other-program"],
@@ -151,7 +151,7 @@ def test_the_override_passes_with_a_warning_and_is_exported(preview: bool, dev: 
 
 
 def test_an_override_without_a_reason_is_a_config_error() -> None:
-    from components.config import ConfigError
+    from model.config import ConfigError
 
     with pytest.raises(ConfigError) as caught:
         run_staging(dev_running(), preview=False, gate="off")

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from components.versions import DEFAULT_KUBERNETES, RELEASES, minor_of
+from model.versions import DEFAULT_KUBERNETES, RELEASES, minor_of
 from tests.integration.conftest import unavailable
 
 BUILD_SCRIPT = Path(__file__).with_name("build-binaries")

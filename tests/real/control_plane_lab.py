@@ -39,14 +39,14 @@ from typing import Any
 
 import yaml
 
-from components import lb_config
-from components.addressing import AddressPlan, NodePlan, plan_addresses
 from components.cluster import cluster_shape
-from components.config import ClusterConfig
 from components.etcd import STAGED_MANIFEST_PATH, EtcdClusterSpec, plan_membership
-from components.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH, init_documents
 from components.pki import ETCD_CA, ETCD_HEALTHCHECK_CLIENT
-from components.previous import NEW_STACK
+from model.addressing import AddressPlan, NodePlan, plan_addresses
+from model.config import ClusterConfig
+from model.previous import NEW_STACK
+from render import lb_config
+from render.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH, init_documents
 from tests.integration.netns import (
     Lab,
     Namespace,

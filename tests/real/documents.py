@@ -10,7 +10,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from components.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH
+from render.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH
 from tests.stacks import ALL_STACKS, EXTRA_SHAPES, REPO_ROOT, evaluated, extra_raw_config
 from tools.graph import REMOTE_STEP
 from tools.offline import Evaluation, evaluate, load_stack_config

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import IO
 
-from components.scripts import Script
+from render.scripts import Script
 from tests.real.control_plane_lab import ControlPlaneLab
 from tools import access as tool_access
 

@@ -23,10 +23,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from components import lb_config
 from components.certificates import parse_expiry
-from components.kubeadm import PKI_DIR
-from components.scripts import LOG_DIR
+from render import lb_config
+from render.kubeadm import PKI_DIR
+from render.scripts import LOG_DIR
 from tests.integration.netns import haproxy_servers, poll_until
 from tests.real.control_plane_lab import MANIFESTS, ControlPlaneLab, Node, report
 from tests.real.kubelet import STOP_GRACE, Kubelet, node_tools

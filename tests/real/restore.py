@@ -21,7 +21,7 @@ import pytest
 
 from components.backup import BackupPolicy, backup_script
 from components.etcd import MANIFEST_PATH, STAGED_MANIFEST_PATH
-from components.node_prep import STATIC_POD_DIR
+from render.node_prep import STATIC_POD_DIR
 from tests.integration.lab_nodes import fake_ctr
 from tests.integration.netns import poll_until
 from tests.real.binaries import binary

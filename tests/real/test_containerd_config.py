@@ -12,8 +12,8 @@ import subprocess
 import tomllib
 from pathlib import Path
 
-from components.kubeadm import KubeletConfiguration
-from components.node_prep import CONTAINERD_CONFIG
+from render.kubeadm import KubeletConfiguration
+from render.node_prep import CONTAINERD_CONFIG
 from tests.integration.conftest import unavailable
 from tests.real.binaries import _builder
 

@@ -36,9 +36,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.kubeadm import JOIN_CONFIG_PATH
 from components.pki import ca_cert_hash
-from components.versions import DEFAULT_KUBERNETES
+from model.versions import DEFAULT_KUBERNETES
+from render.kubeadm import JOIN_CONFIG_PATH
 from tests.integration.conftest import in_ci, phase_failed, require_programs, require_root
 from tests.integration.netns import Lab, cleanup_stale, poll_until
 from tests.real.binaries import binary, cached_path

@@ -52,14 +52,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from components.addressing import plan_addresses
 from components.backup import BACKUP_DIR, HELD_MANIFEST_DIR, BackupPolicy, backup_script, quorum_probe_script
 from components.backup import etcd_tool_functions as tool_functions
-from components.config import config_from_stack_file
 from components.etcd import ETCD_IMAGE_REPOSITORY, MANIFEST_PATH, EtcdPaths, plan_membership, render_manifest
-from components.previous import NEW_STACK
-from components.scripts import LOG_DIR, STATE_DIR, Script
-from components.versions import DEFAULT_KUBERNETES, release_for
+from model.addressing import plan_addresses
+from model.config import config_from_stack_file
+from model.previous import NEW_STACK
+from model.versions import DEFAULT_KUBERNETES, release_for
+from render.scripts import LOG_DIR, STATE_DIR, Script
 from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.netns import Lab, Namespace, Process, cleanup_stale, poll_until, scratch_dir
 from tests.real.binaries import binary

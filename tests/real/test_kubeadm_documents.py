@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from components.kubeadm import INIT_CONFIG_PATH
-from components.versions import DEFAULT_KUBERNETES, minor_of
+from model.versions import DEFAULT_KUBERNETES, minor_of
+from render.kubeadm import INIT_CONFIG_PATH
 from tests.real.binaries import KUBEADM_VERSIONS, binary, reported_version
 from tests.real.documents import ALL_STACKS, DocumentFile, document_files, evaluated_at
 from tests.real.kubeadm_cli import validate

@@ -27,13 +27,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from components.addressing import AddressPlan, NodePlan, plan_addresses
-from components.config import ClusterConfig
 from components.etcd import plan_membership
-from components.kubeadm import INIT_CONFIG_PATH, PKI_DIR, first_service_ip
 from components.pki import APISERVER_ETCD_CLIENT, CLUSTER_CA, ETCD_CA, FRONT_PROXY_CA, SA_KEY_PATH, SA_PUB_PATH
-from components.previous import NEW_STACK
-from components.versions import release_for
+from model.addressing import AddressPlan, NodePlan, plan_addresses
+from model.config import ClusterConfig
+from model.previous import NEW_STACK
+from model.versions import release_for
+from render.kubeadm import INIT_CONFIG_PATH, PKI_DIR, first_service_ip
 from tests.real.binaries import KUBEADM_VERSIONS, binary
 from tests.real.documents import evaluated_at, init_step, step_files
 from tests.real.node_root import NodeRoot
@@ -229,7 +229,7 @@ def test_static_pods_carry_the_programs_values(phased: Phased) -> None:
     assert etcd["initial-advertise-peer-urls"] == f"https://{address}:2380"
     assert etcd["initial-cluster"] == f"{node.hostname}=https://{address}:2380"
     assert etcd["data-dir"] == "/var/lib/etcd"
-    # components/versions.py's etcd for this minor is the one kubeadm deploys.
+    # model/versions.py's etcd for this minor is the one kubeadm deploys.
     image = phased.manifest("etcd")["spec"]["containers"][0]["image"]
     assert image == f"registry.k8s.io/etcd:{release_for(version).etcd_image_tag}"
 

@@ -25,7 +25,7 @@ import pytest
 from cryptography import x509
 
 from components.pki import ETCD_CA, ETCD_HEALTHCHECK_CLIENT, ETCD_PEER_CERT_PATH, ETCD_SERVER_CERT_PATH
-from components.versions import DEFAULT_KUBERNETES
+from model.versions import DEFAULT_KUBERNETES
 from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.lab_nodes import fake_ctr
 from tests.integration.netns import Lab, cleanup_stale, poll_until

@@ -10,8 +10,9 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from components.addressing import NodePlan
-from components.cloudinit import (
+from model.addressing import NodePlan
+from model.config import parse_config
+from render.cloudinit import (
     NODE_INTERFACE,
     PREPARATION_PATH,
     NodeIdentity,
@@ -21,7 +22,6 @@ from components.cloudinit import (
     render_network_config,
     render_user_data,
 )
-from components.config import parse_config
 
 PREPARATION = "#!/usr/bin/env bash\nset -euo pipefail\necho 'prepare: \"quoted\" # not a comment'\n"
 OPERATOR_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq1Bq0aXJ3dFb4bLmtl5NBXKNgpeIcnHHbFbm8Ndd5e operator: #1"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from components.addressing import plan_addresses
-from components.config import ConfigError, config_from_stack_file, parse_config
+from model.addressing import plan_addresses
+from model.config import ConfigError, config_from_stack_file, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

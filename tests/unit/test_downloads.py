@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from components.scripts import Script, download_signing_key, download_verified
+from render.scripts import Script, download_signing_key, download_verified
 
 FETCH = ("curl", "--fail", "--silent", "--show-error")
 

@@ -20,8 +20,6 @@ import pytest
 import yaml
 
 from components import etcd as etcd_module
-from components.addressing import plan_addresses
-from components.config import ClusterConfig, ConfigError, parse_config
 from components.etcd import (
     MANIFEST_PATH,
     STOPPED_MANIFEST_PATH,
@@ -38,15 +36,17 @@ from components.etcd import (
     plan_membership,
     render_manifest,
 )
-from components.node_prep import (
+from model.addressing import plan_addresses
+from model.config import ClusterConfig, ConfigError, parse_config
+from model.previous import PreviousDeployment
+from render.node_prep import (
     ETCD_KUBELET_CONFIG_FILE,
     ETCD_KUBELET_DROP_IN,
     STATIC_POD_DIR,
     etcd_node_preparation,
     standalone_kubelet_configuration,
 )
-from components.previous import PreviousDeployment
-from components.scripts import encode_bundle
+from render.scripts import encode_bundle
 
 # Every flag etcd_member_flags may emit; each exists in etcd 3.4, 3.5 and 3.6 alike.
 PORTABLE_FLAGS = {

@@ -2,7 +2,7 @@
 
 The Ubuntu cloud image keyring is not packaged for Debian, so the signed-SHA256SUMS path is exercised
 with a key made here, passed in place of the pinned one; the pinned fingerprint itself is a constant
-(components/image.py) whose source is named there.
+(render/image.py) whose source is named there.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from components.config import ConfigError, ImageConfig, parse_config
-from components.image import IMAGE_CACHE, cached_image_path, image_fetch_script
+from model.config import ConfigError, ImageConfig, parse_config
+from render.image import IMAGE_CACHE, cached_image_path, image_fetch_script
 
 IMAGE = b"QFI\xfb a tiny stand-in for a qcow2 image\n"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import yaml
 
-from components.kubeadm import ClusterShape, ExternalEtcd, init_documents, join_documents
+from render.kubeadm import ClusterShape, ExternalEtcd, init_documents, join_documents
 
 SHAPE = ClusterShape(
     cluster_name="prod",

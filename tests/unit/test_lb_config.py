@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from components import lb_config
-from components.addressing import AddressPlan, plan_addresses
-from components.config import ClusterConfig, config_from_stack_file, parse_config
+from model.addressing import AddressPlan, plan_addresses
+from model.config import ClusterConfig, config_from_stack_file, parse_config
+from render import lb_config
 
 REPO = Path(__file__).resolve().parents[2]
 STACKS = ("dev", "staging", "prod")

@@ -1,4 +1,4 @@
-"""Day-2 scripts (components/lifecycle.py), run unmodified with bash as root in the sandbox (tests/sandbox.py).
+"""Day-2 scripts (render/lifecycle.py), run unmodified with bash as root in the sandbox (tests/sandbox.py).
 
 The node's /etc and /var are overlays in the test's temp dir; `kubeadm`, `kubectl`, `systemctl`, `apt-get`,
 `apt-mark`, `dpkg-query`, `curl` and `gpg` are stubs that record every call and keep just enough state in
@@ -35,10 +35,10 @@ from pathlib import Path
 
 import pytest
 
-from components import lifecycle
-from components.config import KubernetesConfig
-from components.kubeadm import token_documents
-from components.lifecycle import (
+from model.config import KubernetesConfig
+from render import lifecycle
+from render.kubeadm import token_documents
+from render.lifecycle import (
     ADMIN_KUBECONFIG,
     KUBELET_KUBECONFIG,
     KUBERNETES_KEYRING,
@@ -57,9 +57,9 @@ from components.lifecycle import (
     uncordon_script,
     upgrade_node_script,
 )
-from components.node_prep import CURL as NODE_PREP_CURL
-from components.node_prep import KUBERNETES_KEY_FINGERPRINT
-from components.scripts import BundleFile, Script, encode_bundle
+from render.node_prep import CURL as NODE_PREP_CURL
+from render.node_prep import KUBERNETES_KEY_FINGERPRINT
+from render.scripts import BundleFile, Script, encode_bundle
 from tests.sandbox import RECORD_ONLY, Sandbox, Stub, unavailable
 
 CURRENT = KubernetesConfig(version="1.34.2")

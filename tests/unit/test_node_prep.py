@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from components.config import KubernetesConfig, parse_config
-from components.node_prep import (
+from model.config import KubernetesConfig, parse_config
+from render.node_prep import (
     CONTAINERD_CONFIG,
     CONTAINERD_CONFIG_FILE,
     KUBERNETES_KEY_FINGERPRINT,
@@ -311,7 +311,7 @@ def test_load_balancer_preparation_runs_then_is_a_no_op(sandbox: Sandbox):
 def test_shell_metacharacters_cannot_break_out(sandbox: Sandbox):
     canary = sandbox.root / "pwned"
     hostile = f"x'; touch {canary}; echo '$(touch {canary})`touch {canary}`\"${{IFS}}&|<>*?"
-    # Such a hostname is refused before any script exists (components/scripts.py)...
+    # Such a hostname is refused before any script exists (render/scripts.py)...
     with pytest.raises(ValueError, match="must be letters"):
         load_balancer_preparation(hostile)
     # ...and a value that does reach a script (validation bypassed on purpose) stays one quoted word when run.

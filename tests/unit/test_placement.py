@@ -1,4 +1,4 @@
-"""components/placement.py and components/hostkeys.py, as pure functions."""
+"""model/placement.py and model/hostkeys.py, as pure functions."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from components.addressing import NodePlan, Role
-from components.hostkeys import (
+from model.addressing import NodePlan, Role
+from model.hostkeys import (
     ed25519_key_problem,
     expand_home,
     known_hosts_line,
@@ -19,7 +19,7 @@ from components.hostkeys import (
     uri_problems,
     write_known_hosts,
 )
-from components.placement import host_loss_findings, hosts_needed_for_quorum, moved_nodes, place
+from model.placement import host_loss_findings, hosts_needed_for_quorum, moved_nodes, place
 from tests.integration.conftest import require_programs
 
 HOSTS = ["a", "b", "c"]

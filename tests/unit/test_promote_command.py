@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from components.config import parse_config
-from components.release import PROGRAM_DIGEST_OUTPUT, RELEASE_OUTPUT, program_digest, release_of
-from components.versions import RELEASES
+from model.config import parse_config
+from model.release import PROGRAM_DIGEST_OUTPUT, PROGRAM_DIRECTORIES, RELEASE_OUTPUT, program_digest, release_of
+from model.versions import RELEASES
 from tools import promote
 from tools.promote import Refused, read_outputs, rewrite_settings
 
@@ -75,7 +75,8 @@ def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
     copy = tmp_path_factory.mktemp("program")
     for name in ("__main__.py", "Pulumi.yaml", "requirements.txt"):
         shutil.copy2(ROOT / name, copy / name)
-    shutil.copytree(ROOT / "components", copy / "components", ignore=shutil.ignore_patterns("__pycache__"))
+    for directory in PROGRAM_DIRECTORIES:
+        shutil.copytree(ROOT / directory, copy / directory, ignore=shutil.ignore_patterns("__pycache__"))
     return copy
 
 
@@ -328,9 +329,9 @@ def test_rewrite_quotes_what_yaml_would_read_as_something_else() -> None:
 
 
 def test_the_plan_command_models_the_source_from_its_outputs(tmp_path: Path) -> None:
-    from components.config import config_from_stack_file
     from components.promotion import PromotionRefused
-    from components.release import deployment_outputs
+    from model.config import config_from_stack_file
+    from model.release import deployment_outputs
     from tools import plan
 
     staging = config_from_stack_file(str(ROOT / "Pulumi.staging.yaml"), "staging")

@@ -1,4 +1,4 @@
-"""The release (components/release.py), the promotion key's rules (components/config.py) and the gate's verdict."""
+"""The release (model/release.py), the promotion key's rules (model/config.py) and the gate's verdict."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from components.cni import CALICO_VERSION, FLANNEL_VERSION
-from components.config import DEFAULT_IMAGE, ConfigError, parse_config
 from components.promotion import UNKNOWN_OUTPUTS, SourceMissing, judge, promotion_output
-from components.release import (
+from model.config import DEFAULT_IMAGE, ConfigError, parse_config
+from model.release import (
     PROGRAM_DIGEST_OUTPUT,
+    PROGRAM_DIRECTORIES,
     RELEASE_KEYS,
     RELEASE_OUTPUT,
     deployment_differences,
@@ -24,7 +24,8 @@ from components.release import (
     release_of,
     stack_settings,
 )
-from components.versions import RELEASES
+from model.versions import RELEASES
+from render.cni import CALICO_VERSION, FLANNEL_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = RELEASES["1.37"].latest_patch
@@ -99,14 +100,15 @@ def test_stack_settings_are_the_release_keys_an_operator_writes() -> None:
 def _copy_program(destination: Path) -> None:
     for name in ("__main__.py", "Pulumi.yaml", "requirements.txt"):
         shutil.copy2(ROOT / name, destination / name)
-    shutil.copytree(ROOT / "components", destination / "components", ignore=shutil.ignore_patterns("__pycache__"))
+    for directory in PROGRAM_DIRECTORIES:
+        shutil.copytree(ROOT / directory, destination / directory, ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def test_program_files_are_the_programs_own_source_only() -> None:
     files = program_files(ROOT)
     assert files == sorted(files)
-    assert {"__main__.py", "Pulumi.yaml", "requirements.txt", "components/release.py"} <= set(files)
-    assert any(name.startswith("components/templates/") for name in files)
+    assert {"__main__.py", "Pulumi.yaml", "requirements.txt", "model/release.py"} <= set(files)
+    assert any(name.startswith("render/templates/") for name in files)
     assert not [name for name in files if name.startswith(("Pulumi.dev", "Pulumi.staging", "Pulumi.prod"))]
     assert not [name for name in files if name.startswith(("tests/", "tools/")) or "__pycache__" in name]
 
@@ -122,15 +124,15 @@ def test_digest_is_content_addressed(tmp_path: Path) -> None:
     (second / "components" / "__pycache__").mkdir()
     (second / "components" / "__pycache__" / "config.cpython-311.pyc").write_bytes(b"\0cache")
     (second / "Pulumi.dev.yaml").write_text("config: {}\n")
-    (second / "components" / "cni.py").touch()
+    (second / "model" / "versions.py").touch()
     assert program_digest(second) == digest
     # Any change to the program's source is another program.
-    cni = second / "components" / "cni.py"
+    cni = second / "model" / "versions.py"
     cni.write_text(cni.read_text().replace(CALICO_VERSION, "v3.28.0"))
     assert program_digest(second) != digest
-    cni.write_text((first / "components" / "cni.py").read_text())
+    cni.write_text((first / "model" / "versions.py").read_text())
     assert program_digest(second) == digest
-    (second / "components" / "templates" / "haproxy.cfg.tmpl").write_text("changed\n")
+    (second / "render" / "templates" / "haproxy.cfg.tmpl").write_text("changed\n")
     assert program_digest(second) != digest
 
 
@@ -154,7 +156,7 @@ def test_release_differences_name_the_setting() -> None:
         ("kubernetesVersion", "kubernetes.version", RUNNING["kubernetesVersion"], "1.37.0"),
         ("cniVersion", "the", CALICO_VERSION, "v3.28.0"),
     ]
-    assert "components/cni.py" in found[1].setting
+    assert "model/versions.py" in found[1].setting
     # A key only one side knows (a newer program's release) is a difference too.
     assert [d.key for d in release_differences(RUNNING, {**RUNNING, "kernel": "6.8"})] == ["kernel"]
 
@@ -186,7 +188,7 @@ def test_gate_lets_through_exactly_what_the_source_runs() -> None:
     ("change", "named"),
     [
         ({"kubernetesVersion": "1.37.1"}, "kubernetes.version: staging would deploy"),
-        ({"cniVersion": "v3.28.0"}, "CNI manifest version pinned in components/cni.py"),
+        ({"cniVersion": "v3.28.0"}, "CNI manifest version pinned in model/versions.py"),
         ({"cni": "flannel"}, "kubernetes.cni: staging would deploy calico; dev runs flannel"),
         ({"image": "/img/other.img"}, "image.url: staging would deploy"),
         ({"imageSha256": "ef" * 32}, "image.sha256: staging would deploy nothing; dev runs " + "ef" * 32),

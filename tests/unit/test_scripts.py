@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from components.scripts import (
+from render.scripts import (
     INSTALL_BUNDLE_FUNCTION,
     BundleFile,
     Script,

@@ -37,22 +37,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.addressing import plan_addresses
-from components.cloudinit import PREPARATION_PATH
-from components.cni import ADMIN_KUBECONFIG, CniManifest, cni_script, manifest_for
-from components.config import ClusterConfig
 from components.control_plane import (
     KUBELET_KUBECONFIG,
     first_control_plane_script,
     kubeadm_join_script,
     place_pki_script,
 )
-from components.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH
-from components.lb_config import HAPROXY_CFG_PATH, KEEPALIVED_CHECK_SCRIPT_PATH, KEEPALIVED_CONF_PATH, lb_node_files
 from components.loadbalancer import lb_config_script
-from components.node_prep import PREPARED_MARKER
-from components.scripts import LOG_DIR, STATE_DIR, BundleFile, Script, encode_bundle, sha256_hex
 from components.vm import READY_MARKER, readiness_script
+from model.addressing import plan_addresses
+from model.config import ClusterConfig
+from render.cloudinit import PREPARATION_PATH
+from render.cni import ADMIN_KUBECONFIG, CniManifest, cni_script, manifest_for
+from render.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH
+from render.lb_config import HAPROXY_CFG_PATH, KEEPALIVED_CHECK_SCRIPT_PATH, KEEPALIVED_CONF_PATH, lb_node_files
+from render.node_prep import PREPARED_MARKER
+from render.scripts import LOG_DIR, STATE_DIR, BundleFile, Script, encode_bundle, sha256_hex
 from tests.sandbox import Sandbox, Stub
 from tests.stacks import stack_config
 

@@ -24,9 +24,9 @@ from pydantic import (
     model_validator,
 )
 
-from components.hostkeys import ed25519_key_problem, is_ssh_uri, uri_problems
-from components.previous import NEW_STACK, PreviousDeployment, read_previous_deployment
-from components.versions import (
+from model.hostkeys import ed25519_key_problem, is_ssh_uri, uri_problems
+from model.previous import NEW_STACK, PreviousDeployment, read_previous_deployment
+from model.versions import (
     DEFAULT_KUBERNETES,
     RELEASES,
     UnknownRelease,
@@ -37,7 +37,7 @@ from components.versions import (
 )
 
 if TYPE_CHECKING:
-    from components.addressing import AddressPlan
+    from model.addressing import AddressPlan
 
 CONFIG_NAMESPACE = "kubeadm-ha"
 
@@ -102,7 +102,7 @@ class HypervisorConfig(_Model):
     cpu_mode: Annotated[Literal["host-passthrough", "host-model", "maximum"] | None, Field(alias="cpuMode")] = None
     # network.mode bridge only: this host's bridge, when it is not named network.bridge.
     bridge: Annotated[str | None, Field(pattern=_INTERFACE_NAME)] = None
-    # The host's SSH host key (`ssh-ed25519 AAAA...`), required for a qemu+ssh:// URI (components/hostkeys.py).
+    # The host's SSH host key (`ssh-ed25519 AAAA...`), required for a qemu+ssh:// URI (model/hostkeys.py).
     host_key: Annotated[str | None, Field(alias="hostKey")] = None
 
     @field_validator("host_key")
@@ -323,7 +323,7 @@ class ClusterConfig(_Model):
 
     @property
     def vip(self) -> ipaddress.IPv4Address:
-        from components.addressing import default_vip  # noqa: PLC0415 - the plan owns address offsets
+        from model.addressing import default_vip  # noqa: PLC0415 - the plan owns address offsets
 
         return self.load_balancer.vip or default_vip(self.network.cidr)
 
@@ -416,7 +416,7 @@ def _problem_from_pydantic(item: Mapping[str, Any]) -> Problem:
 
 def cross_field_problems(config: ClusterConfig) -> list[Problem]:
     """Rules that relate several keys to each other."""
-    from components.addressing import plan_addresses  # noqa: PLC0415 - avoid an import cycle
+    from model.addressing import plan_addresses  # noqa: PLC0415 - avoid an import cycle
 
     problems: list[Problem] = []
     network = config.network.cidr
@@ -627,7 +627,7 @@ def etcd_image_tag(config: ClusterConfig, previous: PreviousDeployment = NEW_STA
 
     Explicit `etcd.version` wins; otherwise a running cluster keeps the tag it runs (a Kubernetes upgrade
     does not roll etcd behind the operator's back), and a new one starts on the tag kubeadm pins for its
-    minor (components/versions.py).
+    minor (model/versions.py).
     """
     if config.etcd.version is not None:
         return config.etcd.version
@@ -668,7 +668,7 @@ def address_problems(config: ClusterConfig, previous: PreviousDeployment) -> lis
     guest, so the guest keeps its old address while every step dials the new one (and keepalived could
     raise a VIP another node still holds). Each problem names the key whose change caused it.
     """
-    from components.addressing import plan_addresses  # noqa: PLC0415 - avoid an import cycle
+    from model.addressing import plan_addresses  # noqa: PLC0415 - avoid an import cycle
 
     problems: list[Problem] = []
     plan = plan_addresses(config)
@@ -712,7 +712,7 @@ def address_problems(config: ClusterConfig, previous: PreviousDeployment) -> lis
 
 def placement_problems(config: ClusterConfig, previous: PreviousDeployment) -> list[Problem]:
     """Running VMs whose hypervisor is gone; with `placement: strict`, also a host loss the cluster does not survive."""
-    from components.placement import placement_findings  # noqa: PLC0415 - avoid an import cycle
+    from model.placement import placement_findings  # noqa: PLC0415 - avoid an import cycle
 
     refused, fragile = placement_findings(config, previous)
     problems = [Problem(finding.path, finding.rule) for finding in refused]
@@ -774,7 +774,7 @@ def change_problems(config: ClusterConfig, previous: PreviousDeployment) -> list
                 )
             )
         elif wanted != running and previous.node_names is not None:
-            from components.addressing import plan_addresses  # noqa: PLC0415 - avoid an import cycle
+            from model.addressing import plan_addresses  # noqa: PLC0415 - avoid an import cycle
 
             planned = {node.hostname for node in plan_addresses(config).nodes}
             if planned != set(previous.node_names):

@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import posixpath
 
-from components.config import ImageConfig
-from components.scripts import Script, quote
+from model.config import ImageConfig
+from render.scripts import Script, quote
 
 # "UEC Image Automatic Signing Key <cdimage@ubuntu.com>", which signs cloud-images.ubuntu.com's SHA256SUMS.
 # It ships in the `ubuntu-keyring` package (Debian and Ubuntu) as the keyring below.

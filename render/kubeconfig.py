@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 
-from components import yamldoc
+from render import yamldoc
 
 
 def _b64(text: str) -> str:

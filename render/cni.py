@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from components.scripts import STATE_DIR, Script, command, download_verified, https_fetch, logged, quote
+from model.versions import CALICO_SHA256, CALICO_VERSION, FLANNEL_SHA256, FLANNEL_VERSION
+from render.scripts import STATE_DIR, Script, command, download_verified, https_fetch, logged, quote
 
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
 # A manifest is larger than a key: a longer bound per attempt.
@@ -47,17 +48,6 @@ def _calico_edits(cidr: str) -> tuple[LineEdit, ...]:
 
 def _flannel_edits(cidr: str) -> tuple[LineEdit, ...]:
     return (LineEdit('"Network": "10.244.0.0/16"', f'"Network": "{cidr}"'),)
-
-
-# Pinned releases and the SHA-256 of their manifests. Both files are read from the release tag's tree, the
-# bytes raw.githubusercontent.com serves for it: calico's `manifests/calico.yaml` at tag v3.32.1 of
-# projectcalico/calico (`git show v3.32.1:manifests/calico.yaml | sha256sum`), flannel's
-# `Documentation/kube-flannel.yml` from the module github.com/flannel-io/flannel@v0.28.10 as the Go module
-# proxy serves it (checksum-database verified). flannel's tree at the tag names its own images at v0.28.10.
-CALICO_VERSION = "v3.32.1"
-CALICO_SHA256 = "a1df919d9721cf667accdc3e72848911b0cb25cfab7d2478ad0c996302c95744"
-FLANNEL_VERSION = "v0.28.10"
-FLANNEL_SHA256 = "944a3c1f925f117727a1b7272a323c80965da642498397ec7e6ea9bef0f9e6c5"
 
 
 def manifest_for(cni: str, pod_subnet: str) -> CniManifest | None:

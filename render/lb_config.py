@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from components.scripts import BundleFile
+from render.scripts import BundleFile
 
 if TYPE_CHECKING:
-    from components.addressing import AddressPlan, NodePlan
-    from components.config import ClusterConfig
+    from model.addressing import AddressPlan, NodePlan
+    from model.config import ClusterConfig
 
 HAPROXY_CFG_PATH = "/etc/haproxy/haproxy.cfg"
 KEEPALIVED_CONF_PATH = "/etc/keepalived/keepalived.conf"

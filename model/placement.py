@@ -20,12 +20,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from components.addressing import plan_addresses
+from model.addressing import plan_addresses
 
 if TYPE_CHECKING:
-    from components.addressing import NodePlan, Role
-    from components.config import ClusterConfig
-    from components.previous import PreviousDeployment
+    from model.addressing import NodePlan, Role
+    from model.config import ClusterConfig
+    from model.previous import PreviousDeployment
 
 PLACEMENT_ORDER: tuple[Role, ...] = ("lb", "etcd", "cp", "worker")
 

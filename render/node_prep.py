@@ -14,20 +14,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from components import yamldoc
-from components.kubeadm import CRI_SOCKET, KUBELET_API
-from components.scripts import Script, command, download_signing_key, https_fetch, logged, quote, write_file
+from model.versions import kubernetes_apt_version
+from render import yamldoc
+from render.kubeadm import CRI_SOCKET, KUBELET_API
+from render.scripts import Script, command, download_signing_key, https_fetch, logged, quote, write_file
 
 if TYPE_CHECKING:
-    from components.addressing import Role
-    from components.config import ClusterConfig, KubernetesConfig
+    from model.addressing import Role
+    from model.config import ClusterConfig, KubernetesConfig
 
 STEP = "node-prep"
 LOG_NAME = "node-prep"
 PREPARED_MARKER = "/var/lib/kubeadm-ha/prepared"
 
-# pkgs.k8s.io packages a release `X.Y.Z` as Debian version `X.Y.Z-1.1`.
-PKGS_K8S_REVISION = "1.1"
 KUBERNETES_PACKAGES = ("kubelet", "kubeadm", "kubectl")
 # An etcd member runs etcd as a static pod: kubelet alone, no kubeadm join, no kubectl.
 ETCD_NODE_KUBERNETES_PACKAGES = ("kubelet",)
@@ -100,17 +99,13 @@ def kubernetes_repository(kubernetes: KubernetesConfig) -> str:
     return f"https://pkgs.k8s.io/core:/stable:/v{kubernetes.minor}/deb/"
 
 
-def kubernetes_apt_version(kubernetes: KubernetesConfig) -> str:
-    return f"{kubernetes.version}-{PKGS_K8S_REVISION}"
-
-
 def marker_guard(content: str) -> str:
     """True when the marker exists and holds exactly `content` (a different version means: prepare again)."""
     return f'[ -f {quote(PREPARED_MARKER)} ] && [ "$(cat {quote(PREPARED_MARKER)})" = {quote(content)} ]'
 
 
 def kubernetes_marker(kubernetes: KubernetesConfig) -> str:
-    return f"kubernetes-node {kubernetes_apt_version(kubernetes)}"
+    return f"kubernetes-node {kubernetes_apt_version(kubernetes.version)}"
 
 
 LOAD_BALANCER_MARKER = "load-balancer haproxy keepalived"
@@ -164,7 +159,7 @@ def use_kubernetes_repository(kubernetes: KubernetesConfig) -> tuple[str, ...]:
 
 
 def _pinned_kubernetes_packages(kubernetes: KubernetesConfig, packages: tuple[str, ...]) -> tuple[str, ...]:
-    apt_version = kubernetes_apt_version(kubernetes)
+    apt_version = kubernetes_apt_version(kubernetes.version)
     return (
         f"# {_spoken_list(packages)} {kubernetes.version} from the v{kubernetes.minor} repository, held there.",
         *use_kubernetes_repository(kubernetes),
@@ -205,7 +200,7 @@ def kubernetes_node_preparation(hostname: str, kubernetes: KubernetesConfig) -> 
 
 
 def etcd_marker(kubernetes: KubernetesConfig) -> str:
-    return f"etcd-node {kubernetes_apt_version(kubernetes)}"
+    return f"etcd-node {kubernetes_apt_version(kubernetes.version)}"
 
 
 def standalone_kubelet_configuration() -> dict[str, Any]:

@@ -59,7 +59,7 @@ def release_for(version: str) -> KubernetesRelease:
     minor = minor_of(version)
     if minor not in RELEASES:
         raise UnknownRelease(
-            f"Kubernetes {minor} is not in components/versions.py (known: {', '.join(RELEASES)}); "
+            f"Kubernetes {minor} is not in model/versions.py (known: {', '.join(RELEASES)}); "
             "its kubeadm facts must be read from its source before it can be used"
         )
     return RELEASES[minor]
@@ -74,3 +74,22 @@ def next_minor(minor: str) -> str | None:
     major, number = minor.split(".")
     candidate = f"{major}.{int(number) + 1}"
     return candidate if candidate in RELEASES else None
+
+
+# Pinned releases and the SHA-256 of their manifests. Both files are read from the release tag's tree, the
+# bytes raw.githubusercontent.com serves for it: calico's `manifests/calico.yaml` at tag v3.32.1 of
+# projectcalico/calico (`git show v3.32.1:manifests/calico.yaml | sha256sum`), flannel's
+# `Documentation/kube-flannel.yml` from the module github.com/flannel-io/flannel@v0.28.10 as the Go module
+# proxy serves it (checksum-database verified). flannel's tree at the tag names its own images at v0.28.10.
+CALICO_VERSION = "v3.32.1"
+CALICO_SHA256 = "a1df919d9721cf667accdc3e72848911b0cb25cfab7d2478ad0c996302c95744"
+FLANNEL_VERSION = "v0.28.10"
+FLANNEL_SHA256 = "944a3c1f925f117727a1b7272a323c80965da642498397ec7e6ea9bef0f9e6c5"
+
+# pkgs.k8s.io packages a release `X.Y.Z` as Debian version `X.Y.Z-1.1`.
+PKGS_K8S_REVISION = "1.1"
+
+
+def kubernetes_apt_version(version: str) -> str:
+    """The pkgs.k8s.io Debian version of Kubernetes `version`."""
+    return f"{version}-{PKGS_K8S_REVISION}"

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from components.config import KubernetesConfig
-from components.kubeadm import CONFIG_DIR
-from components.node_prep import use_kubernetes_repository
-from components.scripts import INSTALL_BUNDLE_FUNCTION, STATE_DIR, Script, command, logged, quote, remote_command
+from model.config import KubernetesConfig
+from render.kubeadm import CONFIG_DIR
+from render.node_prep import use_kubernetes_repository
+from render.scripts import INSTALL_BUNDLE_FUNCTION, STATE_DIR, Script, command, logged, quote, remote_command
 
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
 KUBELET_KUBECONFIG = "/etc/kubernetes/kubelet.conf"

@@ -16,11 +16,11 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from components import yamldoc
+from render import yamldoc
 
 if TYPE_CHECKING:
-    from components.addressing import NodePlan
-    from components.config import ClusterConfig
+    from model.addressing import NodePlan
+    from model.config import ClusterConfig
 
 NODE_INTERFACE = "eth0"
 # Where cloud-init writes the node-preparation script before `runcmd` runs it.

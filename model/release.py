@@ -6,8 +6,8 @@ where it lives*. It travels as one unit: a stack may deploy only the release its
 
 In a release:
 - the Kubernetes version, and every pin the program derives from it: the kubelet/kubeadm/kubectl package
-  version and the etcd image tag kubeadm pins for that minor (components/versions.py);
-- the CNI and the version of its manifest (pinned in components/cni.py);
+  version and the etcd image tag kubeadm pins for that minor (model/versions.py);
+- the CNI and the version of its manifest (pinned in model/versions.py);
 - the VM image: its URL or path and, when the stack pins one, its sha256 (`image.sha256`);
 - beside it, the digest of the program's own source (`programDigest`): the same settings rendered by
   another revision of this program are another deployment.
@@ -26,10 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.cni import CALICO_VERSION, FLANNEL_VERSION
-from components.config import CONFIG_NAMESPACE, ClusterConfig
-from components.node_prep import kubernetes_apt_version
-from components.versions import release_for
+from model.config import CONFIG_NAMESPACE, ClusterConfig
+from model.versions import CALICO_VERSION, FLANNEL_VERSION, kubernetes_apt_version, release_for
 
 # Stack output names: written by every successful `pulumi up`, read by the next stack in the chain.
 RELEASE_OUTPUT = "release"
@@ -59,14 +57,16 @@ RELEASE_KEYS: tuple[ReleaseKey, ...] = (
     ReleaseKey("kubernetesPackages", "kubernetes.version (kubelet, kubeadm and kubectl package version)"),
     ReleaseKey("etcdImageTag", "kubernetes.version (the etcd image kubeadm pins for its minor)"),
     ReleaseKey("cni", "kubernetes.cni", (f"{_NS}kubernetes", "cni")),
-    ReleaseKey("cniVersion", "the CNI manifest version pinned in components/cni.py"),
+    ReleaseKey("cniVersion", "the CNI manifest version pinned in model/versions.py"),
     ReleaseKey("image", "image.url", (f"{_NS}image", "url")),
     ReleaseKey("imageSha256", "image.sha256", (f"{_NS}image", "sha256")),
 )
 # Stack-file keys whose plain scalar form stands for one of their fields (`image: URL` means `image.url`).
 SCALAR_SHORTHANDS = {f"{_NS}image": "url"}
 _BY_NAME = {key.name: key for key in RELEASE_KEYS}
-PROGRAM_DIGEST_SETTING = "programDigest (the program's source: __main__.py, components/, Pulumi.yaml, requirements.txt)"
+PROGRAM_DIGEST_SETTING = (
+    "programDigest (the program's source: __main__.py, components/, model/, render/, Pulumi.yaml, requirements.txt)"
+)
 
 
 def release_of(config: ClusterConfig) -> dict[str, str]:
@@ -78,7 +78,7 @@ def release_of(config: ClusterConfig) -> dict[str, str]:
     kubernetes = config.kubernetes
     release = {
         "kubernetesVersion": kubernetes.version,
-        "kubernetesPackages": kubernetes_apt_version(kubernetes),
+        "kubernetesPackages": kubernetes_apt_version(kubernetes.version),
         "etcdImageTag": release_for(kubernetes.version).etcd_image_tag,
         "cni": kubernetes.cni,
     }
@@ -105,9 +105,9 @@ def stack_settings(release: Mapping[str, Any]) -> dict[tuple[str, ...], str]:
 # --------------------------------------------------------------------------- program digest
 
 # The program's own source. Stack files are not (they hold environment settings), nor are tests and tools
-# (they never run in `pulumi up`). Everything under components/ counts, templates included.
+# (they never run in `pulumi up`). Everything under components/, model/ and render/ counts, templates included.
 PROGRAM_TOP_LEVEL_FILES = ("__main__.py", "Pulumi.yaml", "requirements.txt")
-PROGRAM_DIRECTORIES = ("components",)
+PROGRAM_DIRECTORIES = ("components", "model", "render")
 _SKIPPED_PARTS = {"__pycache__"}
 _SKIPPED_SUFFIXES = {".pyc", ".pyo"}
 

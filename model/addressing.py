@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from components.config import ClusterConfig
+    from model.config import ClusterConfig
 
 Role = Literal["lb", "etcd", "cp", "worker"]
 
