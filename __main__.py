@@ -6,7 +6,6 @@ from components.backup import ETCD_BACKUPS_OUTPUT, HOST_KEYS_OUTPUT
 from components.certificates import CERTIFICATE_RENEWALS_OUTPUT, CERTIFICATES_EXPIRE_OUTPUT
 from components.cluster import build_cluster
 from components.promotion import enforce_promotion_gate
-from model.config import load_stack_config
 from model.previous import (
     DEPLOYMENT_ID_OUTPUT,
     ETCD_IMAGE_TAG_OUTPUT,
@@ -25,6 +24,7 @@ from model.release import (
     program_root,
     release_of,
 )
+from model.stack import load_stack_config
 
 previous = read_previous_deployment()
 config = load_stack_config(pulumi.get_stack(), previous)

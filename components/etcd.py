@@ -54,9 +54,11 @@ from components.pki import (
 )
 from components.remote import run_step, secret
 from components.vm import Vm, VmSize
-from model.addressing import AddressPlan, role_address
-from model.config import ClusterConfig, etcd_image_tag
+from model.addressing import AddressPlan
+from model.config import ClusterConfig
+from model.offsets import role_address
 from model.previous import PreviousDeployment
+from model.running import etcd_image_tag
 from render import yamldoc
 from render.kubeadm import CONFIG_DIR
 from render.node_prep import STATIC_POD_DIR, etcd_node_preparation

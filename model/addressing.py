@@ -1,31 +1,16 @@
-"""Deterministic address and name plan.
+"""Deterministic address and name plan: every node of a stack with its hostname, address and MAC.
 
-Each role owns a fixed block of offsets from the network address, so adding or
-removing nodes of one role never moves a node of another role, and workers are
-numbered from the start of their block so scaling the pool only adds or drops
-the highest-numbered ones.
+Addresses are the role offsets of model/offsets.py. Workers are numbered from the start of their block,
+so scaling the pool only adds or drops the highest-numbered ones.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
 
-if TYPE_CHECKING:
-    from model.config import ClusterConfig
-
-Role = Literal["lb", "etcd", "cp", "worker"]
-
-GATEWAY_OFFSET = 1
-VIP_OFFSET = 10
-# First offset of each role's block, and the block's size (None: to the end of the network).
-ROLE_BLOCKS: dict[Role, tuple[int, int | None]] = {
-    "lb": (11, 9),
-    "etcd": (21, 9),
-    "cp": (31, 19),
-    "worker": (51, None),
-}
+from model.config import ClusterConfig
+from model.offsets import GATEWAY_OFFSET, ROLE_BLOCKS, Role, mac_for, role_address
 
 
 @dataclass(frozen=True)
@@ -67,24 +52,6 @@ class AddressPlan:
     @property
     def workers(self) -> tuple[NodePlan, ...]:
         return self.role("worker")
-
-
-def default_vip(network: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
-    return network.network_address + VIP_OFFSET
-
-
-def mac_for(address: ipaddress.IPv4Address) -> str:
-    """A locally administered QEMU MAC derived from the address: unique within the network, stable forever."""
-    last_three = address.packed[1:]
-    return "52:54:00:" + ":".join(f"{byte:02x}" for byte in last_three)
-
-
-def role_address(network: ipaddress.IPv4Network, role: Role, index: int) -> ipaddress.IPv4Address:
-    """The address of node `index` (1-based) of `role`, planned or not (e.g. an etcd member removed since)."""
-    start, size = ROLE_BLOCKS[role]
-    if index < 1 or (size is not None and index > size):
-        raise ValueError(f"{role} node {index} is outside its block of {size} addresses")
-    return network.network_address + start + index - 1
 
 
 def plan_addresses(config: ClusterConfig) -> AddressPlan:

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 from model.addressing import plan_addresses
 
 if TYPE_CHECKING:
-    from model.addressing import NodePlan, Role
+    from model.addressing import NodePlan
     from model.config import ClusterConfig
+    from model.offsets import Role
     from model.previous import PreviousDeployment
 
 PLACEMENT_ORDER: tuple[Role, ...] = ("lb", "etcd", "cp", "worker")

@@ -20,8 +20,8 @@ from render.kubeadm import CRI_SOCKET, KUBELET_API
 from render.scripts import Script, command, download_signing_key, https_fetch, logged, quote, write_file
 
 if TYPE_CHECKING:
-    from model.addressing import Role
     from model.config import ClusterConfig, KubernetesConfig
+    from model.offsets import Role
 
 STEP = "node-prep"
 LOG_NAME = "node-prep"

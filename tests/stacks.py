@@ -10,7 +10,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from model.config import ClusterConfig, config_from_stack_file, parse_config
+from model.config import ClusterConfig
+from model.stack import config_from_stack_file, parse_config
 from tools.offline import Evaluation, evaluate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -1385,7 +1385,7 @@ def stacks_as_their_files_say(project_dir: Path) -> Callable[[str], StackOutputs
         if not path.is_file():
             return None
         release = importlib.import_module("model.release")
-        config = importlib.import_module("model.config")
+        config = importlib.import_module("model.stack")
         parsed = config.config_from_stack_file(str(path), stack)
         result: Mapping[str, Any] = release.deployment_outputs(parsed, release.program_digest(project_dir))
         return result

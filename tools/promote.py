@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from components.promotion import judge
-from model.config import CONFIG_NAMESPACE, ClusterConfig, ConfigError, parse_config
+from model.config import CONFIG_NAMESPACE, ClusterConfig
 from model.previous import PreviousDeployment
 from model.release import (
     PROGRAM_DIGEST_OUTPUT,
@@ -40,6 +40,8 @@ from model.release import (
     release_of,
     stack_settings,
 )
+from model.rules import ConfigError
+from model.stack import parse_config
 from tools.offline import REPO_ROOT, evaluate
 from tools.plan import write_plan
 

@@ -53,8 +53,8 @@ from components.etcd import (
 )
 from components.pki import APISERVER_ETCD_CLIENT
 from model.addressing import plan_addresses
-from model.config import config_from_stack_file, parse_config
 from model.previous import NEW_STACK, PreviousDeployment
+from model.stack import config_from_stack_file, parse_config
 from render.scripts import BundleFile, encode_bundle
 from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.netns import Lab, Namespace, Process, cleanup_stale, poll_until

@@ -27,7 +27,7 @@ from components.certificates import (
     renewal_script,
 )
 from model.addressing import plan_addresses
-from model.config import config_from_stack_file
+from model.stack import config_from_stack_file
 from render import lb_config
 from tests.stacks import evaluated
 from tools.offline import Evaluation, evaluate, load_stack_config
@@ -158,7 +158,8 @@ def test_external_etcd_members_report_their_own_certificates_end() -> None:
 
 @pytest.mark.parametrize("days", [6, 301])
 def test_a_window_outside_the_certificates_life_is_refused(days: int) -> None:
-    from model.config import ConfigError, parse_config
+    from model.rules import ConfigError
+    from model.stack import parse_config
 
     with pytest.raises(ConfigError, match=r"certificates\.renewBeforeDays"):
         parse_config({"network": {"cidr": "10.17.9.0/24"}, "certificates": {"renewBeforeDays": days}}, stack="dev")

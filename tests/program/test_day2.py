@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from model.config import ConfigError
+from model.rules import ConfigError
 from model.versions import DEFAULT_KUBERNETES, RELEASES
 from tools.offline import Evaluation, Registration, evaluate
 from tools.plan import bundle_by_path, script_of

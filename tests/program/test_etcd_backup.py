@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from components.backup import BACKUP_DIR, BackupPolicy, backup_files, install_timer_script
-from model.config import ConfigError, parse_config
+from model.rules import ConfigError
+from model.stack import parse_config
 from tests.stacks import evaluated
 from tools.access import access_from_outputs
 from tools.offline import evaluate, load_stack_config

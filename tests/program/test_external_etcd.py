@@ -26,9 +26,11 @@ from components.etcd import (
     etcd_member_flags,
     plan_membership,
 )
-from model.addressing import mac_for, plan_addresses
-from model.config import ConfigError, parse_config
+from model.addressing import plan_addresses
+from model.offsets import mac_for
 from model.previous import PreviousDeployment
+from model.rules import ConfigError
+from model.stack import parse_config
 from tools.offline import UNKNOWN, Evaluation, Registration, evaluate, load_stack_config
 from tools.plan import bundle_by_path, script_of
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from model.config import ConfigError
 from model.hostkeys import expand_home
+from model.rules import ConfigError
 from tests.program.test_platform import problems
 from tools.graph import DeploymentGraph
 from tools.offline import Evaluation, Registration, evaluate

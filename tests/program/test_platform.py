@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from model.config import ConfigError, config_from_stack_file, parse_config
 from model.previous import PreviousDeployment
+from model.rules import ConfigError
+from model.stack import config_from_stack_file, parse_config
 from model.versions import RELEASES
 from tools.offline import Evaluation, evaluate
 

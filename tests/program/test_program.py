@@ -20,7 +20,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from model.config import ConfigError
+from model.rules import ConfigError
 from tools.offline import UNKNOWN, Evaluation, Registration, evaluate
 from tools.plan import bundle_by_path, script_of
 
@@ -281,7 +281,7 @@ def test_shared_pki_is_placed_with_private_keys_0600(stack: str) -> None:
 @pytest.mark.parametrize("stack", STACKS)
 def test_lb_step_carries_the_rendered_configs(stack: str) -> None:
     from model.addressing import plan_addresses
-    from model.config import config_from_stack_file
+    from model.stack import config_from_stack_file
     from render.lb_config import lb_node_files
 
     ev = evaluated(stack)

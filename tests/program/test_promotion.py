@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from components.promotion import SOURCE_REFERENCE, PromotionRefused
-from model.config import config_from_stack_file, parse_config
 from model.release import PROGRAM_DIGEST_OUTPUT, RELEASE_OUTPUT, program_digest, release_of
+from model.stack import config_from_stack_file, parse_config
 from model.versions import RELEASES
 from tools.offline import STACK_TYPE, UNKNOWN, Evaluation, evaluate, evaluation_of_failure
 
@@ -151,7 +151,7 @@ def test_the_override_passes_with_a_warning_and_is_exported(preview: bool, dev: 
 
 
 def test_an_override_without_a_reason_is_a_config_error() -> None:
-    from model.config import ConfigError
+    from model.rules import ConfigError
 
     with pytest.raises(ConfigError) as caught:
         run_staging(dev_running(), preview=False, gate="off")

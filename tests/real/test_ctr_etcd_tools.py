@@ -56,8 +56,8 @@ from components.backup import BACKUP_DIR, HELD_MANIFEST_DIR, BackupPolicy, backu
 from components.backup import etcd_tool_functions as tool_functions
 from components.etcd import ETCD_IMAGE_REPOSITORY, MANIFEST_PATH, EtcdPaths, plan_membership, render_manifest
 from model.addressing import plan_addresses
-from model.config import config_from_stack_file
 from model.previous import NEW_STACK
+from model.stack import config_from_stack_file
 from model.versions import DEFAULT_KUBERNETES, release_for
 from render.scripts import LOG_DIR, STATE_DIR, Script
 from tests.integration.conftest import phase_failed, require_programs, require_root

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from model.addressing import NodePlan
-from model.config import parse_config
+from model.stack import parse_config
 from render.cloudinit import (
     NODE_INTERFACE,
     PREPARATION_PATH,

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from model.addressing import plan_addresses
-from model.config import ConfigError, config_from_stack_file, parse_config
+from model.rules import ConfigError
+from model.stack import config_from_stack_file, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -37,8 +37,10 @@ from components.etcd import (
     render_manifest,
 )
 from model.addressing import plan_addresses
-from model.config import ClusterConfig, ConfigError, parse_config
+from model.config import ClusterConfig
 from model.previous import PreviousDeployment
+from model.rules import ConfigError
+from model.stack import parse_config
 from render.node_prep import (
     ETCD_KUBELET_CONFIG_FILE,
     ETCD_KUBELET_DROP_IN,

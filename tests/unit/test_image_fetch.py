@@ -25,7 +25,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from model.config import ConfigError, ImageConfig, parse_config
+from model.config import ImageConfig
+from model.rules import ConfigError
+from model.stack import parse_config
 from render.image import IMAGE_CACHE, cached_image_path, image_fetch_script
 
 IMAGE = b"QFI\xfb a tiny stand-in for a qcow2 image\n"

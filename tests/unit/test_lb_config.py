@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from model.addressing import AddressPlan, plan_addresses
-from model.config import ClusterConfig, config_from_stack_file, parse_config
+from model.config import ClusterConfig
+from model.stack import config_from_stack_file, parse_config
 from render import lb_config
 
 REPO = Path(__file__).resolve().parents[2]

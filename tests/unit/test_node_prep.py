@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from model.config import KubernetesConfig, parse_config
+from model.config import KubernetesConfig
+from model.stack import parse_config
 from render.node_prep import (
     CONTAINERD_CONFIG,
     CONTAINERD_CONFIG_FILE,

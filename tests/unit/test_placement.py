@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from model.addressing import NodePlan, Role
+from model.addressing import NodePlan
 from model.hostkeys import (
     ed25519_key_problem,
     expand_home,
@@ -19,6 +19,7 @@ from model.hostkeys import (
     uri_problems,
     write_known_hosts,
 )
+from model.offsets import Role
 from model.placement import host_loss_findings, hosts_needed_for_quorum, moved_nodes, place
 from tests.integration.conftest import require_programs
 

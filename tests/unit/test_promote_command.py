@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from model.config import parse_config
 from model.release import PROGRAM_DIGEST_OUTPUT, PROGRAM_DIRECTORIES, RELEASE_OUTPUT, program_digest, release_of
+from model.stack import parse_config
 from model.versions import RELEASES
 from tools import promote
 from tools.promote import Refused, read_outputs, rewrite_settings
@@ -330,8 +330,8 @@ def test_rewrite_quotes_what_yaml_would_read_as_something_else() -> None:
 
 def test_the_plan_command_models_the_source_from_its_outputs(tmp_path: Path) -> None:
     from components.promotion import PromotionRefused
-    from model.config import config_from_stack_file
     from model.release import deployment_outputs
+    from model.stack import config_from_stack_file
     from tools import plan
 
     staging = config_from_stack_file(str(ROOT / "Pulumi.staging.yaml"), "staging")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from components.promotion import UNKNOWN_OUTPUTS, SourceMissing, judge, promotion_output
-from model.config import DEFAULT_IMAGE, ConfigError, parse_config
+from model.config import DEFAULT_IMAGE
 from model.release import (
     PROGRAM_DIGEST_OUTPUT,
     PROGRAM_DIRECTORIES,
@@ -24,6 +24,8 @@ from model.release import (
     release_of,
     stack_settings,
 )
+from model.rules import ConfigError
+from model.stack import parse_config
 from model.versions import RELEASES
 from render.cni import CALICO_VERSION, FLANNEL_VERSION
 
