@@ -171,7 +171,7 @@ def _read_source_outputs(name: str) -> Mapping[str, Any] | _UnknownOutputs | Sou
     it registers the cluster, not in an apply that runs after everything is registered. `_sync_await` pumps
     the event loop until the read completes; it is what the SDK's own synchronous `pulumi.runtime.invoke`
     (used for the probe, and by model/previous.py) is built on, and it works the same under the engine
-    and under the mock monitor (tools/offline.py). Preview reads stack references like `up` does, so the
+    and under the mock monitor (tools/offline/monitor.py). Preview reads stack references like `up` does, so the
     decision is the same in both; an output that still comes back unknown is refused, never guessed.
     """
     try:

@@ -1,4 +1,4 @@
-"""Tests for tools/offline.py, against a small throwaway program (not the real one)."""
+"""Tests for tools/offline/, against a small throwaway program (not the real one)."""
 
 from __future__ import annotations
 
