@@ -16,6 +16,7 @@ from model.config import ClusterConfig
 from render.cloudinit import (
     NodeIdentity,
     StaticAddress,
+    node_identity,
     render_meta_data,
     render_network_config,
     render_user_data,
@@ -52,15 +53,13 @@ class NodeContext:
         return render_network_config(node.mac, StaticAddress(interface, network.gateway, network.dns))
 
     def vm_args(self, node: NodePlan, size: VmSize, preparation: Script) -> VmArgs:
-        fqdn = f"{node.hostname}.{self.config.network.domain}"
         operator_key = self.pki.operator_ssh_key.public_key_openssh
         host_key = self.pki.host_keys[node.hostname]
 
         def identity(operator_public: str, host_private: str, host_public: str) -> NodeIdentity:
-            return NodeIdentity(
-                hostname=node.hostname,
-                fqdn=fqdn,
-                mac=node.mac,
+            return node_identity(
+                node,
+                domain=self.config.network.domain,
                 ssh_user=self.config.ssh.user,
                 authorized_keys=(operator_public.strip(), *self.config.ssh.authorized_keys),
                 host_key_private_openssh=host_private,

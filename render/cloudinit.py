@@ -20,7 +20,6 @@ from render import yamldoc
 
 if TYPE_CHECKING:
     from model.addressing import NodePlan
-    from model.config import ClusterConfig
 
 NODE_INTERFACE = "eth0"
 # Where cloud-init writes the node-preparation script before `runcmd` runs it.
@@ -80,18 +79,19 @@ class NodeIdentity:
 
 def node_identity(
     node: NodePlan,
-    config: ClusterConfig,
     *,
+    domain: str,
+    ssh_user: str,
     authorized_keys: tuple[str, ...],
     host_key_private_openssh: str,
     host_key_public_openssh: str,
 ) -> NodeIdentity:
-    """The identity of a planned node (hostname, `<hostname>.<network.domain>`, planned MAC, configured user)."""
+    """The identity of a planned node (hostname, `<hostname>.<network.domain>`, planned MAC, `ssh.user`)."""
     return NodeIdentity(
         hostname=node.hostname,
-        fqdn=f"{node.hostname}.{config.network.domain}",
+        fqdn=f"{node.hostname}.{domain}",
         mac=node.mac,
-        ssh_user=config.ssh.user,
+        ssh_user=ssh_user,
         authorized_keys=authorized_keys,
         host_key_private_openssh=host_key_private_openssh,
         host_key_public_openssh=host_key_public_openssh,

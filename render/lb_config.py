@@ -1,7 +1,7 @@
 """The API load balancer's configuration files, rendered from the stack config.
 
-Pure functions: typed settings are derived from `ClusterConfig` + `AddressPlan`,
-then rendered through the templates in ``components/templates``. Identical
+Pure functions: typed settings are derived from the cluster name, the API port and
+the `AddressPlan`, then rendered through the templates in ``render/templates``. Identical
 inputs give byte-identical text, because the remote step that writes these
 files re-runs whenever the text changes (e.g. a control plane is added).
 
@@ -28,7 +28,6 @@ from render.scripts import BundleFile
 
 if TYPE_CHECKING:
     from model.addressing import AddressPlan, NodePlan
-    from model.config import ClusterConfig
 
 HAPROXY_CFG_PATH = "/etc/haproxy/haproxy.cfg"
 KEEPALIVED_CONF_PATH = "/etc/keepalived/keepalived.conf"
@@ -167,8 +166,8 @@ def vrrp_priority(index: int) -> int:
     return max(_TOP_PRIORITY - _PRIORITY_STEP * (index - 1), 1)
 
 
-def haproxy_settings(config: ClusterConfig, plan: AddressPlan) -> HaproxySettings:
-    frontend_port = config.load_balancer.port
+def haproxy_settings(cluster_name: str, frontend_port: int, plan: AddressPlan) -> HaproxySettings:
+    """HAProxy's settings: `frontend_port` is `loadBalancer.port`, the API endpoint's port."""
     backends = tuple(
         ApiBackend(name=node.hostname, address=node.address, port=APISERVER_PORT)
         for node in sorted(plan.control_planes, key=lambda node: node.index)
@@ -179,12 +178,12 @@ def haproxy_settings(config: ClusterConfig, plan: AddressPlan) -> HaproxySetting
     return HaproxySettings(
         frontend_port=frontend_port,
         backends=backends,
-        cluster_name=config.cluster_name,
+        cluster_name=cluster_name,
         health_port=health_port,
     )
 
 
-def keepalived_settings(config: ClusterConfig, plan: AddressPlan, node: NodePlan) -> KeepalivedSettings | None:
+def keepalived_settings(cluster_name: str, plan: AddressPlan, node: NodePlan) -> KeepalivedSettings | None:
     """keepalived's settings for LB `node`, or None when a single LB owns the VIP (no VRRP)."""
     if node.role != "lb" or node not in plan.load_balancers:
         raise ValueError(f"{node.hostname} is not a load balancer of this plan")
@@ -198,7 +197,7 @@ def keepalived_settings(config: ClusterConfig, plan: AddressPlan, node: NodePlan
         peers=peers,
         vip=plan.vip,
         prefix_length=plan.network.prefixlen,
-        virtual_router_id=virtual_router_id(config.cluster_name),
+        virtual_router_id=virtual_router_id(cluster_name),
         priority=vrrp_priority(node.index),
     )
 
@@ -259,11 +258,11 @@ def render_keepalived_check_script(health_port: int = HAPROXY_HEALTH_PORT) -> st
     return _render("keepalived-check-haproxy.sh.tmpl", max_time=CHECK_TIMEOUT - 1, url=health_url(health_port))
 
 
-def lb_node_files(config: ClusterConfig, plan: AddressPlan, node: NodePlan) -> tuple[BundleFile, ...]:
+def lb_node_files(cluster_name: str, frontend_port: int, plan: AddressPlan, node: NodePlan) -> tuple[BundleFile, ...]:
     """Every file the load balancer `node` needs, with its mode (none of them is secret)."""
-    haproxy = haproxy_settings(config, plan)
+    haproxy = haproxy_settings(cluster_name, frontend_port, plan)
     files = [BundleFile(HAPROXY_CFG_PATH, render_haproxy_cfg(haproxy), 0o644)]
-    keepalived = keepalived_settings(config, plan, node)
+    keepalived = keepalived_settings(cluster_name, plan, node)
     if keepalived is not None:
         files.append(BundleFile(KEEPALIVED_CONF_PATH, render_keepalived_conf(keepalived), 0o644))
         # Root-owned and not writable by others, or keepalived's script security refuses it.

@@ -20,7 +20,7 @@ from render.kubeadm import CRI_SOCKET, KUBELET_API
 from render.scripts import Script, command, download_signing_key, https_fetch, logged, quote, write_file
 
 if TYPE_CHECKING:
-    from model.config import ClusterConfig, KubernetesConfig
+    from model.config import KubernetesConfig
     from model.offsets import Role
 
 STEP = "node-prep"
@@ -278,20 +278,20 @@ def load_balancer_preparation(hostname: str) -> Script:
 
 
 # One entry per role that has a preparation.
-PREPARATIONS: dict[str, Callable[[str, ClusterConfig], Script]] = {
-    "lb": lambda hostname, config: load_balancer_preparation(hostname),
-    "etcd": lambda hostname, config: etcd_node_preparation(hostname, config.kubernetes),
-    "cp": lambda hostname, config: kubernetes_node_preparation(hostname, config.kubernetes),
-    "worker": lambda hostname, config: kubernetes_node_preparation(hostname, config.kubernetes),
+PREPARATIONS: dict[str, Callable[[str, KubernetesConfig], Script]] = {
+    "lb": lambda hostname, kubernetes: load_balancer_preparation(hostname),
+    "etcd": etcd_node_preparation,
+    "cp": kubernetes_node_preparation,
+    "worker": kubernetes_node_preparation,
 }
 
 
-def preparation_for(role: Role, hostname: str, config: ClusterConfig) -> Script:
+def preparation_for(role: Role, hostname: str, kubernetes: KubernetesConfig) -> Script:
     try:
         builder = PREPARATIONS[role]
     except KeyError:
         raise ValueError(f"no node preparation for role {role!r} (known: {', '.join(PREPARATIONS)})") from None
-    return builder(hostname, config)
+    return builder(hostname, kubernetes)
 
 
 # Comment out active swap entries (third field `swap`); commented lines never match again.

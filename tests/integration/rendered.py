@@ -28,7 +28,7 @@ def stack_nodes() -> Iterator[tuple[str, ClusterConfig, NodePlan]]:
 
 def node_preparation_scripts() -> Iterator[tuple[str, str]]:
     for stack, config, node in stack_nodes():
-        script = preparation_for(node.role, node.hostname, config)
+        script = preparation_for(node.role, node.hostname, config.kubernetes)
         yield f"{stack}/{node.hostname}/{script.step}", script.render()
 
 

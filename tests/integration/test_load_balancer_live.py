@@ -167,7 +167,9 @@ def test_haproxy_config_test_rejects_a_broken_config(tmp_path: Path) -> None:
     """Control: the acceptance check above can fail."""
     haproxy = require_programs("haproxy")["haproxy"]
     config = stack_config("staging")
-    text = lb_config.render_haproxy_cfg(lb_config.haproxy_settings(config, plan_addresses(config)))
+    text = lb_config.render_haproxy_cfg(
+        lb_config.haproxy_settings(config.cluster_name, config.load_balancer.port, plan_addresses(config))
+    )
     path = tmp_path / "haproxy.cfg"
     path.write_text(text.replace("balance roundrobin", "balance no-such-algorithm"))
     accepted, _ = haproxy_config_test(haproxy, path)
@@ -227,7 +229,7 @@ def test_keepalived_config_test_rejects_a_broken_config(
     config = stack_config("staging")
     plan = plan_addresses(config)
     node = plan.load_balancers[0]
-    settings = lb_config.keepalived_settings(config, plan, node)
+    settings = lb_config.keepalived_settings(config.cluster_name, plan, node)
     assert settings is not None
     settings = dataclasses.replace(settings, check_script=str(write_check_script(script_dir, 8404)))
     old, new = breakage
@@ -433,7 +435,7 @@ class LbLab:
 
     @property
     def haproxy_settings(self) -> lb_config.HaproxySettings:
-        return lb_config.haproxy_settings(self.config, self.plan)
+        return lb_config.haproxy_settings(self.config.cluster_name, self.config.load_balancer.port, self.plan)
 
     @property
     def port(self) -> int:
@@ -457,7 +459,7 @@ class LbLab:
         return self.haproxy[lb]
 
     def start_keepalived(self, lb: str) -> Process:
-        settings = lb_config.keepalived_settings(self.config, self.plan, self._node(lb))
+        settings = lb_config.keepalived_settings(self.config.cluster_name, self.plan, self._node(lb))
         assert settings is not None
         check_script = write_check_script(self.script_dir, self.haproxy_settings.health_port)
         conf = self.work / f"keepalived-{lb}.conf"
@@ -774,7 +776,7 @@ def test_single_load_balancer_owns_the_vip(lb_lab: Callable[[str], LbLab]) -> No
     live = lb_lab("dev")
     (lb,) = live.plan.load_balancers
     assert lb.address == live.plan.vip
-    assert lb_config.keepalived_settings(live.config, live.plan, lb) is None
+    assert lb_config.keepalived_settings(live.config.cluster_name, live.plan, lb) is None
     assert not live.keepalived
     assert live.vip_holders() == {lb.hostname}
     seen = live.spread(3 * len(live.cps))

@@ -171,7 +171,9 @@ def test_the_restarted_api_server_is_out_of_every_load_balancer_until_ready_and_
     The step holds the API server down for as long as the rendered HAProxy needs to take it out of rotation
     (every interval stretched by `spread-checks`), and waits after /readyz as long as it needs to take it back."""
     config = config_from_stack_file(str(REPO / "Pulumi.prod.yaml"), "prod")
-    haproxy = lb_config.render_haproxy_cfg(lb_config.haproxy_settings(config, plan_addresses(config)))
+    haproxy = lb_config.render_haproxy_cfg(
+        lb_config.haproxy_settings(config.cluster_name, config.load_balancer.port, plan_addresses(config))
+    )
     spread = 1 + int(re.search(r"^\s*spread-checks (\d+)$", haproxy, re.M).group(1)) / 100  # type: ignore[union-attr]
     check = re.search(r"inter (\d+)s fastinter (\d+)s fall (\d+) rise (\d+)", haproxy)
     assert check is not None

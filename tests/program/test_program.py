@@ -290,7 +290,7 @@ def test_lb_step_carries_the_rendered_configs(stack: str) -> None:
     for node in plan.load_balancers:
         configure = step(ev, f"{node.hostname}-configure-lb")
         installed = bundle_by_path(configure.inputs["stdin"])
-        expected = lb_node_files(config, plan, node)
+        expected = lb_node_files(config.cluster_name, config.load_balancer.port, plan, node)
         assert installed == {item.path: (item.mode, item.content) for item in expected}
         # The script carries the files' digests, so new configs change the step and re-run it.
         script = script_of(configure)

@@ -214,7 +214,8 @@ def test_node_identity_from_plan():
     node = NodePlan(hostname="dev-worker-1", role="worker", index=1, address=config.vip, mac="52:54:00:11:03:33")
     identity = node_identity(
         node,
-        config,
+        domain=config.network.domain,
+        ssh_user=config.ssh.user,
         authorized_keys=(OPERATOR_KEY,),
         host_key_private_openssh=HOST_PRIVATE,
         host_key_public_openssh=HOST_PUBLIC,

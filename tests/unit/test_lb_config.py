@@ -73,7 +73,7 @@ def directive(text: str, name: str) -> list[str]:
 def test_haproxy_backends_are_the_control_planes_in_index_order(name: str) -> None:
     config = configs()[name]
     plan = plan_addresses(config)
-    settings = lb_config.haproxy_settings(config, plan)
+    settings = lb_config.haproxy_settings(config.cluster_name, config.load_balancer.port, plan)
     expected = [(node.hostname, f"{node.address}:6443") for node in sorted(plan.control_planes, key=lambda n: n.index)]
     assert [(backend.name, f"{backend.address}:{backend.port}") for backend in settings.backends] == expected
     assert servers(lb_config.render_haproxy_cfg(settings)) == expected
@@ -83,7 +83,9 @@ def test_haproxy_backends_are_the_control_planes_in_index_order(name: str) -> No
 @pytest.mark.parametrize("name", [*STACKS, "big"])
 def test_haproxy_serves_the_api_port_on_every_address_in_tcp_mode(name: str) -> None:
     config = configs()[name]
-    text = lb_config.render_haproxy_cfg(lb_config.haproxy_settings(config, plan_addresses(config)))
+    text = lb_config.render_haproxy_cfg(
+        lb_config.haproxy_settings(config.cluster_name, config.load_balancer.port, plan_addresses(config))
+    )
     binds = directive(text, "bind")
     assert f"*:{config.load_balancer.port}" in binds
     assert f"127.0.0.1:{lb_config.HAPROXY_HEALTH_PORT}" in binds  # health/stats: local only
@@ -94,7 +96,9 @@ def test_haproxy_serves_the_api_port_on_every_address_in_tcp_mode(name: str) -> 
 
 def test_haproxy_asks_each_apiserver_whether_it_is_ready() -> None:
     config = stack("staging")
-    text = lb_config.render_haproxy_cfg(lb_config.haproxy_settings(config, plan_addresses(config)))
+    text = lb_config.render_haproxy_cfg(
+        lb_config.haproxy_settings(config.cluster_name, config.load_balancer.port, plan_addresses(config))
+    )
     assert "httpchk" in directive(section(text, "backend kube-apiserver"), "option")
     send = " ".join(directive(text, "http-check"))
     assert "uri /readyz" in send
@@ -113,7 +117,9 @@ def test_haproxy_asks_each_apiserver_whether_it_is_ready() -> None:
 
 def test_haproxy_timeouts_suit_long_lived_watches() -> None:
     config = stack("prod")
-    text = lb_config.render_haproxy_cfg(lb_config.haproxy_settings(config, plan_addresses(config)))
+    text = lb_config.render_haproxy_cfg(
+        lb_config.haproxy_settings(config.cluster_name, config.load_balancer.port, plan_addresses(config))
+    )
     timeouts = dict(value.split() for value in directive(section(text, "defaults"), "timeout"))
 
     def seconds(value: str) -> int:
@@ -129,7 +135,9 @@ def test_haproxy_custom_api_port_keeps_backends_on_6443() -> None:
     config = parse_config(
         {"network": {"cidr": "10.17.9.0/24"}, "loadBalancer": {"replicas": 2, "port": 8443}}, stack="custom"
     )
-    text = lb_config.render_haproxy_cfg(lb_config.haproxy_settings(config, plan_addresses(config)))
+    text = lb_config.render_haproxy_cfg(
+        lb_config.haproxy_settings(config.cluster_name, config.load_balancer.port, plan_addresses(config))
+    )
     assert "*:8443" in directive(text, "bind")
     assert all(address.endswith(":6443") for _, address in servers(text))
 
@@ -139,7 +147,7 @@ def test_health_port_moves_aside_when_the_api_uses_it() -> None:
         {"network": {"cidr": "10.17.9.0/24"}, "loadBalancer": {"replicas": 2, "port": lb_config.HAPROXY_HEALTH_PORT}},
         stack="clash",
     )
-    settings = lb_config.haproxy_settings(config, plan_addresses(config))
+    settings = lb_config.haproxy_settings(config.cluster_name, config.load_balancer.port, plan_addresses(config))
     assert settings.health_port != settings.frontend_port
     text = lb_config.render_haproxy_cfg(settings)
     assert f"127.0.0.1:{settings.health_port}" in directive(text, "bind")
@@ -166,8 +174,8 @@ def test_single_load_balancer_gets_no_keepalived() -> None:
     plan = plan_addresses(config)
     (lb,) = plan.load_balancers
     assert lb.address == plan.vip  # it owns the API address itself
-    assert lb_config.keepalived_settings(config, plan, lb) is None
-    files = lb_config.lb_node_files(config, plan, lb)
+    assert lb_config.keepalived_settings(config.cluster_name, plan, lb) is None
+    files = lb_config.lb_node_files(config.cluster_name, config.load_balancer.port, plan, lb)
     assert [file.path for file in files] == [lb_config.HAPROXY_CFG_PATH]
 
 
@@ -177,7 +185,7 @@ def test_keepalived_peers_are_the_other_load_balancers(name: str) -> None:
     plan = plan_addresses(config)
     lb_addresses = {node.address for node in plan.load_balancers}
     for node in plan.load_balancers:
-        settings = lb_config.keepalived_settings(config, plan, node)
+        settings = lb_config.keepalived_settings(config.cluster_name, plan, node)
         assert settings is not None
         assert settings.address == node.address
         assert set(settings.peers) == lb_addresses - {node.address}
@@ -194,7 +202,7 @@ def test_keepalived_priorities_are_distinct_and_favour_the_first(name: str) -> N
     by_index = sorted(plan.load_balancers, key=lambda node: node.index)
     priorities = []
     for node in by_index:
-        settings = lb_config.keepalived_settings(config, plan, node)
+        settings = lb_config.keepalived_settings(config.cluster_name, plan, node)
         assert settings is not None
         priorities.append(settings.priority)
         assert directive(lb_config.render_keepalived_conf(settings), "priority") == [str(settings.priority)]
@@ -208,7 +216,7 @@ def test_keepalived_holds_the_vip_on_eth0_and_tracks_haproxy(name: str) -> None:
     config = configs()[name]
     plan = plan_addresses(config)
     for node in plan.load_balancers:
-        settings = lb_config.keepalived_settings(config, plan, node)
+        settings = lb_config.keepalived_settings(config.cluster_name, plan, node)
         assert settings is not None
         text = lb_config.render_keepalived_conf(settings)
         assert re.search(
@@ -239,7 +247,7 @@ def test_virtual_router_id_is_stable_per_cluster_and_in_range() -> None:
     plan = plan_addresses(config)
     found = set()
     for node in plan.load_balancers:
-        settings = lb_config.keepalived_settings(config, plan, node)
+        settings = lb_config.keepalived_settings(config.cluster_name, plan, node)
         assert settings is not None
         found.add(settings.virtual_router_id)
     assert found == {lb_config.virtual_router_id("big")}
@@ -252,7 +260,9 @@ def test_check_script_probes_haproxys_local_monitor_uri() -> None:
     assert "--fail" in text
     assert "--max-time" in text
     config = stack("staging")
-    haproxy = lb_config.render_haproxy_cfg(lb_config.haproxy_settings(config, plan_addresses(config)))
+    haproxy = lb_config.render_haproxy_cfg(
+        lb_config.haproxy_settings(config.cluster_name, config.load_balancer.port, plan_addresses(config))
+    )
     assert directive(haproxy, "monitor-uri") == [lb_config.HAPROXY_HEALTH_URI]
 
 
@@ -286,7 +296,7 @@ def test_keepalived_settings_only_for_load_balancers() -> None:
     config = stack("staging")
     plan = plan_addresses(config)
     with pytest.raises(ValueError, match="not a load balancer"):
-        lb_config.keepalived_settings(config, plan, plan.control_planes[0])
+        lb_config.keepalived_settings(config.cluster_name, plan, plan.control_planes[0])
 
 
 # ----------------------------------------------------------------------------- determinism and files
@@ -300,14 +310,20 @@ def _shuffled(plan: AddressPlan) -> AddressPlan:
 def test_rendering_is_deterministic(name: str) -> None:
     first_config, second_config = configs()[name], configs()[name]
     first, second = plan_addresses(first_config), _shuffled(plan_addresses(second_config))
-    first_text = lb_config.render_haproxy_cfg(lb_config.haproxy_settings(first_config, first))
-    assert first_text == lb_config.render_haproxy_cfg(lb_config.haproxy_settings(second_config, second))
-    assert first_text == lb_config.render_haproxy_cfg(lb_config.haproxy_settings(first_config, first))
+    first_text = lb_config.render_haproxy_cfg(
+        lb_config.haproxy_settings(first_config.cluster_name, first_config.load_balancer.port, first)
+    )
+    assert first_text == lb_config.render_haproxy_cfg(
+        lb_config.haproxy_settings(second_config.cluster_name, second_config.load_balancer.port, second)
+    )
+    assert first_text == lb_config.render_haproxy_cfg(
+        lb_config.haproxy_settings(first_config.cluster_name, first_config.load_balancer.port, first)
+    )
     for node in first.load_balancers:
         other = next(candidate for candidate in second.load_balancers if candidate.hostname == node.hostname)
-        assert lb_config.lb_node_files(first_config, first, node) == lb_config.lb_node_files(
-            second_config, second, other
-        )
+        assert lb_config.lb_node_files(
+            first_config.cluster_name, first_config.load_balancer.port, first, node
+        ) == lb_config.lb_node_files(second_config.cluster_name, second_config.load_balancer.port, second, other)
 
 
 def test_adding_a_control_plane_changes_only_the_backend_list() -> None:
@@ -320,8 +336,12 @@ def test_adding_a_control_plane_changes_only_the_backend_list() -> None:
         },
         stack="staging",
     )
-    before = lb_config.render_haproxy_cfg(lb_config.haproxy_settings(three, plan_addresses(three)))
-    after = lb_config.render_haproxy_cfg(lb_config.haproxy_settings(five, plan_addresses(five)))
+    before = lb_config.render_haproxy_cfg(
+        lb_config.haproxy_settings(three.cluster_name, three.load_balancer.port, plan_addresses(three))
+    )
+    after = lb_config.render_haproxy_cfg(
+        lb_config.haproxy_settings(five.cluster_name, five.load_balancer.port, plan_addresses(five))
+    )
     assert before != after
     assert servers(after)[:3] == servers(before)
     assert [line for line in before.splitlines() if "server " not in line] == [
@@ -334,7 +354,9 @@ def test_lb_node_files_for_a_vrrp_pair(name: str) -> None:
     config = configs()[name]
     plan = plan_addresses(config)
     node = plan.load_balancers[-1]
-    files = {file.path: file for file in lb_config.lb_node_files(config, plan, node)}
+    files = {
+        file.path: file for file in lb_config.lb_node_files(config.cluster_name, config.load_balancer.port, plan, node)
+    }
     assert set(files) == {
         lb_config.HAPROXY_CFG_PATH,
         lb_config.KEEPALIVED_CONF_PATH,

@@ -138,12 +138,16 @@ def test_load_balancer_preparation():
 
 def test_preparation_per_role():
     config = parse_config({"network": {"cidr": "10.17.3.0/24"}}, stack="dev")
-    assert preparation_for("cp", "dev-cp-1", config) == kubernetes_node_preparation("dev-cp-1", config.kubernetes)
-    assert preparation_for("worker", "dev-worker-1", config).render().count("kubeadm=") == 1
-    assert preparation_for("lb", "dev-lb-1", config) == load_balancer_preparation("dev-lb-1")
-    assert preparation_for("etcd", "dev-etcd-1", config) == etcd_node_preparation("dev-etcd-1", config.kubernetes)
+    assert preparation_for("cp", "dev-cp-1", config.kubernetes) == kubernetes_node_preparation(
+        "dev-cp-1", config.kubernetes
+    )
+    assert preparation_for("worker", "dev-worker-1", config.kubernetes).render().count("kubeadm=") == 1
+    assert preparation_for("lb", "dev-lb-1", config.kubernetes) == load_balancer_preparation("dev-lb-1")
+    assert preparation_for("etcd", "dev-etcd-1", config.kubernetes) == etcd_node_preparation(
+        "dev-etcd-1", config.kubernetes
+    )
     with pytest.raises(ValueError, match="no node preparation for role 'gpu'"):
-        preparation_for("gpu", "dev-gpu-1", config)  # type: ignore[arg-type]
+        preparation_for("gpu", "dev-gpu-1", config.kubernetes)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("hostname", ["a\nrm -rf /", "a\rb", "", "x\x00y"])

@@ -531,7 +531,7 @@ IS_ACTIVE = [["systemctl", "is-active", "--quiet", "haproxy"], ["systemctl", "is
 def _lb_files(config: ClusterConfig, hostname: str) -> tuple[BundleFile, ...]:
     plan = plan_addresses(config)
     node = next(node for node in plan.load_balancers if node.hostname == hostname)
-    return lb_node_files(config, plan, node)
+    return lb_node_files(config.cluster_name, config.load_balancer.port, plan, node)
 
 
 def _with_control_planes(config: ClusterConfig, replicas: int) -> ClusterConfig:
