@@ -21,7 +21,8 @@ from model.release import PROGRAM_DIGEST_OUTPUT, PROGRAM_DIRECTORIES, RELEASE_OU
 from model.stack import parse_config
 from model.versions import RELEASES
 from tools import promote
-from tools.promote import Refused, read_outputs, rewrite_settings
+from tools.promote import Refused, read_outputs
+from tools.stack_yaml import rewrite_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 NEW = RELEASES["1.37"].latest_patch
