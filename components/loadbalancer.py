@@ -85,7 +85,9 @@ class LoadBalancer(pulumi.ComponentResource):
             )
             self.vms[node.hostname] = vm
             # The configs travel as a public bundle; their digests in the script make a changed backend set re-run it.
-            files = lb_config.lb_node_files(context.config.cluster_name, context.config.load_balancer.port, context.plan, node)
+            files = lb_config.lb_node_files(
+                context.config.cluster_name, context.config.load_balancer.port, context.plan, node
+            )
             self.configured.append(
                 run_step(
                     f"{node.hostname}-configure-lb",

@@ -28,17 +28,16 @@ from components.nodes import NodeContext
 from components.remote import run_delete_locally, run_step
 from components.vm import Vm
 from model.addressing import AddressPlan, NodePlan
-from render.kubeadm import token_documents
-from render.lifecycle import (
+from render.admin_node import (
     TOKEN_CONFIG_PATH,
-    SshNode,
     Target,
     delete_node_script,
     drain_node_script,
     join_token_script,
     node_ready_script,
-    reset_over_ssh_script,
 )
+from render.kubeadm import token_documents
+from render.lifecycle import SshNode, reset_over_ssh_script
 from render.scripts import BundleFile, Script, encode_bundle
 
 

@@ -22,7 +22,8 @@ from components.membership import admin_for
 from components.nodes import NodeContext
 from components.remote import run_step
 from model.addressing import NodePlan
-from render.lifecycle import Target, drain_for_upgrade_script, uncordon_script, upgrade_node_script
+from render.admin_node import Target, drain_for_upgrade_script, uncordon_script
+from render.lifecycle import upgrade_node_script
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Certificate renewal as the program plans it, run by run (components/certificates.py).
+"""Certificate renewal as the program plans it, run by run (components/certificates.py, render/renewal.py).
 
 Each "run" is an offline evaluation whose previous outputs are what the run before exported, with the
 expiries the nodes would have printed. Proven: nothing is re-run while every recorded expiry is outside
@@ -22,13 +22,12 @@ from components.certificates import (
     CERTIFICATE_RENEWALS_OUTPUT,
     CERTIFICATES_EXPIRE_OUTPUT,
     earliest,
-    parse_expiry,
     plan_renewals,
-    renewal_script,
 )
 from model.addressing import plan_addresses
 from model.stack import config_from_stack_file
 from render import lb_config
+from render.renewal import parse_expiry, renewal_script
 from tests.stacks import evaluated
 from tools.offline import Evaluation, evaluate, load_stack_config
 

@@ -23,9 +23,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from components.certificates import parse_expiry
 from render import lb_config
 from render.kubeadm import PKI_DIR
+from render.renewal import parse_expiry
 from render.scripts import LOG_DIR
 from tests.integration.netns import haproxy_servers, poll_until
 from tests.real.control_plane_lab import MANIFESTS, ControlPlaneLab, Node, report

@@ -7,7 +7,7 @@ managers and schedulers from kubeadm's manifests, behind the program's HAProxy a
 control plane due, its API server certificate is re-issued by the program's cluster CA (the `ca.key` its
 `place-pki` step placed) with the same key, subject, SANs and extensions but an end 20 days away, inside the
 default `certificates.renewBeforeDays` (60); the API server is restarted to serve it. Then the step script
-components/certificates.py renders for that node runs unmodified, as pulumi-command runs it (bash -c, as root),
+render/renewal.py renders for that node runs unmodified, as pulumi-command runs it (bash -c, as root),
 in the node's network and mount namespaces, with the real kubeadm on PATH.
 
 The lab has no kubelet and no container runtime; the step moves static-pod manifests out and back and asks

@@ -1,4 +1,5 @@
-"""Day-2 scripts (render/lifecycle.py), run unmodified with bash as root in the sandbox (tests/sandbox.py).
+"""Day-2 scripts (render/lifecycle.py, render/admin_node.py), run unmodified with bash as root in the sandbox
+(tests/sandbox.py).
 
 The node's /etc and /var are overlays in the test's temp dir; `kubeadm`, `kubectl`, `systemctl`, `apt-get`,
 `apt-mark`, `dpkg-query`, `curl` and `gpg` are stubs that record every call and keep just enough state in
@@ -36,25 +37,27 @@ from pathlib import Path
 import pytest
 
 from model.config import KubernetesConfig
-from render import lifecycle
-from render.kubeadm import token_documents
-from render.lifecycle import (
+from render import admin_node, lifecycle
+from render.admin_node import (
     ADMIN_KUBECONFIG,
-    KUBELET_KUBECONFIG,
-    KUBERNETES_KEYRING,
-    KUBERNETES_SOURCES,
     TOKEN_CONFIG_PATH,
-    SshNode,
     Target,
     delete_node_script,
     drain_for_upgrade_script,
     drain_node_script,
     join_token_script,
-    kubernetes_packages_script,
     node_ready_script,
+    uncordon_script,
+)
+from render.kubeadm import token_documents
+from render.lifecycle import (
+    KUBELET_KUBECONFIG,
+    KUBERNETES_KEYRING,
+    KUBERNETES_SOURCES,
+    SshNode,
+    kubernetes_packages_script,
     reset_over_ssh_script,
     reset_script,
-    uncordon_script,
     upgrade_node_script,
 )
 from render.node_prep import CURL as NODE_PREP_CURL
@@ -956,7 +959,7 @@ ALL_SCRIPTS = {
 
 
 def test_every_lifecycle_script_is_covered():
-    made = {name for name in dir(lifecycle) if name.endswith("_script")}
+    made = {name for module in (lifecycle, admin_node) for name in dir(module) if name.endswith("_script")}
     assert made == {
         "kubernetes_packages_script", "join_token_script", "node_ready_script", "drain_node_script",
         "delete_node_script", "reset_over_ssh_script",

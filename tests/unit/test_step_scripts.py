@@ -44,7 +44,6 @@ from components.control_plane import (
     place_pki_script,
 )
 from components.loadbalancer import lb_config_script
-from components.vm import READY_MARKER, readiness_script
 from model.addressing import plan_addresses
 from model.config import ClusterConfig
 from render.cloudinit import PREPARATION_PATH
@@ -52,6 +51,7 @@ from render.cni import ADMIN_KUBECONFIG, CniManifest, cni_script, manifest_for
 from render.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH
 from render.lb_config import HAPROXY_CFG_PATH, KEEPALIVED_CHECK_SCRIPT_PATH, KEEPALIVED_CONF_PATH, lb_node_files
 from render.node_prep import PREPARED_MARKER
+from render.readiness import READY_MARKER, readiness_script
 from render.scripts import LOG_DIR, STATE_DIR, BundleFile, Script, encode_bundle, sha256_hex
 from tests.sandbox import Sandbox, Stub
 from tests.stacks import stack_config
