@@ -16,7 +16,7 @@ from components.certificates import (
     plan_renewals,
 )
 from components.control_plane import ControlPlaneNode, ControlPlaneNodeArgs
-from components.etcd import EtcdCluster, EtcdClusterArgs, EtcdClusterSpec, plan_membership
+from components.etcd import EtcdCluster, EtcdClusterArgs, plan_membership
 from components.loadbalancer import LoadBalancer, LoadBalancerArgs
 from components.nodes import NodeContext
 from components.pki import ADMIN_USER, APISERVER_ETCD_CLIENT, ETCD_CA, ClusterPki, ClusterPkiArgs
@@ -28,6 +28,7 @@ from model.addressing import AddressPlan, plan_addresses
 from model.config import ClusterConfig
 from model.placement import placement_findings, plan_placement
 from model.previous import NEW_STACK, PreviousDeployment
+from render.etcd import EtcdClusterSpec
 from render.kubeadm import ClusterShape, ExternalEtcd, renewal_document
 from render.kubeconfig import render_kubeconfig
 

@@ -19,6 +19,7 @@ import pulumi_tls as tls
 
 from components.remote import secret
 from model.addressing import NodePlan
+from render.etcd import ETCD_PKI_DIR, EtcdPaths
 from render.kubeadm import PKI_DIR
 
 CA_VALIDITY_HOURS = 10 * 365 * 24  # kubeadm's CA lifetime
@@ -33,9 +34,10 @@ _CA_USES = ["cert_signing", "crl_signing", "digital_signature", "key_enciphermen
 # expiry; etcd and its clients read certificate files at every TLS handshake, so new files need no restart.
 LEAF_VALIDITY_HOURS = CLIENT_VALIDITY_HOURS
 LEAF_EARLY_RENEWAL_HOURS = CLIENT_EARLY_RENEWAL_HOURS
-ETCD_PKI_DIR = f"{PKI_DIR}/etcd"
-ETCD_SERVER_CERT_PATH, ETCD_SERVER_KEY_PATH = f"{ETCD_PKI_DIR}/server.crt", f"{ETCD_PKI_DIR}/server.key"
-ETCD_PEER_CERT_PATH, ETCD_PEER_KEY_PATH = f"{ETCD_PKI_DIR}/peer.crt", f"{ETCD_PKI_DIR}/peer.key"
+# etcd's certificates are issued where its members read them (kubeadm's layout, render/etcd.py).
+_ETCD_PATHS = EtcdPaths()
+ETCD_SERVER_CERT_PATH, ETCD_SERVER_KEY_PATH = _ETCD_PATHS.server_cert, _ETCD_PATHS.server_key
+ETCD_PEER_CERT_PATH, ETCD_PEER_KEY_PATH = _ETCD_PATHS.peer_cert, _ETCD_PATHS.peer_key
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ CLUSTER_CA = CaPurpose("cluster-ca", "kubernetes", f"{PKI_DIR}/ca.crt", f"{PKI_D
 FRONT_PROXY_CA = CaPurpose(
     "front-proxy-ca", "front-proxy-ca", f"{PKI_DIR}/front-proxy-ca.crt", f"{PKI_DIR}/front-proxy-ca.key"
 )
-ETCD_CA = CaPurpose("etcd-ca", "etcd-ca", f"{ETCD_PKI_DIR}/ca.crt", f"{ETCD_PKI_DIR}/ca.key")
+ETCD_CA = CaPurpose("etcd-ca", "etcd-ca", _ETCD_PATHS.trusted_ca, f"{ETCD_PKI_DIR}/ca.key")
 SHARED_CAS = (CLUSTER_CA, FRONT_PROXY_CA, ETCD_CA)
 SA_KEY_PATH = f"{PKI_DIR}/sa.key"
 SA_PUB_PATH = f"{PKI_DIR}/sa.pub"
@@ -116,8 +118,8 @@ ETCD_HEALTHCHECK_CLIENT = LeafPurpose(
     name="etcd-healthcheck-client",
     ca=ETCD_CA,
     common_name="kube-etcd-healthcheck-client",
-    cert_path=f"{ETCD_PKI_DIR}/healthcheck-client.crt",
-    key_path=f"{ETCD_PKI_DIR}/healthcheck-client.key",
+    cert_path=_ETCD_PATHS.healthcheck_cert,
+    key_path=_ETCD_PATHS.healthcheck_key,
     server_auth=False,
     client_auth=True,
 )

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from components.backup import ETCD_BACKUPS_OUTPUT, HOST_KEYS_OUTPUT
-from components.etcd import EtcdMember
+from render.etcd import EtcdMember
 from render.scripts import Script, quote
 
 PULUMI_TIMEOUT_SECONDS = 60

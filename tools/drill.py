@@ -36,7 +36,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from components.backup import etcd_tool_functions, hold_script, release_script
+from render.backup import etcd_tool_functions
+from render.etcd_restore import hold_script, release_script
 from render.scripts import Script, quote
 from tools.access import (
     SshTransport,

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.backup import BACKUP_SCRIPT_PATH, FORCE_VARIABLE
+from render.backup import BACKUP_SCRIPT_PATH, FORCE_VARIABLE
 from render.scripts import Script, quote
 from tools.access import (
     Node,

@@ -2,7 +2,7 @@
 
     python -m tools.etcd_restore --stack NAME --snapshot FILE [--force] [--outputs FILE]
 
-Steps, each printed as it runs (components/backup.py renders every script):
+Steps, each printed as it runs (render/etcd_restore.py renders every script):
 
 1. Probe every member. A member that answers a quorum read means the cluster is alive: the restore
    is refused (it would throw away every write since the snapshot) unless `--force`.
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from components.backup import (
+from render.etcd_restore import (
     health_script,
     hold_script,
     quorum_probe_script,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from components.backup import SERVICE, TIMER, BackupPolicy, backup_files
+from render.backup import SERVICE, TIMER, BackupPolicy, backup_files
 from tests.integration.conftest import require_programs, unavailable
 
 pytestmark = pytest.mark.integration

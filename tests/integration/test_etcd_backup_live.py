@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from components.backup import BACKUP_DIR, BACKUP_SCRIPT_PATH, BackupPolicy, backup_script
-from components.etcd import MANIFEST_PATH, STAGED_MANIFEST_PATH
+from render.backup import BACKUP_DIR, BACKUP_SCRIPT_PATH, BackupPolicy, backup_script
+from render.etcd import MANIFEST_PATH, STAGED_MANIFEST_PATH
 from render.node_prep import STATIC_POD_DIR
 from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.lab_nodes import NODE_PGREP, LabNode, NamespaceTransport, StaticPods, fake_ctr

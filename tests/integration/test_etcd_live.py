@@ -40,7 +40,12 @@ from typing import Any
 import pytest
 import yaml
 
-from components.etcd import (
+from components.etcd import plan_membership
+from components.pki import APISERVER_ETCD_CLIENT
+from model.addressing import plan_addresses
+from model.previous import NEW_STACK, PreviousDeployment
+from model.stack import config_from_stack_file, parse_config
+from render.etcd import (
     MANIFEST_PATH,
     PEER_PORT,
     STAGED_MANIFEST_PATH,
@@ -49,12 +54,7 @@ from components.etcd import (
     EtcdMember,
     EtcdPaths,
     etcd_member_flags,
-    plan_membership,
 )
-from components.pki import APISERVER_ETCD_CLIENT
-from model.addressing import plan_addresses
-from model.previous import NEW_STACK, PreviousDeployment
-from model.stack import config_from_stack_file, parse_config
 from render.scripts import BundleFile, encode_bundle
 from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.netns import Lab, Namespace, Process, cleanup_stale, poll_until

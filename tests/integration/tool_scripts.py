@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from components.backup import (
-    BackupPolicy,
-    backup_script,
+from render.backup import BackupPolicy, backup_script
+from render.etcd_restore import (
     health_script,
     hold_script,
     quorum_probe_script,

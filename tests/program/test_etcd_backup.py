@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from components.backup import BACKUP_DIR, BackupPolicy, backup_files, install_timer_script
 from model.rules import ConfigError
 from model.stack import parse_config
+from render.backup import BACKUP_DIR, BackupPolicy, backup_files, install_timer_script
 from tests.stacks import evaluated
 from tools.access import access_from_outputs
 from tools.offline import evaluate, load_stack_config

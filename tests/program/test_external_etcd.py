@@ -19,18 +19,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from components.etcd import (
-    MANIFEST_PATH,
-    STAGED_MANIFEST_PATH,
-    EtcdClusterSpec,
-    etcd_member_flags,
-    plan_membership,
-)
+from components.etcd import plan_membership
 from model.addressing import plan_addresses
 from model.offsets import mac_for
 from model.previous import PreviousDeployment
 from model.rules import ConfigError
 from model.stack import parse_config
+from render.etcd import (
+    MANIFEST_PATH,
+    STAGED_MANIFEST_PATH,
+    EtcdClusterSpec,
+    etcd_member_flags,
+)
 from tools.offline import UNKNOWN, Evaluation, Registration, evaluate, load_stack_config
 from tools.plan import bundle_by_path, script_of
 

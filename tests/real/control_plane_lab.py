@@ -40,12 +40,13 @@ from typing import Any
 import yaml
 
 from components.cluster import cluster_shape
-from components.etcd import STAGED_MANIFEST_PATH, EtcdClusterSpec, plan_membership
+from components.etcd import plan_membership
 from components.pki import ETCD_CA, ETCD_HEALTHCHECK_CLIENT
 from model.addressing import AddressPlan, NodePlan, plan_addresses
 from model.config import ClusterConfig
 from model.previous import NEW_STACK
 from render import lb_config
+from render.etcd import STAGED_MANIFEST_PATH, EtcdClusterSpec
 from render.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH, init_documents
 from tests.integration.netns import (
     Lab,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from components.backup import BackupPolicy, backup_script
-from components.etcd import MANIFEST_PATH, STAGED_MANIFEST_PATH
+from render.backup import BackupPolicy, backup_script
+from render.etcd import MANIFEST_PATH, STAGED_MANIFEST_PATH
 from render.node_prep import STATIC_POD_DIR
 from tests.integration.lab_nodes import fake_ctr
 from tests.integration.netns import poll_until

@@ -1,4 +1,4 @@
-"""`kha_etcdctl` / `kha_etcdutl` (components/backup.py `etcd_tool_functions`) through the real `ctr run`.
+"""`kha_etcdctl` / `kha_etcdutl` (render/backup.py `etcd_tool_functions`) through the real `ctr run`.
 
 Every other test replaces `ctr` with a stand-in (tests/integration/lab_nodes.py `fake_ctr`); here the command
 line the program renders reaches a real containerd 2.2 (daemon, `ctr` and the runc shim built from
@@ -52,13 +52,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from components.backup import BACKUP_DIR, HELD_MANIFEST_DIR, BackupPolicy, backup_script, quorum_probe_script
-from components.backup import etcd_tool_functions as tool_functions
-from components.etcd import ETCD_IMAGE_REPOSITORY, MANIFEST_PATH, EtcdPaths, plan_membership, render_manifest
+from components.etcd import plan_membership
 from model.addressing import plan_addresses
 from model.previous import NEW_STACK
 from model.stack import config_from_stack_file
 from model.versions import DEFAULT_KUBERNETES, release_for
+from render.backup import BACKUP_DIR, HELD_MANIFEST_DIR, BackupPolicy, backup_script
+from render.backup import etcd_tool_functions as tool_functions
+from render.etcd import ETCD_IMAGE_REPOSITORY, MANIFEST_PATH, EtcdPaths, render_manifest
+from render.etcd_restore import quorum_probe_script
 from render.scripts import LOG_DIR, STATE_DIR, Script
 from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.netns import Lab, Namespace, Process, cleanup_stale, poll_until, scratch_dir

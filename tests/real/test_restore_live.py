@@ -6,7 +6,7 @@ kube-apiservers, controller managers and schedulers from kubeadm's manifests, be
 and keepalived). Each member's manifest is put in /etc/kubernetes/manifests as its `etcd-member` step does
 (install the staged manifest under a dot name, then mv), and from then on tests/real/kubelet.py plays kubelet
 for every etcd member and control-plane component: each runs exactly while its manifest is there, with the
-manifest's command. The timer's snapshot script (components/backup.py) and every script of tools.etcd_restore
+manifest's command. The timer's snapshot script (render/backup.py) and every script of tools.etcd_restore
 and tools.etcd_backup run unmodified, at their own absolute paths, in the node's network and mount namespaces
 (`NodeTransport`, standing where SSH is in production), with the real etcdctl/etcdutl behind the `ctr`
 stand-in of tests/integration/lab_nodes.py (which checks the `ctr run` command line and the manifest's image)

@@ -19,28 +19,30 @@ from typing import Any
 import pytest
 import yaml
 
-from components import etcd as etcd_module
-from components.etcd import (
-    MANIFEST_PATH,
-    STOPPED_MANIFEST_PATH,
-    EtcdClusterSpec,
-    EtcdMember,
-    EtcdPaths,
-    MemberPems,
-    cluster_health_script,
-    etcd_member_flags,
-    etcd_static_pod,
-    member_delete_script,
-    member_files,
-    member_script,
-    plan_membership,
-    render_manifest,
-)
+from components.etcd import plan_membership
 from model.addressing import plan_addresses
 from model.config import ClusterConfig
 from model.previous import PreviousDeployment
 from model.rules import ConfigError
 from model.stack import parse_config
+from render import etcd_scripts as etcd_module
+from render.etcd import (
+    MANIFEST_PATH,
+    STOPPED_MANIFEST_PATH,
+    EtcdClusterSpec,
+    EtcdMember,
+    EtcdPaths,
+    etcd_member_flags,
+    etcd_static_pod,
+    render_manifest,
+)
+from render.etcd_scripts import (
+    MemberPems,
+    cluster_health_script,
+    member_delete_script,
+    member_files,
+    member_script,
+)
 from render.node_prep import (
     ETCD_KUBELET_CONFIG_FILE,
     ETCD_KUBELET_DROP_IN,

@@ -1,4 +1,4 @@
-"""`kha_etcdctl`'s image lookup (components/backup.py `etcd_tool_functions`), run by bash as the steps run it:
+"""`kha_etcdctl`'s image lookup (render/backup.py `etcd_tool_functions`), run by bash as the steps run it:
 under `set -euo pipefail`, outside any `if`.
 
 Found by running tools.drill's production target against the stacked lab: `etcd_image` read the live manifest
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from components.backup import HELD_MANIFEST_DIR, etcd_tool_functions, quorum_probe_script
-from components.etcd import MANIFEST_PATH
+from render.backup import HELD_MANIFEST_DIR, etcd_tool_functions
+from render.etcd import MANIFEST_PATH
+from render.etcd_restore import quorum_probe_script
 
 LIVE = "registry.k8s.io/etcd:3.7.0-0"
 HELD = "registry.k8s.io/etcd:3.6.8-0"

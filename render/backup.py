@@ -1,0 +1,239 @@
+"""etcd snapshots on a timer, on every etcd member: the snapshot script, its systemd units, and the etcd tools.
+
+Every member (each control plane with stacked etcd, each etcd VM with external etcd) gets a systemd
+timer that runs `etcdctl snapshot save` against its local member, checks the file with
+`etcdutl snapshot status`, and keeps the newest `etcd.backup.keep` snapshots, root-only (0600 in a
+0700 directory), each beside a `.sha256` the tools verify after copying.
+
+etcdctl and etcdutl come from the etcd image the member itself runs (read from its static pod
+manifest at run time, so a kubeadm upgrade or an `etcd.version` change moves them too), run with
+`ctr run` on host networking: Ubuntu's `etcd-client` is 3.4, which has no etcdutl, and a second
+download path would need its own verification. The image is on the node already, since etcd runs it.
+
+The node side of a restore is in render/etcd_restore.py.
+
+Everything here is pure: typed inputs in, scripts and units out. `EtcdBackups` (components/backup.py)
+only wires the steps.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from render.etcd import CLIENT_PORT, MANIFEST_PATH, EtcdPaths
+from render.kubeadm import CONFIG_DIR
+from render.scripts import Script, files_match, logged, quote, sha256_hex, write_file
+from render.scripts import command as shell
+
+BACKUP_DIR = "/var/backups/kubeadm-ha/etcd"
+BACKUP_SCRIPT_PATH = "/usr/local/sbin/kubeadm-ha-etcd-backup"
+UNIT_DIR = "/etc/systemd/system"
+SERVICE = "kubeadm-ha-etcd-backup.service"
+TIMER = "kubeadm-ha-etcd-backup.timer"
+# Snapshot names sort by time: etcd-<host>-<UTC YYYYmmddTHHMMSSZ>.db, beside <name>.sha256.
+SNAPSHOT_GLOB = "etcd-*.db"
+# Set to 1 (e.g. `systemctl set-environment` or the tools) to snapshot even if a recent one exists.
+FORCE_VARIABLE = "KUBEADM_HA_BACKUP_FORCE"
+# A snapshot of a large keyspace over a slow disk; systemd stops the service beyond this.
+SNAPSHOT_TIMEOUT_SECONDS = 600
+TOOL_TIMEOUT_SECONDS = 300
+# Where the restore (render/etcd_restore.py) keeps manifests while their pods must stay down.
+HELD_MANIFEST_DIR = f"{CONFIG_DIR}/restore-held"
+
+_PATHS = EtcdPaths()
+
+
+@dataclass(frozen=True)
+class BackupPolicy:
+    interval_minutes: int
+    keep: int
+
+
+def snapshot_name_pattern(host: str) -> str:
+    return f"etcd-{host}-<UTC time>.db"
+
+
+# --- running etcdctl / etcdutl on a node -----------------------------------------------------------------
+
+
+def etcd_tool_functions(*, writable: Sequence[str], paths: EtcdPaths = _PATHS) -> tuple[str, ...]:
+    """`kha_etcdctl` (bounded, against the local member, as the healthcheck client) and `kha_etcdutl`.
+
+    Both run inside the member's own etcd image (`ctr run` on the host network), which sees the
+    certificate directory read-only and `writable` read-write at the same paths as the host.
+    """
+    cert_dir = posixpath.dirname(paths.trusted_ca)
+    client = (
+        f"--endpoints=https://127.0.0.1:{CLIENT_PORT}",
+        f"--cacert={paths.trusted_ca}",
+        f"--cert={paths.healthcheck_cert}",
+        f"--key={paths.healthcheck_key}",
+        "--dial-timeout=3s",
+        # Bounds every request but `snapshot save`, which etcdctl streams without a deadline.
+        "--command-timeout=10s",
+    )
+    held = f"{HELD_MANIFEST_DIR}/etcd.yaml"
+    mounts = [f"--mount=type=bind,src={cert_dir},dst={cert_dir},options=rbind:ro"]
+    mounts += [f"--mount=type=bind,src={path},dst={path},options=rbind:rw" for path in writable]
+    # The first image: line, and sed stops there (no `| head`, whose early exit is a SIGPIPE under pipefail).
+    image_line = r"""/^[[:space:]-]*image:/{s/^[[:space:]-]*image:[[:space:]]*"?([^"[:space:]]+)"?.*/\1/p;q}"""
+    return (
+        # The image kubelet runs (or ran, while a restore holds the manifest). Only a manifest that exists is
+        # read: sed fails (exit 2) on a missing file, and outside an `if` that failure ended the whole step
+        # (the drill's etcd queries failed on every node: tests/real/test_stacked_control_plane_live.py).
+        "etcd_image() {",
+        "  local manifest",
+        f"  for manifest in {quote(MANIFEST_PATH)} {quote(held)}; do",
+        '    if [ -f "$manifest" ]; then',
+        f'      sed -nE {quote(image_line)} "$manifest"',
+        "      return 0",
+        "    fi",
+        "  done",
+        "}",
+        "kha_etcd_tool() {",
+        "  local image",
+        '  image="$(etcd_image)"',
+        '  if [ -z "$image" ]; then',
+        '    echo "kubeadm-ha: no etcd manifest on ${KUBEADM_HA_HOST} to take the etcd image from" >&2',
+        "    return 1",
+        "  fi",
+        f"  timeout {TOOL_TIMEOUT_SECONDS} "
+        + shell("ctr", "--namespace", "k8s.io", "run", "--rm", "--net-host", *mounts)
+        + ' "$image" "kubeadm-ha-$1-$$-${RANDOM}" "$@"',
+        "}",
+        "kha_etcdctl() {",
+        f'  kha_etcd_tool etcdctl {shell(*client)} "$@"',
+        "}",
+        "kha_etcdutl() {",
+        '  kha_etcd_tool etcdutl "$@"',
+        "}",
+    )
+
+
+# --- the timer --------------------------------------------------------------------------------------------
+
+
+def backup_script(host: str, policy: BackupPolicy) -> Script:
+    """What the timer runs: snapshot the local member, verify it, keep the newest `policy.keep`.
+
+    The guard skips a run while a snapshot younger than half the interval exists (a catch-up right
+    after a manual run), unless KUBEADM_HA_BACKUP_FORCE=1.
+    """
+    recent = max(1, policy.interval_minutes // 2)
+    newest = f"find {quote(BACKUP_DIR)} -maxdepth 1 -name {quote(SNAPSHOT_GLOB)} -mmin -{recent} -print -quit"
+    final = '"$final"'
+    empty = quote(f"kubeadm-ha: the snapshot on {host} holds no keys; kept nothing")
+    prune = 'while read -r old; do rm -f "$old" "$old.sha256"; done'
+    verify_failed = quote(f"kubeadm-ha: etcdutl does not accept the snapshot just taken on {host}; kept nothing")
+    return Script(
+        step="etcd-backup",
+        host=host,
+        done_when=f'[ "${{{FORCE_VARIABLE}:-0}}" != 1 ] && [ -n "$({newest} 2>/dev/null)" ]',
+        functions=etcd_tool_functions(writable=(BACKUP_DIR,)),
+        body=(
+            shell("install", "-d", "-m", "0700", BACKUP_DIR),
+            'stamp="$(date -u +%Y%m%dT%H%M%SZ)"',
+            f'final={quote(BACKUP_DIR)}/etcd-{quote(host)}-"$stamp".db',
+            f'part={quote(BACKUP_DIR)}/.etcd-{quote(host)}-"$stamp".db.part',
+            # A half-written snapshot never stays behind, however the run ends.
+            "trap 'rm -f \"$part\"' EXIT",
+            logged("etcd-backup", "kha_etcdctl", "snapshot", "save") + ' "$part"',
+            'if ! status="$(kha_etcdutl snapshot status "$part" --write-out=json 2>&1)"; then',
+            f'  echo {verify_failed}": $status" >&2',
+            "  exit 1",
+            "fi",
+            # `totalKey` is 0 only for an empty keyspace, which a running cluster never has.
+            f'case "$status" in *\'"totalKey":0\'*) echo {empty} >&2; exit 1 ;; esac',
+            'chmod 0600 "$part"',
+            'digest="$(sha256sum "$part" | cut -d" " -f1)"',
+            f'mv -f "$part" {final}',
+            f'printf \'%s  %s\\n\' "$digest" "$(basename {final})" >{final}.sha256',
+            f"chmod 0600 {final}.sha256",
+            # Names sort by time: drop all but the newest `keep`, with their digests.
+            f"ls -1 {quote(BACKUP_DIR)}/{quote(f'etcd-{host}-')}*.db | sort | head -n -{policy.keep} | {prune}",
+            'echo "kubeadm-ha: snapshot $final ($status)"',
+        ),
+    )
+
+
+def service_unit(host: str) -> str:
+    return "\n".join(
+        [
+            "[Unit]",
+            f"Description=kubeadm-ha: snapshot the etcd member of {host} (etcdctl snapshot save, etcdutl status)",
+            "After=containerd.service kubelet.service",
+            "",
+            "[Service]",
+            "Type=oneshot",
+            f"ExecStart={BACKUP_SCRIPT_PATH}",
+            f"TimeoutStartSec={SNAPSHOT_TIMEOUT_SECONDS}",
+            "UMask=0077",
+            "Nice=10",
+            "IOSchedulingClass=best-effort",
+            "IOSchedulingPriority=7",
+            "",
+        ]
+    )
+
+
+def timer_unit(policy: BackupPolicy) -> str:
+    return "\n".join(
+        [
+            "[Unit]",
+            f"Description=kubeadm-ha: etcd snapshot every {policy.interval_minutes} minutes",
+            "",
+            "[Timer]",
+            "OnBootSec=10min",
+            f"OnUnitActiveSec={policy.interval_minutes}min",
+            "AccuracySec=1min",
+            "",
+            "[Install]",
+            "WantedBy=timers.target",
+            "",
+        ]
+    )
+
+
+def backup_files(host: str, policy: BackupPolicy) -> dict[str, tuple[str, int]]:
+    """path -> (content, mode) of everything the timer needs on `host`."""
+    return {
+        BACKUP_SCRIPT_PATH: (backup_script(host, policy).render(), 0o700),
+        f"{UNIT_DIR}/{SERVICE}": (service_unit(host), 0o644),
+        f"{UNIT_DIR}/{TIMER}": (timer_unit(policy), 0o644),
+    }
+
+
+def install_timer_script(host: str, policy: BackupPolicy) -> Script:
+    """Write the backup script and units, then enable the timer; a changed policy rewrites them."""
+    files = backup_files(host, policy)
+    digests = {path: sha256_hex(content) for path, (content, _) in files.items()}
+    body: list[str] = [shell("install", "-d", "-m", "0700", BACKUP_DIR)]
+    for path, (content, mode) in files.items():
+        body += write_file(path, content, mode)
+    body += [
+        shell("systemctl", "daemon-reload"),
+        shell("systemctl", "enable", TIMER),
+        # restart, not start: an interval change must reschedule a timer that is already running.
+        shell("systemctl", "restart", TIMER),
+    ]
+    return Script(
+        step="etcd-backup-timer",
+        host=host,
+        done_when=f"{files_match(digests)} && {shell('systemctl', 'is-enabled', '--quiet', TIMER)}"
+        f" && {shell('systemctl', 'is-active', '--quiet', TIMER)}",
+        body=tuple(body),
+    )
+
+
+def snapshot_locations(policy: BackupPolicy, members: Sequence[str]) -> dict[str, object]:
+    """The `etcdBackups` output: where snapshots live on which nodes, and the policy that writes them."""
+    return {
+        "directory": BACKUP_DIR,
+        "members": list(members),
+        "pattern": "etcd-<hostname>-<UTC YYYYmmddTHHMMSSZ>.db (+ .sha256)",
+        "intervalMinutes": policy.interval_minutes,
+        "keep": policy.keep,
+        "timer": TIMER,
+    }
