@@ -17,7 +17,7 @@ from typing import Any
 
 from tests.integration.netns import Process
 from tests.real.control_plane_lab import ControlPlaneLab
-from tools.drill import agreed_leader, write_configmap
+from tools.drill_stack import agreed_leader, write_configmap
 
 COMPONENT_PORTS = {"kube-controller-manager": 10257, "kube-scheduler": 10259}
 

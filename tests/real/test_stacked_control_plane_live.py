@@ -37,7 +37,8 @@ from tests.real.node_transport import NodeTransport
 from tests.real.renewal import renew_and_prove, sans, served_certificate, signed_by
 from tests.real.restore import RestoreLab, restore_and_prove
 from tools.access import access_from_outputs
-from tools.drill import StackTarget, choose_control_plane, drill, quorum_refusal
+from tools.drill import choose_control_plane, drill, quorum_refusal
+from tools.drill_stack import StackTarget
 from tools.plan import mask
 
 pytestmark = pytest.mark.real

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from tools.access import ToolError
-from tools.drill import drill, holder_host, quorum_refusal, write_configmap
+from tools.drill import drill, quorum_refusal
+from tools.drill_stack import holder_host, write_configmap
 
 
 class Model:
