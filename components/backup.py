@@ -46,8 +46,7 @@ class EtcdBackups(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: EtcdBackupsArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("kubeadm-ha:index:EtcdBackups", name, None, opts)
-        backup = args.context.config.etcd.backup
-        policy = BackupPolicy(backup.interval_minutes, backup.keep)
+        policy = backup_policy(args.context.config)
         self.installed: dict[str, command.remote.Command] = {}
         for target in args.targets:
             host = target.node.hostname
@@ -68,7 +67,11 @@ HOST_KEYS_OUTPUT = "hostKeys"
 ETCD_BACKUPS_OUTPUT = "etcdBackups"
 
 
+def backup_policy(config: ClusterConfig) -> BackupPolicy:
+    """What the timer renders from: `etcd.backup`."""
+    return BackupPolicy(config.etcd.backup.interval_minutes, config.etcd.backup.keep)
+
+
 def backup_locations(config: ClusterConfig, members: Sequence[str]) -> dict[str, object]:
     """The `etcdBackups` output (render/backup.py `snapshot_locations`), with the config's backup policy."""
-    backup = config.etcd.backup
-    return snapshot_locations(BackupPolicy(backup.interval_minutes, backup.keep), members)
+    return snapshot_locations(backup_policy(config), members)

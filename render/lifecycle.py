@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.config import KubernetesConfig
+from model.versions import kubernetes_apt_version
 from render.admin_node import ADMIN_KUBECONFIG
 from render.node_prep import use_kubernetes_repository
 from render.scripts import Script, command, logged, quote, remote_command
@@ -39,15 +40,6 @@ _APT = (
 _CURL = ("curl", "--fail", "--silent", "--show-error", "--location", "--max-time", "60", "--retry", "5")
 
 
-def apt_version(kubernetes: KubernetesConfig) -> str:
-    """pkgs.k8s.io's Debian version of a Kubernetes release."""
-    return f"{kubernetes.version}-1.1"
-
-
-def repository(kubernetes: KubernetesConfig) -> str:
-    return f"https://pkgs.k8s.io/core:/stable:/v{kubernetes.minor}/deb/"
-
-
 def _installed(package: str, version: str) -> str:
     return f"[ \"$(dpkg-query --show --showformat='${{Version}}' {quote(package)} 2>/dev/null)\" = {quote(version)} ]"
 
@@ -64,7 +56,7 @@ def _use_repository(kubernetes: KubernetesConfig) -> tuple[str, ...]:
 
 
 def _install(kubernetes: KubernetesConfig, packages: tuple[str, ...]) -> tuple[str, ...]:
-    pinned = [f"{package}={apt_version(kubernetes)}" for package in packages]
+    pinned = [f"{package}={kubernetes_apt_version(kubernetes.version)}" for package in packages]
     return (
         logged("apt", "apt-mark", "unhold", *packages),
         logged("apt", *_APT, "install", "--allow-downgrades", "--allow-change-held-packages", *pinned),
@@ -210,7 +202,7 @@ def reset_over_ssh_script(node: SshNode) -> Script:
 
 def upgrade_node_script(hostname: str, kubernetes: KubernetesConfig, *, first_control_plane: bool) -> Script:
     """On the node: new kubeadm, `kubeadm upgrade apply` (first control plane) or `upgrade node`, new kubelet."""
-    version = apt_version(kubernetes)
+    version = kubernetes_apt_version(kubernetes.version)
     upgrade = (
         logged("kubeadm-upgrade", "kubeadm", "upgrade", "apply", f"v{kubernetes.version}", "--yes")
         if first_control_plane
