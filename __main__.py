@@ -30,7 +30,9 @@ previous = read_previous_deployment()
 config = load_stack_config(pulumi.get_stack(), previous)
 release, digest = release_of(config), program_digest(program_root())
 # Before any cluster resource: a release the promotion source does not run is refused here.
-promotion = enforce_promotion_gate(config, stack=pulumi.get_stack(), release=release, digest=digest)
+promotion = enforce_promotion_gate(
+    config, stack=pulumi.get_stack(), release=release, digest=digest, deployed=previous.outputs
+)
 cluster = build_cluster(config, previous)
 
 pulumi.export("kubeconfig", cluster.kubeconfig)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from model.config import CONFIG_NAMESPACE, ClusterConfig
@@ -112,18 +112,30 @@ _SKIPPED_PARTS = {"__pycache__"}
 _SKIPPED_SUFFIXES = {".pyc", ".pyo"}
 
 
+def is_program_file(relative: str) -> bool:
+    """Whether the file at POSIX path `relative` (from the checkout's root) is part of the program's source.
+
+    The one selection both the digest of a checkout (`program_files`) and of a git commit
+    (`tools.promote --find-revision`) apply, so the two agree.
+    """
+    parts = PurePosixPath(relative).parts
+    if len(parts) == 1:
+        return parts[0] in PROGRAM_TOP_LEVEL_FILES
+    return (
+        parts[0] in PROGRAM_DIRECTORIES
+        and not _SKIPPED_PARTS.intersection(parts)
+        and PurePosixPath(relative).suffix not in _SKIPPED_SUFFIXES
+    )
+
+
 def program_files(root: Path) -> list[str]:
     """Paths (POSIX, relative to `root`) of the program's source files, sorted."""
     found = [name for name in PROGRAM_TOP_LEVEL_FILES if (root / name).is_file()]
     for directory in PROGRAM_DIRECTORIES:
         for path in (root / directory).rglob("*"):
-            relative = path.relative_to(root)
-            if (
-                path.is_file()
-                and not _SKIPPED_PARTS.intersection(relative.parts)
-                and path.suffix not in _SKIPPED_SUFFIXES
-            ):
-                found.append(relative.as_posix())
+            relative = path.relative_to(root).as_posix()
+            if path.is_file() and is_program_file(relative):
+                found.append(relative)
     return sorted(found)
 
 

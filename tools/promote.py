@@ -1,14 +1,18 @@
 """Promote the release a stack runs to the next stack in the chain (dev -> staging -> prod).
 
     python -m tools.promote TARGET [--from SOURCE] [--source-outputs FILE] [--target-outputs FILE] [--dry-run]
+    python -m tools.promote TARGET --find-revision [--target-outputs FILE]
 
 Reads what SOURCE (default: TARGET's `promotion.from`) has deployed (`pulumi stack output --json`, or
-FILE), rewrites only the release keys of Pulumi.TARGET.yaml to it (every other byte, comments included,
-stays as it is), and prints the offline plan diff of TARGET before and after. Refuses, with a one-line
-reason and exit status 1, to skip a link of the chain, to promote from a source whose stack file or
-program differs from what it runs (undeployed edits), and a promotion TARGET's own rules would refuse
-(configuration validation, judged against TARGET's last deployment, and the promotion gate).
+FILE), rewrites only the release keys of Pulumi.TARGET.yaml to it, removing those it runs without (every
+other byte, comments included, stays as it is), and prints the offline plan diff of TARGET before and
+after. Refuses, with a one-line reason and exit status 1, to skip a link of the chain, to promote from a
+source whose stack file or program differs from what it runs (undeployed edits), and a promotion TARGET's
+own rules would refuse (configuration validation, judged against TARGET's last deployment, and the gate).
 `--dry-run` prints the same and writes nothing.
+
+`--find-revision` names the git commits whose program is the one TARGET runs (its `programDigest` output):
+the revision to run TARGET's routine `pulumi up` from, which its promotion gate always lets through.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from model.release import (
     RELEASE_OUTPUT,
     SCALAR_SHORTHANDS,
     deployment_outputs,
+    digest_of,
     has_deployed,
+    is_program_file,
     program_digest,
     release_differences,
     release_of,
@@ -44,9 +50,10 @@ from model.rules import ConfigError
 from model.stack import parse_config
 from tools.offline import REPO_ROOT, evaluate
 from tools.plan import write_plan
-from tools.stack_yaml import Refused, effective_config, expected_config, rewrite_settings
+from tools.stack_yaml import Refused, effective_config, expected_config, remove_settings, rewrite_settings
 
 PULUMI_TIMEOUT_SECONDS = 60
+GIT_TIMEOUT_SECONDS = 120
 _PREFIX = f"{CONFIG_NAMESPACE}:"
 
 
@@ -95,6 +102,7 @@ class Promotion:
     after: str
     changed: dict[tuple[str, ...], str]
     plan_diff: str
+    removed: tuple[tuple[str, ...], ...] = ()
 
 
 def _stack_file(project_dir: Path, stack: str) -> Path:
@@ -179,16 +187,24 @@ def prepare(
     wanted = stack_settings(running)
     have = stack_settings(release_of(current))
     changed = {path: value for path, value in wanted.items() if have.get(path) != value}
-    after = rewrite_settings(before, changed, SCALAR_SHORTHANDS) if changed else before
-    if expected_config(yaml.safe_load(before), changed) != effective_config(yaml.safe_load(after)):
-        raise Refused(f"internal error: rewriting Pulumi.{target}.yaml would change more than {sorted(changed)}")
+    # A release key the target declares and the source runs without (image.sha256 beside a signed image).
+    removed = tuple(path for path in have if path not in wanted)
+    after = remove_settings(rewrite_settings(before, changed, SCALAR_SHORTHANDS) if changed else before, removed)
+    if expected_config(yaml.safe_load(before), changed, removed) != effective_config(yaml.safe_load(after)):
+        raise Refused(f"internal error: rewriting Pulumi.{target}.yaml would change more than {[*changed, *removed]}")
 
     previous = PreviousDeployment(
         dict(target_outputs) if target_outputs is not None else read_outputs(target, target_outputs_file, project_dir)
     )
     promoted = _parse(after, target, previous, f"{target}'s own rules refuse the promotion")
     refusal = judge(
-        stack=target, source=declared, wanted_release=release_of(promoted), wanted_digest=digest, source_outputs=outputs
+        stack=target,
+        source=declared,
+        wanted_release=release_of(promoted),
+        wanted_digest=digest,
+        # As for a new stack: a promotion must deploy what the source runs, not pass as a re-apply of the target.
+        deployed={},
+        source_outputs=outputs,
     )
     if refusal is not None:
         raise Refused(f"{target}'s promotion gate would still refuse: " + "; ".join(refusal.reasons))
@@ -200,7 +216,7 @@ def prepare(
         previous=previous.outputs,
         project_dir=project_dir,
     )
-    return Promotion(target, declared, before, after, changed, plan_diff)
+    return Promotion(target, declared, before, after, changed, plan_diff, removed)
 
 
 def diff_plans(
@@ -249,6 +265,80 @@ def _diff_trees(before: Path, after: Path) -> str:
     return "".join(chunk if chunk.endswith("\n") else chunk + "\n" for chunk in chunks)
 
 
+# --------------------------------------------------------------------------- the revision a stack runs
+
+
+def _git(project_dir: Path, *args: str, stdin: bytes | None = None) -> bytes:
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=project_dir, input=stdin, capture_output=True, timeout=GIT_TIMEOUT_SECONDS, check=False
+        )
+    except FileNotFoundError:
+        raise Refused("git is not installed: --find-revision reads the program's history from git") from None
+    except subprocess.TimeoutExpired:
+        raise Refused(f"`git {args[0]}` did not answer within {GIT_TIMEOUT_SECONDS} s") from None
+    if done.returncode != 0:
+        detail = (done.stderr.decode(errors="replace").strip().splitlines() or ["no error output"])[-1]
+        raise Refused(f"`git {' '.join(args[:2])}` failed in {project_dir}: {detail}")
+    return done.stdout
+
+
+def _blob_contents(project_dir: Path, blobs: set[str]) -> dict[str, bytes]:
+    """Blob id -> content, by one `git cat-file --batch` (it answers `<id> <type> <size>LF<content>LF` each)."""
+    order = sorted(blobs)
+    out = _git(project_dir, "cat-file", "--batch", stdin="".join(f"{blob}\n" for blob in order).encode())
+    found: dict[str, bytes] = {}
+    position = 0
+    for blob in order:
+        header_end = out.index(b"\n", position)
+        header = out[position:header_end].split()
+        if len(header) != 3:
+            raise Refused(f"git cat-file could not read blob {blob}: {b' '.join(header).decode(errors='replace')}")
+        found[blob] = out[header_end + 1 : header_end + 1 + int(header[2])]
+        position = header_end + 1 + int(header[2]) + 1
+    return found
+
+
+def find_revisions(digest: str, project_dir: Path) -> list[str]:
+    """Every commit (any branch or tag, newest first) holding the program `digest`: `<hash> <date> <subject>`.
+
+    A commit's digest is `digest_of` over the program files it holds, chosen by the `is_program_file` a
+    checkout's digest uses; `git ls-tree` run in the project directory lists that directory only, relative to
+    it (git-ls-tree(1): without --full-tree it is limited to the current directory), as `program_files` sees
+    a checkout. Git checks blobs out byte for byte unless an eol or filter rule rewrites them (this repository
+    sets none); `pulumi preview` in the checkout confirms it, as its gate refuses another program as a change.
+    A symlink or submodule would differ from its checkout; the program has neither.
+    """
+    commits = _git(project_dir, "rev-list", "--all").decode().split()
+    trees: dict[str, list[tuple[str, str]]] = {}
+    for commit in commits:
+        trees[commit] = []
+        for entry in _git(project_dir, "ls-tree", "-r", "-z", commit).split(b"\0"):
+            meta, _, path = entry.decode().partition("\t")
+            if entry and meta.split()[1] == "blob" and is_program_file(path):
+                trees[commit].append((path, meta.split()[2]))
+    contents = _blob_contents(project_dir, {blob for entries in trees.values() for _, blob in entries})
+    matches = [commit for commit in commits if digest_of((p, contents[b]) for p, b in trees[commit]) == digest]
+    return [_git(project_dir, "log", "-1", "--format=%H %cs %s", commit).decode().strip() for commit in matches]
+
+
+def print_revision(target: str, project_dir: Path, target_outputs_file: Path | None) -> int:
+    """`--find-revision`: the commits holding the program TARGET runs, and how to run TARGET from one."""
+    outputs = read_outputs(target, target_outputs_file, project_dir)
+    if not has_deployed(outputs):
+        raise Refused(f"{target} has never finished a deployment (no programDigest output): it runs no revision")
+    digest, here = str(outputs[PROGRAM_DIGEST_OUTPUT]), program_digest(project_dir)
+    found = find_revisions(digest, project_dir)
+    if not found:
+        raise Refused(f"no commit here (git rev-list --all) holds the program {target} runs ({digest}); git fetch")
+    print(f"{target} runs program {digest}, held by these commits, newest first:")
+    print("".join(f"  {line}\n" for line in found), end="")
+    print(f"This checkout is {'that program' if here == digest else 'another program: ' + here}.")
+    print(f"Routine run: git worktree add ../{target}-running {found[0][:12]}; copy Pulumi.{target}.yaml there;")
+    print(f"  in it, pulumi preview --stack {target} (the gate names any change), then pulumi up --stack {target}.")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.promote", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", help="the stack to promote into: rewrites Pulumi.<target>.yaml")
@@ -256,9 +346,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--source-outputs", type=Path, help="the source's `pulumi stack output --json`, from a file")
     parser.add_argument("--target-outputs", type=Path, help="the target's `pulumi stack output --json`, from a file")
     parser.add_argument("--dry-run", action="store_true", help="print what would change; write nothing")
+    parser.add_argument("--find-revision", action="store_true", help="name the commits of the program TARGET runs")
     parser.add_argument("--project-dir", type=Path, default=REPO_ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
+        if args.find_revision:
+            return print_revision(args.target, args.project_dir.resolve(), args.target_outputs)
         promotion = prepare(
             args.target,
             source=args.source,
@@ -270,10 +363,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"promote: refused: {refusal}", file=sys.stderr)
         return 1
     target_file = f"Pulumi.{promotion.target}.yaml"
-    if not promotion.changed:
+    if not promotion.changed and not promotion.removed:
         print(f"{target_file} already declares the release {promotion.source} runs; nothing to promote.")
         return 0
     print(f"# Promote {promotion.source} -> {promotion.target}: release keys in {target_file}")
+    for path in promotion.removed:
+        setting = ".".join((path[0].removeprefix(_PREFIX), *path[1:]))
+        print(f"# removes {setting}: {promotion.source} runs without it")
     print(
         "".join(
             difflib.unified_diff(

@@ -1,11 +1,11 @@
-"""Rewriting a stack file's settings in place: only the values that change, every other byte (comments,
+"""Rewriting a stack file's settings in place: only the values that change or go, every other byte (comments,
 quoting, order, layout) as it was. `tools.promote` writes a release into the next stack's file with it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +125,51 @@ def rewrite_settings(
     return text
 
 
+def _removal(text: str, mapping: yaml.MappingNode, index: int, where: str) -> _Edit:
+    """An edit taking entry `index` out of `mapping`, and with it nothing but its own text.
+
+    Block style: the entry's whole lines (its key's line to the end of its value's last line, a comment on
+    those lines included); a comment line before or after it stays. Flow style: the entry and one separator.
+    """
+    if len(mapping.value) == 1:
+        raise Refused(f"removing {where} would leave an empty mapping in the stack file; remove it by hand")
+    key, value = mapping.value[index]
+    if mapping.flow_style:
+        if index + 1 < len(mapping.value):
+            return _Edit(int(key.start_mark.index), int(mapping.value[index + 1][0].start_mark.index), "")
+        return _Edit(int(mapping.value[index - 1][1].end_mark.index), int(value.end_mark.index), "")
+    start = text.rfind("\n", 0, int(key.start_mark.index)) + 1
+    if text[start : int(key.start_mark.index)].strip():
+        raise Refused(f"{where} does not start its own line in the stack file; remove it by hand")
+    line_end = text.find("\n", _last_leaf_end(value))
+    return _Edit(start, len(text) if line_end == -1 else line_end + 1, "")
+
+
+def remove_settings(text: str, paths: Iterable[tuple[str, ...]]) -> str:
+    """Take each `(top-level key, [nested key...])` out of `config:`, touching no other byte.
+
+    A path that is not in the file is left alone (there is nothing to remove).
+    """
+    for path in paths:
+        root = yaml.compose(text)
+        found = _find(root, "config") if isinstance(root, yaml.MappingNode) else None
+        if found is None or not isinstance(found[1], yaml.MappingNode):
+            raise Refused("the stack file has no `config:` mapping")
+        mapping: yaml.Node = found[1]
+        for depth, key in enumerate(path):
+            if not isinstance(mapping, yaml.MappingNode):
+                break
+            index = next((i for i, (k, _) in enumerate(mapping.value) if getattr(k, "value", None) == key), None)
+            if index is None:
+                break
+            if depth == len(path) - 1:
+                edit = _removal(text, mapping, index, ".".join(path))
+                text = text[: edit.start] + text[edit.end :]
+                break
+            mapping = mapping.value[index][1]
+    return text
+
+
 def effective_config(document: Any) -> Any:
     """The `config:` mapping with shorthand scalars spelled out, so both spellings compare equal."""
     config = json.loads(json.dumps((document or {}).get("config") or {}, default=str))
@@ -134,12 +179,20 @@ def effective_config(document: Any) -> Any:
     return config
 
 
-def expected_config(document: Any, settings: Mapping[tuple[str, ...], str]) -> Any:
-    """The effective `config:` of `document` once `settings` (path -> value) are written into it."""
+def expected_config(
+    document: Any, settings: Mapping[tuple[str, ...], str], removed: Iterable[tuple[str, ...]] = ()
+) -> Any:
+    """The effective `config:` of `document` once `settings` (path -> value) are written and `removed` taken out."""
     config = effective_config(document)
     for path, value in settings.items():
         if len(path) == 1:
             config[path[0]] = value
         else:
             config.setdefault(path[0], {})[path[1]] = value
+    for path in removed:
+        parent = config
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
     return config

@@ -185,3 +185,130 @@ def test_prod_is_gated_on_staging_not_dev() -> None:
     with pytest.raises(PromotionRefused) as caught:
         evaluate("prod", project_dir=ROOT, config=prod, stack_outputs={"staging": None, "dev": dev_running()})
     assert "stack staging does not exist" in str(caught.value)
+
+
+# --------------------------------------------------------------------------- routine runs while the source is ahead
+#
+# issue 18, defect 3: the gate refuses a *change* of release or program, not a stack re-applying what it runs.
+# `previous_outputs` is what the engine's readStackOutputs returns for staging itself: the outputs its last
+# successful `pulumi up` left (here: an offline `up` of the same program, so every output is realistic).
+
+NEWER_PROGRAM = "sha256:" + "a" * 64
+OLDER_PROGRAM = "sha256:" + "b" * 64
+
+
+def staging_outputs(**keys: Any) -> dict[str, Any]:
+    """staging's own outputs after a successful `pulumi up` of KEYS (with `keys` changed), dev then running it."""
+    raw = {**KEYS, **keys}
+    release = release_of(parse_config(raw, stack="dev"))
+    dev = {RELEASE_OUTPUT: release, PROGRAM_DIGEST_OUTPUT: program_digest(ROOT)}
+    config = {f"kubeadm-ha:{key}": value for key, value in {**raw, "promotion": {"from": "dev"}}.items()}
+    ev = evaluate("staging", project_dir=ROOT, config=config, stack_outputs={"dev": dev})
+    return {name: output.value for name, output in ev.outputs.items()}
+
+
+def dev_ahead() -> dict[str, Any]:
+    """dev, after staging deployed: a newer checkout and another CNI manifest, not yet promoted."""
+    return dev_running(cniVersion="v3.99.0", programDigest=NEWER_PROGRAM)
+
+
+@MODES
+@pytest.mark.parametrize("workers", [0, 1], ids=["same-config", "scaled"])
+def test_a_routine_run_re_applying_what_staging_runs_passes_while_dev_is_ahead(preview: bool, workers: int) -> None:
+    """The periodic run (certificate renewal, a dead node replaced, scaling) is not a promotion."""
+    config = {**staging_config(), "kubeadm-ha:workers": {"replicas": workers}}
+    ev = evaluate(
+        "staging",
+        project_dir=ROOT,
+        config=config,
+        preview=preview,
+        previous_outputs=staging_outputs(),
+        stack_outputs={"dev": dev_ahead()},
+    )
+    assert len(ev.by_type("command:remote:Command")) > 0
+    assert ev.outputs["promotion"].value == {"from": "dev", "gate": "on"}
+    # The source is still read (its StackReference stays in the state) and the operator is told it moved on.
+    assert [read.name for read in ev.reads] == [SOURCE_REFERENCE]
+    (note,) = [log.message for log in ev.logs if "promotion gate" in log.message]
+    assert "re-applies the release and program it runs" in note and "dev runs another" in note
+    assert "v3.99.0" in note and NEWER_PROGRAM in note
+    if workers:
+        assert [r for r in ev.by_type("libvirt:index/domain:Domain") if r.name == "staging-worker-1-domain"]
+
+
+@MODES
+@pytest.mark.parametrize("dev", ["missing", "unknown"])
+def test_a_routine_run_does_not_depend_on_the_source_being_readable(preview: bool, dev: str) -> None:
+    ev = evaluate(
+        "staging",
+        project_dir=ROOT,
+        config=staging_config(),
+        preview=preview,
+        previous_outputs=staging_outputs(),
+        stack_outputs={"dev": None if dev == "missing" else UNKNOWN},
+    )
+    assert len(ev.by_type("command:remote:Command")) > 0
+    (note,) = [log.message for log in ev.logs if "promotion gate" in log.message]
+    assert "re-applies the release and program it runs" in note
+
+
+@MODES
+def test_a_change_of_release_is_still_refused_while_dev_is_elsewhere(preview: bool) -> None:
+    """staging runs OLDER_PATCH; its file now says VERSION; dev runs VERSION but by a newer program."""
+    with pytest.raises(PromotionRefused) as caught:
+        evaluate(
+            "staging",
+            project_dir=ROOT,
+            config=staging_config(),
+            preview=preview,
+            previous_outputs=staging_outputs(kubernetes={"version": OLDER_PATCH, "cni": "calico"}),
+            stack_outputs={"dev": dev_running(programDigest=NEWER_PROGRAM)},
+        )
+    message = str(caught.value)
+    # What the stack would change, then why the source does not vouch for it.
+    assert f"staging runs {OLDER_PATCH}" in message and "kubernetes.version" in message
+    assert f"dev runs {NEWER_PROGRAM}" in message and message.count("\n  - ") == 1
+    partial = evaluation_of_failure(caught.value)
+    assert partial is not None and [resource.type for resource in partial.resources] == [STACK_TYPE]
+
+
+@MODES
+def test_a_change_of_program_alone_is_still_refused(preview: bool) -> None:
+    """staging ran an older checkout: this checkout is a change, and dev does not run this release by it."""
+    previous = {**staging_outputs(), PROGRAM_DIGEST_OUTPUT: OLDER_PROGRAM}
+    with pytest.raises(PromotionRefused) as caught:
+        evaluate(
+            "staging",
+            project_dir=ROOT,
+            config=staging_config(),
+            preview=preview,
+            previous_outputs=previous,
+            stack_outputs={"dev": dev_ahead()},
+        )
+    message = str(caught.value)
+    assert f"staging runs {OLDER_PROGRAM}" in message and "v3.99.0" in message
+    # The way back to a routine run is named: the program revision staging runs.
+    assert "python -m tools.promote staging --find-revision" in message
+    # The same change, once dev runs exactly it, is the promotion the gate exists for.
+    ev = evaluate(
+        "staging",
+        project_dir=ROOT,
+        config=staging_config(),
+        preview=preview,
+        previous_outputs=previous,
+        stack_outputs={"dev": dev_running()},
+    )
+    assert len(ev.by_type("command:remote:Command")) > 0
+
+
+def test_a_previous_run_without_a_release_is_judged_as_a_change() -> None:
+    """A first run that failed (or a program from before the release output) leaves no release: not a re-apply."""
+    previous = {key: value for key, value in staging_outputs().items() if key != RELEASE_OUTPUT}
+    with pytest.raises(PromotionRefused):
+        evaluate(
+            "staging",
+            project_dir=ROOT,
+            config=staging_config(),
+            previous_outputs=previous,
+            stack_outputs={"dev": dev_ahead()},
+        )

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from components.promotion import UNKNOWN_OUTPUTS, SourceMissing, judge, promotion_output
+from components.promotion import UNKNOWN_OUTPUTS, SourceMissing, judge, promotion_output, reapply_note
 from model.config import DEFAULT_IMAGE
 from model.release import (
     PROGRAM_DIGEST_OUTPUT,
@@ -171,12 +171,18 @@ def test_deployment_differences_include_the_program_digest() -> None:
     assert deployment_outputs(config(), DIGEST) == deployed
 
 
-def verdict(source_outputs: Any, release: dict[str, Any] | None = None, digest: str = DIGEST) -> str | None:
+def verdict(
+    source_outputs: Any,
+    release: dict[str, Any] | None = None,
+    digest: str = DIGEST,
+    deployed: dict[str, Any] | None = None,
+) -> str | None:
     refusal = judge(
         stack="staging",
         source="dev",
         wanted_release=release or RUNNING,
         wanted_digest=digest,
+        deployed=deployed or {},
         source_outputs=source_outputs,
     )
     return None if refusal is None else refusal.message()
@@ -218,6 +224,60 @@ def test_gate_refuses_a_missing_a_never_deployed_or_an_unknown_source() -> None:
     assert unknown is not None and "not known" in unknown
     for message in (missing, never, unknown):
         assert "gate: off" in message  # the way out is named, too
+
+
+# issue 18, defect 3: what the stack itself runs (its own last outputs) is never refused; a change still is.
+STAGING_RUNS = {RELEASE_OUTPUT: RUNNING, PROGRAM_DIGEST_OUTPUT: DIGEST, "kubernetesVersion": VERSION}
+DEV_AHEAD = {RELEASE_OUTPUT: {**RUNNING, "cniVersion": "v3.99.0"}, PROGRAM_DIGEST_OUTPUT: "sha256:" + "a" * 64}
+
+
+@pytest.mark.parametrize(
+    "source",
+    [DEV_AHEAD, SourceMissing("unknown stack"), UNKNOWN_OUTPUTS, {"kubeconfig": "[secret]"}],
+    ids=["ahead", "missing", "unknown", "never-deployed"],
+)
+def test_gate_lets_a_stack_re_apply_what_it_runs_whatever_the_source_runs(source: Any) -> None:
+    assert verdict(source, deployed=STAGING_RUNS) is None
+    # Judged by the release and program only: the stack's other outputs (sizes, nodes) play no part.
+    assert verdict(source, deployed={**STAGING_RUNS, "nodes": {"staging-worker-1": {}}}) is None
+
+
+def test_gate_refuses_a_change_the_source_does_not_run_naming_what_changes() -> None:
+    older = {**STAGING_RUNS, RELEASE_OUTPUT: {**RUNNING, "kubernetesVersion": "1.37.1"}}
+    message = verdict(DEV_AHEAD, deployed=older)
+    assert message is not None
+    assert "This run changes what staging runs (kubernetes.version: staging would deploy" in message
+    assert "staging runs 1.37.1" in message and "dev runs v3.99.0" in message
+    assert "put back the release keys it runs in Pulumi.staging.yaml" in message
+    assert "--find-revision" not in message  # the program did not change
+    # Another checkout of the program is a change as well, and the way back to a routine run is named.
+    message = verdict(DEV_AHEAD, deployed={**STAGING_RUNS, PROGRAM_DIGEST_OUTPUT: "sha256:" + "b" * 64})
+    assert message is not None and "staging runs sha256:" + "b" * 64 in message
+    assert "python -m tools.promote staging --find-revision" in message
+    # The change passes once the source runs exactly it.
+    assert verdict({RELEASE_OUTPUT: RUNNING, PROGRAM_DIGEST_OUTPUT: DIGEST}, deployed=older) is None
+
+
+@pytest.mark.parametrize(
+    "deployed",
+    [{}, {"kubeconfig": "[secret]", "kubernetesVersion": VERSION}, {RELEASE_OUTPUT: RUNNING}],
+    ids=["new-stack", "failed-first-run", "no-digest"],
+)
+def test_without_a_finished_deployment_everything_is_a_change(deployed: dict[str, Any]) -> None:
+    message = verdict(DEV_AHEAD, deployed=deployed)
+    assert message is not None and "dev runs v3.99.0" in message and "This run changes" not in message
+
+
+def test_the_re_apply_note_says_what_the_source_runs_instead() -> None:
+    note = reapply_note(stack="staging", source="dev", deployed=STAGING_RUNS, source_outputs=DEV_AHEAD)
+    assert note is not None and "re-applies the release and program it runs" in note
+    assert f"staging runs {RUNNING['cniVersion']}" in note
+    assert "dev runs v3.99.0" in note and "python -m tools.promote staging --from dev" in note
+    same = {RELEASE_OUTPUT: RUNNING, PROGRAM_DIGEST_OUTPUT: DIGEST}
+    assert reapply_note(stack="staging", source="dev", deployed=STAGING_RUNS, source_outputs=same) is None
+    assert reapply_note(stack="staging", source="dev", deployed={}, source_outputs=DEV_AHEAD) is None
+    missing = reapply_note(stack="staging", source="dev", deployed=STAGING_RUNS, source_outputs=SourceMissing("x"))
+    assert missing is not None and "dev could not be read (x)" in missing
 
 
 # --------------------------------------------------------------------------- the promotion key
