@@ -36,9 +36,18 @@ TIMER = "kubeadm-ha-etcd-backup.timer"
 SNAPSHOT_GLOB = "etcd-*.db"
 # Set to 1 (e.g. `systemctl set-environment` or the tools) to snapshot even if a recent one exists.
 FORCE_VARIABLE = "KUBEADM_HA_BACKUP_FORCE"
-# A snapshot of a large keyspace over a slow disk; systemd stops the service beyond this.
+# How long one `etcdctl snapshot save` may stream: a keyspace of gigabytes over a slow disk, under the unit's
+# Nice=10 and lowest best-effort I/O priority. The script's own bound (`timeout` around `ctr run`), not etcdctl's
+# --command-timeout, which `snapshot save` never gets (see etcd_tool_functions).
 SNAPSHOT_TIMEOUT_SECONDS = 600
+# Every other etcdctl/etcdutl run (etcdutl reads the whole snapshot for `snapshot status`).
 TOOL_TIMEOUT_SECONDS = 300
+# What `timeout` gives ctr after its TERM (ctr forwards it to the tool in the container) before a KILL.
+KILL_AFTER_SECONDS = 30
+# The unit's TimeoutStartSec: above the script's own bounds, so those end a slow run first and its EXIT trap
+# removes the partial files. systemd's kill at this limit reaches only the unit's cgroup, and etcdctl runs in
+# containerd's shim, outside it.
+UNIT_TIMEOUT_SECONDS = SNAPSHOT_TIMEOUT_SECONDS + TOOL_TIMEOUT_SECONDS + 2 * KILL_AFTER_SECONDS + 60
 # Where the restore (render/etcd_restore.py) keeps manifests while their pods must stay down.
 HELD_MANIFEST_DIR = f"{CONFIG_DIR}/restore-held"
 
@@ -59,9 +68,10 @@ def snapshot_name_pattern(host: str) -> str:
 
 
 def etcd_tool_functions(*, writable: Sequence[str], paths: EtcdPaths = _PATHS) -> tuple[str, ...]:
-    """`kha_etcdctl` (bounded, against the local member, as the healthcheck client) and `kha_etcdutl`.
+    """`kha_etcdctl` (bounded, against the local member, as the healthcheck client), `kha_etcdutl`, and
+    `kha_etcd_snapshot_save FILE` (the same client, bounded only by SNAPSHOT_TIMEOUT_SECONDS).
 
-    Both run inside the member's own etcd image (`ctr run` on the host network), which sees the
+    All run inside the member's own etcd image (`ctr run` on the host network), which sees the
     certificate directory read-only and `writable` read-write at the same paths as the host.
     """
     cert_dir = posixpath.dirname(paths.trusted_ca)
@@ -71,9 +81,13 @@ def etcd_tool_functions(*, writable: Sequence[str], paths: EtcdPaths = _PATHS) -
         f"--cert={paths.healthcheck_cert}",
         f"--key={paths.healthcheck_key}",
         "--dial-timeout=3s",
-        # Bounds every request but `snapshot save`, which etcdctl streams without a deadline.
-        "--command-timeout=10s",
     )
+    # etcdctl bounds `snapshot save` by --command-timeout whenever the flag is given, and streams it without a
+    # deadline only when it is not (etcd v3.6/v3.7 etcdctl/ctlv3/command/snapshot_command.go
+    # `snapshotSaveCommandFunc`: `if isCommandTimeoutFlagSet(cmd) { ctx, cancel = commandCtx(cmd) }`; util.go
+    # `isCommandTimeoutFlagSet` is the flag's `Changed`). With it, every snapshot that took over 10 s to stream
+    # failed with DeadlineExceeded (tests/real/test_backup_slow_stream.py). So the snapshot gets no such flag.
+    command_timeout = "--command-timeout=10s"
     held = f"{HELD_MANIFEST_DIR}/etcd.yaml"
     mounts = [f"--mount=type=bind,src={cert_dir},dst={cert_dir},options=rbind:ro"]
     mounts += [f"--mount=type=bind,src={path},dst={path},options=rbind:rw" for path in writable]
@@ -92,22 +106,29 @@ def etcd_tool_functions(*, writable: Sequence[str], paths: EtcdPaths = _PATHS) -
         "    fi",
         "  done",
         "}",
+        # kha_etcd_tool SECONDS TOOL ARGS...: `ctr run` forwards the TERM of `timeout` to the tool (containerd
+        # cmd/ctr/commands/run/run.go: `commands.ForwardAllSignals` unless --tty or --detach), then removes the
+        # container (--rm).
         "kha_etcd_tool() {",
-        "  local image",
+        '  local bound="$1" image',
+        "  shift",
         '  image="$(etcd_image)"',
         '  if [ -z "$image" ]; then',
         '    echo "kubeadm-ha: no etcd manifest on ${KUBEADM_HA_HOST} to take the etcd image from" >&2',
         "    return 1",
         "  fi",
-        f"  timeout {TOOL_TIMEOUT_SECONDS} "
+        f'  timeout --kill-after={KILL_AFTER_SECONDS} "$bound" '
         + shell("ctr", "--namespace", "k8s.io", "run", "--rm", "--net-host", *mounts)
         + ' "$image" "kubeadm-ha-$1-$$-${RANDOM}" "$@"',
         "}",
         "kha_etcdctl() {",
-        f'  kha_etcd_tool etcdctl {shell(*client)} "$@"',
+        f'  kha_etcd_tool {TOOL_TIMEOUT_SECONDS} etcdctl {shell(*client, command_timeout)} "$@"',
         "}",
         "kha_etcdutl() {",
-        '  kha_etcd_tool etcdutl "$@"',
+        f'  kha_etcd_tool {TOOL_TIMEOUT_SECONDS} etcdutl "$@"',
+        "}",
+        "kha_etcd_snapshot_save() {",
+        f'  kha_etcd_tool {SNAPSHOT_TIMEOUT_SECONDS} etcdctl {shell(*client)} snapshot save "$1"',
         "}",
     )
 
@@ -118,28 +139,53 @@ def etcd_tool_functions(*, writable: Sequence[str], paths: EtcdPaths = _PATHS) -
 def backup_script(host: str, policy: BackupPolicy) -> Script:
     """What the timer runs: snapshot the local member, verify it, keep the newest `policy.keep`.
 
-    The guard skips a run while a snapshot younger than half the interval exists (a catch-up right
+    A run that fails (etcdctl's error, a stream that outlasts SNAPSHOT_TIMEOUT_SECONDS, a snapshot etcdutl
+    refuses or that holds no keys) exits non-zero, so the unit fails, says which snapshot is still the newest
+    good one, and leaves nothing: a snapshot counts only once its digest is beside it, and that is written last.
+    The guard skips a run while such a snapshot younger than half the interval exists (a catch-up right
     after a manual run), unless KUBEADM_HA_BACKUP_FORCE=1.
     """
     recent = max(1, policy.interval_minutes // 2)
-    newest = f"find {quote(BACKUP_DIR)} -maxdepth 1 -name {quote(SNAPSHOT_GLOB)} -mmin -{recent} -print -quit"
+    directory = quote(BACKUP_DIR)
+    digests = f"find {directory} -maxdepth 1 -name {quote(f'{SNAPSHOT_GLOB}.sha256')}"
     final = '"$final"'
     empty = quote(f"kubeadm-ha: the snapshot on {host} holds no keys; kept nothing")
     prune = 'while read -r old; do rm -f "$old" "$old.sha256"; done'
     verify_failed = quote(f"kubeadm-ha: etcdutl does not accept the snapshot just taken on {host}; kept nothing")
+    timed_out = quote(
+        f"kubeadm-ha: etcdctl snapshot save on {host} did not finish within {SNAPSHOT_TIMEOUT_SECONDS} s; kept nothing"
+    )
+    save_failed = quote(f"kubeadm-ha: etcdctl snapshot save failed on {host}; kept nothing")
+    # A partial file no run has written to for longer than a run may last is a killed run's (a reboot, systemd's
+    # kill): a live run's, e.g. the timer's during `tools.etcd_backup --now`, is never that old.
+    stale = UNIT_TIMEOUT_SECONDS // 60 + 1
     return Script(
         step="etcd-backup",
         host=host,
-        done_when=f'[ "${{{FORCE_VARIABLE}:-0}}" != 1 ] && [ -n "$({newest} 2>/dev/null)" ]',
+        done_when=f'[ "${{{FORCE_VARIABLE}:-0}}" != 1 ]'
+        f' && [ -n "$({digests} -mmin -{recent} -print -quit 2>/dev/null)" ]',
         functions=etcd_tool_functions(writable=(BACKUP_DIR,)),
         body=(
             shell("install", "-d", "-m", "0700", BACKUP_DIR),
+            f"find {directory} -maxdepth 1 -name {quote(f'.etcd-{host}-*.part*')} -mmin +{stale} -delete",
             'stamp="$(date -u +%Y%m%dT%H%M%SZ)"',
-            f'final={quote(BACKUP_DIR)}/etcd-{quote(host)}-"$stamp".db',
-            f'part={quote(BACKUP_DIR)}/.etcd-{quote(host)}-"$stamp".db.part',
-            # A half-written snapshot never stays behind, however the run ends.
-            "trap 'rm -f \"$part\"' EXIT",
-            logged("etcd-backup", "kha_etcdctl", "snapshot", "save") + ' "$part"',
+            f'final={directory}/etcd-{quote(host)}-"$stamp".db',
+            f'part={directory}/.etcd-{quote(host)}-"$stamp".db.part',
+            # Nothing half-written stays behind, however the run ends: etcdctl streams into "$part.part" and
+            # renames it to "$part" once complete (etcd client/v3/snapshot/v3_snapshot.go `SaveWithVersion`), and
+            # a tool stopped mid-stream leaves it.
+            'trap \'rm -f "$part" "$part.part" "$part.sha256"\' EXIT',
+            "saved=0",
+            logged("etcd-backup", "kha_etcd_snapshot_save") + ' "$part" || saved=$?',
+            'if [ "$saved" -ne 0 ]; then',
+            # 124/137: `timeout` ended the stream (TERM, then KILL).
+            f'  case "$saved" in 124 | 137) echo {timed_out} >&2 ;; *) echo {save_failed}" (exit $saved)" >&2 ;; esac',
+            f'  newest="$({digests} -print | sort | tail -n 1)"',
+            '  newest="${newest##*/}"',
+            '  newest="${newest%.sha256}"',
+            '  echo "kubeadm-ha: the newest good snapshot on ${KUBEADM_HA_HOST} is ${newest:-none}" >&2',
+            '  exit "$saved"',
+            "fi",
             'if ! status="$(kha_etcdutl snapshot status "$part" --write-out=json 2>&1)"; then',
             f'  echo {verify_failed}": $status" >&2',
             "  exit 1",
@@ -148,11 +194,13 @@ def backup_script(host: str, policy: BackupPolicy) -> Script:
             f'case "$status" in *\'"totalKey":0\'*) echo {empty} >&2; exit 1 ;; esac',
             'chmod 0600 "$part"',
             'digest="$(sha256sum "$part" | cut -d" " -f1)"',
+            f'printf \'%s  %s\\n\' "$digest" "$(basename {final})" >"$part.sha256"',
+            'chmod 0600 "$part.sha256"',
+            # The digest last: the tools, the guard above and an operator count only a snapshot with its digest.
             f'mv -f "$part" {final}',
-            f'printf \'%s  %s\\n\' "$digest" "$(basename {final})" >{final}.sha256',
-            f"chmod 0600 {final}.sha256",
+            f'mv -f "$part.sha256" {final}.sha256',
             # Names sort by time: drop all but the newest `keep`, with their digests.
-            f"ls -1 {quote(BACKUP_DIR)}/{quote(f'etcd-{host}-')}*.db | sort | head -n -{policy.keep} | {prune}",
+            f"ls -1 {directory}/{quote(f'etcd-{host}-')}*.db | sort | head -n -{policy.keep} | {prune}",
             'echo "kubeadm-ha: snapshot $final ($status)"',
         ),
     )
@@ -168,7 +216,7 @@ def service_unit(host: str) -> str:
             "[Service]",
             "Type=oneshot",
             f"ExecStart={BACKUP_SCRIPT_PATH}",
-            f"TimeoutStartSec={SNAPSHOT_TIMEOUT_SECONDS}",
+            f"TimeoutStartSec={UNIT_TIMEOUT_SECONDS}",
             "UMask=0077",
             "Nice=10",
             "IOSchedulingClass=best-effort",

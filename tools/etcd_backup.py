@@ -7,21 +7,30 @@ every member over SSH (host keys pinned from `hostKeys`), takes the newest, copi
 only if its SHA-256 matches the digest written beside it when it was taken (and, with `etcdutl` on
 PATH, if `etcdutl snapshot status` reads it). `--now` first takes a fresh snapshot on the first
 member that answers. The copy is DIR/<snapshot name>, mode 0600, with its `.sha256`.
+
+For every member it says how old its newest good snapshot (one with its digest) is, and calls it OVERDUE past
+two timer intervals: the timer's failures show on the member (`systemctl status`), this shows them from here.
+When `--now` fails on every member it says which good snapshot is the newest and how old, copies nothing,
+and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from render.backup import BACKUP_SCRIPT_PATH, FORCE_VARIABLE
+from components.backup import ETCD_BACKUPS_OUTPUT
+from render.backup import BACKUP_SCRIPT_PATH, FORCE_VARIABLE, SERVICE, UNIT_TIMEOUT_SECONDS
 from render.scripts import Script, quote
 from tools.access import (
     Node,
@@ -38,7 +47,9 @@ from tools.access import (
 
 _NAME = re.compile(r"^etcd-[a-z0-9-]+-\d{8}T\d{6}Z\.db$")
 LIST_TIMEOUT = 60.0
-SNAPSHOT_TIMEOUT = 900.0
+# `--now` runs the timer's script, whose own bounds end a slow snapshot within the unit's limit; the tool waits
+# a little longer, so that the script's own message (and its clean-up) is what an operator sees.
+SNAPSHOT_TIMEOUT = float(UNIT_TIMEOUT_SECONDS + 60)
 COPY_TIMEOUT = 3600.0
 
 
@@ -48,6 +59,45 @@ class Snapshot:
     name: str
     node: str
     digest: str
+
+    def taken_at(self) -> datetime.datetime:
+        return datetime.datetime.strptime(self.taken, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.UTC)
+
+    def age(self, now: datetime.datetime) -> str:
+        return age_text((now - self.taken_at()).total_seconds())
+
+
+Clock = Callable[[], datetime.datetime]
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def age_text(seconds: float) -> str:
+    """42m, 3h05m, 2d04h."""
+    minutes = max(0, int(seconds // 60))
+    if minutes < 60:
+        return f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def overdue(snapshot: Snapshot | None, now: datetime.datetime, interval_minutes: int | None) -> bool:
+    """Older than two timer intervals (or none at all): at least one run of the timer failed or did not run."""
+    if interval_minutes is None:
+        return False
+    return snapshot is None or now - snapshot.taken_at() > datetime.timedelta(minutes=2 * interval_minutes)
+
+
+def newest_good(snapshots: list[Snapshot], now: datetime.datetime) -> str:
+    if not snapshots:
+        return "there is no snapshot on any member"
+    newest = max(snapshots)
+    return f"the newest good snapshot is {newest.name} on {newest.node}, taken {newest.age(now)} ago"
 
 
 def list_script(host: str, directory: str) -> Script:
@@ -101,8 +151,16 @@ def parse_listing(node: str, text: str) -> list[Snapshot]:
     return found
 
 
-def newest_snapshots(access: StackAccess, transport: Transport) -> list[Snapshot]:
-    """Every member's snapshots, newest first; a member that does not answer is reported and skipped."""
+def newest_snapshots(
+    access: StackAccess,
+    transport: Transport,
+    *,
+    now: datetime.datetime | None = None,
+    interval_minutes: int | None = None,
+) -> list[Snapshot]:
+    """Every member's snapshots, newest first; a member that does not answer is reported and skipped. Each member's
+    newest is reported with its age, and as OVERDUE past two timer intervals."""
+    now = now or utc_now()
     found: list[Snapshot] = []
     for node in access.etcd_nodes:
         try:
@@ -113,7 +171,17 @@ def newest_snapshots(access: StackAccess, transport: Transport) -> list[Snapshot
             say(f"  {node.hostname}: not listed ({error})")
             continue
         mine = parse_listing(node.hostname, listing)
-        say(f"  {node.hostname}: {len(mine)} snapshot(s)" + (f", newest {max(mine).name}" if mine else ""))
+        newest = max(mine) if mine else None
+        if newest is None:
+            say(f"  {node.hostname}: no snapshot")
+        else:
+            say(f"  {node.hostname}: {len(mine)} snapshot(s), newest {newest.name}, taken {newest.age(now)} ago")
+        if overdue(newest, now, interval_minutes):
+            since = f"for {newest.age(now)}" if newest else "at all"
+            say(
+                f"  OVERDUE: no new snapshot on {node.hostname} {since} (the timer runs every {interval_minutes} min):"
+                f" its backups have stopped; see `systemctl status {SERVICE}` and `journalctl -u {SERVICE}` there"
+            )
         found += mine
     return sorted(found, reverse=True)
 
@@ -158,8 +226,20 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def backup(access: StackAccess, transport: Transport, out: Path, *, now: bool, etcdutl: str | None) -> Path:
+def backup(
+    access: StackAccess,
+    transport: Transport,
+    out: Path,
+    *,
+    now: bool,
+    etcdutl: str | None,
+    interval_minutes: int | None = None,
+    clock: Clock = utc_now,
+) -> Path:
+    """Copy the newest verified snapshot into `out` (after a fresh one, with `now`); `interval_minutes`, the
+    timer's, marks members whose newest snapshot is older than two intervals as OVERDUE."""
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fresh_failed = False
     if now:
         for node in access.etcd_nodes:
             say(f"taking a snapshot now on {node.hostname}")
@@ -169,9 +249,13 @@ def backup(access: StackAccess, transport: Transport, out: Path, *, now: bool, e
             except ToolError as error:
                 say(f"  failed: {error}")
         else:
-            raise ToolError("no member could take a snapshot")
+            fresh_failed = True
     say(f"listing snapshots on the etcd members of {access.stack}")
-    candidates = newest_snapshots(access, transport)
+    listed_at = clock()
+    candidates = newest_snapshots(access, transport, now=listed_at, interval_minutes=interval_minutes)
+    if fresh_failed:
+        # An older snapshot is not what --now asked for: say what there is, copy nothing.
+        raise ToolError(f"no member could take a snapshot; {newest_good(candidates, listed_at)}; nothing copied")
     if not candidates:
         raise ToolError(f"no snapshot found on any etcd member of {access.stack} (in {access.backup_directory})")
     for snapshot in candidates:
@@ -181,9 +265,15 @@ def backup(access: StackAccess, transport: Transport, out: Path, *, now: bool, e
         except ToolError as error:
             say(f"  not kept: {error}")
             continue
-        say(f"verified (sha256 {snapshot.digest}); written to {path}")
+        say(f"verified (sha256 {snapshot.digest}, taken {snapshot.age(clock())} ago); written to {path}")
         return path
     raise ToolError("no snapshot could be copied and verified")
+
+
+def backup_interval(outputs: Mapping[str, Any]) -> int | None:
+    """The snapshot timer's interval in minutes, from the `etcdBackups` output (none from an older program)."""
+    interval = (outputs.get(ETCD_BACKUPS_OUTPUT) or {}).get("intervalMinutes")
+    return int(interval) if interval else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         outputs = read_stack_outputs(args.stack, Path.cwd(), args.outputs)
         access = access_from_outputs(args.stack, outputs)
         with private_workdir() as workdir:
-            backup(access, SshTransport(access, workdir), args.out, now=args.now, etcdutl=shutil.which("etcdutl"))
+            backup(
+                access, SshTransport(access, workdir), args.out, now=args.now, etcdutl=shutil.which("etcdutl"),
+                interval_minutes=backup_interval(outputs),
+            )  # fmt: skip
     except ToolError as error:
         print(f"etcd_backup: {error}", file=sys.stderr)
         return 1

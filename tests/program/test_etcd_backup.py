@@ -15,6 +15,7 @@ from model.stack import parse_config
 from render.backup import BACKUP_DIR, BackupPolicy, backup_files, install_timer_script
 from tests.stacks import evaluated
 from tools.access import access_from_outputs
+from tools.etcd_backup import backup_interval
 from tools.offline import evaluate, load_stack_config
 from tools.plan import script_of
 
@@ -88,3 +89,14 @@ def test_the_tools_find_members_snapshots_and_pinned_host_keys_in_the_outputs(st
         assert key.startswith("ssh-ed25519 ") and len(key.split()) == 2
         assert key in ev.named(f"{host}-ssh-host-key").outputs["publicKeyOpenssh"]
     assert not ev.outputs["hostKeys"].secret and not ev.outputs["etcdBackups"].secret
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod"])
+def test_the_backup_tool_reads_the_timer_interval_from_the_outputs(stack: str) -> None:
+    """tools.etcd_backup calls a member's backups OVERDUE past two of the timer's intervals, read from `etcdBackups`."""
+    ev = evaluated(stack)
+    outputs = {key: output.value for key, output in ev.outputs.items()}
+    config = load_stack_config(REPO, stack).get("kubeadm-ha:etcd") or {}
+    expected = (config.get("backup") or {}).get("intervalMinutes", 60)
+    assert backup_interval(outputs) == outputs["etcdBackups"]["intervalMinutes"] == expected
+    assert backup_interval({}) is None

@@ -556,7 +556,8 @@ def test_the_timer_snapshot_through_ctr_run(node: CtrNode, tmp_path: Path) -> No
 def test_an_image_the_node_lacks_fails_the_step(node: CtrNode, tmp_path: Path) -> None:
     ran = node.run(backup_script(node.host, POLICY), tmp_path, image=MISSING_IMAGE)
     assert ran.returncode != 0, ran.output
-    assert f"kubeadm-ha: kha_etcdctl failed on {node.host} during etcd-backup" in ran.stderr, ran.output
+    assert f"kubeadm-ha: kha_etcd_snapshot_save failed on {node.host} during etcd-backup" in ran.stderr, ran.output
+    assert f"kubeadm-ha: etcdctl snapshot save failed on {node.host}; kept nothing (exit 1)" in ran.stderr, ran.output
     # ctr's own words, from the log tail the step shows.
     assert f'image "{MISSING_IMAGE}": not found' in ran.stderr, ran.output
     assert not list((tmp_path / "backups").iterdir()), "the failed run kept a file"
