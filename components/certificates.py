@@ -11,11 +11,17 @@ Two kinds of certificate, two mechanisms:
   within `renewBeforeDays`, runs `kubeadm certs renew all` and restarts the control-plane static pods one at
   a time, each healthy before the next. It prints the earliest expiry, which the stack exports
   (`certificatesExpire`). The next run reads that back (with `readStackOutputs`, like every other judgement
-  about the running cluster) and, once today is within `renewBeforeDays` of it, raises the step's renewal
-  generation (`certificateRenewals`), a trigger that makes Pulumi run the step again. The steps are chained,
-  so control planes renew one at a time. Between renewals the generation is re-exported unchanged, so a
-  second `pulumi up` is a no-op: the decision is keyed to the recorded expiry and the day, not to a clock
-  inside a resource.
+  about the running cluster) and, once the run's time is within `renewBeforeDays` of it, raises the step's
+  renewal generation (`certificateRenewals`), a trigger that makes Pulumi run the step again. "Within" is
+  the step's own test, in UTC and to the second (earliest end <= now + days × 86400), so a node the program
+  finds due is one its step renews, and a second `pulumi up` finds nothing due, whatever the time zone of the
+  machine running Pulumi. The steps are chained, so control planes renew one at a time. Between renewals the
+  generation is re-exported unchanged, so a second `pulumi up` is a no-op: the decision is keyed to the
+  recorded expiry and the run's time, not to a clock inside a resource.
+  A renewal that fails halfway (a restart that does not become healthy, a dropped connection) fails the step;
+  the next `pulumi up` runs the same step again (a failed create records nothing), and the step is not done
+  until nothing is held and every static pod was restarted on the renewed files: it puts back what was held,
+  then finishes the restarts (render/renewal.py keeps that record on the node).
 * The certificates the program issues with pulumi-tls (external etcd members' server, peer and healthcheck
   certificates, the API server's etcd client pair, the admin kubeconfig's certificate): their keys are in the
   state already, and pulumi-tls re-issues them on the first `pulumi up` within `renewBeforeDays` of expiry
@@ -62,24 +68,48 @@ class RenewalPlan:
 
 
 def plan_renewals(
-    hosts: Sequence[str], previous_outputs: Mapping[str, Any], renew_before_days: int, today: datetime.date
+    hosts: Sequence[str], previous_outputs: Mapping[str, Any], renew_before_days: int, now: datetime.datetime
 ) -> dict[str, RenewalPlan]:
     """Each control plane's renewal generation: raised by one when its recorded expiry is within the window.
+
+    `now` is the run's time, with its time zone (the program passes UTC). The boundary is the step's own
+    (`certificates_fresh` in render/renewal.py): the certificates are fresh while their earliest end is later
+    than `date -u +%s` + renew_before_days × 86400, in whole seconds; due is exactly "not fresh" at `now`.
+    Because the step runs after the decision, a node found due is still stale when its step runs (with the
+    node's clock and this machine's in step), and a node not due has no step run. (Comparing the local
+    calendar date instead made a node east of UTC "due" whose step then found it fresh, on every run of
+    that day.)
 
     A host without a record (a new node, or the first run of this program version) keeps generation 0:
     creating its step checks, renews if needed, and records.
     """
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("plan_renewals needs the run's time with its time zone (UTC), not a naive local time")
+    # `date +%s` counts whole seconds: the clock the step compares against.
+    window_end = int(now.timestamp()) + renew_before_days * 86400
     expires = previous_outputs.get(CERTIFICATES_EXPIRE_OUTPUT) or {}
     generations = previous_outputs.get(CERTIFICATE_RENEWALS_OUTPUT) or {}
     plans = {}
     for host in hosts:
         generation = int(generations.get(host, 0)) if isinstance(generations, Mapping) else 0
         recorded = expires.get(host) if isinstance(expires, Mapping) else None
-        due = False
-        if isinstance(recorded, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}T.*", recorded):
-            due = (datetime.date.fromisoformat(recorded[:10]) - today).days < renew_before_days
+        end = _recorded_end(recorded)
+        due = end is not None and end <= window_end
         plans[host] = RenewalPlan(generation + 1 if due else generation, due, recorded if due else None)
     return plans
+
+
+def _recorded_end(recorded: object) -> int | None:
+    """A recorded expiry (`...Z`, as the step prints it) as seconds since the epoch; None if it is not one."""
+    if not isinstance(recorded, str) or not re.fullmatch(
+        r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(Z|[+-]\d{2}:\d{2})", recorded
+    ):
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(recorded.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return int(moment.timestamp())
 
 
 # --- the component ----------------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         [cp.node.hostname for cp in control_planes],
         last_deployment.outputs,
         config.certificates.renew_before_days,
-        datetime.date.today(),
+        datetime.datetime.now(datetime.UTC),  # the step's guard counts in UTC seconds too (`date -u +%s`)
     )
     renewal = CertificateRenewal(
         "certificates",

@@ -1,6 +1,16 @@
 """The certificate renewal step's script: check kubeadm's certificates on a control plane, renew them within
 the window, restart the static pods that read them one at a time, and print the earliest expiry.
 
+A renewal can stop halfway (a health wait that times out, a dropped SSH session, a killed `pulumi up`), and
+Pulumi then runs the same script again: a failed create records nothing, so the next run computes the same
+renewal generation. Files on disk are renewed before anything restarts, so freshness alone cannot say the
+renewal is finished. The script therefore records, before `kubeadm certs renew`, one marker per static pod
+(PENDING_DIR): "this component may still run with the old certificates in memory", removed only once that
+component was restarted and answers its health check again. A manifest moved out for a restart waits in
+HELD_DIR. The step is done when no manifest is held, no marker is left and the certificates are fresh. A
+re-run first puts back anything held (finishing that restart), renews only if the files are not fresh, then
+restarts every component still marked, in the same order and with the same load-balancer waits.
+
 Why the renewal works this way, and how the program decides when a control plane is due, is told in
 components/certificates.py, which runs this script as each control plane's `certificates` step.
 """
@@ -12,7 +22,7 @@ import re
 from render import lb_config
 from render.kubeadm import CONFIG_DIR, PKI_DIR
 from render.node_prep import STATIC_POD_DIR
-from render.scripts import Script, bounded_wait_function, logged, quote, write_file
+from render.scripts import STATE_DIR, Script, bounded_wait_function, logged, quote, write_file
 from render.scripts import command as shell
 
 EXPIRY_LINE = "certificates-expire:"
@@ -41,7 +51,10 @@ STATIC_PODS = (
     ("kube-controller-manager", "https://127.0.0.1:10257/healthz"),
     ("kube-scheduler", "https://127.0.0.1:10259/healthz"),
 )
+STACKED_ETCD = ("etcd", "http://127.0.0.1:2381/readyz")
 HELD_DIR = f"{CONFIG_DIR}/renewal-held"
+# One empty file per static pod not yet restarted on the renewed files; written before `kubeadm certs renew`.
+PENDING_DIR = f"{STATE_DIR}/renewal-pending"
 RENEW_CONFIG_PATH = f"{CONFIG_DIR}/renew.yaml"
 STOP_TIMEOUT_SECONDS = 120
 HEALTHY_TIMEOUT_SECONDS = 300
@@ -60,8 +73,14 @@ def parse_expiry(stdout: str) -> str | None:
 # --- the script -----------------------------------------------------------------------------------------
 
 
-def _expiry_functions(renew_before_days: int, *, stacked_etcd: bool) -> tuple[str, ...]:
+def _pods(stacked_etcd: bool) -> tuple[tuple[str, str], ...]:
+    """The static pods the step restarts, in order, each with its health URL."""
+    return (*STATIC_PODS, *((STACKED_ETCD,) if stacked_etcd else ()))
+
+
+def _functions(renew_before_days: int, *, stacked_etcd: bool) -> tuple[str, ...]:
     files = (*LEAF_CERTIFICATES, *(STACKED_ETCD_CERTIFICATES if stacked_etcd else ()))
+    names = " ".join(quote(name) for name, _ in _pods(stacked_etcd))
     certificates = " ".join(quote(path) for path in files)
     kubeconfigs = " ".join(quote(path) for path in KUBECONFIGS)
     return (
@@ -89,6 +108,21 @@ def _expiry_functions(renew_before_days: int, *, stacked_etcd: bool) -> tuple[st
         f'  echo "{EXPIRY_LINE} $(date -u -d "@$earliest" +%Y-%m-%dT%H:%M:%SZ)"',
         f'  [ "$earliest" -gt "$(($(date -u +%s) + {renew_before_days} * 86400))" ]',
         "}",
+        # True when no earlier run left a restart unfinished (a manifest held, or a component still marked as
+        # running on the old certificates); otherwise says what it finds, for the step's output.
+        "restarts_finished() {",
+        "  local name",
+        f"  for name in {names}; do",
+        f'    if [ -e {quote(HELD_DIR)}/"$name.yaml" ]; then',
+        '      echo "kubeadm-ha: an earlier renewal on ${KUBEADM_HA_HOST} left ${name}\'s manifest held; finishing it"',
+        "      return 1",
+        "    fi",
+        f'    if [ -e {quote(PENDING_DIR)}/"$name" ]; then',
+        '      echo "kubeadm-ha: ${name} on ${KUBEADM_HA_HOST} was not restarted since the renewal; restarting it"',
+        "      return 1",
+        "    fi",
+        "  done",
+        "}",
         *bounded_wait_function(POLL_SECONDS),
         "container_gone() {",
         '  [ -z "$(crictl ps --quiet --name "^$1\\$" 2>/dev/null)" ]',
@@ -104,14 +138,13 @@ def _expiry_functions(renew_before_days: int, *, stacked_etcd: bool) -> tuple[st
     )
 
 
-def _restart(name: str, check: str, *, held_down: int = 0, settle: int = 0) -> list[str]:
-    """Restart static pod `name`: manifest out, container gone, `held_down` seconds, manifest back, healthy,
-    `settle` seconds."""
+def _finish(name: str, check: str, *, held_down: int, settle: int, after: tuple[str, ...]) -> list[str]:
+    """The rest of a restart of static pod `name` whose manifest is held: container gone, `held_down` seconds,
+    manifest back, healthy, `settle` seconds, `after`; only then is its marker removed."""
     manifest = f"{STATIC_POD_DIR}/{name}.yaml"
     held = f"{HELD_DIR}/{name}.yaml"
     lines = [
-        f"if [ -f {quote(manifest)} ]; then",
-        "  " + shell("mv", "-f", manifest, held),
+        f"if [ -f {quote(held)} ]; then",
         "  " + shell("kha_wait", STOP_TIMEOUT_SECONDS, f"{name} to stop", "container_gone", name),
     ]
     if held_down:
@@ -122,7 +155,32 @@ def _restart(name: str, check: str, *, held_down: int = 0, settle: int = 0) -> l
     ]
     if settle:
         lines.append("  " + shell("sleep", settle))
-    return [*lines, f"  echo {quote(f'kubeadm-ha: {name} restarted with the renewed certificates')}", "fi"]
+    return [
+        *lines,
+        *("  " + line for line in after),
+        "  " + shell("rm", "-f", f"{PENDING_DIR}/{name}"),
+        f"  echo {quote(f'kubeadm-ha: {name} restarted with the renewed certificates')}",
+        "fi",
+    ]
+
+
+def _restart(name: str, finish: list[str], host: str) -> list[str]:
+    """Restart static pod `name` if it is still marked: manifest out, then `finish`. A marker without any
+    manifest (the component was removed by hand) has nothing to restart."""
+    manifest = f"{STATIC_POD_DIR}/{name}.yaml"
+    marker = f"{PENDING_DIR}/{name}"
+    return [
+        f"if [ -f {quote(marker)} ]; then",
+        f"  if [ -f {quote(manifest)} ]; then",
+        "    " + shell("mv", "-f", manifest, f"{HELD_DIR}/{name}.yaml"),
+        "  fi",
+        *("  " + line for line in finish),
+        f"  if [ -f {quote(marker)} ]; then",
+        f"    echo {quote(f'kubeadm-ha: no static pod manifest for {name} on {host}; nothing to restart')}",
+        "    " + shell("rm", "-f", marker),
+        "  fi",
+        "fi",
+    ]
 
 
 def renewal_script(host: str, renew_before_days: int, *, stacked_etcd: bool, cluster_config: str) -> Script:
@@ -135,40 +193,64 @@ def renewal_script(host: str, renew_before_days: int, *, stacked_etcd: bool, clu
     does not answer, admin.conf's own certificate has already expired, or this node's Node object or mirror
     pod is missing) it falls back to kubeadm's defaults: a local etcd, whose certificates do not exist with
     external etcd, so `renew all` failed there after renewing only the first two."""
-    body: list[str] = [
-        shell("install", "-d", "-m", "0700", HELD_DIR),
-        *write_file(RENEW_CONFIG_PATH, cluster_config, 0o600),
-        f"printf 'kubernetesVersion: %s\\n' \"$(kubeadm version -o short)\" >>{quote(RENEW_CONFIG_PATH)}",
-        logged("kubeadm-certs-renew", "kubeadm", "certs", "renew", "all", "--config", RENEW_CONFIG_PATH),
-    ]
-    for name, url in STATIC_PODS:
+    apiserver = dict(STATIC_PODS)["kube-apiserver"]
+    finishes: dict[str, list[str]] = {}
+    for name, url in _pods(stacked_etcd):
         if name == "kube-apiserver":
             # Out of every load balancer before it comes back, so no client reaches it before it is ready
             # (a 403 from its empty RBAC cache otherwise), and back in before the step moves on.
-            body += _restart(
+            finishes[name] = _finish(
                 name,
                 shell("answers", url),
                 held_down=lb_config.BACKEND_OUT_OF_ROTATION_S,
                 settle=lb_config.BACKEND_BACK_IN_ROTATION_S,
+                after=(),
+            )
+        elif name == "etcd":
+            # The API server here reads only its own member: it turned unready with it, and the load balancers
+            # took it out. Like after its own restart, the step moves on once they have it back.
+            finishes[name] = _finish(
+                name,
+                "etcd_answers",
+                held_down=0,
+                settle=0,
+                after=(
+                    f"kha_wait {HEALTHY_TIMEOUT_SECONDS} {quote('kube-apiserver to be ready on the restarted etcd')} "
+                    + shell("answers", apiserver),
+                    shell("sleep", lb_config.BACKEND_BACK_IN_ROTATION_S),
+                ),
             )
         else:
-            body += _restart(name, shell("answers", url))
-    if stacked_etcd:
-        body += _restart("etcd", "etcd_answers")
-        # The API server here reads only its own member: it turned unready with it, and the load balancers
-        # took it out. Like after its own restart, the step moves on once they have it back.
-        apiserver = dict(STATIC_PODS)["kube-apiserver"]
-        body += [
-            f"kha_wait {HEALTHY_TIMEOUT_SECONDS} {quote('kube-apiserver to be ready on the restarted etcd')} "
-            + shell("answers", apiserver),
-            shell("sleep", lb_config.BACKEND_BACK_IN_ROTATION_S),
-        ]
+            finishes[name] = _finish(name, shell("answers", url), held_down=0, settle=0, after=())
+    body: list[str] = [shell("install", "-d", "-m", "0700", HELD_DIR, PENDING_DIR)]
+    # 1. A manifest an interrupted run left held goes back first (that restart finished), so nothing stays
+    #    down while this run renews, or if it fails.
+    for name, _ in _pods(stacked_etcd):
+        body += finishes[name]
+    # 2. Renew only what is not fresh. Every static pod is marked first: from the renew on, each runs with the
+    #    old certificates in memory until it is restarted, and a run that stops in between leaves the marks.
+    marks = [
+        f"  if [ -f {quote(f'{STATIC_POD_DIR}/{name}.yaml')} ]; then {shell('touch', f'{PENDING_DIR}/{name}')}; fi"
+        for name, _ in _pods(stacked_etcd)
+    ]
+    body += [
+        "if ! certificates_fresh; then",
+        *marks,
+        *("  " + line for line in write_file(RENEW_CONFIG_PATH, cluster_config, 0o600)),
+        f"  printf 'kubernetesVersion: %s\\n' \"$(kubeadm version -o short)\" >>{quote(RENEW_CONFIG_PATH)}",
+        "  " + logged("kubeadm-certs-renew", "kubeadm", "certs", "renew", "all", "--config", RENEW_CONFIG_PATH),
+        "fi",
+    ]
+    # 3. Restart every component still marked, one at a time, in order.
+    for name, _ in _pods(stacked_etcd):
+        body += _restart(name, finishes[name], host)
     still = quote(f"kubeadm-ha: certificates on {host} still expire within {renew_before_days} days after renewal")
     body += [f"if ! certificates_fresh; then echo {still} >&2; exit 1; fi"]
     return Script(
         step="certificates",
         host=host,
-        done_when="certificates_fresh",
-        functions=_expiry_functions(renew_before_days, stacked_etcd=stacked_etcd),
+        # Fresh files alone are not enough: an interrupted run renews them before anything restarts.
+        done_when="restarts_finished && certificates_fresh",
+        functions=_functions(renew_before_days, stacked_etcd=stacked_etcd),
         body=tuple(body),
     )

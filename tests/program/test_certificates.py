@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,14 @@ from components.certificates import (
 from model.addressing import plan_addresses
 from model.stack import config_from_stack_file
 from render import lb_config
-from render.renewal import parse_expiry, renewal_script
+from render.renewal import STATIC_PODS, parse_expiry, renewal_script
 from tests.stacks import evaluated
 from tools.offline import Evaluation, evaluate, load_stack_config
 
 REPO = Path(__file__).resolve().parents[2]
 TODAY = datetime.date.today()
 CPS = ("dev-cp-1", "dev-cp-2", "dev-cp-3")
+COMPONENTS = [name for name, _ in STATIC_PODS]
 
 
 def _in(days: int) -> str:
@@ -64,18 +66,50 @@ def _steps(ev: Evaluation) -> dict[str, Any]:
 
 def test_the_decision_raises_a_generation_only_inside_the_window() -> None:
     previous = {
-        CERTIFICATES_EXPIRE_OUTPUT: {"a": "2027-03-02T00:00:00Z", "b": "2027-06-01T00:00:00Z", "c": None},
+        CERTIFICATES_EXPIRE_OUTPUT: {"a": "2027-03-02T00:00:01Z", "b": "2027-06-01T00:00:00Z", "c": None},
         CERTIFICATE_RENEWALS_OUTPUT: {"a": 2, "b": 0},
     }
-    plans = plan_renewals(["a", "b", "c", "d"], previous, 60, datetime.date(2027, 1, 1))
+    midnight = datetime.datetime(2027, 1, 1, tzinfo=datetime.UTC)
+    plans = plan_renewals(["a", "b", "c", "d"], previous, 60, midnight)
     assert {host: (plan.generation, plan.due) for host, plan in plans.items()} == {
-        "a": (2, False),  # 60 days left on 2027-01-01: not yet inside a 60-day window
+        "a": (2, False),  # 60 days and a second left: not yet inside a 60-day window
         "b": (0, False),
         "c": (0, False),  # nothing recorded: its step checks when it is created
         "d": (0, False),
     }
-    plans = plan_renewals(["a", "b"], previous, 60, datetime.date(2027, 1, 2))
+    plans = plan_renewals(["a", "b"], previous, 60, midnight + datetime.timedelta(seconds=1))
     assert plans["a"].generation == 3 and plans["a"].due and not plans["b"].due
+
+
+def test_the_program_decides_in_utc_whatever_the_machines_time_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18, defect 9: the run's clock is UTC, compared to the second as the step's guard compares it.
+
+    The machine running Pulumi is put in a zone whose date differs from UTC's right now (UTC+14 from 12:00
+    UTC, UTC-12 before). dev-cp-1's recorded expiry is 2 minutes inside the window, dev-cp-2's 2 minutes
+    outside (the evaluation takes seconds): by the step's guard the first is stale and the second fresh.
+    By the local date both used to be 59 days away east of UTC (both "due": dev-cp-2's step would run only
+    to say "already done", on every run that day) or 61 days west (neither due, a day late). Within the two
+    minutes before midnight UTC the two expiries fall on different dates and the old decision happened to
+    agree; at any other time it did not."""
+    now = datetime.datetime.now(datetime.UTC)
+    zone = "Etc/GMT-14" if now.hour >= 12 else "Etc/GMT+12"  # POSIX signs: Etc/GMT-14 is UTC+14
+    window = datetime.timedelta(days=60)
+    stamp = "%Y-%m-%dT%H:%M:%SZ"
+    expires = {
+        "dev-cp-1": (now + window - datetime.timedelta(minutes=2)).strftime(stamp),
+        "dev-cp-2": (now + window + datetime.timedelta(minutes=2)).strftime(stamp),
+        "dev-cp-3": (now + 2 * window).strftime(stamp),
+    }
+    first = evaluated("dev")
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        assert datetime.date.today() != datetime.datetime.now(datetime.UTC).date(), zone
+        due = _run(_after(first, expires))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert due.outputs[CERTIFICATE_RENEWALS_OUTPUT].value == {"dev-cp-1": 1, "dev-cp-2": 0, "dev-cp-3": 0}
 
 
 def test_the_step_prints_the_expiry_the_next_run_reads() -> None:
@@ -181,23 +215,36 @@ def test_the_restarted_api_server_is_out_of_every_load_balancer_until_ready_and_
     back_within = rise * inter * spread
 
     script = renewal_script("prod-cp-1", 60, stacked_etcd=False, cluster_config="kind: ClusterConfiguration\n").render()
-    restart = script.split("'kube-apiserver to stop'", 1)[1].split("kube-controller-manager", 1)[0]
-    held_down = re.search(r"^\s*sleep (\d+)\n\s*mv -f \S+/renewal-held/kube-apiserver\.yaml ", restart, re.M)
-    assert held_down is not None, restart
-    assert int(held_down.group(1)) > out_within
-    settle = re.search(r"'kube-apiserver to be healthy again' answers \S+\n\s*sleep (\d+)\n", restart)
-    assert settle is not None, restart
-    assert int(settle.group(1)) > back_within
-    # Only the API server is behind the load balancers: the others restart without waiting.
-    rest = script.split("'kube-controller-manager to stop'", 1)[1]
-    assert "sleep" not in rest
+    blocks = _restart_blocks(script)
+    # Each component's restart is rendered twice: finishing one an interrupted run left held, and its own.
+    assert [name for name, _ in blocks] == [*COMPONENTS, *COMPONENTS]
+    for name, restart in blocks:
+        if name != "kube-apiserver":
+            # Only the API server is behind the load balancers: the others restart without waiting.
+            assert "sleep" not in restart, restart
+            continue
+        held_down = re.search(r"^\s*sleep (\d+)\n\s*mv -f \S+/renewal-held/kube-apiserver\.yaml ", restart, re.M)
+        assert held_down is not None, restart
+        assert int(held_down.group(1)) > out_within
+        settle = re.search(r"'kube-apiserver to be healthy again' answers \S+\n\s*sleep (\d+)\n", restart)
+        assert settle is not None, restart
+        assert int(settle.group(1)) > back_within
 
     # Stacked: the API server reads only its own etcd member, so it is out of rotation while that restarts;
     # the step waits until it is ready and back (found in tests/real/test_stacked_control_plane_live.py).
     stacked = renewal_script("dev-cp-1", 60, stacked_etcd=True, cluster_config="kind: ClusterConfiguration\n").render()
-    after_etcd = stacked.split("'etcd to be healthy again'", 1)[1]
-    back = re.search(
-        r"'kube-apiserver to be ready on the restarted etcd' answers \S+/readyz\n\s*sleep (\d+)\n", after_etcd
-    )
-    assert back is not None, after_etcd
-    assert int(back.group(1)) > back_within
+    etcd = [restart for name, restart in _restart_blocks(stacked) if name == "etcd"]
+    assert len(etcd) == 2
+    for restart in etcd:
+        after_etcd = restart.split("'etcd to be healthy again'", 1)[1]
+        back = re.search(
+            r"'kube-apiserver to be ready on the restarted etcd' answers \S+/readyz\n\s*sleep (\d+)\n", after_etcd
+        )
+        assert back is not None, after_etcd
+        assert int(back.group(1)) > back_within
+
+
+def _restart_blocks(script: str) -> list[tuple[str, str]]:
+    """Each `if [ -f …/renewal-held/NAME.yaml ]; then … fi` of a renewal script: (NAME, the block), in order."""
+    found = re.finditer(r"^( *)if \[ -f \S+/renewal-held/(\S+)\.yaml \]; then\n(.*?)^\1fi$", script, re.M | re.S)
+    return [(match.group(2), match.group(3)) for match in found]

@@ -7,17 +7,26 @@ unmodified (bash -c, as root, in the node's namespaces, with the real kubeadm an
 clients loop through the VIP, and checks what an operator relies on: the renewed certificate is served,
 every static pod restarted, no client noticed, the API server is back behind every load balancer when the
 step returns, and a second run changes nothing.
+
+`interrupt_then_finish` (issue 18, defect 1): the step killed after the renew with the API server's manifest
+held, then run again; the re-run finishes every restart and only then is the step done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import http.client
+import os
+import re
+import signal
 import ssl
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,13 +34,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from render import lb_config
 from render.kubeadm import PKI_DIR
-from render.renewal import parse_expiry
+from render.renewal import HELD_DIR, parse_expiry
 from render.scripts import LOG_DIR
 from tests.integration.netns import haproxy_servers, poll_until
-from tests.real.control_plane_lab import MANIFESTS, ControlPlaneLab, Node, report
+from tests.real.control_plane_lab import COMPONENTS, MANIFESTS, ControlPlaneLab, Node, report
 from tests.real.kubelet import STOP_GRACE, Kubelet, node_tools
 from tests.real.node_root import DEFAULT_PATH, Ran
-from tools.plan import script_of
+from tools.plan import mask, script_of
 
 SHORT_DAYS = 20
 STEP_BOUND = 900.0
@@ -270,3 +279,135 @@ def renew_and_prove(lab: ControlPlaneLab, node: Node, kubelet: Kubelet, *, watch
     assert {name: process.pid for name, process in node.processes.items()} == pids
     assert kubelet.events == []
     return ran
+
+
+# --- issue 18, defect 1: a renewal interrupted after the renew --------------------------------------------
+
+INTERRUPT_BOUND = 180.0  # the renew and the API server's manifest moved out, on a loaded 2-core machine
+_GUARD = re.compile(r'^if .+; then\n  echo "kubeadm-ha: \$\{KUBEADM_HA_STEP\} already done', re.M)
+
+
+def start_certificates_step(lab: ControlPlaneLab, node: Node, script: str, log: Path) -> subprocess.Popen[bytes]:
+    """The step as `run_certificates_step` runs it, in the background (its own process group, so the test can
+    kill all of it at once, as a dropped SSH session or a killed `pulumi up` ends it)."""
+    tools = node_tools(lab.work / "renewal-bin", {"kubeadm": lab.binaries["kubeadm"]})
+    with log.open("wb") as out:
+        return subprocess.Popen(  # the program's own step script, unmodified
+            ["ip", "netns", "exec", node.namespace.name,
+             *node.root.wrap(["bash", "-c", script, "kubeadm-ha-certificates"])],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={"PATH": f"{tools}:{DEFAULT_PATH}"},
+            cwd=node.root.directory,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def freshness_alone(lab: ControlPlaneLab, node: Node, script: str) -> int:
+    """Exit status of the step's own `certificates_fresh` on the node now: the whole guard before issue 18
+    (0: the step would have printed "already done" and exited 0)."""
+    found = _GUARD.search(script)
+    assert found is not None, "the rendered step has no idempotency guard"
+    tools = node_tools(lab.work / "renewal-bin", {"kubeadm": lab.binaries["kubeadm"]})
+    ran = node.root.run(
+        ["bash", "-c", script[: found.start()] + "certificates_fresh\n", "certificates-fresh"],
+        netns=node.namespace.name,
+        timeout=60,
+        env={"PATH": f"{tools}:{DEFAULT_PATH}"},
+    )
+    return ran.returncode
+
+
+def put_back_held(node: Node) -> list[str]:
+    """Test cleanup after a failure: every manifest left in the step's hold directory moved back."""
+    back = []
+    for name in COMPONENTS:
+        held = f"{HELD_DIR}/{name}.yaml"
+        if node.root.exists(held):
+            on_node(node, "mv", "-f", held, f"{MANIFESTS}/{name}.yaml")
+            back.append(name)
+    return back
+
+
+def interrupt_then_finish(lab: ControlPlaneLab, node: Node, kubelet: Kubelet) -> None:
+    """Make `node` due, kill its certificates step once the certificates are renewed and the API server's
+    manifest is held, then prove the next run finishes the renewal (see tests/real/test_renewal_live.py)."""
+    days = lab.config.certificates.renew_before_days
+    components = kubelet.pods[node.name]
+    started = {name: node.processes[name].pid for name in components}
+    served_before = served_certificate(lab, node)
+    ca = x509.load_pem_x509_certificate(node.root.read(f"{PKI_DIR}/ca.crt").encode())
+    # Due on disk only: the API server keeps serving its year-long certificate until the step restarts it.
+    short = reissue_due(lab, node)
+    script = script_of(lab.evaluation.named(f"{node.name}-certificates"))
+    held = f"{HELD_DIR}/kube-apiserver.yaml"
+
+    # Run 1, interrupted: killed once kubeadm has renewed and the API server's manifest is out.
+    first = start_certificates_step(lab, node, script, lab.work / f"{node.name}-interrupted.out")
+    try:
+        poll_until(lambda: node.root.exists(held) or first.poll() is not None, timeout=INTERRUPT_BOUND,
+                   interval=0.05, message="the step to hold kube-apiserver's manifest")  # fmt: skip
+    finally:
+        kill_group(first)
+    output = mask((lab.work / f"{node.name}-interrupted.out").read_text(errors="replace"))
+    assert node.root.exists(held), f"the step ended before holding kube-apiserver:\n{output}"
+    renewed = x509.load_pem_x509_certificate(node.root.read(f"{PKI_DIR}/apiserver.crt").encode())
+    assert renewed.serial_number != short.serial_number, "killed before kubeadm renewed"
+    stopped = f"stopped kube-apiserver on {node.name}"
+    poll_until(lambda: stopped in kubelet.events, timeout=STOP_GRACE + 10, interval=0.2,
+               message="the kubelet stand-in to stop the held kube-apiserver")  # fmt: skip
+    assert not node.processes["kube-apiserver"].alive()
+    # The state a failed `pulumi up` leaves: fresh files, the API server down, the others on the old files.
+    assert freshness_alone(lab, node, script) == 0, "the renewed files should already be fresh"
+    report(f"interrupted on {node.name} with kube-apiserver held; the pre-fix guard (certificates_fresh) passes")
+    kubelet.events.clear()
+
+    # Run 2: the same step (the failed create recorded nothing, so Pulumi runs the same script again).
+    again, took = run_certificates_step(lab, node, script)
+    said = again.stdout + again.stderr  # what the step printed (its script is in the evaluation)
+    assert again.returncode == 0, said
+    assert "already done" not in again.stdout, (
+        f"the re-run said the renewal was done while kube-apiserver's manifest was held:\n{said}"
+    )
+    report(f"re-run on {node.name}: {took:.1f}s; kubelet stand-in: {', '.join(kubelet.events)}")
+    # The guard said why the step was not done.
+    assert "left kube-apiserver's manifest held; finishing it" in again.stdout, said
+    for name in components:
+        assert f"{name} restarted with the renewed certificates" in again.stdout, said
+        assert node.root.exists(f"{MANIFESTS}/{name}.yaml"), f"{name}'s manifest is not back"
+        assert not node.root.exists(f"{HELD_DIR}/{name}.yaml"), f"{name}'s manifest is still held"
+        # Started after the renew (the events were cleared after it), so on the renewed files.
+        assert f"started {name} on {node.name}" in kubelet.events, kubelet.events
+        assert node.processes[name].alive() and node.processes[name].pid != started[name], name
+    assert set(kubelet.events) == {f"{verb} {name} on {node.name}" for name in components for verb in
+                                   ("stopped", "started")} - {stopped}  # fmt: skip
+
+    # The API server serves the renewed certificate, and is back behind every load balancer.
+    on_disk = x509.load_pem_x509_certificate(node.root.read(f"{PKI_DIR}/apiserver.crt").encode())
+    served = served_certificate(lab, node)
+    assert served.serial_number == on_disk.serial_number != served_before.serial_number
+    assert served.not_valid_after_utc > datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=days)
+    assert signed_by(served, ca) and sans(served) == sans(served_before)
+    assert {lab.backend_states(lb).get(node.name) for lb in lab.load_balancer_names()} == {"UP"}
+    recorded = parse_expiry(again.stdout)
+    assert recorded is not None
+    report(f"served serial {served_before.serial_number:x} -> {served.serial_number:x} (the renewed file's), "
+           f"notAfter {served.not_valid_after_utc:%Y-%m-%d}")  # fmt: skip
+
+    # Run 3: now it is done, and nothing is restarted again.
+    pids = {name: node.processes[name].pid for name in components}
+    kubelet.events.clear()
+    third, _ = run_certificates_step(lab, node, script)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "already done" in third.stdout and "restarted" not in third.stdout, third.stdout + third.stderr
+    assert parse_expiry(third.stdout) == recorded
+    assert {name: node.processes[name].pid for name in components} == pids
+    assert kubelet.events == []
