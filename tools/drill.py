@@ -17,17 +17,27 @@ do; nothing is stopped. With --yes:
 It never stops a control plane whose loss would cost etcd its quorum (counting only members healthy now)
 unless --allow-quorum-loss. Everything the drill does goes through a `DrillTarget`: SSH to the nodes (host
 keys pinned) and HTTPS to the VIP with the stack's kubeconfig in production, the namespace lab in the tests.
+
+However it ends (an error, SSH failing, SIGINT, SIGTERM, SIGHUP; a second signal does not cut the restore
+short), what it stopped is started again, each restore bounded, and it prints what it restored. A restore
+that fails names what is still stopped, where, and the command that brings it back; the drill exits 1 then,
+else 128 + the signal's number after a signal. SIGKILL cannot be caught: nothing restores after one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Protocol, TypeVar
+from types import FrameType
+from typing import Any, Literal, Protocol, TypeVar
 
 from tools.access import (
     SshTransport,
@@ -47,6 +57,15 @@ LEASE_BOUND = 120.0
 RECOVERY_BOUND = 300.0
 VIP_BOUND = 60.0
 POLL = 0.5
+# One restore: StackTarget's release is two SSH scripts of at most 60 s each (stacked etcd), its LB start one.
+RESTORE_BOUND = 150.0
+# The signals an operator (Ctrl-C, `kill`, a closed terminal or SSH session) ends the drill with.
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+Kind = Literal["control-plane", "load-balancer"]
+STOPPED: dict[Kind, str] = {
+    "control-plane": "static pods kube-apiserver, kube-controller-manager, kube-scheduler",
+    "load-balancer": "keepalived and HAProxy",
+}
 
 T = TypeVar("T")
 
@@ -69,6 +88,120 @@ class DrillTarget(Protocol):
     def vip_holder(self) -> str | None: ...
     def stop_load_balancer(self, host: str) -> None: ...
     def start_load_balancer(self, host: str) -> None: ...
+    def start_command(self, host: str, kind: Kind) -> str: ...  # by hand, printed if a restore fails
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal, raised in the main thread by the drill's handler: a KeyboardInterrupt, as SIGINT is in Python."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Restorer:
+    """What the drill stopped and has not started again (`pending`, recorded before the stop: one failing half
+    way, the hold's wait timing out, may have stopped part), started again however the drill ends. Each start
+    is idempotent (a release moves only what is held, `systemctl start` of a running unit does nothing)."""
+
+    def __init__(self, target: DrillTarget) -> None:
+        self.target = target
+        self.pending: list[tuple[Kind, str]] = []
+        self.deferred: list[int] = []
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Signals raise `Interrupted` inside; on any exit, what is still stopped is started again."""
+        previous = _handle(_interrupt)
+        try:
+            yield
+        except BaseException as error:
+            _handle(self._defer)  # a second signal must not cut the restore short: each restore is bounded
+            self.restore(error)
+            raise
+        finally:
+            _handle(previous)
+        self.restore(None)  # a safety net: the drill itself starts everything again on the way
+
+    def restore(self, cause: BaseException | None) -> None:
+        if not self.pending:
+            return
+        say(f"drill ended early ({_why(cause) if cause else 'a step was skipped'}): starting again what it stopped")
+        # Blocked, not only deferred: a terminal's Ctrl-C reaches the whole process group, so the restore's own
+        # SSH would die of it; a blocked signal stays blocked in the children, and runs `_defer` once unblocked.
+        main = threading.current_thread() is threading.main_thread()  # the only one that runs handlers
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS) if main else None
+        etcd = ", etcd" if _safe(self.target.stacked_etcd) else ""
+        failed: list[str] = []
+        try:
+            for kind, host in reversed(self.pending):
+                start = self.target.start_control_plane if kind == "control-plane" else self.target.start_load_balancer
+                error = _bounded(partial(start, host), RESTORE_BOUND)
+                what = f"{kind.replace('-', ' ')} {host}: {STOPPED[kind]}" + (etcd if kind == "control-plane" else "")
+                if error is None:
+                    say(f"restored {what} " + ("put back" if kind == "control-plane" else "started"))
+                else:
+                    command = _safe(partial(self.target.start_command, host, kind))
+                    failed.append(f"{what} ({error})\n    bring it back: {command or '(unknown)'}")
+        finally:
+            self.pending = []
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if self.deferred:
+            say(f"({', '.join(signal.Signals(n).name for n in self.deferred)} while restoring: it went on to its end)")
+        if failed:
+            key = "as the stack's SSH user, with its key: `pulumi stack output sshPrivateKey --show-secrets`"
+            raise ToolError(
+                f"starting again what the drill stopped failed; STILL STOPPED ({key}):\n  " + "\n  ".join(failed)
+            ) from cause
+
+    def _defer(self, signum: int, frame: FrameType | None) -> None:
+        self.deferred.append(signum)  # only noted: printing inside a handler may re-enter a print in progress
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+def _handle(handler: Any) -> dict[int, Any]:
+    """`handler` (or the previous ones: a dict) for SIGNALS; returns those replaced. Only the main thread may."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    handlers = handler if isinstance(handler, dict) else dict.fromkeys(SIGNALS, handler)
+    return {signum: signal.signal(signum, new) for signum, new in handlers.items()}
+
+
+def _bounded(action: Callable[[], None], bound: float) -> str | None:
+    """Run `action` for at most `bound` seconds; None if it succeeded, else why not. A hung SSH (the target's
+    own timeouts failing) is left behind in a daemon thread rather than holding the drill and its operator."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            action()
+            outcome.append(None)
+        except BaseException as error:  # reported, not raised: the other restores still run
+            outcome.append(error)
+
+    worker = threading.Thread(target=run, name="drill-restore", daemon=True)
+    worker.start()
+    worker.join(bound)
+    if not outcome:
+        return f"did not finish within {bound:g} s"
+    return None if outcome[0] is None else _why(outcome[0])
+
+
+def _why(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):  # an `Interrupted` says its signal's name
+        return f"interrupted by {error or 'Ctrl-C'}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _safe(call: Callable[[], T]) -> T | None:
+    try:
+        return call()
+    except Exception:  # only for the wording of a message: a failing target must not hide the restore
+        return None
 
 
 @dataclass
@@ -172,8 +305,26 @@ def drill(target: DrillTarget, *, yes: bool, allow_quorum_loss: bool = False) ->
     if not yes:
         say("dry run: nothing was stopped (pass --yes to run the drill)")
         return report
+    restorer = Restorer(target)
+    with restorer.guard():
+        _exercise(target, restorer, report, host=host, leader=leader, holders=holders, vip=vip)
+    say("\n" + report.table())
+    say("drill " + ("passed: everything held" if report.passed else "FAILED: see the rows marked NO"))
+    return report
 
+
+def _exercise(
+    target: DrillTarget,
+    restorer: Restorer,
+    report: DrillReport,
+    *,
+    host: str,
+    leader: str | None,
+    holders: dict[str, str | None],
+    vip: str | None,
+) -> None:
     say(f"1. stopping control plane {host}")
+    restorer.pending.append(("control-plane", host))
     target.stop_control_plane(host)
     stopped = time.monotonic()
     ready, took = wait(target.api_ready, API_BOUND)
@@ -196,6 +347,7 @@ def drill(target: DrillTarget, *, yes: bool, allow_quorum_loss: bool = False) ->
 
     say(f"2. starting control plane {host} again")
     target.start_control_plane(host)
+    restorer.pending.remove(("control-plane", host))
     back, took = wait(lambda: target.control_plane_ready(host), RECOVERY_BOUND)
     report.add(f"{host} API server ready again", "stopped", "ready" if back else "not ready", bool(back), took)
     members = set(target.etcd_members())
@@ -204,6 +356,7 @@ def drill(target: DrillTarget, *, yes: bool, allow_quorum_loss: bool = False) ->
 
     if len(target.load_balancers()) > 1 and vip:
         say(f"3. stopping load balancer {vip}, which holds the VIP")
+        restorer.pending.append(("load-balancer", vip))
         target.stop_load_balancer(vip)
         moved, took = wait(other_than(target.vip_holder, vip), VIP_BOUND)
         report.add("VIP moved", vip, moved, moved is not None, took)
@@ -211,11 +364,9 @@ def drill(target: DrillTarget, *, yes: bool, allow_quorum_loss: bool = False) ->
         report.add("API through the moved VIP", "ready", "ready" if ready else "not ready", bool(ready), took)
         say(f"4. starting load balancer {vip} again")
         target.start_load_balancer(vip)
+        restorer.pending.remove(("load-balancer", vip))
         holder, took = wait(target.vip_holder, VIP_BOUND)
         report.add("VIP held after the LB returned", "-", holder, holder is not None, took)
-    say("\n" + report.table())
-    say("drill " + ("passed: everything held" if report.passed else "FAILED: see the rows marked NO"))
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,10 +384,16 @@ def main(argv: list[str] | None = None) -> int:
     except ToolError as error:
         print(f"drill: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupted:  # `Interrupted` (a signal), or a Ctrl-C outside the drill's handlers
+        signum = int(getattr(interrupted, "signum", signal.SIGINT))
+        print(
+            f"drill: interrupted by {signal.Signals(signum).name}; nothing it stopped is left stopped", file=sys.stderr
+        )
+        return 128 + signum
     return 0 if report.passed else 1
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["DrillTarget", "drill", "main"]
+__all__ = ["DrillTarget", "Interrupted", "drill", "main"]

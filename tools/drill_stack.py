@@ -16,9 +16,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from render.backup import etcd_tool_functions
-from render.etcd_restore import hold_script, release_script
-from render.scripts import Script, quote
+from render.backup import HELD_MANIFEST_DIR, etcd_tool_functions
+from render.etcd_restore import CONTROL_PLANE_MANIFESTS, hold_script, release_script
+from render.node_prep import STATIC_POD_DIR
+from render.scripts import Script, command, quote
 from tools.access import (
     StackAccess,
     ToolError,
@@ -166,6 +167,24 @@ class StackTarget:
 
     def start_load_balancer(self, host: str) -> None:
         self._on(host, _script("drill-lb-start", host, "systemctl start haproxy keepalived"))
+
+    def start_command(self, host: str, kind: str) -> str:
+        return manual_start(self.access, host, kind)
+
+
+def manual_start(access: StackAccess, host: str, kind: str) -> str:
+    """What an operator runs to undo the drill's stop of `kind` on `host` (printed when the drill's own
+    restore failed): the held manifests moved back (etcd's first, as `release_script` orders them) for
+    kubelet to start, or the load balancer's services started. Both do nothing when nothing is stopped."""
+    if kind == "load-balancer":
+        remote = command("sudo", "systemctl", "start", "haproxy", "keepalived")
+    else:
+        stacked = access.etcd_topology != "external"
+        names = ("etcd.yaml", *CONTROL_PLANE_MANIFESTS) if stacked else CONTROL_PLANE_MANIFESTS
+        held, back = quote(HELD_MANIFEST_DIR) + '/"$name"', quote(STATIC_POD_DIR + "/")
+        loop = f"for name in {command(*names)}; do if [ -f {held} ]; then mv -f {held} {back}; fi; done"
+        remote = command("sudo", "sh", "-c", loop)
+    return command("ssh", "-l", access.ssh_user, access.nodes[host].address, remote)
 
 
 def holder_host(lease: Any, hosts: list[str]) -> str | None:

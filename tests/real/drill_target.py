@@ -5,6 +5,11 @@ the client namespace are here. Stopping a control plane stops its components (an
 etcd); stopping a load balancer stops its keepalived and HAProxy. Lease holders are read from the API; since
 every lab process shares the machine's hostname (a lease identity is `<hostname>_<uuid>`), the holder's node is
 the one whose component reports `leader_election_master_status 1` on its own metrics endpoint.
+
+`HeldManifestsTarget` is the same view with production's control-plane stop and start: `StackTarget`'s hold
+and release scripts (the static pod manifests moved out of /etc/kubernetes/manifests and back) run on the node
+through `NodeTransport`, where SSH is in production, and the `Kubelet` stand-in stops and starts the static
+pods as their manifests leave and return.
 """
 
 from __future__ import annotations
@@ -13,11 +18,15 @@ import http.client
 import json
 import signal
 import ssl
+from pathlib import Path
 from typing import Any
 
 from tests.integration.netns import Process
 from tests.real.control_plane_lab import ControlPlaneLab
-from tools.drill_stack import agreed_leader, write_configmap
+from tests.real.kubelet import node_tools
+from tests.real.node_transport import NodeTransport
+from tools.access import access_from_outputs
+from tools.drill_stack import StackTarget, agreed_leader, write_configmap
 
 COMPONENT_PORTS = {"kube-controller-manager": 10257, "kube-scheduler": 10259}
 
@@ -135,3 +144,29 @@ class LabTarget:
         for process in reversed(self.stopped.pop(host, [])):
             what = process.name.split("-", 1)[0]
             node.processes[what] = self.lab.lab.spawn(node.namespace, process.argv, name=f"{process.name}-again")
+
+    def start_command(self, host: str, kind: str) -> str:
+        # The lab has no SSH: what the test itself runs to start them (the production command: drill_stack).
+        return f"lab: start_{kind.replace('-', '_')}({host!r})"
+
+
+class HeldManifestsTarget(LabTarget):
+    """The lab target whose control-plane stop and start are production's (`StackTarget`, over the lab's
+    transport): a `Kubelet` stand-in must run for the held static pods to stop and the released ones to start."""
+
+    def __init__(self, lab: ControlPlaneLab, workdir: Path) -> None:
+        super().__init__(lab)
+        outputs = {key: output.value for key, output in lab.evaluation.outputs.items()}
+        tools = {
+            plan.hostname: node_tools(lab.work / f"drill-bin-{plan.hostname}", {}) for plan in lab.plan.control_planes
+        }
+        self.stack = StackTarget(access_from_outputs(lab.stack, outputs), NodeTransport(lab, tools), workdir)
+
+    def stop_control_plane(self, host: str) -> None:
+        self.stack.stop_control_plane(host)
+
+    def start_control_plane(self, host: str) -> None:
+        self.stack.start_control_plane(host)
+
+    def start_command(self, host: str, kind: str) -> str:
+        return self.stack.start_command(host, kind)

@@ -88,6 +88,9 @@ class Model:
         self.calls.append(f"start {host}")
         self.lb_down.discard(host)
 
+    def start_command(self, host: str, kind: str) -> str:
+        return f"model: start {kind} {host}"
+
 
 def test_a_dry_run_stops_nothing() -> None:
     model = Model()
