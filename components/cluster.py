@@ -22,7 +22,7 @@ from components.nodes import NodeContext
 from components.pki import ADMIN_USER, APISERVER_ETCD_CLIENT, ETCD_CA, ClusterPki, ClusterPkiArgs
 from components.remote import secret
 from components.upgrade import KubernetesUpgrade, KubernetesUpgradeArgs
-from components.vm import BaseImage, Hypervisor, deployment_id
+from components.vm import Hypervisor, deployment_id
 from components.worker_pool import WorkerPool, WorkerPoolArgs
 from model.addressing import AddressPlan, plan_addresses
 from model.config import ClusterConfig
@@ -95,9 +95,8 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
     )
     # 2. Per hypervisor: the NAT network (nat mode) and the base image; volume names carry this deployment's id.
     deployment = deployment_id(last_deployment, parent=pki)
-    image = BaseImage("base-image", config)
     hypervisors = {
-        hypervisor.name: Hypervisor(hypervisor.name, hypervisor, config, deployment, image)
+        hypervisor.name: Hypervisor(hypervisor.name, hypervisor, config, deployment)
         for hypervisor in config.hypervisors
     }
     placement = plan_placement(config, last_deployment)

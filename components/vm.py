@@ -15,7 +15,7 @@ from components.remote import NodeAccess, run_step, secret
 from model.addressing import NodePlan
 from model.config import ClusterConfig, HypervisorConfig
 from model.hostkeys import pin_host_key
-from model.previous import PreviousDeployment
+from model.previous import NODE_RECORD, PreviousDeployment
 from render.image import cached_image_path, image_fetch_script
 from render.readiness import readiness_script
 
@@ -49,24 +49,8 @@ def deployment_id(previous: PreviousDeployment, parent: pulumi.Resource) -> pulu
     return seed.public_key_openssh.apply(lambda public: hashlib.sha256(public.encode()).hexdigest()[:8])
 
 
-class BaseImage(pulumi.ComponentResource):
-    """The verified base image, fetched once on the machine running Pulumi for every hypervisor to upload."""
-
-    def __init__(self, name: str, config: ClusterConfig, opts: pulumi.ResourceOptions | None = None) -> None:
-        super().__init__("kubeadm-ha:index:BaseImage", name, None, opts)
-        self.path = cached_image_path(config.image)
-        self.fetched = command_provider.local.Command(
-            f"{name}-fetch",
-            create=image_fetch_script(config.image).render(),
-            interpreter=["/bin/bash", "-c"],
-            add_previous_output_in_env=False,
-            opts=pulumi.ResourceOptions(parent=self),
-        )
-        self.register_outputs({"path": self.path})
-
-
 class Hypervisor(pulumi.ComponentResource):
-    """One libvirt host: its provider, the cluster's NAT network (nat mode only) and the shared base image."""
+    """One libvirt host: its provider, the cluster's NAT network (nat mode only), the base image and its fetch."""
 
     def __init__(
         self,
@@ -74,7 +58,6 @@ class Hypervisor(pulumi.ComponentResource):
         hypervisor: HypervisorConfig,
         config: ClusterConfig,
         volume_suffix: pulumi.Input[str],
-        image: BaseImage,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("kubeadm-ha:index:Hypervisor", name, None, opts)
@@ -107,13 +90,32 @@ class Hypervisor(pulumi.ComponentResource):
                 # The program never changes these settings on a running network.
                 opts=pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(ignore_changes=["dns"])),
             )
+        # The provider reads `source` on the machine running Pulumi only when it creates the volume
+        # (terraform-provider-libvirt 0.8.1 resource_libvirt_volume.go: every argument is ForceNew, and
+        # resourceLibvirtVolumeCreate opens `source`). A fetch created once for the whole stack would not run
+        # again when a host is added later, from another machine or after /var/tmp was cleaned. So each host
+        # has its own fetch, the volume waits for it, and its triggers are everything that makes the engine
+        # create the volume again: pulumi-command 1.2.1 replaces a command whose `triggers` change
+        # (common/inputs.go, replaceOnChanges), and a replacement runs `create`. Whenever this volume is
+        # created, the verified file was just checked (or fetched) here. Unchanged, nothing runs.
+        path = cached_image_path(config.image)
+        volume_name = self.volume_name(f"{config.cluster_name}-base")
+        script = image_fetch_script(config.image)
+        self.fetched = command_provider.local.Command(
+            f"{name}-fetch-image",
+            create=script.render(),
+            interpreter=["/bin/bash", "-c"],
+            add_previous_output_in_env=False,
+            triggers=[config.image.url, config.image.sha256 or "", path, hypervisor.pool, volume_name, uri],
+            opts=pulumi.ResourceOptions(parent=self),
+        )
         self.base_image = libvirt.Volume(
             f"{name}-base-image",
-            name=self.volume_name(f"{config.cluster_name}-base"),
+            name=volume_name,
             pool=hypervisor.pool,
-            source=image.path,
+            source=path,
             format="qcow2",
-            opts=pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=[image.fetched])),
+            opts=pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=[self.fetched])),
         )
         # Deleted only when the cluster leaves this host (or is destroyed): steps that undo one node's membership
         # are `deleted_with` it, so tearing the whole cluster down drains no node.
@@ -158,6 +160,23 @@ class Vm(pulumi.ComponentResource):
         super().__init__("kubeadm-ha:index:Vm", name, None, opts)
         node = args.node
         on_host = pulumi.ResourceOptions(parent=self, provider=args.hypervisor.provider)
+        # Where this VM is created, kept in the state before any of its disks exists: the engine persists
+        # each resource as it is created, while a failed run leaves the `nodes` output as it was. The next
+        # run reads it back (model/previous.py) so placement and the removed-host check see this VM even
+        # if the run that created it failed. A Stash keeps its first value until it is deleted with the VM.
+        self.record = pulumi.Stash(
+            f"{name}-placement",
+            input={
+                "kind": NODE_RECORD,
+                "hostname": node.hostname,
+                "role": node.role,
+                "hypervisor": args.hypervisor.settings.name,
+                "address": str(node.address),
+                "mac": node.mac,
+            },
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        on_host = pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=[self.record]))
         self.root_volume = libvirt.Volume(
             f"{name}-root",
             name=args.hypervisor.volume_name(f"{node.hostname}-root"),

@@ -5,6 +5,25 @@ not be skipped; the etcd topology of a live cluster cannot be swapped), so the
 program reads its own stack's last outputs through the engine's built-in
 `pulumi:pulumi:readStackOutputs` function. It is a synchronous invoke, so the
 check happens at the edge, with config validation, before any resource exists.
+
+The outputs are those of the last run that succeeded: a failed run registers none, and the engine keeps
+the old ones. What a failed run created is in the state, though: the engine persists each resource as its
+step completes (pulumi v3.274.0 pkg/backend/snapshot.go, createSnapshotMutation.End). So every VM is
+recorded, before its first disk is created, in a `pulumi.Stash` (components/vm.py: host, address, MAC),
+and the program reads those records back from its own state with the engine's builtin
+`pulumi:pulumi:readStackResourceOutputs` (pkg/resource/deploy/builtins.go; pkg/backend/backend.go
+GetStackResourceOutputs: every resource of the stack's latest persisted snapshot not pending deletion, on
+the file and cloud backends alike). A Stash keeps its first input for as long as it exists (builtins.go:
+Update copies OldOutputs["output"]), so a record says where a VM was created, not what a later config says.
+
+The state is read on every run, a stack's first included: a first `pulumi up` that fails after creating
+VMs must keep them where they are too. Measured with the real pulumi v3.274.0 CLI and language host on the
+file backend: a stack just made by `pulumi stack init` answers with no resources (its checkpoint already has
+a `latest` deployment), a run that failed after creating a Stash leaves it in the answer, and a Stash keeps
+its first value through an update. The other facts read here (network mode, etcd topology and initial
+members, API endpoint) can never change once a run has succeeded, so the last successful outputs are the
+truth for them; the Kubernetes version is published only once an upgrade has finished, on purpose (a failed
+upgrade is resumed).
 """
 
 from __future__ import annotations
@@ -28,10 +47,17 @@ ETCD_IMAGE_TAG_OUTPUT = "etcdImageTag"
 DEPLOYMENT_ID_OUTPUT = "deploymentId"
 NETWORK_MODE_OUTPUT = "networkMode"
 
+READ_STACK_RESOURCE_OUTPUTS = "pulumi:pulumi:readStackResourceOutputs"
+STASH_TYPE = "pulumi:index:Stash"
+# The `kind` of the record the program keeps of every VM in a Stash (components/vm.py writes it).
+NODE_RECORD = "kubeadm-ha/node"
+
 
 @dataclass(frozen=True)
 class PreviousDeployment:
     outputs: Mapping[str, Any] = field(default_factory=dict)
+    # From the state (see the module doc): hostname -> the record of its VM, written when the VM was created.
+    recorded_nodes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     @property
     def exists(self) -> bool:
@@ -74,30 +100,31 @@ class PreviousDeployment:
         value = self.outputs.get(DEPLOYMENT_ID_OUTPUT)
         return str(value) if value else None
 
+    def _nodes(self) -> dict[str, Mapping[str, Any]]:
+        """hostname -> facts of every node of the last successful outputs, overlaid with every VM in the state."""
+        value = self.outputs.get(NODES_OUTPUT)
+        found = (
+            {str(name): node for name, node in value.items() if isinstance(node, dict)}
+            if isinstance(value, dict)
+            else {}
+        )
+        return {**found, **self.recorded_nodes}
+
     @property
     def node_addresses(self) -> dict[str, tuple[str, str | None]]:
-        """hostname -> (address, MAC) of every node the last deployment ran (MAC: None before it was exported)."""
-        value = self.outputs.get(NODES_OUTPUT)
-        if not isinstance(value, dict):
-            return {}
+        """hostname -> (address, MAC) of every node that runs (MAC: None before it was exported)."""
         found: dict[str, tuple[str, str | None]] = {}
-        for name, node in value.items():
-            if isinstance(node, dict) and node.get("address"):
+        for name, node in self._nodes().items():
+            if node.get("address"):
                 mac = node.get("mac")
-                found[str(name)] = (str(node["address"]), str(mac).lower() if mac else None)
+                found[name] = (str(node["address"]), str(mac).lower() if mac else None)
         return found
 
     @property
     def node_hypervisors(self) -> dict[str, str]:
-        """hostname -> hypervisor of every node the last deployment ran (none before placement was exported)."""
-        value = self.outputs.get(NODES_OUTPUT)
-        if not isinstance(value, dict):
-            return {}
-        return {
-            str(name): str(node["hypervisor"])
-            for name, node in value.items()
-            if isinstance(node, dict) and node.get("hypervisor")
-        }
+        """hostname -> hypervisor of every node that runs: recorded when its VM was created, or (a deployment
+        from before the records) from the last outputs; none before placement was exported."""
+        return {name: str(node["hypervisor"]) for name, node in self._nodes().items() if node.get("hypervisor")}
 
     @property
     def network_mode(self) -> str | None:
@@ -116,15 +143,35 @@ class PreviousDeployment:
 NEW_STACK = PreviousDeployment()
 
 
+def _plain(value: Any) -> Any:
+    # A secret in an invoke's result stays wrapped below the top level; records are never secret.
+    return pulumi.runtime.rpc.unwrap_rpc_secret(value) if pulumi.runtime.rpc.is_rpc_secret(value) else value
+
+
+def recorded_nodes(resources: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """hostname -> its VM's record, from readStackResourceOutputs' `outputs` (urn -> type and outputs)."""
+    nodes: dict[str, dict[str, str]] = {}
+    for entry in resources.values():
+        entry = _plain(entry)
+        if not isinstance(entry, Mapping) or entry.get("type") != STASH_TYPE:
+            continue
+        record = _plain((_plain(entry.get("outputs")) or {}).get("output"))
+        if isinstance(record, Mapping) and record.get("kind") == NODE_RECORD and record.get("hostname"):
+            nodes[str(record["hostname"])] = {str(key): str(item) for key, item in record.items()}
+    return nodes
+
+
 def read_previous_deployment() -> PreviousDeployment:
-    """The outputs of this stack's last `pulumi up`; empty for a stack never deployed."""
+    """This stack's last successful outputs and what its state records; empty for a stack never deployed."""
     name = f"{pulumi.get_organization()}/{pulumi.get_project()}/{pulumi.get_stack()}"
     try:
         result = pulumi.runtime.invoke(READ_STACK_OUTPUTS, {"name": name})
+        outputs = (result.value or {}).get("outputs") or {}
+        state = pulumi.runtime.invoke(READ_STACK_RESOURCE_OUTPUTS, {"stackName": name})
     except Exception as error:
         raise pulumi.RunError(
-            f"could not read the last deployment's outputs of stack {name} ({error}); refusing to continue "
-            "because version and topology changes are checked against them"
+            f"could not read the last deployment of stack {name} ({error}); refusing to continue "
+            "because version, placement and topology changes are checked against it"
         ) from error
-    outputs = (result.value or {}).get("outputs") or {}
-    return PreviousDeployment(dict(outputs))
+    resources = (state.value or {}).get("outputs") or {}
+    return PreviousDeployment(dict(outputs), recorded_nodes(resources))

@@ -1,4 +1,4 @@
-"""The base image every VM boots: fetched once on the machine running Pulumi and checked before libvirt sees it.
+"""The base image every VM boots: fetched on the machine running Pulumi and checked before libvirt sees it.
 
 The libvirt provider downloads a `source` URL as it is, with no checksum, and adopts what it got. So the
 program fetches the image itself, in a local step, into a cache whose path depends only on the URL (the
@@ -69,7 +69,14 @@ def image_fetch_script(
     target = cached_image_path(image)
     verified = target + ".verified"
     marker = f"{image.url} {image.sha256 or 'signed ' + signing_key}"
-    guard = f'[ -f {quote(target)} ] && [ "$(cat {quote(verified)} 2>/dev/null)" = {quote(marker)} ]'
+    # The step runs whenever a hypervisor's base volume is about to be created (components/vm.py), so the
+    # guard vouches for the file as it is now: the marker names what was checked, and its second line is
+    # the SHA-256 the file had then, hashed again here (a truncated or replaced file is fetched and checked
+    # again; a few seconds for a cloud image).
+    guard = (
+        f'[ -f {quote(target)} ] && [ "$(sed -n 1p {quote(verified)} 2>/dev/null)" = {quote(marker)} ]'
+        f' && [ "$(sed -n 2p {quote(verified)} 2>/dev/null)" = "$(sha256sum <{quote(target)} | cut -d" " -f1)" ]'
+    )
     partial = target + ".download"
     body: list[str] = [
         f"url={quote(image.url)} target={quote(target)} name={quote(posixpath.basename(image.url))}",
@@ -98,7 +105,7 @@ def image_fetch_script(
     body += [
         *_CHECK_DIGEST,
         *(['mv -f "$partial" "$target"'] if image.downloaded else []),
-        f"printf '%s' {quote(marker)} >{quote(verified)}",
+        f"printf '%s\\n%s\\n' {quote(marker)} \"$actual\" >{quote(verified)}",
         'chmod 0644 "$target" ' + quote(verified),
     ]
     return Script(step="fetch-image", host="operator", done_when=guard, body=tuple(body), on_node=False)

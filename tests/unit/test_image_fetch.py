@@ -101,6 +101,47 @@ def test_a_pinned_digest_is_checked_then_the_step_is_a_no_op(https: tuple[str, P
     assert again.returncode == 0 and "already done" in again.stdout
 
 
+def test_a_cached_image_changed_after_its_check_is_fetched_and_checked_again(
+    https: tuple[str, Path, Path], tmp_path: Path
+) -> None:
+    # Issue 18, defect 4: the fetch runs whenever a base volume is about to read the file, so its guard must
+    # vouch for the file as it is now, not for a marker written when it was checked (a truncated copy, a
+    # file another user of /var/tmp replaced).
+    base, served, ca = https
+    (served / "again.qcow2").write_bytes(IMAGE)
+    image = ImageConfig(url=f"{base}/again.qcow2", sha256=hashlib.sha256(IMAGE).hexdigest())
+    assert run(image, tmp_path, ca).returncode == 0
+    target = cached(image, tmp_path)
+    for damage in (IMAGE[:7], IMAGE + b"appended"):
+        target.write_bytes(damage)
+        again = run(image, tmp_path, ca)
+        assert again.returncode == 0, again.stderr
+        assert "already done" not in again.stdout
+        assert target.read_bytes() == IMAGE
+    # A local image (used in place) that changed after its check is refused, not handed to libvirt.
+    local = tmp_path / "local.qcow2"
+    local.write_bytes(IMAGE)
+    in_place = ImageConfig.model_construct(url=str(local), sha256=hashlib.sha256(IMAGE).hexdigest())
+    assert run(in_place, tmp_path, ca).returncode == 0
+    local.write_bytes(IMAGE + b"changed")
+    changed = run(in_place, tmp_path, ca)
+    assert changed.returncode != 0 and "has SHA-256" in changed.stderr
+
+
+def test_a_machine_with_an_empty_cache_fetches_and_checks_the_image(
+    https: tuple[str, Path, Path], tmp_path: Path
+) -> None:
+    # A second operator's machine: the same script (the same cache path everywhere), nothing cached yet.
+    base, served, ca = https
+    (served / "second.qcow2").write_bytes(IMAGE)
+    image = ImageConfig(url=f"{base}/second.qcow2", sha256=hashlib.sha256(IMAGE).hexdigest())
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run(image, first, ca).returncode == 0
+    fetched = run(image, second, ca)
+    assert fetched.returncode == 0 and "already done" not in fetched.stdout
+    assert cached(image, second).read_bytes() == IMAGE
+
+
 def test_a_wrong_digest_leaves_nothing_in_the_cache(https: tuple[str, Path, Path], tmp_path: Path) -> None:
     base, served, ca = https
     (served / "other.qcow2").write_bytes(IMAGE + b"tampered")

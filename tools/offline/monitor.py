@@ -219,6 +219,13 @@ class RecordingEngine(MockEngine):
 # --------------------------------------------------------------------------- mocks
 
 READ_STACK_OUTPUTS: Final = "pulumi:pulumi:readStackOutputs"
+# The engine's builtin that returns every resource of a stack's last persisted snapshot, as
+# `{urn: {"type": ..., "outputs": ...}}` (pulumi pkg/resource/deploy/builtins.go, readStackResourceOutputs;
+# pkg/backend/backend.go, backendClient.GetStackResourceOutputs, which skips resources pending deletion).
+READ_STACK_RESOURCE_OUTPUTS: Final = "pulumi:pulumi:readStackResourceOutputs"
+# The engine's builtin Stash: `output` is its first `input`, kept by every later update until the stash is
+# replaced (pulumi pkg/resource/deploy/builtins.go: Create copies input to output, Update keeps OldOutputs).
+STASH_TYPE: Final = "pulumi:index:Stash"
 
 
 def _stack_of(qualified: str) -> str:
@@ -242,8 +249,16 @@ class OfflineMocks(pulumi.runtime.Mocks):
         previous_outputs: Mapping[str, Any] | None = None,
         stack: str | None = None,
         other_stacks: Callable[[str], StackOutputs] | None = None,
+        previous_resources: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.preview = preview
+        # Stand-in for the stack's state (the engine's last persisted snapshot): urn -> {"type", "outputs"}.
+        # Unlike the outputs, the real engine writes it resource by resource, so it keeps what a failed run
+        # created. What readStackResourceOutputs returns, and what a Stash that already exists keeps.
+        # None: no resources (a stack just made by `pulumi stack init` answers that way with the real CLI).
+        self.previous_resources = (
+            None if previous_resources is None else {urn: dict(state) for urn, state in previous_resources.items()}
+        )
         # What the engine's `pulumi:pulumi:readStackOutputs` returns: the stack's last deployed outputs.
         self.previous_outputs = dict(previous_outputs or {})
         # The stack being evaluated; readStackOutputs for any other name asks `other_stacks`.
@@ -275,6 +290,10 @@ class OfflineMocks(pulumi.runtime.Mocks):
         if self.preview or args.custom is False:
             return None, state
         identity = _CURRENT_URN.get() or f"{args.typ}::{args.name}"
+        if args.typ == STASH_TYPE:
+            # As the engine's builtin: a new stash outputs its input; an existing one keeps its first value.
+            kept = ((self.previous_resources or {}).get(identity) or {}).get("outputs") or {}
+            state["output"] = kept["output"] if "output" in kept else state.get("input")
         compute = COMPUTED_OUTPUTS.get(args.typ)
         if compute is not None:
             state.update(compute(identity, _plain(args.inputs)))
@@ -293,4 +312,10 @@ class OfflineMocks(pulumi.runtime.Mocks):
                     return {}, [("name", f"unknown stack {name!r}")]
                 outputs = found if isinstance(found, Mapping) else {}
             return {"name": name, "outputs": dict(outputs), "secretOutputNames": []}, []
+        if args.token == READ_STACK_RESOURCE_OUTPUTS:
+            name = str(args.args.get("stackName") or "")
+            if self.stack is not None and _stack_of(name) != self.stack:
+                # Only this stack's own state is modelled.
+                return {}, [("stackName", f"unknown stack {name!r}")]
+            return {"name": name, "outputs": dict(self.previous_resources or {})}, []
         return {}, []

@@ -124,6 +124,18 @@ class Evaluation:
     def stack_urn(self) -> str:
         return self.by_type(STACK_TYPE)[0].urn
 
+    def state(self, *, without: set[str] | frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
+        """The stack's state after this run, as readStackResourceOutputs returns it: urn -> type and outputs.
+
+        `without`: URNs the run did not get to create (a stand-in for a run that failed part-way; the real
+        engine persists each resource as its step completes). Components have no state of their own here.
+        """
+        return {
+            r.urn: {"type": r.type, "outputs": dict(r.outputs)}
+            for r in self.resources
+            if r.custom and r.urn not in without
+        }
+
     def by_type(self, type_: str) -> list[Registration]:
         return [r for r in self.resources if r.type == type_]
 

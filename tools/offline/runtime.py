@@ -223,6 +223,7 @@ def evaluate(
     preview: bool = False,
     previous_outputs: Mapping[str, Any] | None = None,
     stack_outputs: Mapping[str, StackOutputs] | None = None,
+    previous_resources: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Evaluation:
     """Evaluate the program for ``stack`` offline and return what it registered.
 
@@ -241,6 +242,11 @@ def evaluate(
         named here is modelled as deployed exactly as its ``Pulumi.<stack>.yaml`` in
         ``project_dir`` says, by this checkout of the program (see
         :func:`stacks_as_their_files_say`); without a stack file it does not exist.
+    :param previous_resources: the stack's state, as the engine's ``pulumi:pulumi:readStackResourceOutputs``
+        would return it (``{urn: {"type": ..., "outputs": ...}}``, see :meth:`Evaluation.state`); it also
+        decides what an existing ``pulumi.Stash`` keeps. Default: no resources. The real engine persists
+        this resource by resource, so after a failed run it holds what that run created while the outputs
+        (``previous_outputs``) are still those of the last successful run.
     :raises: whatever the program raises (e.g. a ``pulumi.RunError`` from config
         validation), re-raised unchanged. What was registered and read up to the failure
         is attached: :func:`evaluation_of_failure` returns it.
@@ -260,7 +266,13 @@ def evaluate(
         return given[name] if name in given else from_files(name)
 
     monitor = RecordingMonitor(
-        OfflineMocks(preview=preview, previous_outputs=previous_outputs, stack=stack, other_stacks=other_stacks)
+        OfflineMocks(
+            preview=preview,
+            previous_outputs=previous_outputs,
+            stack=stack,
+            other_stacks=other_stacks,
+            previous_resources=previous_resources,
+        )
     )
     engine = RecordingEngine()
     failure: list[BaseException] = []
