@@ -106,7 +106,6 @@ def test_every_child_has_a_component_parent(stack: str) -> None:
     top_level = {r.type for r in ev.resources if r.parent == stack_urn}
     assert top_level <= {
         "kubeadm-ha:index:ClusterPki",
-        "kubeadm-ha:index:BaseImage",
         "kubeadm-ha:index:Hypervisor",
         "kubeadm-ha:index:LoadBalancer",
         "kubeadm-ha:index:EtcdCluster",
