@@ -51,6 +51,13 @@ class Script:
     # False for a script the machine running Pulumi runs about `host` (as an unprivileged user: it keeps
     # no logs or state of its own).
     on_node: bool = True
+    # True for a step given secrets on stdin (components/remote.py sets it): what its body prints goes to a
+    # private file, and a failure prints only a scrubbed summary. pulumi-command puts everything a failed
+    # command printed into its error, whatever `logging` says (pulumi-command v1.2.1
+    # provider/pkg/provider/remote/commandOutputs.go and local/commandOutputs.go, `run`:
+    # `fmt.Errorf("%w: running %q:\n%s", err, cmd, stdouterrbuf.String())`), and that error reaches the
+    # operator's terminal and the engine's logs.
+    secret_stdin: bool = False
 
     def __post_init__(self) -> None:
         for what, value in (("step", self.step), ("host", self.host)):
@@ -77,21 +84,95 @@ def render(script: Script) -> str:
         '  exit "$1"',
         "}",
         *_LOGGED_FUNCTION,
+        *_SCRUB_FUNCTION,
         *script.functions,
-        f"if {script.done_when}; then",
+        # A guard is a condition: what its commands print is no one's business, and a secret step's would
+        # reach the error unfiltered (its output file does not exist yet).
+        f"if {{ {script.done_when}; }} >/dev/null 2>&1; then"
+        if script.secret_stdin
+        else f"if {script.done_when}; then",
         '  echo "kubeadm-ha: ${KUBEADM_HA_STEP} already done on ${KUBEADM_HA_HOST}; nothing to do"',
         "  exit 0",
         "fi",
         *(['mkdir -p "$KUBEADM_HA_LOG_DIR" "$KUBEADM_HA_STATE_DIR"'] if script.on_node else []),
-        *script.body,
+        *(_quiet_body(script) if script.secret_stdin else script.body),
         'echo "kubeadm-ha: ${KUBEADM_HA_STEP} done on ${KUBEADM_HA_HOST}"',
     ]
     return "\n".join(lines) + "\n"
 
 
+_TRAP = "trap 'kubeadm_ha_failed $? $LINENO' ERR"
+
+
+def _quiet_body(script: Script) -> tuple[str, ...]:
+    """The body of a secret-stdin step, its output kept in a private file; on failure a scrubbed summary.
+
+    The body runs in a subshell writing to the file; `set -e` and the ERR trap are set again inside it
+    (a subshell in an `if` or `||` would run with errexit ignored), and the parent's ERR trap is off
+    while it runs, so the parent gets the status and reports it whatever way the body ended (an ERR,
+    an explicit `exit 1`). Each run appends; the summary shows only this run's part.
+    """
+    if script.on_node:
+        where = "on ${KUBEADM_HA_HOST}, readable by root only"
+        output = ['kha_output="${KUBEADM_HA_LOG_DIR}/${KUBEADM_HA_STEP}.output.log"', ': >>"$kha_output"']
+        keep = []
+    else:
+        where = "on the machine running Pulumi, readable by its user only"
+        output = ['kha_output="$(mktemp -t "kubeadm-ha-${KUBEADM_HA_STEP}.XXXXXX")"']
+        keep = ['rm -f "$kha_output" || true']  # kept only when the step failed
+    report = (
+        "kubeadm-ha: step ${KUBEADM_HA_STEP} failed on host ${KUBEADM_HA_HOST} (exit $kha_rc). It was given"
+        f" secrets, so its output is kept in $kha_output ({where}). Its last lines, with private keys,"
+        " bootstrap tokens and base64 runs of 40 or more characters redacted:"
+    )
+    return (
+        *output,
+        # wc, not GNU stat: the local reset runs on the operator's machine, which may be a Mac.
+        'kha_from=$(( $(wc -c <"$kha_output") + 1 ))',
+        "trap - ERR",
+        "set +e",
+        "(",
+        "set -e",
+        _TRAP,
+        *script.body,
+        ') >>"$kha_output" 2>&1',
+        "kha_rc=$?",
+        "set -e",
+        _TRAP,
+        'if [ "$kha_rc" -ne 0 ]; then',
+        f'  echo "{report}" >&2',
+        f'  tail -c "+$kha_from" "$kha_output" | kha_scrub | tail -n {TAIL_LINES} >&2',
+        '  exit "$kha_rc"',
+        "fi",
+        *keep,
+    )
+
+
+TAIL_LINES = 25
+# `kha_scrub` (a filter) redacts what a tool may echo of its secrets: private keys in PEM (a whole
+# block, also one on a single line), bootstrap tokens, and any base64 run of 40 or more characters
+# (a kubeconfig's key data, a bundle line, a 64-hex certificate key); public digests and certificates
+# go too, which costs a diagnosis little. Scrubbing the whole text first means a key block cut by the
+# tail is still recognised.
+# `PRIVATE[ ]KEY`: the same match, but the script text never holds the words a key's armour holds, so
+# "no key in the command string" stays a plain substring check (tests/program/test_program.py).
+_PEM_BEGIN = "-----BEGIN [A-Z0-9 ]*PRIVATE[ ]KEY-----"
+_PEM_END = "-----END [A-Z0-9 ]*PRIVATE[ ]KEY-----"
+_SCRUB_RULES = (
+    f"s/{_PEM_BEGIN}.*{_PEM_END}/<redacted-private-key>/g",
+    f"/{_PEM_BEGIN}/,/{_PEM_END}/c\\<redacted-private-key>",
+    f"s/{TOKEN_PATTERN}/<redacted-token>/g",
+    "s#[A-Za-z0-9+/]{40,}={0,2}#<redacted-base64>#g",
+)
+_SCRUB_FUNCTION = (
+    "kha_scrub() {",
+    "  sed -E " + " ".join(f"-e {quote(rule)}" for rule in _SCRUB_RULES),
+    "}",
+)
+
 # `logged NAME CMD...` keeps long tool output (kubeadm, apt) in a log file on the
-# node; on failure it shows the log's tail with anything token-shaped scrubbed,
-# because kubeadm prints join commands and tokens.
+# node; on failure it shows the log's tail scrubbed (`kha_scrub`), because kubeadm
+# prints join commands and tokens.
 _LOGGED_FUNCTION = (
     "logged() {",
     '  local log="${KUBEADM_HA_LOG_DIR}/$1.log"',
@@ -101,7 +182,7 @@ _LOGGED_FUNCTION = (
     '  "$@" >>"$log" 2>&1 || rc=$?',
     '  if [ "$rc" -ne 0 ]; then',
     '    echo "kubeadm-ha: $1 failed on ${KUBEADM_HA_HOST} during ${KUBEADM_HA_STEP}; last lines of ${log}:" >&2',
-    f"    tail -n 25 \"$log\" | sed -E 's/{TOKEN_PATTERN}/<redacted-token>/g' >&2",
+    f'    kha_scrub <"$log" | tail -n {TAIL_LINES} >&2',
     '    return "$rc"',
     "  fi",
     "}",
