@@ -17,6 +17,7 @@ DEBIAN_PACKAGES=(
   openssh-server sudo           # the tools' SshTransport against a real sshd and sudo, inside namespaces
   gpg gpgv                      # pinned signing keys (pkgs.k8s.io) and signed image checksums, checked for real
   runc                          # real containerd + ctr run the etcd tools the way the nodes do
+  libvirt-daemon-system libvirt-clients  # a libvirtd the real `pulumi preview` of dev connects to (tests/real/engine)
 )
 VENV="${KUBEADM_HA_TEST_VENV:-.venv}"
 
@@ -27,8 +28,8 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   done
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing Debian packages: ${missing[*]}"
-    # Keep package scripts from starting haproxy, keepalived or etcd on this machine:
-    # the tests start their own copies inside network namespaces.
+    # Keep package scripts from starting haproxy, keepalived, etcd or libvirtd on this machine:
+    # the tests start their own copies (inside network namespaces, or on a socket of their own).
     policy=/usr/sbin/policy-rc.d
     created_policy=0
     if [ ! -e "$policy" ]; then
@@ -47,14 +48,15 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 
-# The real Kubernetes binaries tests/real runs (kubeadm, kube-apiserver, etcd, ...), built from the Go module
-# proxy by tests/real/build-binaries and cached in ~/.cache/kubeadm-ha/bin: a cold build takes many minutes,
-# a warm one nothing. Without Go the tests that need them skip, or fail under CI=true.
+# The real binaries tests/real runs (kubeadm, kube-apiserver, etcd, containerd, the Pulumi CLI, language host and
+# provider plugins), built by tests/real/build-binaries from the Go module proxy (the Pulumi modules it refuses
+# from ../shared/third_party) and cached in ~/.cache/kubeadm-ha/bin: a cold build takes many minutes, a warm one
+# nothing. Without Go the tests that need them skip, or fail under CI=true.
 if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then
   export PATH="$PATH:/usr/local/go/bin"
 fi
 if command -v go >/dev/null; then
-  timeout "${KUBEADM_HA_BUILD_TIMEOUT:-3000}" "$VENV/bin/python" -m tests.real.binaries
+  timeout "${KUBEADM_HA_BUILD_TIMEOUT:-4200}" "$VENV/bin/python" -m tests.real.binaries
 else
   echo "no Go toolchain on PATH: skipping tests/real/build-binaries; tests/real will skip (or fail under CI=true)"
 fi

@@ -1,4 +1,5 @@
-"""The real Kubernetes and etcd binaries the tests run, as built and cached by `tests/real/build-binaries`.
+"""The real binaries the tests run (Kubernetes, etcd, containerd, the Pulumi toolchain), as built and cached by
+`tests/real/build-binaries`.
 
 The tests never build: a Go build of kube-apiserver takes many minutes, far beyond any bound a test
 should wait. `tests/run-all.sh` builds what the suite needs before pytest starts; a test whose binary is
@@ -93,6 +94,13 @@ SUITE = (
     "containerd",
     "ctr",
     "containerd-shim-runc-v2",
+    # The real Pulumi engine (tests/real/engine/toolchain.py): the dev preview and the bad-config refusal run in
+    # the suite. The language host first: the CLI of the same release reuses its compiled packages.
+    "pulumi-language-python",
+    "pulumi",
+    "pulumi-resource-command",
+    "pulumi-resource-tls",
+    "pulumi-resource-libvirt",
 )
 
 

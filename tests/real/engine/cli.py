@@ -4,6 +4,8 @@ Pulumi resolves `~` (Pulumi.yaml's `file://~/.pulumi-kubeadm-ha`) and its defaul
 user database, not from $HOME, so a fresh HOME variable isolates nothing. Every command therefore runs in
 a private mount namespace where a temporary directory is bind-mounted over the user's real home
 directory: `~`, ~/.pulumi and the backend all land in it, and the real home is never touched.
+Other directories can be bound the same way, only inside that namespace (`binds`): a libvirtd the test started
+answers at the system socket path /run/libvirt there, so a stack file's `qemu:///system` reaches it unchanged.
 Every command is bounded; the caller removes the temporary directory.
 """
 
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -19,30 +23,47 @@ from pathlib import Path
 
 import pytest
 
+from model.release import program_files
 from tests.real.engine import toolchain
 
 ROOT = toolchain.ROOT
-# What a user has after cloning: the program, its stack files and its requirements.
-PROJECT_FILES = ("Pulumi.yaml", "__main__.py", "requirements.txt")
-PROJECT_GLOBS = ("Pulumi.*.yaml", "components/*.py")
+# What a user has after cloning: the program (model.release's own selection: Pulumi.yaml, __main__.py,
+# requirements.txt and components/, model/, render/ with render/templates/) and its stack files.
+PROJECT_GLOBS = ("Pulumi.*.yaml",)
 # Only for the test: the secrets passphrase a user would type at `pulumi stack init`'s prompt.
 PASSPHRASE = "engine-lab-passphrase"
 REAL_HOME = pwd.getpwuid(os.geteuid()).pw_dir
-_IN_FRESH_HOME = [
-    "unshare",
-    "--mount",
-    "--propagation",
-    "private",
-    "--",
-    "sh",
-    "-c",
-    f'mount --bind "$FRESH_HOME" {REAL_HOME} && exec "$@"',
-    "in-fresh-home",
-]
+_UNSHARE = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c"]
+
+
+def _in_fresh_home(binds: dict[Path, Path], shown: list[str]) -> list[str]:
+    """The namespace wrapper: the fresh home over the real one, then each `binds` source over its target.
+
+    `shown` are paths inside the real home that stay visible (read-only) at their place, for a Python the
+    virtualenv links to (a pyenv under ~): bound into the fresh home first, carried over by --rbind.
+    """
+    mounts = []
+    for relative in shown:
+        inside = f'"$FRESH_HOME"/{shlex.quote(relative)}'
+        original = shlex.quote(f"{REAL_HOME}/{relative}")
+        mounts += [f"mkdir -p {inside}", f"mount --bind {original} {inside}", f"mount -o remount,bind,ro {inside}"]
+    mounts.append(f'mount --rbind "$FRESH_HOME" {shlex.quote(REAL_HOME)}')
+    mounts += [f"mount --bind {shlex.quote(str(src))} {shlex.quote(str(dst))}" for dst, src in binds.items()]
+    return [*_UNSHARE, " && ".join([*mounts, 'exec "$@"']), "in-fresh-home"]
 
 
 def stack_files() -> list[str]:
     return sorted(path.name.removeprefix("Pulumi.").removesuffix(".yaml") for path in ROOT.glob("Pulumi.*.yaml"))
+
+
+def readme_setup_commands(stack: str) -> str:
+    """The README's "Create a cluster" commands for `stack`, as written, up to (not including) `pulumi up`."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Create a cluster", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.splitlines() if line.strip() and not line.startswith("pulumi up")]
+    assert any(line.startswith("pulumi stack init dev") for line in lines), block
+    return "\n".join(re.sub(r"\bdev\b", stack, line) for line in lines) + "\n"
 
 
 def require_tool(name: str) -> Path:
@@ -79,6 +100,8 @@ class UserSession:
     base: Path
     cli: Path
     runs: list[Run] = field(default_factory=list)
+    binds: dict[Path, Path] = field(default_factory=dict)  # target -> source, inside the namespace only
+    shown: list[str] = field(default_factory=list)  # paths in the real home kept visible (read-only)
 
     @property
     def home(self) -> Path:
@@ -104,14 +127,24 @@ class UserSession:
         self.cli = self.tool(self.cli)
         self.home.mkdir(parents=True)
         self.project.mkdir(parents=True)
-        for name in PROJECT_FILES:
-            shutil.copy2(ROOT / name, self.project / name)
-        for pattern in PROJECT_GLOBS:
-            for path in ROOT.glob(pattern):
-                target = self.project / path.relative_to(ROOT)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, target)
+        names = [*program_files(ROOT), *(path.name for pattern in PROJECT_GLOBS for path in ROOT.glob(pattern))]
+        for name in names:
+            target = self.project / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target)
         return self
+
+    def use_virtualenv(self, venv: Path) -> None:
+        """Pulumi.yaml's `virtualenv: venv`, already made from requirements.txt (`venv`: the suite's own).
+
+        A virtualenv links to the Python it was made from; when that lives in the real home (pyenv), it stays
+        visible there. On a Debian machine it is /usr/bin/python3 and nothing is shown.
+        """
+        (self.project / "venv").symlink_to(venv)
+        interpreter = Path(os.path.realpath(venv / "bin" / "python"))
+        if interpreter.is_relative_to(REAL_HOME):
+            # The interpreter's installation: the directory above its bin/.
+            self.shown.append(str(interpreter.parent.parent.relative_to(REAL_HOME)))
 
     def env(self) -> dict[str, str]:
         path = os.pathsep.join([str(self.bin), "/usr/sbin", "/usr/bin", "/bin"])
@@ -138,7 +171,7 @@ class UserSession:
         started = time.monotonic()
         try:
             done = subprocess.run(
-                [*_IN_FRESH_HOME, *argv],
+                [*_in_fresh_home(self.binds, self.shown), *argv],
                 cwd=self.project,
                 env=env,
                 capture_output=True,

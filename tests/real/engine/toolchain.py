@@ -1,96 +1,110 @@
-"""The Pulumi toolchain of the engine lab: the CLI, the Python language host and the three provider plugins.
+"""The Pulumi toolchain the engine tests run: the CLI, the Python language host and the three provider plugins.
 
-Used by `tests/real/build-binaries` (its Pulumi section) to build each name from the Go module proxy into
-$KUBEADM_HA_BIN_CACHE/pulumi/<version>/<name>, and by the engine lab to find what was built.
+Used by `tests/real/build-binaries` (its Pulumi section) to build each name into
+$KUBEADM_HA_BIN_CACHE/pulumi/<version>/<name>, and by the tests to find what was built.
 
-Each name is built from a throwaway module that requires the upstream module and repeats the upstream
-go.mod's replace directives (read from the module cache after `go mod download`): `go install pkg@version`
-refuses a main module with replace directives. A replace that points at a local directory of the upstream
-repository (pulumi-tls's `shim`) is not in the published module; its equivalent is written here (ADAPTERS).
+Where each comes from (facts from ../shared/third_party/README.md, MANIFEST.tsv and build.sh):
+- The Go module proxy refuses (403) the language host and the three providers. Their upstream source, unmodified,
+  is in ../shared/third_party (beside the clone, in CI too; KUBEADM_HA_THIRD_PARTY overrides the place), one tree
+  per module as MANIFEST.tsv lists (module, version, commit, licence, path). It is read, never copied into the repo.
+- Every other module comes from the Go module proxy, at the versions the upstream go.mod files select, and the CLI
+  comes from it alone.
 
-Versions follow requirements.txt, except the CLI: the Go module proxy does not serve
-github.com/pulumi/pulumi/pkg/v3 at v3.272.0 (the pinned SDK), so the CLI is the nearest served release
-after it. A CLI runs programs of older SDKs; the language host must match the CLI.
+How (the technique of build.sh, done here for the product's own cache):
+- one throwaway main module per binary, with `replace MODULE => <third_party tree>` for each refused module.
+  A replace counts only in the main module, so upstream's own replaces are repeated there (read with
+  `go mod edit -json` from the upstream go.mod files); a replace pointing at a directory of the same tree (tls's
+  `./shim`) points at that directory, and the pulumi/pulumi pkg and sdk siblings of the language host are
+  required at its release instead (the proxy serves them).
+- go.sum seeded from upstream's go.sum files, so every module upstream recorded is checked against its hash.
+  build.sh sets GOSUMDB=off because sum.golang.org itself does not resolve here; the go command also reaches the
+  checksum database through the proxy (GOPROXY/sumdb/sum.golang.org, answered here), so it stays on: a module
+  upstream did not record is checked against the database, as in the Kubernetes builds.
+- the bridged providers (tls, libvirt) embed cmd/pulumi-resource-X/schema-embed.json, which upstream generates
+  with `VERSION=x go run generate.go` in that directory; done in a copy of the tree (third_party stays untouched).
+  pulumi-libvirt's own go.mod needs the refused terraform-provider-libvirt, given by -modfile on a copy of it.
+- the language host execs `pulumi-language-python-exec` from its own directory; that script ships in the
+  github.com/pulumi/pulumi/sdk/v3 module and is installed beside it.
+
+Versions: the providers at the requirements.txt pins (a tree at another version is refused, naming both); the
+language host at its only tree, v3.259.0 (MANIFEST.tsv: newest tag in any reachable source). The CLI is the same
+release: the engine treats the Python language host as bundled with the CLI and looks for it beside the running
+`pulumi` executable (IsPluginBundled/GetPluginPath, sdk/go/common/workspace/plugins.go at v3.259.0), warning when
+another one on $PATH is used; a release tag ships the two together. Both land in pulumi/3.259.0/, side by side,
+and compile the same pkg/v3 and sdk/v3, so the CLI build reuses the language host's compiled packages.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import fcntl
+import json
 import os
-import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
 CACHE = Path(os.environ.get("KUBEADM_HA_BIN_CACHE", Path.home() / ".cache" / "kubeadm-ha" / "bin"))
+THIRD_PARTY = Path(os.environ.get("KUBEADM_HA_THIRD_PARTY", ROOT.parent / "shared" / "third_party"))
 GROUP = "pulumi"
-# github.com/pulumi/pulumi/pkg/v3@v3.272.0 (the pinned SDK) answers 403 "not available" on the proxy.
-PULUMI_CLI_VERSION = "3.274.0"
+LANGUAGE_HOST_VERSION = "3.259.0"
+PULUMI_CLI_VERSION = LANGUAGE_HOST_VERSION  # paired: see the module docstring
+GO_TIMEOUT_SECONDS = 2400  # one `go` command; a cold CLI build took 205-262 s on 2 cores
+_PULUMI = "github.com/pulumi/pulumi"
+_VERSION_VARIABLE = f"{_PULUMI}/sdk/v3/go/common/version.Version"
 
 
 @dataclass(frozen=True)
 class Tool:
-    module: str
-    package: str  # the main package, relative to the module ("" for the module root)
-    sdk: str  # the requirements.txt name whose pin gives the version ("" : the CLI's version)
-    version_variable: str  # set by -ldflags -X to the version (the providers report it to the engine)
+    module: str  # the Go module of the main package
+    package: str  # the main package's import path
+    sdk: str  # the requirements.txt name whose pin is the version ("": the Pulumi release)
+    version_variable: str  # set by -ldflags -X (the providers report it to the engine)
+    from_proxy: bool = False  # the CLI: every module from the proxy
+    bridged: bool = False  # schema-embed.json generated by upstream's generate.go first
+    with_modules: tuple[str, ...] = ()  # further refused modules (MANIFEST.tsv) the build replaces
 
-    def package_path(self) -> str:
-        return f"{self.module}/{self.package}" if self.package else self.module
 
-
+# In build order: the CLI after the language host, whose compiled pkg/v3 it reuses.
 TOOLS = {
-    "pulumi": Tool(
-        "github.com/pulumi/pulumi/pkg/v3", "cmd/pulumi", "", "github.com/pulumi/pulumi/sdk/v3/go/common/version.Version"
-    ),
     "pulumi-language-python": Tool(
-        "github.com/pulumi/pulumi/sdk/python/cmd/pulumi-language-python/v3",
+        f"{_PULUMI}/sdk/python/cmd/pulumi-language-python/v3",
+        f"{_PULUMI}/sdk/python/cmd/pulumi-language-python/v3",
         "",
-        "",
-        "github.com/pulumi/pulumi/sdk/v3/go/common/version.Version",
+        _VERSION_VARIABLE,
     ),
+    "pulumi": Tool(f"{_PULUMI}/pkg/v3", f"{_PULUMI}/pkg/v3/cmd/pulumi", "", _VERSION_VARIABLE, from_proxy=True),
     "pulumi-resource-command": Tool(
         "github.com/pulumi/pulumi-command/provider",
-        "cmd/pulumi-resource-command",
+        "github.com/pulumi/pulumi-command/provider/cmd/pulumi-resource-command",
         "pulumi-command",
         "github.com/pulumi/pulumi-command/provider/pkg/version.Version",
     ),
     "pulumi-resource-tls": Tool(
         "github.com/pulumi/pulumi-tls/provider/v5",
-        "cmd/pulumi-resource-tls",
+        "github.com/pulumi/pulumi-tls/provider/v5/cmd/pulumi-resource-tls",
         "pulumi-tls",
         "github.com/pulumi/pulumi-tls/provider/v5/pkg/version.Version",
+        bridged=True,
     ),
     "pulumi-resource-libvirt": Tool(
         "github.com/pulumi/pulumi-libvirt/provider",
-        "cmd/pulumi-resource-libvirt",
+        "github.com/pulumi/pulumi-libvirt/provider/cmd/pulumi-resource-libvirt",
         "pulumi-libvirt",
         "github.com/pulumi/pulumi-libvirt/provider/pkg/version.Version",
+        bridged=True,
+        with_modules=("github.com/dmacvicar/terraform-provider-libvirt",),
     ),
 }
-
-# Local-directory replaces of upstream go.mod files, re-created here: module path -> (go.mod, source).
-# pulumi-tls bridges hashicorp's provider through `./shim`, a module that lives under
-# terraform-provider-tls's path so that it may import the provider's internal package.
-ADAPTERS = {
-    "github.com/hashicorp/terraform-provider-tls/shim": (
-        "module github.com/hashicorp/terraform-provider-tls/shim\n\ngo 1.24\n",
-        (
-            "package shim\n\n"
-            "import (\n"
-            '\t"github.com/hashicorp/terraform-plugin-framework/provider"\n'
-            '\ttls "github.com/hashicorp/terraform-provider-tls/internal/provider"\n'
-            ")\n\n"
-            "// NewProvider is the upstream TLS provider, as the bridge expects it.\n"
-            "func NewProvider() provider.Provider { return tls.New() }\n"
-        ),
-    ),
-}
-
-_GO_ENV = {"CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
-_REPLACE_LINE = re.compile(r"^\s*(?:replace\s+)?(\S+)(?:\s+(v\S+))?\s+=>\s+(\S+)(?:\s+(v\S+))?\s*$")
+# The language host's companion script (sdk/v3's python/cmd/), installed beside it.
+LANGUAGE_HOST_EXEC = "pulumi-language-python-exec"
 
 
 class BuildError(SystemExit):
@@ -118,101 +132,204 @@ def cached(name: str, version: str | None = None) -> Path:
     return CACHE / GROUP / (version or default_version(name)) / name
 
 
-def _go(args: list[str], cwd: Path, *, niceness: bool = False) -> subprocess.CompletedProcess[str]:
-    argv = ["nice", "-n", "10", "go", *args] if niceness else ["go", *args]
-    return subprocess.run(argv, cwd=cwd, env={**os.environ, **_GO_ENV}, capture_output=True, text=True, check=False)
+@dataclass(frozen=True)
+class Source:
+    module: str
+    version: str  # without the leading v
+    path: Path
 
 
-def _download(module: str, version: str, work: Path) -> Path:
-    result = _go(["mod", "download", "-json", f"{module}@{version}"], work)
-    error = re.search(r'"Error":\s*"((?:[^"\\]|\\.)*)"', result.stdout)
-    directory = re.search(r'"Dir":\s*"([^"]+)"', result.stdout)
-    if result.returncode != 0 or error or not directory:
-        reason = error[1].encode().decode("unicode_escape") if error else result.stderr.strip()
-        raise BuildError(f"build-binaries: the Go module proxy does not give {module}@{version}: {reason}")
-    return Path(directory[1])
+def manifest() -> dict[str, Source]:
+    """MANIFEST.tsv's rows by module: `version` is like `v5.3.0 (tag; ...)`, `third_party_path` like `a/b (+ c)`."""
+    listing = THIRD_PARTY / "MANIFEST.tsv"
+    if not listing.is_file():
+        raise BuildError(
+            f"build-binaries: no {listing}: the refused modules' source is expected in ../shared/third_party "
+            "beside the clone (or KUBEADM_HA_THIRD_PARTY)"
+        )
+    with listing.open(newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    return {
+        row["module"]: Source(
+            row["module"], row["version"].split()[0].removeprefix("v"), THIRD_PARTY / row["third_party_path"].split()[0]
+        )
+        for row in rows
+    }
 
 
-def upstream_replaces(go_mod: str) -> list[tuple[str, str]]:
-    """(old, new) of every replace directive in an upstream go.mod, versions included."""
-    found: list[tuple[str, str]] = []
-    in_block = False
-    for raw in go_mod.splitlines():
-        line = raw.split("//", 1)[0].strip()
-        if line.startswith("replace ("):
-            in_block = True
+def _env() -> dict[str, str]:
+    # GOFLAGS replaced whole: -mod=mod lets the throwaway module's go.mod and go.sum be completed.
+    return {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
+
+
+def _go(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Run `go ARGS` niced, bounded by GO_TIMEOUT_SECONDS (its whole process group killed), and return stdout."""
+    process = subprocess.Popen(
+        ["nice", "-n", "10", "go", *args],
+        cwd=cwd,
+        env=env or _env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(timeout=GO_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        reason = f"go {' '.join(args)} timed out after {GO_TIMEOUT_SECONDS} s in {cwd}"
+        raise BuildError(f"build-binaries: {reason}") from None
+    if process.returncode != 0:
+        sys.stderr.write(err[-8000:])
+        raise BuildError(f"build-binaries: go {' '.join(args)} failed in {cwd} (exit {process.returncode})")
+    return out
+
+
+def go_mod(path: Path) -> dict[str, object]:
+    """An upstream go.mod as the go command reads it (`go mod edit -json`)."""
+    parsed: dict[str, object] = json.loads(_go(["mod", "edit", "-json", str(path)], path.parent))
+    return parsed
+
+
+def _go_line(mods: list[dict[str, object]]) -> str:
+    versions = [str(mod.get("Go") or "1.22") for mod in mods]
+    return max(versions, key=lambda text: tuple(int(part) for part in text.split(".")))
+
+
+def _replaces(
+    module_dir: Path, mod: dict[str, object], tree: Path, release: str
+) -> tuple[list[str], list[str], list[Path]]:
+    """(replace lines, require lines, local directories) repeating the replaces of the go.mod in `module_dir`."""
+    replaces: list[str] = []
+    requires: list[str] = []
+    directories: list[Path] = []
+    for entry in mod.get("Replace") or []:  # type: ignore[attr-defined]
+        old, new = entry["Old"], entry["New"]
+        left = old["Path"] + (f" {old['Version']}" if old.get("Version") else "")
+        if new.get("Version"):
+            replaces.append(f"{left} => {new['Path']} {new['Version']}")
             continue
-        if in_block and line == ")":
-            in_block = False
-            continue
-        if (in_block or line.startswith("replace ")) and "=>" in line:
-            match = _REPLACE_LINE.match(line)
-            if match:
-                old = f"{match[1]} {match[2]}" if match[2] else match[1]
-                new = f"{match[3]} {match[4]}" if match[4] else match[3]
-                found.append((old, new))
-    return found
-
-
-def _replaces(tool: Tool, version: str, source: Path, work: Path) -> list[str]:
-    lines = []
-    for old, new in upstream_replaces((source / "go.mod").read_text()):
-        target = new.split()[0]
-        if not target.startswith((".", "/")):
-            lines.append(f"\t{old} => {new}")
-            continue
-        module = old.split()[0]
-        if module.startswith("github.com/pulumi/pulumi/") and module.endswith("/v3"):
-            # The pulumi repository's own modules, replaced by their sibling directories: the published
-            # module at the same release.
-            lines.append(f"\t{module} => {module} v{version if not tool.sdk else _pulumi_sdk_of(source)}")
-        elif module in ADAPTERS:
-            adapter = work / "adapters" / module.rsplit("/", 1)[-1]
-            adapter.mkdir(parents=True, exist_ok=True)
-            go_mod, code = ADAPTERS[module]
-            (adapter / "go.mod").write_text(go_mod)
-            (adapter / "adapter.go").write_text(code)
-            lines.append(f"\t{module} => ./adapters/{adapter.name}")
+        target = (module_dir / new["Path"]).resolve()
+        if old["Path"] in (f"{_PULUMI}/pkg/v3", f"{_PULUMI}/sdk/v3"):
+            requires.append(f"{old['Path']} v{release}")  # the pulumi/pulumi siblings: the same release, published
+        elif target.is_relative_to(tree.resolve()):
+            replaces.append(f"{left} => {target}")  # a directory of the same tree (tls's ./shim)
+            directories.append(target)
         else:
-            raise BuildError(f"build-binaries: {tool.module} replaces {module} with {new}, which no adapter provides")
-    return lines
+            raise BuildError(f"build-binaries: {module_dir}/go.mod replaces {left} with {new['Path']}, outside {tree}")
+    return replaces, requires, directories
 
 
-def _pulumi_sdk_of(source: Path) -> str:
-    match = re.search(r"github\.com/pulumi/pulumi/sdk/v3 v(\S+)", (source / "go.mod").read_text())
-    if not match:
-        raise BuildError(f"build-binaries: {source}/go.mod requires no github.com/pulumi/pulumi/sdk/v3")
-    return match[1]
+def _throwaway(work: Path, go: str, requires: list[str], replaces: list[str], sums: list[Path]) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    lines = ["module kubeadmha.test/build", "", f"go {go}", "", "require (", *(f"\t{r}" for r in requires), ")"]
+    lines += ["", "replace (", *(f"\t{r}" for r in dict.fromkeys(replaces)), ")"] if replaces else []
+    (work / "go.mod").write_text("\n".join(lines) + "\n")
+    seeded = sorted({line for path in sums if path.is_file() for line in path.read_text().splitlines() if line})
+    (work / "go.sum").write_text("\n".join(seeded) + "\n")
+
+
+def _copy_tree(source: Path, target: Path) -> Path:
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, symlinks=True)
+    for path in [target, *target.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode | 0o200)  # third_party is read-only; the copy is generated into
+    return target
+
+
+def _generate_schema(name: str, tree: Path, version: str, extra: dict[str, Path]) -> None:
+    """Upstream's `VERSION=x go run generate.go` (cmd/NAME/), with the refused modules given by -modfile."""
+    (tree / "go.gen.mod").write_text((tree / "go.mod").read_text())
+    if (tree / "go.sum").is_file():
+        (tree / "go.gen.sum").write_text((tree / "go.sum").read_text())
+    for module, path in extra.items():
+        _go(["mod", "edit", "-modfile=go.gen.mod", f"-replace={module}={path}"], tree)
+    env = {**_env(), "VERSION": version, "GOFLAGS": f"-mod=mod -modfile={tree / 'go.gen.mod'}"}
+    _go(["run", "generate.go"], tree / "cmd" / name, env)
+    if not (tree / "cmd" / name / "schema-embed.json").is_file():
+        raise BuildError(f"build-binaries: generate.go wrote no schema-embed.json for {name}")
+
+
+def _third_party_module(name: str, tool: Tool, version: str, work: Path) -> None:
+    sources = manifest()
+    if tool.module not in sources:
+        raise BuildError(f"build-binaries: {tool.module} is not in {THIRD_PARTY}/MANIFEST.tsv")
+    source = sources[tool.module]
+    if source.version != version:
+        raise BuildError(
+            f"build-binaries: {name} {version} wanted, but {THIRD_PARTY} holds {tool.module} v{source.version}"
+        )
+    extra = {module: sources[module].path for module in tool.with_modules}
+    tree = source.path
+    if tool.bridged:
+        tree = _copy_tree(source.path, work.parent / f"{work.name}-src")
+        log(f"{name}: generating schema-embed.json (VERSION={version})")
+        _generate_schema(name, tree, version, extra)
+    release = LANGUAGE_HOST_VERSION
+    requires = [f"{tool.module} v{version}"]
+    replaces = [f"{tool.module} => {tree}", *(f"{module} => {path}" for module, path in extra.items())]
+    mods: list[dict[str, object]] = []
+    sums: list[Path] = []
+    for module_dir in [tree, *extra.values()]:
+        mod = go_mod(module_dir / "go.mod")
+        mods.append(mod)
+        more_replaces, more_requires, directories = _replaces(module_dir, mod, module_dir, release)
+        # The main provider's replace wins over the same one in a module it requires.
+        replaces += [line for line in more_replaces if line.split()[0] not in {r.split()[0] for r in replaces}]
+        requires += more_requires
+        sums += [module_dir / "go.sum", *(directory / "go.sum" for directory in directories)]
+    _throwaway(work, _go_line(mods), requires, replaces, sums)
+
+
+def _proxy_module(tool: Tool, version: str, work: Path) -> None:
+    """The CLI: pkg/v3 and sdk/v3 from the proxy, pkg/v3's own replaces repeated (its `../sdk` is sdk/v3 there)."""
+    _throwaway(work, "1.22", [f"{tool.module} v{version}"], [], [])
+    listing = json.loads(_go(["mod", "download", "-json", f"{tool.module}@v{version}"], work))
+    module_dir = Path(listing["Dir"])
+    mod = go_mod(module_dir / "go.mod")
+    replaces, requires, _ = _replaces(module_dir, mod, module_dir, version)
+    sums = [module_dir / "go.sum"]
+    _throwaway(work, _go_line([mod]), [f"{tool.module} v{version}", *requires], replaces, sums)
+
+
+@contextlib.contextmanager
+def _locked(name: str, version: str) -> Iterator[None]:
+    """Concurrent builds of one name (engineers, CI jobs on one machine) wait for each other."""
+    (CACHE / "work").mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "work" / f"{GROUP}-{name}-{version}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def build(name: str, version: str | None = None) -> tuple[str, Path]:
-    """Build `name` (cached) and return (version, absolute path)."""
+    """Build `name` (cached: nothing is done when the binary exists) and return (version, absolute path)."""
     tool = TOOLS[name]
     version = version or default_version(name)
     out = cached(name, version)
     if out.is_file():
         return version, out
-    work = CACHE / "work" / f"{name}-{version}"
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "go.mod").write_text("module kubeadmha.test/build\n\ngo 1.22\n")
-    started = time.monotonic()
-    source = _download(tool.module, f"v{version}", work)
-    go_version = re.search(r"^go (\S+)", (source / "go.mod").read_text(), re.M)
-    requires = [f"\t{tool.module} v{version}"]
-    if tool.module != "github.com/pulumi/pulumi/sdk/v3" and "/pulumi/pulumi/" in tool.module:
-        requires.append(f"\tgithub.com/pulumi/pulumi/sdk/v3 v{version}")
-    replaces = _replaces(tool, version, source, work)
-    text = ["module kubeadmha.test/build", "", f"go {go_version[1] if go_version else '1.22'}", "", "require ("]
-    text += [*requires, ")"]
-    if replaces:
-        text += ["", "replace (", *replaces, ")"]
-    (work / "go.mod").write_text("\n".join(text) + "\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # The CLI and language host report `v3.x.y`; the providers their plain version, as their releases do.
-    ldflags = f"-s -w -X {tool.version_variable}={'' if tool.sdk else 'v'}{version}"
-    result = _go(["build", "-trimpath", "-ldflags", ldflags, "-o", str(out), tool.package_path()], work, niceness=True)
-    if result.returncode != 0:
-        sys.stderr.write(result.stderr[-8000:])
-        raise BuildError(f"build-binaries: go build {tool.package_path()}@v{version} failed (exit {result.returncode})")
-    log(f"built {name} {version} in {time.monotonic() - started:.0f} s")
-    return version, out
+    with _locked(name, version):
+        if out.is_file():
+            return version, out
+        started = time.monotonic()
+        work = CACHE / "work" / GROUP / f"{name}-{version}"
+        if tool.from_proxy:
+            _proxy_module(tool, version, work)
+        else:
+            _third_party_module(name, tool, version, work)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # The CLI and language host report `v3.x.y`; the providers their plain version, as build.sh sets them.
+        reported = f"{'' if tool.sdk else 'v'}{version}"
+        ldflags = f"-s -w -X {tool.version_variable}={reported}"
+        _go(["build", "-trimpath", "-ldflags", ldflags, "-o", f"{out}.tmp", tool.package], work)
+        if name == "pulumi-language-python":
+            sdk = _go(["list", "-m", "-f", "{{.Dir}}", f"{_PULUMI}/sdk/v3"], work).strip()
+            script = Path(sdk) / "python" / "cmd" / LANGUAGE_HOST_EXEC
+            shutil.copyfile(script, out.parent / LANGUAGE_HOST_EXEC)
+            (out.parent / LANGUAGE_HOST_EXEC).chmod(0o755)
+        os.replace(f"{out}.tmp", out)  # last: a binary in the cache is a complete build
+        log(f"built {name} {version} in {time.monotonic() - started:.0f} s")
+        return version, out
