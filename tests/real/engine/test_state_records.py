@@ -10,10 +10,9 @@ and the read are engine builtins, so no provider plugin runs) on the file backen
 3. a Stash keeps its first value when its input changes (an update does not move a record);
 4. `read_previous_deployment` (the product's own function) turns that into `recorded_nodes`.
 
-The toolchain is the CLI and language host built from `../shared/third_party/build.sh DIR langhost cli` (the
-Go module proxy refuses the language host); give DIR in KUBEADM_HA_PULUMI_TOOLCHAIN. Every command is bounded,
-nothing is downloaded (PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION), and the temporary project, state and
-PULUMI_HOME are removed at the end.
+The toolchain is the paired CLI and language host `tests/real/build-binaries` builds (plugins.cli_directory).
+Every command is bounded, nothing is downloaded (PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION), and the
+temporary project, state and PULUMI_HOME are removed at the end.
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
+from tests.real.engine import plugins
 from tests.real.engine.toolchain import ROOT
 
 TIMEOUT_SECONDS = 180
@@ -59,22 +57,8 @@ if os.environ.get("FAIL") and not pulumi.runtime.is_dry_run():
 """
 
 
-def _toolchain() -> Path:
-    directory = os.environ.get("KUBEADM_HA_PULUMI_TOOLCHAIN", "")
-    if not directory or not all(
-        (Path(directory) / name).is_file()
-        for name in ("pulumi", "pulumi-language-python", "pulumi-language-python-exec")
-    ):
-        pytest.fail(
-            "KUBEADM_HA_PULUMI_TOOLCHAIN must name a directory with pulumi, pulumi-language-python and "
-            "pulumi-language-python-exec (../shared/third_party/build.sh DIR langhost cli)",
-            pytrace=False,
-        )
-    return Path(directory)
-
-
 def test_vm_records_survive_a_failed_run_and_keep_their_first_host(tmp_path: Path) -> None:
-    tools = _toolchain()
+    tools = plugins.cli_directory()
     project = tmp_path / "project"
     project.mkdir()
     (tmp_path / "state").mkdir()
