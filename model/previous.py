@@ -28,6 +28,7 @@ upgrade is resumed).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,17 +162,34 @@ def recorded_nodes(resources: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     return nodes
 
 
+# The read is retried: with the file backend it can meet the engine writing this stack's checkpoint at the start
+# of `pulumi up` and fail with "failed to load checkpoint: EOF" (measured with pulumi v3.259.0: the blob store,
+# gocloud.dev fileblob, renames the checkpoint into place but rewrites its `.attrs` sidecar in place, and a read
+# decodes that sidecar first; tests/unit/test_previous_read.py). A lasting failure still refuses the run.
+READ_ATTEMPTS = 5
+_FIRST_DELAY_SECONDS = 0.1
+
+
+def _read(name: str) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    result = pulumi.runtime.invoke(READ_STACK_OUTPUTS, {"name": name})
+    outputs = (result.value or {}).get("outputs") or {}
+    state = pulumi.runtime.invoke(READ_STACK_RESOURCE_OUTPUTS, {"stackName": name})
+    return outputs, (state.value or {}).get("outputs") or {}
+
+
 def read_previous_deployment() -> PreviousDeployment:
     """This stack's last successful outputs and what its state records; empty for a stack never deployed."""
     name = f"{pulumi.get_organization()}/{pulumi.get_project()}/{pulumi.get_stack()}"
-    try:
-        result = pulumi.runtime.invoke(READ_STACK_OUTPUTS, {"name": name})
-        outputs = (result.value or {}).get("outputs") or {}
-        state = pulumi.runtime.invoke(READ_STACK_RESOURCE_OUTPUTS, {"stackName": name})
-    except Exception as error:
-        raise pulumi.RunError(
-            f"could not read the last deployment of stack {name} ({error}); refusing to continue "
-            "because version, placement and topology changes are checked against it"
-        ) from error
-    resources = (state.value or {}).get("outputs") or {}
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            outputs, resources = _read(name)
+            break
+        except Exception as error:
+            if attempt + 1 < READ_ATTEMPTS:
+                time.sleep(_FIRST_DELAY_SECONDS * 2**attempt)  # 0.1 + 0.2 + 0.4 + 0.8 s at most
+                continue
+            raise pulumi.RunError(
+                f"could not read the last deployment of stack {name} ({error}; {READ_ATTEMPTS} attempts); refusing "
+                "to continue because version, placement and topology changes are checked against it"
+            ) from error
     return PreviousDeployment(dict(outputs), recorded_nodes(resources))
