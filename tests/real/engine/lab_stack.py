@@ -6,6 +6,9 @@ installed there from local files (`pulumi plugin install resource NAME VERSION -
 each Python SDK asks the engine for, and PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION=true turns any attempt to
 download one into an error. Every command runs in the lab's network namespace (where the guests are), is
 bounded, and its whole output is kept in a log file of the lab directory, not printed: the state carries keys.
+Every `up`, `preview`, `refresh` and `destroy` also writes the engine's event log (`--event-log FILE`) into the
+lab directory, and every run's console is kept on its `Run`, so the secrets check (secrets_scan.py) can search
+them all.
 """
 
 from __future__ import annotations
@@ -24,23 +27,30 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.real.engine import toolchain
 from tests.real.engine.toolchain import ROOT
 
-# Where the lab takes its toolchain until tests/real/build-binaries builds every name into its cache: the
-# reference build of ../shared/third_party/build.sh. KUBEADM_HA_PULUMI_TOOLCHAIN names another directory.
-DEFAULT_TOOLCHAIN = Path("/var/tmp/kha-toolchain/bin")
 PASSPHRASE = "engine-lab-passphrase"
 PROGRAM = ("Pulumi.yaml", "__main__.py", "components", "render", "model")
 # The Python SDK packages whose plugin the program needs, by plugin name.
 SDKS = {"command": "pulumi_command", "tls": "pulumi_tls", "libvirt": "pulumi_libvirt"}
+# The commands that take `--event-log FILE` (the engine's operations).
+ENGINE_OPERATIONS = ("up", "preview", "refresh", "destroy")
 
 
 def toolchain_binary(name: str) -> Path:
-    """The one place the lab finds a toolchain binary (CLI, language host and its -exec, provider plugins)."""
-    directory = Path(os.environ.get("KUBEADM_HA_PULUMI_TOOLCHAIN", DEFAULT_TOOLCHAIN))
-    path = directory / name
+    """The one place the lab finds a toolchain binary (CLI, language host and its -exec, provider plugins): what
+    tests/real/build-binaries built into its cache (the paired CLI and language host side by side), or the
+    directory KUBEADM_HA_PULUMI_TOOLCHAIN names (e.g. the output of ../shared/third_party/build.sh)."""
+    given = os.environ.get("KUBEADM_HA_PULUMI_TOOLCHAIN")
+    if given:
+        path = Path(given) / name
+    elif name == toolchain.LANGUAGE_HOST_EXEC:
+        path = toolchain.cached("pulumi-language-python").parent / name
+    else:
+        path = toolchain.cached(name)
     if not path.is_file():
-        pytest.fail(f"{path} is missing: build it with ../shared/third_party/build.sh", pytrace=False)
+        pytest.fail(f"{path} is missing: build it with tests/real/build-binaries", pytrace=False)
     return path
 
 
@@ -71,6 +81,8 @@ class Run:
     stderr: str
     started: float  # time.time()
     seconds: float
+    secret: bool = False  # a run that prints secrets by design (`--show-secrets`): not part of the console check
+    event_log: Path | None = None
 
     @property
     def output(self) -> str:
@@ -83,9 +95,18 @@ class Run:
         """`up`, `refresh` and `destroy` with --json print the preview's document, then one engine event a line."""
         return [document for document in self.documents() if "sequence" in document]
 
+    def logged_events(self) -> list[dict[str, Any]]:
+        """The engine's event log (`--event-log`): one event a line, as `up --json` prints them."""
+        if self.event_log is None or not self.event_log.is_file():
+            return []
+        return [json.loads(line) for line in self.event_log.read_text().splitlines() if line.strip()]
+
     def steps(self) -> dict[str, str]:
-        """urn -> op: of the engine's events (the operation), or of the preview's document."""
-        events = self.events()
+        """urn -> op: of the engine's events (the operation), or of the preview's document.
+
+        The event log comes first: `pulumi preview --json` leaves `same` steps out of its document (measured,
+        CLI v3.259.0: 1 `same` step of 59), while the event log has a `resourcePreEvent` for every resource."""
+        events = self.logged_events() or self.events()
         if events:
             return {
                 event["resourcePreEvent"]["metadata"]["urn"]: event["resourcePreEvent"]["metadata"]["op"]
@@ -151,6 +172,9 @@ class LabStack:
             "PULUMI_CONFIG_PASSPHRASE": PASSPHRASE,
             "PULUMI_SKIP_UPDATE_CHECK": "true",
             "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
+            # `--event-log` exists only with the debug commands on (pkg/v3 cmd/pulumi/operations/preview.go, up.go,
+            # refresh.go, destroy.go: `if env.DebugCommands.Value()`); without it the CLI says "unknown flag".
+            "PULUMI_DEBUG_COMMANDS": "true",
         }
 
     def _tools(self, plugins: tuple[str, ...]) -> None:
@@ -184,8 +208,9 @@ class LabStack:
         (self.project / "Pulumi.yaml").write_text(yaml.safe_dump(project, sort_keys=False))
         self._init()
         stack_file = self.project / f"Pulumi.{self.stack}.yaml"
-        written = yaml.safe_load(stack_file.read_text()) if stack_file.is_file() else {}
-        stack_file.write_text(yaml.safe_dump({**(written or {}), "config": config}, sort_keys=False))
+        if not stack_file.is_file():
+            stack_file.write_text("{}\n")
+        self.set_config(config)
         return self
 
     def setup_program(self, sources: dict[str, str], plugins: tuple[str, ...]) -> LabStack:
@@ -203,6 +228,11 @@ class LabStack:
         argv = ["pulumi", *args, "--non-interactive"]
         if args[0] not in ("plugin", "stack"):
             argv += ["--stack", self.stack]
+        event_log = None
+        if args[0] in ENGINE_OPERATIONS:
+            (self.base / "events").mkdir(exist_ok=True)
+            event_log = self.base / "events" / f"{len(self.runs):03d}-{args[0]}.jsonl"
+            argv += ["--event-log", str(event_log)]
         started, wall = time.monotonic(), time.time()
         try:
             done = subprocess.run(
@@ -220,10 +250,25 @@ class LabStack:
             out = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
             err = expired.stderr.decode() if isinstance(expired.stderr, bytes) else (expired.stderr or "")
             run = Run(argv, -1, out, err + f"\n(timed out after {timeout} s)", wall, time.monotonic() - started)
+        run.secret, run.event_log = secret_stdout, event_log
         self.runs.append(run)
         with (self.base / "pulumi.log").open("a") as log:
             log.write(f"{run.describe()}\n--- stdout\n{'(secret)' if secret_stdout else run.stdout}\n\n")
         return run
+
+    def set_config(self, config: dict[str, Any]) -> None:
+        """Replace the stack file's config (its encryption salt stays)."""
+        stack_file = self.project / f"Pulumi.{self.stack}.yaml"
+        written = yaml.safe_load(stack_file.read_text()) or {}
+        stack_file.write_text(yaml.safe_dump({**written, "config": config}, sort_keys=False))
+
+    def config(self) -> dict[str, Any]:
+        stack_file = self.project / f"Pulumi.{self.stack}.yaml"
+        return dict((yaml.safe_load(stack_file.read_text()) or {}).get("config", {}))
+
+    def state_files(self) -> list[Path]:
+        """Every file of the file backend: the stack's JSON, its backup and the history."""
+        return sorted(path for path in (self.base / "state").rglob("*") if path.is_file())
 
     def export(self) -> dict[str, Any]:
         """The stack's state (secrets stay ciphertext)."""

@@ -12,12 +12,23 @@ without it the engine stops scheduling at the first failure, so which LB steps r
 guest finished booting first. Every later `up` is plain. The no-op checks exclude the control plane's
 readiness step and what depends on it (`--exclude URN --exclude-dependents`): those steps cannot exist here,
 and an `up` that creates them is, by construction, not a no-op. Everything that exists is checked.
+
+Then parts 4 and 6 on the same lab (one boot of the three guests): a secret-stdin step that runs and fails (the
+control plane's preparation marked done by hand and a failing stand-in for kubeadm put on it, so `place-pki`
+and `kubeadm-init` run with their secrets); previews of a stack with one more worker and one more load
+balancer; the README's replace procedure on lb-2 after the stack's SSH key changed (the one further boot);
+the secrets search over the state, `pulumi stack export`, every event log and every console; `pulumi
+destroy`, checked with virsh, and `pulumi stack rm`.
 """
 
 from __future__ import annotations
 
+import base64
+import copy
+import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -29,9 +40,11 @@ from typing import Any
 
 import pytest
 
+from components.pki import bootstrap_token
 from tests.real.engine.guest import Ssh, tcp_open
 from tests.real.engine.lab_stack import LabStack, Run
 from tests.real.engine.libvirtd import Libvirtd, network_namespace, running_libvirtd
+from tests.real.engine.secrets_scan import Secret, findings, output_secrets, public_values, state_secrets
 
 HERE = Path(__file__).resolve().parent
 STACK = "lab"
@@ -46,9 +59,10 @@ QUICK_TIMEOUT_SECONDS = 600
 FAILOVER_SECONDS = 60
 
 
-def lab_config(image: Path, sha256: str, uri: str) -> dict[str, Any]:
+def lab_config(image: Path, sha256: str, uri: str, authorized_key: str) -> dict[str, Any]:
     return {
         "kubeadm-ha:clusterName": "lab",
+        "kubeadm-ha:ssh": {"authorizedKeys": [authorized_key]},
         "kubeadm-ha:network": {"mode": "nat", "cidr": CIDR},
         "kubeadm-ha:image": {"url": str(image), "sha256": sha256},
         "kubeadm-ha:hypervisors": [{"name": "local", "uri": uri, "domainType": "qemu"}],
@@ -64,8 +78,12 @@ class Lab:
     libvirtd: Libvirtd
     directory: Path
     first_up: Run
+    user_keys: dict[str, Path]  # "old" (in the stack file at the first up) and "new": private key files
     ssh: dict[str, Ssh] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    # The control plane's first step that cannot run here; it and what depends on it are left out of the
+    # no-op checks. Its readiness step, until the secrets test gets it past that (then kubeadm-init).
+    blocked: str = ""
 
     def urn(self, name: str) -> str:
         """The URN of the program's resource `name`, from the first up's plan (it lists every resource)."""
@@ -83,7 +101,7 @@ class Lab:
         return self.urn(f"{hostname}-{step}")
 
     def excluded(self) -> list[str]:
-        return ["--exclude", self.cp_ready, "--exclude-dependents"]
+        return ["--exclude", self.blocked or self.cp_ready, "--exclude-dependents"]
 
 
 def _image() -> Path:
@@ -122,22 +140,42 @@ def _deployed(lv: Libvirtd, image: Path, directory: Path) -> Iterator[Lab]:
     pool.mkdir(mode=0o755)
     lv.virsh("pool-define-as", "default", "dir", "--target", str(pool))
     lv.virsh("pool-start", "default")
-    stack = LabStack(directory / "pulumi", STACK, lv.prefix()).setup(lab_config(image, _sha256(image), lv.uri))
+    keys = {which: _user_key(directory, which) for which in ("old", "new")}
+    old_public = keys["old"].with_suffix(".pub").read_text().strip()
+    stack = LabStack(directory / "pulumi", STACK, lv.prefix()).setup(
+        lab_config(image, _sha256(image), lv.uri, old_public)
+    )
     first = stack.pulumi("up", "--yes", "--json", "--continue-on-error", timeout=UP_TIMEOUT_SECONDS)
-    lab = Lab(stack, lv, directory, first)
+    lab = Lab(stack, lv, directory, first, keys)
     try:
         _connect(lab)
         yield lab
     finally:
-        destroyed = stack.pulumi("destroy", "--yes", "--json", timeout=QUICK_TIMEOUT_SECONDS)
-        left = {kind: lv.names(kind) for kind in ("domain", "network")}
-        left["volumes"] = lv.volumes("default")
+        # Unless test_destroy_leaves_nothing_behind_then_stack_rm got that far.
+        if not lab.notes.get("stack removed"):
+            destroyed = stack.pulumi("destroy", "--yes", "--json", timeout=QUICK_TIMEOUT_SECONDS)
+            left = {kind: lv.names(kind) for kind in ("domain", "network")}
+            left["volumes"] = lv.volumes("default")
+            print(f"teardown: pulumi destroy exit {destroyed.returncode} in {destroyed.seconds:.0f} s; left: {left}")
         # Then running_libvirtd removes whatever is left, and the lab directory (state, logs) goes.
-        print(f"teardown: pulumi destroy exit {destroyed.returncode} in {destroyed.seconds:.0f} s; left: {left}")
+
+
+def _user_key(directory: Path, which: str) -> Path:
+    """An operator's own SSH key pair (the stack file's `ssh.authorizedKeys`), made for the lab."""
+    path = directory / f"user_{which}_ed25519"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"lab-{which}", "-f", str(path)],
+        check=True,
+        timeout=30,
+        capture_output=True,
+    )
+    return path
 
 
 def _connect(lab: Lab) -> None:
     """SSH sessions to each node from the stack's outputs (operator key in a 0600 file, never printed)."""
+    if lab.stack.pulumi("stack", "output", "nodes", "--stack", STACK).returncode != 0:
+        pytest.fail(f"the first up left no outputs:\n{lab.first_up.describe()}", pytrace=False)
     nodes = lab.stack.output("nodes")
     host_keys = lab.stack.output("hostKeys")
     user = lab.stack.output("sshUser")
@@ -320,6 +358,241 @@ def test_wall_time_of_the_real_up(lab: Lab) -> None:
     timeline = lab.notes.get("timeline")
     assert timeline, "the first up's timeline was not taken"
     print("real `pulumi up` (first, TCG): " + ", ".join(f"{key} {value:.0f} s" for key, value in timeline.items()))
+
+
+# --- Part 6 (a failing secret-stdin step), Part 4 (Day-2), Part 6 (the search), Part 4 (destroy) ---------------
+
+# A stand-in for kubeadm on the control plane: it fails after printing the documents it was given (the init
+# configuration holds the bootstrap token), as a real kubeadm may echo what it read. The step's own output then
+# holds a secret, which is what the step's quiet mode (components/remote.py `as_sent`) must keep off the console.
+FAKE_KUBEADM = """#!/bin/sh
+for word in "$@"; do [ -f "$word" ] && cat "$word"; done
+echo "kubeadm-ha engine lab: kubeadm stand-in failing on purpose" >&2
+exit 1
+"""
+# Where kubeadm's own output goes on the node (render/scripts.py `logged`: LOG_DIR/<name>.log, root-only); the
+# step's output file (`_quiet_body`: kubeadm-init.output.log) gets only `logged`'s scrubbed tail of it.
+KUBEADM_LOG = "/var/log/kubeadm-ha/kubeadm-init.log"
+TOKEN = re.compile(r"(?<![a-z0-9])[a-z0-9]{6}\.[a-z0-9]{16}(?![a-z0-9])")
+
+
+def _secrets(lab: Lab) -> list[Secret]:
+    """The stack's secrets as the engine knows them: its secret outputs and every secret in its state (the
+    public halves of its keys and certificates kept in `lab.notes["public"]`)."""
+    masked = lab.stack.pulumi("stack", "output", "--json", "--stack", STACK)
+    shown = lab.stack.pulumi("stack", "output", "--json", "--show-secrets", "--stack", STACK, secret_stdout=True)
+    exported = lab.stack.pulumi("stack", "export", "--show-secrets", "--stack", STACK, secret_stdout=True)
+    assert masked.returncode == shown.returncode == exported.returncode == 0, masked.describe()
+    found = list(output_secrets(json.loads(shown.stdout), json.loads(masked.stdout)))
+    deployment = json.loads(exported.stdout)["deployment"]
+    found += state_secrets(deployment)
+    lab.notes["public"] = sorted(set(public_values(deployment)))
+    # The bootstrap token is in no resource of its own: the program derives it from the cluster CA's key
+    # (components/pki.py `bootstrap_token`), so derive it the same way from every private key in the state.
+    found += [
+        Secret(f"bootstrap token derived from {secret.where}", bootstrap_token(secret.value))
+        for secret in found
+        if secret.value.startswith("-----BEGIN") and "PRIVATE KEY-----" in secret.value
+    ]
+    return found
+
+
+def _decrypted_inputs(lab: Lab, urn: str) -> dict[str, Any]:
+    exported = lab.stack.pulumi("stack", "export", "--show-secrets", "--stack", STACK, secret_stdout=True)
+    assert exported.returncode == 0, exported.describe()
+    for resource in json.loads(exported.stdout)["deployment"]["resources"]:
+        if resource["urn"] == urn:
+            return dict(resource["inputs"])
+    raise AssertionError(f"{urn} is not in the state")
+
+
+def _plain(value: Any) -> str:
+    """A state value as text, a decrypted secret (`{sig, plaintext}`) by its plaintext."""
+    if isinstance(value, dict) and "plaintext" in value:
+        return str(json.loads(value["plaintext"]))
+    return str(value)
+
+
+def test_a_secret_stdin_step_that_fails_prints_no_secret(lab: Lab) -> None:
+    """The control plane is taken past its preparation by hand (its marker), and kubeadm there is a stand-in
+    that prints its documents and fails: `place-pki` (CA keys on stdin) runs and succeeds, `kubeadm-init`
+    (the bootstrap token on stdin) runs and fails. Its error names the step and host and shows a scrubbed
+    summary; the token the stand-in printed is on the node, in the step's root-only file, not in the run."""
+    script = base64.b64encode(FAKE_KUBEADM.encode()).decode()
+    broken = lab.ssh[CP].run(
+        "sudo -n mkdir -p /var/lib/kubeadm-ha && sudo -n touch /var/lib/kubeadm-ha/prepared && "
+        f"echo {script} | base64 -d | sudo -n tee /usr/local/bin/kubeadm >/dev/null && "
+        "sudo -n chmod 0755 /usr/local/bin/kubeadm"
+    )
+    assert broken.returncode == 0, broken.stderr
+    failed = lab.stack.pulumi("up", "--yes", "--json", timeout=QUICK_TIMEOUT_SECONDS)
+    assert failed.returncode != 0, failed.describe()
+    errors = failed.errors()
+    assert f"step kubeadm-init failed on host {CP}" in errors and "It was given secrets" in errors, errors[-3000:]
+    resources = lab.stack.resources()
+    assert lab.urn(f"{CP}-place-pki") in resources and lab.urn(f"{CP}-kubeadm-init") not in resources
+    lab.blocked = lab.urn(f"{CP}-kubeadm-init")
+    # kubeadm's log on the node holds the stack's bootstrap token (the stand-in printed it) ...
+    kept = lab.ssh[CP].run(f"sudo -n cat {KUBEADM_LOG}")
+    assert kept.returncode == 0, kept.stderr
+    tokens = {secret.value for secret in _secrets(lab) if TOKEN.fullmatch(secret.value)}
+    printed = set(TOKEN.findall(kept.stdout))
+    assert printed and printed <= tokens, "the stand-in's output holds no bootstrap token of the state"
+    assert findings([Secret("token", token) for token in printed], {"node output": kept.stdout})
+    # ... and neither the console nor the event log of the run has it, while both have the scrubbed summary.
+    assert failed.event_log is not None
+    events = failed.event_log.read_text()
+    assert "It was given secrets" in events and "redacted" in failed.output
+    for token in printed:
+        assert token not in failed.output and token not in events
+    lab.notes["secret step failure"] = failed
+
+
+def _preview_with(lab: Lab, change: dict[str, Any]) -> Run:
+    """`pulumi preview --json` of the stack file with `change` merged into its config; the file is put back."""
+    original = lab.stack.config()
+    changed = copy.deepcopy(original)
+    for key, value in change.items():
+        changed[key] = {**changed.get(key, {}), **value}
+    lab.stack.set_config(changed)
+    try:
+        return lab.stack.pulumi("preview", "--json", timeout=QUICK_TIMEOUT_SECONDS)
+    finally:
+        lab.stack.set_config(original)
+
+
+@pytest.mark.parametrize(
+    ("change", "new_node", "updated"),
+    [
+        ({"kubeadm-ha:workers": {"replicas": 1}}, "lab-worker-1", ()),
+        # keepalived's VRRP is unicast (render/templates/keepalived.conf.tmpl `unicast_peer`): the existing load
+        # balancers learn the new peer, an in-place update of their config step; nothing else of theirs changes.
+        ({"kubeadm-ha:loadBalancer": {"replicas": 3}}, "lab-lb-3", tuple(f"{lb}-configure-lb" for lb in LBS)),
+    ],
+    ids=["worker", "load-balancer"],
+)
+def test_adding_a_node_leaves_every_existing_resource_unchanged(
+    lab: Lab, change: dict[str, Any], new_node: str, updated: tuple[str, ...]
+) -> None:
+    """Every resource in the state is `same` in the real engine's plan (but the `updated` ones, in place); the
+    only other steps are creates of the new node's resources (and of the control plane's steps that cannot
+    exist here, as without the change)."""
+    baseline = lab.stack.pulumi("preview", "--json", timeout=QUICK_TIMEOUT_SECONDS)
+    assert baseline.returncode == 0, baseline.describe()
+    missing = {urn for urn, op in baseline.steps().items() if op == "create"}
+    assert missing and all(f"::{CP}-" in urn for urn in missing), missing
+    preview = _preview_with(lab, change)
+    assert preview.returncode == 0, preview.describe()
+    steps = preview.steps()
+    existing = set(lab.stack.resources())
+    expected = {lab.urn(name): "update" for name in updated}
+    not_same = {urn: steps.get(urn, "absent") for urn in existing if steps.get(urn) not in ("same", "read")}
+    assert not_same == expected, not_same
+    new = {urn: op for urn, op in steps.items() if urn not in existing and urn not in missing}
+    assert new and set(new.values()) == {"create"}, new
+    outside = [urn for urn in new if not re.search(rf"::{new_node}(-|$)", urn)]
+    assert outside == [], outside
+    assert any(urn.endswith(f"::{new_node}-domain") for urn in new), new
+    print(
+        f"adding {new_node}: {len(existing) - len(expected)} existing resources same, {len(expected)} updated"
+        f" in place, {len(new)} creates;"
+        f" preview {preview.seconds:.0f} s"
+    )
+
+
+def test_replace_rebuilds_a_node_with_the_current_documents(lab: Lab) -> None:
+    """README "Replace a node" on lb-2 after the stack file's SSH key changed: a plain run changes nothing (the
+    disks ignore their documents), `--replace` of the root volume and cloud-init disk rebuilds the VM from
+    the current ones: it accepts the new key and the program's, refuses the old; lb-1 keeps the old."""
+    node, other = LBS[1], LBS[0]
+    new_public = lab.user_keys["new"].with_suffix(".pub").read_text().strip()
+    old_public = lab.user_keys["old"].with_suffix(".pub").read_text().strip()
+    config = lab.stack.config()
+    config["kubeadm-ha:ssh"] = {"authorizedKeys": [new_public]}
+    lab.stack.set_config(config)
+    quiet = lab.stack.pulumi("preview", "--json", "--expect-no-changes", *lab.excluded(), timeout=QUICK_TIMEOUT_SECONDS)
+    assert quiet.returncode == 0, quiet.describe() + json.dumps(_changes(quiet), indent=1)
+    boot_id = "cat /proc/sys/kernel/random/boot_id"
+    before = lab.ssh[node].run(boot_id).stdout.strip()
+    root, seed = lab.urn(f"{node}-root"), lab.urn(f"{node}-cloud-init")
+    replaced = lab.stack.pulumi(
+        "up", "--yes", "--json", "--replace", root, "--replace", seed, *lab.excluded(), timeout=UP_TIMEOUT_SECONDS
+    )
+    assert replaced.returncode == 0, replaced.describe()
+    changed = _changes(replaced)
+    rebuilt = {lab.urn(f"{node}-{name}") for name in ("root", "cloud-init", "domain", "ready", "configure-lb")}
+    assert rebuilt <= set(changed), changed
+    assert all(f"::{node}-" in urn for urn in changed), changed
+    lab.notes["replace"] = replaced.seconds
+    # The engine created the disk named by --replace from the current documents although it ignores userData;
+    # lb-1's disk still holds the documents it was created with.
+    assert new_public in _plain(_decrypted_inputs(lab, seed)["userData"])
+    assert old_public not in _plain(_decrypted_inputs(lab, seed)["userData"])
+    assert old_public in _plain(_decrypted_inputs(lab, lab.urn(f"{other}-cloud-init"))["userData"])
+    # A new VM (another boot), answering with the pinned host key to the program's key ...
+    after = lab.ssh[node].run(boot_id)
+    assert after.returncode == 0 and after.stdout.strip() != before, (before, after.stdout, after.stderr)
+    # ... and to the stack file's key now, not the old one; lb-1 (not rebuilt) still has the old one only.
+    for host, accepted, refused in ((node, "new", "old"), (other, "old", "new")):
+        as_accepted = dataclasses.replace(lab.ssh[host], key=lab.user_keys[accepted]).run("true")
+        as_refused = dataclasses.replace(lab.ssh[host], key=lab.user_keys[refused]).run("true")
+        assert as_accepted.returncode == 0, (host, accepted, as_accepted.stderr)
+        assert as_refused.returncode == 255 and "Permission denied" in as_refused.stderr, (host, refused, as_refused)
+    print(f"replace of {node} (root volume + cloud-init disk): {replaced.seconds:.0f} s")
+
+
+def _artifacts(lab: Lab, runs: list[Run]) -> dict[str, str]:
+    """The state files, and the event log and console of each run."""
+    artifacts = {f"state file {path.name}": path.read_text(errors="replace") for path in lab.stack.state_files()}
+    for run in runs:
+        index = lab.stack.runs.index(run)
+        if not run.secret:
+            artifacts[f"console of run {index} ({' '.join(run.argv[:2])})"] = run.output
+        if run.event_log is not None and run.event_log.is_file():
+            artifacts[f"event log {run.event_log.name}"] = run.event_log.read_text()
+    return artifacts
+
+
+def test_no_secret_in_clear_in_state_export_event_logs_or_console(lab: Lab) -> None:
+    secrets = _secrets(lab)
+    lab.notes["secrets"] = secrets
+    # The search can fail: private keys (PEM and OpenSSH) and the bootstrap token are among what it looks for.
+    values = [secret.value for secret in secrets]
+    assert any("PRIVATE KEY-----" in value for value in values) and any(TOKEN.fullmatch(v) for v in values)
+    assert any(secret.where == "output sshPrivateKey" for secret in secrets), {s.where for s in secrets}
+    exported = lab.stack.pulumi("stack", "export", "--stack", STACK)
+    assert exported.returncode == 0, exported.describe()
+    artifacts = {**_artifacts(lab, lab.stack.runs), "pulumi stack export": exported.stdout}
+    assert any(name.startswith("event log") for name in artifacts)
+    found = findings(secrets, artifacts, lab.notes["public"])
+    assert found == [], f"{len(found)} findings:\n" + "\n".join(found[:40])
+    runs = [run for run in lab.stack.runs if not run.secret]
+    print(
+        f"secrets: {len(secrets)} values searched in {len(artifacts)} artifacts "
+        f"({len(lab.stack.state_files())} state files, {len(runs)} consoles, "
+        f"{sum(1 for run in runs if run.event_log)} event logs)"
+    )
+
+
+def test_destroy_leaves_nothing_behind_then_stack_rm(lab: Lab) -> None:
+    """`pulumi destroy` removes every domain, volume (root disks, cloud-init ISOs, the base image) and network
+    the program made, as libvirtd itself lists them; then `pulumi stack rm` removes the stack."""
+    assert lab.libvirtd.names("domain") and lab.libvirtd.volumes("default")
+    first = len(lab.stack.runs)
+    destroyed = lab.stack.pulumi("destroy", "--yes", "--json", timeout=QUICK_TIMEOUT_SECONDS)
+    assert destroyed.returncode == 0, destroyed.describe()
+    left = {kind: lab.libvirtd.names(kind) for kind in ("domain", "network")}
+    left["volumes"] = lab.libvirtd.volumes("default")
+    left["pool files"] = [path.name for path in (lab.directory / "pool").iterdir()]
+    assert left == {"domain": [], "network": [], "volumes": [], "pool files": []}, left
+    removed = lab.stack.pulumi("stack", "rm", "--yes", "--stack", STACK)
+    assert removed.returncode == 0, removed.describe()
+    lab.notes["stack removed"] = True
+    listed = lab.stack.pulumi("stack", "ls", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.describe()
+    assert lab.notes.get("secrets"), "test_no_secret_in_clear_... did not collect the secrets"
+    assert findings(lab.notes["secrets"], _artifacts(lab, lab.stack.runs[first:]), lab.notes["public"]) == []
+    print(f"destroy: {destroyed.seconds:.0f} s; left after it: none; stack rm: {removed.seconds:.1f} s")
 
 
 # --- timing ---------------------------------------------------------------------------------------------------------
