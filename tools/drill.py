@@ -33,7 +33,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import FrameType
@@ -47,6 +46,7 @@ from tools.access import (
     read_stack_outputs,
     say,
 )
+from tools.drill_checks import DrillReport, other_than, read, wait
 from tools.drill_stack import StackTarget
 
 LEASES = ("kube-scheduler", "kube-controller-manager")
@@ -56,7 +56,6 @@ LEADER_BOUND = 60.0
 LEASE_BOUND = 120.0
 RECOVERY_BOUND = 300.0
 VIP_BOUND = 60.0
-POLL = 0.5
 # One restore: StackTarget's release is two SSH scripts of at most 60 s each (stacked etcd), its LB start one.
 RESTORE_BOUND = 150.0
 # The signals an operator (Ctrl-C, `kill`, a closed terminal or SSH session) ends the drill with.
@@ -204,70 +203,13 @@ def _safe(call: Callable[[], T]) -> T | None:
         return None
 
 
-@dataclass
-class Row:
-    check: str
-    before: str
-    after: str
-    held: bool
-    seconds: float | None
-
-
-@dataclass
-class DrillReport:
-    rows: list[Row] = field(default_factory=list)
-
-    def add(self, check: str, before: object, after: object, held: bool, seconds: float | None) -> None:
-        self.rows.append(Row(check, str(before), str(after), held, seconds))
-        say(f"   {check}: {before} -> {after} ({'held' if held else 'FAILED'}" + _took(seconds) + ")")
-
-    @property
-    def passed(self) -> bool:
-        return all(row.held for row in self.rows)
-
-    def table(self) -> str:
-        head = ("check", "before", "after", "held", "recovery (s)")
-        lines = [head, *((r.check, r.before, r.after, "yes" if r.held else "NO", _num(r.seconds)) for r in self.rows)]
-        widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-        out = [" | ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines]
-        out.insert(1, "-+-".join("-" * width for width in widths))
-        return "\n".join(out)
-
-
-def _num(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds:.1f}"
-
-
-def _took(seconds: float | None) -> str:
-    return "" if seconds is None else f", {seconds:.1f} s"
-
-
-def wait(probe: Callable[[], T | None], bound: float) -> tuple[T | None, float]:
-    """Poll `probe` until truthy or `bound` seconds; (value or None, seconds waited). Errors count as "not yet"."""
-    started = time.monotonic()
-    while True:
-        try:
-            value = probe()
-        except Exception:  # a probe that fails (a connection refused) is just not ready yet
-            value = None
-        elapsed = time.monotonic() - started
-        if value or elapsed >= bound:
-            return (value or None), elapsed
-        time.sleep(POLL)
-
-
-def other_than(probe: Callable[[], str | None], excluded: str) -> Callable[[], str | None]:
-    """A probe that answers only once `probe` names someone other than `excluded`."""
-    return lambda: (lambda found: found if found not in (None, excluded) else None)(probe())
-
-
 def quorum(members: int) -> int:
     return members // 2 + 1
 
 
 def choose_control_plane(target: DrillTarget) -> str:
     """The controller manager's lease holder (its lease must move), else the first control plane."""
-    holder = target.lease_holder("kube-controller-manager")
+    holder = read(lambda: target.lease_holder("kube-controller-manager"))
     planes = target.control_planes()
     return holder if holder in planes else planes[0]
 
@@ -276,8 +218,8 @@ def quorum_refusal(target: DrillTarget, host: str) -> str | None:
     """Why stopping `host` would cost etcd its quorum now (None: it would not)."""
     if not target.stacked_etcd():
         return None
-    members = target.etcd_members()
-    healthy = target.etcd_healthy()
+    members = read(target.etcd_members)
+    healthy = read(target.etcd_healthy)
     left = len(healthy - {host})
     if left < quorum(len(members)):
         return (
@@ -289,9 +231,9 @@ def quorum_refusal(target: DrillTarget, host: str) -> str | None:
 
 def drill(target: DrillTarget, *, yes: bool, allow_quorum_loss: bool = False) -> DrillReport:
     report = DrillReport()
-    leader = target.etcd_leader()
-    holders = {lease: target.lease_holder(lease) for lease in LEASES}
-    vip = target.vip_holder()
+    leader = read(target.etcd_leader)
+    holders = {lease: read(partial(target.lease_holder, lease)) for lease in LEASES}
+    vip = read(target.vip_holder)
     host = choose_control_plane(target)
     say(f"etcd leader: {leader}; " + "; ".join(f"{lease} lease: {who}" for lease, who in holders.items()))
     say(f"VIP held by: {vip or 'no load balancer (one LB owns the VIP as its address)'}")
@@ -335,14 +277,14 @@ def _exercise(
         new, _ = wait(other_than(target.etcd_leader, host), LEADER_BOUND)
         report.add("etcd leader re-elected", leader, new, new is not None, time.monotonic() - stopped)
     else:
-        now = target.etcd_leader()
+        now = read(target.etcd_leader)
         report.add("etcd leader (unaffected)", leader, now, now is not None, None)
     for lease, before in holders.items():
         if before == host:
             moved, _ = wait(other_than(lambda lease=lease: target.lease_holder(lease), host), LEASE_BOUND)  # type: ignore[misc]
             report.add(f"{lease} lease moved", before, moved, moved is not None, time.monotonic() - stopped)
         else:
-            now = target.lease_holder(lease)
+            now = read(partial(target.lease_holder, lease))
             report.add(f"{lease} lease kept", before, now, now is not None and now != host, None)
 
     say(f"2. starting control plane {host} again")
@@ -350,7 +292,7 @@ def _exercise(
     restorer.pending.remove(("control-plane", host))
     back, took = wait(lambda: target.control_plane_ready(host), RECOVERY_BOUND)
     report.add(f"{host} API server ready again", "stopped", "ready" if back else "not ready", bool(back), took)
-    members = set(target.etcd_members())
+    members = set(read(target.etcd_members))
     healthy, took = wait(lambda: target.etcd_healthy() == members or None, RECOVERY_BOUND)
     report.add("every etcd member healthy", "-", "healthy" if healthy else "unhealthy", bool(healthy), took)
 
