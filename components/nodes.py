@@ -56,27 +56,27 @@ class NodeContext:
         operator_key = self.pki.operator_ssh_key.public_key_openssh
         host_key = self.pki.host_keys[node.hostname]
 
-        def identity(operator_public: str, host_private: str, host_public: str) -> NodeIdentity:
+        def identity(operator_public: str, host_public: str) -> NodeIdentity:
             return node_identity(
                 node,
                 domain=self.config.network.domain,
                 ssh_user=self.config.ssh.user,
                 authorized_keys=(operator_public.strip(), *self.config.ssh.authorized_keys),
-                host_key_private_openssh=host_private,
                 host_key_public_openssh=host_public.strip(),
             )
 
-        identity_output = pulumi.Output.all(
-            operator_key, host_key.private_key_openssh, host_key.public_key_openssh
-        ).apply(lambda values: identity(*values))
+        identity_output = pulumi.Output.all(operator_key, host_key.public_key_openssh).apply(
+            lambda values: identity(*values)
+        )
         prepared = preparation.render()
-        user_data = secret(identity_output.apply(lambda ident: render_user_data(ident, prepared)))
+        user_data = identity_output.apply(lambda ident: render_user_data(ident, prepared))
         return VmArgs(
             node=node,
             size=size,
             hypervisor=self.hypervisor_for(node),
             access=self.access(node),
             user_data=user_data,
+            host_private_key=secret(host_key.private_key_openssh),
             meta_data=render_meta_data(node.hostname),
             network_config=self.network_config(node),
         )

@@ -122,6 +122,29 @@ def run_delete_locally(
     )
 
 
+def run_locally(
+    resource_name: str,
+    script: pulumi.Input[Script],
+    *,
+    parent: pulumi.Resource,
+    triggers: Sequence[pulumi.Input[str]],
+    depends_on: Sequence[pulumi.Resource],
+    stdin: pulumi.Input[str] | None = None,
+) -> command.local.Command:
+    """A step `script` the machine running Pulumi runs when created, again whenever `triggers` change
+    (pulumi-command 1.2.1 replaces on them). `stdin`, if given, is a secret and the step is quiet about it."""
+    secret_stdin = stdin is not None
+    return command.local.Command(
+        resource_name,
+        create=pulumi.Output.from_input(script).apply(lambda found: as_sent(found, secret_stdin).render()),
+        interpreter=["/bin/bash", "-c"],
+        stdin=secret(stdin) if stdin is not None else None,
+        triggers=list(triggers),
+        **_quiet_about(secret_stdin, command.local.Logging.NONE),
+        opts=_step_options(parent, depends_on, secret_stdin, False, None),
+    )
+
+
 def as_sent(script: Script, secret_stdin: bool) -> Script:
     """The script as a step sends it: one given secrets keeps what it prints in a private file on the
     host and, when it fails, prints only a scrubbed summary (render/scripts.py `_quiet_body`)."""

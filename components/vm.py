@@ -4,6 +4,8 @@ render/readiness.py)."""
 from __future__ import annotations
 
 import hashlib
+import os
+import pwd
 from dataclasses import dataclass
 
 import pulumi
@@ -11,11 +13,12 @@ import pulumi_command as command_provider
 import pulumi_libvirt as libvirt
 import pulumi_tls as tls
 
-from components.remote import NodeAccess, run_step, secret
+from components.remote import NodeAccess, run_locally, run_step
 from model.addressing import NodePlan
 from model.config import ClusterConfig, HypervisorConfig
 from model.hostkeys import pin_host_key
 from model.previous import NODE_RECORD, PreviousDeployment
+from render.hostkey_disk import host_key_disk_cleanup_script, host_key_disk_write_script
 from render.image import cached_image_path, image_fetch_script
 from render.readiness import readiness_script
 
@@ -69,6 +72,7 @@ class Hypervisor(pulumi.ComponentResource):
             uri = pin_host_key(
                 uri, hypervisor.host_key, project=pulumi.get_project(), stack=pulumi.get_stack(), hypervisor=name
             )
+        self.uri = uri
         self.provider = libvirt.Provider(f"{name}-libvirt", uri=uri, opts=pulumi.ResourceOptions(parent=self))
         on_host = pulumi.ResourceOptions(parent=self, provider=self.provider)
         # Bridge mode: the nodes join an existing bridge of this host; the program creates no network.
@@ -158,7 +162,8 @@ class VmArgs:
     size: VmSize
     hypervisor: Hypervisor
     access: NodeAccess
-    user_data: pulumi.Output[str]  # secret: carries the node's SSH host private key
+    user_data: pulumi.Output[str]  # no secret: the provider logs it (render/hostkey_disk.py)
+    host_private_key: pulumi.Output[str]  # secret: the node's SSH host private key, for its key disk
     meta_data: str
     network_config: str
 
@@ -197,11 +202,12 @@ class Vm(pulumi.ComponentResource):
             # Fixed names in the pool: a rebuild (README: replace a node) removes the old volume first.
             opts=pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(delete_before_replace=True)),
         )
+        self.host_key_disk = self._host_key_disk(name, args, on_host)
         self.cloud_init = libvirt.CloudInitDisk(
             f"{name}-cloud-init",
             name=args.hypervisor.volume_suffix.apply(lambda suffix: f"{node.hostname}-cloud-init{suffix}.iso"),
             pool=args.hypervisor.pool,
-            user_data=secret(args.user_data),
+            user_data=args.user_data,
             meta_data=args.meta_data,
             network_config=args.network_config,
             # cloud-init reads its seed at first boot only. A changed document (a new Kubernetes version, an
@@ -229,7 +235,11 @@ class Vm(pulumi.ComponentResource):
             running=True,
             # No `machine`: the default i440fx has the IDE bus the cloud-init disk is attached to.
             cloudinit=self.cloud_init.id,
-            disks=[libvirt.DomainDiskArgs(volume_id=self.root_volume.id)],
+            # The key disk second: the node reads it as /dev/vdb (render/hostkey_disk.py).
+            disks=[
+                libvirt.DomainDiskArgs(volume_id=self.root_volume.id),
+                libvirt.DomainDiskArgs(volume_id=self.host_key_disk.id),
+            ],
             network_interfaces=[args.hypervisor.interface(node)],
             consoles=[libvirt.DomainConsoleArgs(type="pty", target_port="0", target_type="serial")],
             # The name is unique on the hypervisor, so a replacement must remove the old domain first.
@@ -247,3 +257,51 @@ class Vm(pulumi.ComponentResource):
             replace_with=self.domain.id,
         )
         self.register_outputs({"address": str(node.address), "domainId": self.domain.id})
+
+    def _host_key_disk(self, name: str, args: VmArgs, on_host: pulumi.ResourceOptions) -> libvirt.Volume:
+        """The raw volume holding the node's SSH host private key (render/hostkey_disk.py says why not in
+        cloud-init): written to a private file by a local step given the key on stdin, copied by libvirt,
+        and the file removed once the volume exists.
+
+        The provider reads `source` only when it creates the volume (resource_libvirt_volume.go, every argument
+        ForceNew), so `source` is ignored afterwards: the file's path is under the home of whoever runs
+        Pulumi, and another operator's run must not rebuild the disk. The write runs whenever the volume is
+        about to be created (its triggers are what re-creates it, as the base image's fetch); the removal runs
+        after each creation, and again if the path or the key changes.
+        """
+        node, hypervisor = args.node, args.hypervisor
+        volume_name = hypervisor.volume_suffix.apply(lambda suffix: f"{node.hostname}-host-key{suffix}.raw")
+        path = volume_name.apply(_host_key_file)
+        written = run_locally(
+            f"{name}-host-key-disk",
+            path.apply(lambda where: host_key_disk_write_script(node.hostname, where)),
+            parent=self,
+            stdin=args.host_private_key,
+            triggers=[volume_name, hypervisor.pool, hypervisor.uri],
+            depends_on=[self.record],
+        )
+        volume = libvirt.Volume(
+            f"{name}-host-key",
+            name=volume_name,
+            pool=hypervisor.pool,
+            source=path,
+            format="raw",
+            opts=pulumi.ResourceOptions.merge(
+                on_host,
+                pulumi.ResourceOptions(depends_on=[written], ignore_changes=["source"], delete_before_replace=True),
+            ),
+        )
+        run_locally(
+            f"{name}-host-key-disk-cleanup",
+            path.apply(lambda where: host_key_disk_cleanup_script(node.hostname, where)),
+            parent=self,
+            triggers=[volume.id, path, args.access.host_public_key],
+            depends_on=[volume],
+        )
+        return volume
+
+
+def _host_key_file(volume_name: str) -> str:
+    """Private to the user running Pulumi: `~` from the passwd database, as the Pulumi CLI finds its own."""
+    home = pwd.getpwuid(os.getuid()).pw_dir
+    return f"{home}/.cache/kubeadm-ha/host-keys/{pulumi.get_project()}-{pulumi.get_stack()}/{volume_name}"

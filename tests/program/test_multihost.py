@@ -103,7 +103,7 @@ def test_one_provider_per_hypervisor_and_every_libvirt_resource_uses_its_nodes_h
     reference = {name: f"{p.urn}::{p.id}" for name, p in providers.items()}
     where = placement(ev)
     libvirt_resources = [r for r in ev.resources if r.type.startswith("libvirt:")]
-    assert len(libvirt_resources) == 3 * len(where) + 3  # root, seed, domain per node; a base image per host
+    assert len(libvirt_resources) == 4 * len(where) + 3  # root, key, seed, domain per node; a base image per host
     for resource in libvirt_resources:
         node = node_of(resource, ev)
         host = where[node] if node else resource.name.removesuffix("-base-image")

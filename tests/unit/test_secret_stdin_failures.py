@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import os
+import pwd
 import re
 import shutil
 from collections.abc import Iterator
@@ -52,7 +54,8 @@ STACKS = ("dev", "staging", "prod")
 TOKEN = re.compile(r"[a-z0-9]{6}\.[a-z0-9]{16}")
 PEM_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----\n.*?-----END [A-Z0-9 ]*PRIVATE KEY-----\n?", re.S)
 # Each kind of secret-stdin step, by the suffix of its resource name.
-KINDS = ("place-pki", "kubeadm-init", "kubeadm-join", "join-token", "etcd-member", "reset")
+LOCAL_HOME = pwd.getpwuid(os.getuid()).pw_dir
+KINDS = ("place-pki", "kubeadm-init", "kubeadm-join", "join-token", "etcd-member", "reset", "host-key-disk")
 
 # ---------------------------------------------------------------- stubs
 
@@ -260,6 +263,7 @@ SCENARIOS = (
     Scenario("prod-scaled", "etcd-member", "create", "added", name="prod-etcd-4-etcd-member"),
     Scenario("prod", "etcd-member", "delete", members=True, old_manifest=True),
     Scenario("staging", "reset", "delete", open_ports=("22",)),
+    Scenario("dev", "host-key-disk", "create"),
 )
 
 
@@ -308,7 +312,9 @@ class Harness:
         env = {"FAIL_AT": str(fail_at), "TMPDIR": str(sandbox.root / "tmp")}
         if self.scenario.always_failing:
             env["STUB_FAIL"] = self.scenario.always_failing
-        result = sandbox.run(self.script, stdin=self.stdin, env=env)
+        # A local step writes under the home of whoever runs Pulumi (the key disk's file): here, the sandbox's.
+        script = self.script.replace(LOCAL_HOME + "/", f"{sandbox.root}/home/")
+        result = sandbox.run(script, stdin=self.stdin, env=env)
         counter = sandbox.state / "counter"
         calls = int(counter.read_text()) if counter.exists() else 0
         return Run(result.returncode, result.stdout + result.stderr), calls

@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import json
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -209,6 +210,11 @@ def test_up_boots_the_nodes_with_the_programs_cloud_init_and_pinned_host_keys(la
         assert lines[3].split() == ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"], lines[3]
         # cloud-init read the program's seed from the provider's ISO: NoCloud from a config disk.
         assert "nocloud" in facts.stdout and "config-disk" in facts.stdout, facts.stdout
+        # The private key came from the node's key disk (render/hostkey_disk.py), which libvirt made from a
+        # file that the run removed once the volume existed.
+        assert lab.libvirtd.virsh("domblklist", name).stdout.count("-host-key-") == 1
+    leftovers = list((Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "kubeadm-ha" / "host-keys").rglob("*.raw*"))
+    assert leftovers == [], leftovers
     # The domain as the provider defined it from the program's values.
     xml = lab.libvirtd.virsh("dumpxml", CP).stdout
     assert "<domain type='qemu'" in xml and "mode='maximum'" in xml, xml
