@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def free_id(*tables: str, start: int = 42420) -> int:
     return ident
 
 
-def _copy_with(original: Path, target: Path, extra_line: str) -> None:
+def copy_with(original: Path, target: Path, extra_line: str) -> None:
     """`original` plus one line, with its owner and mode (sudo ignores a sudoers file others could write)."""
     text = original.read_text()
     target.write_text(text + ("" if text.endswith("\n") or not text else "\n") + extra_line + "\n")
@@ -81,7 +82,33 @@ def _copy_with(original: Path, target: Path, extra_line: str) -> None:
     target.chmod(info.st_mode & 0o7777)
 
 
-def _sshd_config(address: ipaddress.IPv4Address, user: str, host_key_files: list[Path]) -> str:
+def home_with_key(work: Path, user: str, key: KeyPair, uid: int, gid: int) -> Path:
+    """`work/home` holding `user`'s home, where `key` may log in; bound over /home in sshd's mount namespace."""
+    # sshd's StrictModes: the home, ~/.ssh and authorized_keys belong to the user and are not group/world writable.
+    home_root = work / "home"
+    home = home_root / user
+    ssh_dir = home / ".ssh"
+    ssh_dir.mkdir(parents=True)
+    (ssh_dir / "authorized_keys").write_text(key.public + "\n")
+    home_root.chmod(0o755)
+    for path, mode in ((home, 0o700), (ssh_dir, 0o700), (ssh_dir / "authorized_keys", 0o600)):
+        os.chown(path, uid, gid)
+        path.chmod(mode)
+    return home_root
+
+
+def sshd_config(
+    address: ipaddress.IPv4Address,
+    user: str,
+    host_key_files: Sequence[Path],
+    *,
+    quiet_logins: bool = True,
+    forwarding: Sequence[str] = ("AllowTcpForwarding no",),
+) -> str:
+    """Key-only logins for `user` alone, no PAM; `forwarding` the lines that say which forwards sshd grants.
+
+    `quiet_logins`: no motd or last-login line, so a login shell prints only what its command prints.
+    """
     lines = [
         f"ListenAddress {address}:{SSH_PORT}",
         *(f"HostKey {path}" for path in host_key_files),
@@ -95,10 +122,9 @@ def _sshd_config(address: ipaddress.IPv4Address, user: str, host_key_files: list
         "AuthorizedKeysFile .ssh/authorized_keys",
         "StrictModes yes",
         "UseDNS no",
-        "PrintMotd no",
-        "PrintLastLog no",
+        *(("PrintMotd no", "PrintLastLog no") if quiet_logins else ()),
         "X11Forwarding no",
-        "AllowTcpForwarding no",
+        *forwarding,
         "AllowAgentForwarding no",
         "LogLevel VERBOSE",
     ]
@@ -121,26 +147,17 @@ def start_node(
     overlaid = ("passwd", "group", "shadow", "sudoers")
     passwd, group = Path("/etc/passwd").read_text(), Path("/etc/group").read_text()
     uid = free_id(passwd, group)
-    _copy_with(Path("/etc/passwd"), etc / "passwd", f"{user}:x:{uid}:{uid}:kubeadm-ha ssh test:/home/{user}:/bin/bash")
-    _copy_with(Path("/etc/group"), etc / "group", f"{user}:x:{uid}:")
-    _copy_with(Path("/etc/shadow"), etc / "shadow", f"{user}:{SHADOW_ENTRY}")
-    _copy_with(Path("/etc/sudoers"), etc / "sudoers", f"{user} ALL=(ALL:ALL) NOPASSWD: ALL")
+    copy_with(Path("/etc/passwd"), etc / "passwd", f"{user}:x:{uid}:{uid}:kubeadm-ha ssh test:/home/{user}:/bin/bash")
+    copy_with(Path("/etc/group"), etc / "group", f"{user}:x:{uid}:")
+    copy_with(Path("/etc/shadow"), etc / "shadow", f"{user}:{SHADOW_ENTRY}")
+    copy_with(Path("/etc/sudoers"), etc / "sudoers", f"{user} ALL=(ALL:ALL) NOPASSWD: ALL")
 
     operator_key = generate_key(work, "operator")
-    # sshd's StrictModes: the home, ~/.ssh and authorized_keys belong to the user and are not group/world writable.
-    home_root = work / "home"
-    home = home_root / user
-    ssh_dir = home / ".ssh"
-    ssh_dir.mkdir(parents=True)
-    (ssh_dir / "authorized_keys").write_text(operator_key.public + "\n")
-    home_root.chmod(0o755)
-    for path, mode in ((home, 0o700), (ssh_dir, 0o700), (ssh_dir / "authorized_keys", 0o600)):
-        os.chown(path, uid, uid)
-        path.chmod(mode)
+    home_root = home_with_key(work, user, operator_key, uid, uid)
 
     host_keys = {kind: generate_key(work, f"ssh_host_{kind}_key", kind) for kind in host_key_types}
     config = work / "sshd_config"
-    config.write_text(_sshd_config(address, user, [work / f"ssh_host_{kind}_key" for kind in host_key_types]))
+    config.write_text(sshd_config(address, user, [work / f"ssh_host_{kind}_key" for kind in host_key_types]))
 
     setup = "\n".join(
         [
@@ -170,4 +187,4 @@ def start_node(
     return node
 
 
-__all__ = ["KeyPair", "SshNode", "generate_key", "start_node"]
+__all__ = ["KeyPair", "SshNode", "copy_with", "generate_key", "home_with_key", "sshd_config", "start_node"]

@@ -25,6 +25,7 @@ import pytest
 
 from model.release import program_files
 from tests.real.engine import toolchain
+from tests.real.engine.libvirtd import in_private_mounts
 
 ROOT = toolchain.ROOT
 # What a user has after cloning: the program (model.release's own selection: Pulumi.yaml, __main__.py,
@@ -33,7 +34,6 @@ PROJECT_GLOBS = ("Pulumi.*.yaml",)
 # Only for the test: the secrets passphrase a user would type at `pulumi stack init`'s prompt.
 PASSPHRASE = "engine-lab-passphrase"
 REAL_HOME = pwd.getpwuid(os.geteuid()).pw_dir
-_UNSHARE = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c"]
 
 
 def _in_fresh_home(binds: dict[Path, Path], shown: list[str]) -> list[str]:
@@ -49,7 +49,7 @@ def _in_fresh_home(binds: dict[Path, Path], shown: list[str]) -> list[str]:
         mounts += [f"mkdir -p {inside}", f"mount --bind {original} {inside}", f"mount -o remount,bind,ro {inside}"]
     mounts.append(f'mount --rbind "$FRESH_HOME" {shlex.quote(REAL_HOME)}')
     mounts += [f"mount --bind {shlex.quote(str(src))} {shlex.quote(str(dst))}" for dst, src in binds.items()]
-    return [*_UNSHARE, " && ".join([*mounts, 'exec "$@"']), "in-fresh-home"]
+    return in_private_mounts(" && ".join([*mounts, 'exec "$@"']), "in-fresh-home")
 
 
 def stack_files() -> list[str]:
@@ -75,6 +75,26 @@ def require_tool(name: str) -> Path:
             pytrace=False,
         )
     return path
+
+
+def run_bounded(command: list[str], cwd: Path, env: dict[str, str], timeout: float) -> tuple[int, str, str]:
+    """`command`'s exit status, stdout and stderr (stdin closed); past `timeout`: -1 and what it printed by then."""
+    try:
+        done = subprocess.run(
+            command,
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        return done.returncode, done.stdout, done.stderr
+    except subprocess.TimeoutExpired as expired:
+        out = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        err = expired.stderr.decode() if isinstance(expired.stderr, bytes) else (expired.stderr or "")
+        return -1, out, err + f"\n(timed out after {timeout} s)"
 
 
 @dataclass
@@ -169,21 +189,7 @@ class UserSession:
 
     def _run(self, argv: list[str], env: dict[str, str], timeout: float) -> Run:
         started = time.monotonic()
-        try:
-            done = subprocess.run(
-                [*_in_fresh_home(self.binds, self.shown), *argv],
-                cwd=self.project,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-                stdin=subprocess.DEVNULL,
-            )
-            run = Run(argv, done.returncode, done.stdout, done.stderr, time.monotonic() - started)
-        except subprocess.TimeoutExpired as expired:
-            out = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
-            err = expired.stderr.decode() if isinstance(expired.stderr, bytes) else (expired.stderr or "")
-            run = Run(argv, -1, out, err + f"\n(timed out after {timeout} s)", time.monotonic() - started)
+        returncode, out, err = run_bounded([*_in_fresh_home(self.binds, self.shown), *argv], self.project, env, timeout)
+        run = Run(argv, returncode, out, err, time.monotonic() - started)
         self.runs.append(run)
         return run

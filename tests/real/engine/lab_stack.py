@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.real.engine import toolchain
+from tests.real.engine import cli, toolchain
 from tests.real.engine.toolchain import ROOT
 
 PASSPHRASE = "engine-lab-passphrase"
@@ -74,19 +73,12 @@ def json_documents(text: str) -> list[dict[str, Any]]:
 
 
 @dataclass
-class Run:
-    argv: list[str]
-    returncode: int
-    stdout: str
-    stderr: str
+class Run(cli.Run):
+    """A command's run (cli.Run), with what the lab's checks read from it: when it began, its engine events."""
+
     started: float  # time.time()
-    seconds: float
     secret: bool = False  # a run that prints secrets by design (`--show-secrets`): not part of the console check
     event_log: Path | None = None
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
 
     def documents(self) -> list[dict[str, Any]]:
         return json_documents(self.stdout)
@@ -144,6 +136,7 @@ class Run:
         return "\n".join(found) or self.stderr
 
     def describe(self) -> str:
+        # stderr only: stdout may be a secret (`secret`), and pulumi.log writes it apart (masked when secret).
         return f"$ {' '.join(self.argv)}  (exit {self.returncode}, {self.seconds:.1f} s)\n{self.stderr[-4000:]}"
 
 
@@ -234,23 +227,9 @@ class LabStack:
             event_log = self.base / "events" / f"{len(self.runs):03d}-{args[0]}.jsonl"
             argv += ["--event-log", str(event_log)]
         started, wall = time.monotonic(), time.time()
-        try:
-            done = subprocess.run(
-                [*self.prefix, *argv],
-                cwd=self.project,
-                env=self.env(),
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-                stdin=subprocess.DEVNULL,
-            )
-            run = Run(argv, done.returncode, done.stdout, done.stderr, wall, time.monotonic() - started)
-        except subprocess.TimeoutExpired as expired:
-            out = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
-            err = expired.stderr.decode() if isinstance(expired.stderr, bytes) else (expired.stderr or "")
-            run = Run(argv, -1, out, err + f"\n(timed out after {timeout} s)", wall, time.monotonic() - started)
-        run.secret, run.event_log = secret_stdout, event_log
+        returncode, out, err = cli.run_bounded([*self.prefix, *argv], self.project, self.env(), timeout)
+        seconds = time.monotonic() - started
+        run = Run(argv, returncode, out, err, seconds, started=wall, secret=secret_stdout, event_log=event_log)
         self.runs.append(run)
         with (self.base / "pulumi.log").open("a") as log:
             log.write(f"{run.describe()}\n--- stdout\n{'(secret)' if secret_stdout else run.stdout}\n\n")

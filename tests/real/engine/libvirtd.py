@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -93,6 +95,14 @@ class Libvirtd:
             self.virsh("pool-undefine", pool, check=False)
             removed.append(f"pool {pool}")
         return removed
+
+
+def in_private_mounts(script: str, name: str) -> list[str]:
+    """argv prefix running `script` (sh) in a private mount namespace: its mounts stay there, the host sees none.
+
+    `name` is the script's $0; arguments appended to the prefix are its $1, $2, ...
+    """
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, name]
 
 
 def _wait_for(path: Path, process: subprocess.Popen[bytes], what: str) -> None:
@@ -183,15 +193,7 @@ def running_libvirtd(directory: Path, netns: str | None = None) -> Iterator[Libv
     libvirtd = subprocess.Popen(
         [
             *in_netns,
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            f'{mounts} && exec libvirtd --config "$1" --pid-file "$2"',
-            "lab-libvirtd",
+            *in_private_mounts(f'{mounts} && exec libvirtd --config "$1" --pid-file "$2"', "lab-libvirtd"),
             str(config),
             str(directory / "libvirtd.pid"),
         ],
@@ -211,3 +213,22 @@ def running_libvirtd(directory: Path, netns: str | None = None) -> Iterator[Libv
         if netns:
             _kill_left_in(netns)
         logs.close()
+
+
+@contextlib.contextmanager
+def scratch_libvirtd(prefix: str) -> Iterator[Libvirtd]:
+    """A libvirtd of the test's own in a new directory under /var/tmp (named from `prefix`), removed with it.
+
+    The caller's commands reach it at the system path by binding its socket directory (`directory / "run"`) over
+    /run/libvirt in their own mount namespace.
+    """
+    # The mount point of the socket directory (in the callers' namespaces and in running_libvirtd's): a fresh
+    # machine whose package scripts were kept from starting libvirtd has none yet (it lives on the /run tmpfs).
+    Path("/run/libvirt").mkdir(mode=0o755, exist_ok=True)
+    # A short path: the socket's must fit a sockaddr_un (108 bytes).
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    try:
+        with running_libvirtd(directory) as daemon:
+            yield daemon
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

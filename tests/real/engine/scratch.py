@@ -31,6 +31,7 @@ from pathlib import Path
 
 from model.release import program_files
 from tests.real.engine import plugins
+from tests.real.engine.libvirtd import in_private_mounts
 from tests.real.engine.toolchain import ROOT
 
 PASSPHRASE = "engine-lab-passphrase"  # only for the test's own throwaway stacks
@@ -184,17 +185,7 @@ class ScratchProject:
         if not self.binds:
             return []
         mounts = [f"mount --bind {shlex.quote(str(src))} {shlex.quote(str(dst))}" for dst, src in self.binds.items()]
-        return [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            " && ".join([*mounts, 'exec "$@"']),
-            "scratch",
-        ]
+        return in_private_mounts(" && ".join([*mounts, 'exec "$@"']), "scratch")
 
     def remove(self) -> None:
         """The project, its state and its PULUMI_HOME (with its plugin copies): gone, whatever happened."""

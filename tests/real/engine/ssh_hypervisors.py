@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 from render.scripts import command
 from tests.integration.netns import Lab, Namespace, Process, poll_until
-from tests.integration.sshd import SHADOW_ENTRY, KeyPair, generate_key
+from tests.integration.sshd import SHADOW_ENTRY, KeyPair, copy_with, generate_key, home_with_key, sshd_config
 from tests.real.engine.cli import Run, UserSession
 
 SSH_PORT = 22  # the provider's only working port (model/hostkeys.py: 0.8.1 dials host:port:port otherwise)
@@ -84,43 +84,10 @@ class OperatorSession(UserSession):
         return self._run(["ip", "netns", "exec", self.netns, "bash", "-euo", "pipefail", "-c", script], env, timeout)
 
 
-def _copy_with(original: Path, target: Path, extra_line: str) -> None:
-    text = original.read_text()
-    target.write_text(text + ("" if text.endswith("\n") or not text else "\n") + extra_line + "\n")
-    info = original.stat()
-    os.chown(target, info.st_uid, info.st_gid)
-    target.chmod(info.st_mode & 0o7777)
-
-
-def _sshd_config(address: ipaddress.IPv4Address, user: str, host_key: Path) -> str:
-    return (
-        "\n".join(
-            [
-                f"ListenAddress {address}:{SSH_PORT}",
-                f"HostKey {host_key}",
-                "PidFile /run/sshd.pid",
-                "UsePAM no",
-                "AuthenticationMethods publickey",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "PermitRootLogin no",
-                f"AllowUsers {user}",
-                "AuthorizedKeysFile .ssh/authorized_keys",
-                "StrictModes yes",
-                "UseDNS no",
-                "X11Forwarding no",
-                # The provider's channel to the libvirt socket is a local stream forward, which sshd grants only
-                # with local TCP forwarding allowed too: under `AllowTcpForwarding no` Debian 12's sshd (OpenSSH
-                # 9.2) logs "Received request to connect to path /var/run/libvirt/libvirt-sock, but the request
-                # was denied" and the preview fails (measured here).
-                "AllowTcpForwarding local",
-                "AllowStreamLocalForwarding local",
-                "AllowAgentForwarding no",
-                "LogLevel VERBOSE",
-            ]
-        )
-        + "\n"
-    )
+# The provider's channel to the libvirt socket is a local stream forward, which sshd grants only with local TCP
+# forwarding allowed too: under `AllowTcpForwarding no` Debian 12's sshd (OpenSSH 9.2) logs "Received request to
+# connect to path /var/run/libvirt/libvirt-sock, but the request was denied" and the preview fails (measured here).
+FORWARDING = ("AllowTcpForwarding local", "AllowStreamLocalForwarding local")
 
 
 @contextlib.contextmanager
@@ -145,19 +112,10 @@ def ssh_hypervisors(uris: dict[str, str], work: Path, libvirt_sockets: Path) -> 
         # the machine's `nobody`: an account libvirtd finds, with no rights of its own.
         nobody = pwd.getpwnam("nobody")
         uid, gid = nobody.pw_uid, nobody.pw_gid
-        _copy_with(
-            Path("/etc/passwd"), etc / "passwd", f"{user}:x:{uid}:{gid}:hypervisor operator:/home/{user}:/bin/sh"
-        )
-        _copy_with(Path("/etc/shadow"), etc / "shadow", f"{user}:{SHADOW_ENTRY}")
+        copy_with(Path("/etc/passwd"), etc / "passwd", f"{user}:x:{uid}:{gid}:hypervisor operator:/home/{user}:/bin/sh")
+        copy_with(Path("/etc/shadow"), etc / "shadow", f"{user}:{SHADOW_ENTRY}")
         operator_key = generate_key(work, "operator")
-        home_root = work / "home"
-        ssh_dir = home_root / user / ".ssh"
-        ssh_dir.mkdir(parents=True)
-        (ssh_dir / "authorized_keys").write_text(operator_key.public + "\n")
-        home_root.chmod(0o755)
-        for path, mode in ((ssh_dir.parent, 0o700), (ssh_dir, 0o700), (ssh_dir / "authorized_keys", 0o600)):
-            os.chown(path, uid, gid)
-            path.chmod(mode)
+        home_root = home_with_key(work, user, operator_key, uid, gid)
         # libvirt's `unix_sock_group` + `unix_sock_rw_perms = "0770"`, as for a member of the libvirt group.
         socket = libvirt_sockets / "libvirt-sock"
         os.chown(socket, 0, gid)
@@ -175,7 +133,9 @@ def ssh_hypervisors(uris: dict[str, str], work: Path, libvirt_sockets: Path) -> 
             own.mkdir(mode=0o700)
             host_key = generate_key(own, "ssh_host_ed25519_key")
             config = own / "sshd_config"
-            config.write_text(_sshd_config(address, user, own / "ssh_host_ed25519_key"))
+            config.write_text(
+                sshd_config(address, user, [own / "ssh_host_ed25519_key"], quiet_logins=False, forwarding=FORWARDING)
+            )
             setup = "\n".join(
                 [
                     "set -eu",

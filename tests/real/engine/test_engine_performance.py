@@ -23,9 +23,7 @@ a trivial neighbour under the same load: the median of the paired wall-time rati
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +31,7 @@ import pytest
 
 from tests.integration.conftest import require_programs, require_root
 from tests.real.engine import plugins
-from tests.real.engine.libvirtd import Libvirtd, running_libvirtd
+from tests.real.engine.libvirtd import Libvirtd, scratch_libvirtd
 from tests.real.engine.perf_programs import STACK, write_perf_stack, write_trivial_program
 from tests.real.engine.scratch import Measured, ScratchProject
 from tests.real.engine.test_engine_preview import counts_by_type
@@ -50,13 +48,8 @@ def libvirt() -> Iterator[Libvirtd]:
     require_root()
     require_programs("libvirtd", "virsh", "unshare", "mount")
     plugins.cli_directory(), plugins.plugin_files()  # the toolchain first: skip before starting anything
-    Path("/run/libvirt").mkdir(mode=0o755, exist_ok=True)  # the mount point (test_engine_preview.py)
-    directory = Path(tempfile.mkdtemp(prefix="kha-perf-", dir="/var/tmp"))  # short: sockaddr_un
-    try:
-        with running_libvirtd(directory) as daemon:
-            yield daemon
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    with scratch_libvirtd("kha-perf-") as daemon:
+        yield daemon
 
 
 @pytest.fixture

@@ -16,9 +16,7 @@ and the stack file is used unchanged. Root; skips without the toolchain or libvi
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +27,7 @@ import yaml
 from tests.integration.conftest import require_programs, require_root
 from tests.real.engine import plugins, toolchain
 from tests.real.engine.cli import UserSession, readme_setup_commands
-from tests.real.engine.libvirtd import Libvirtd, running_libvirtd
+from tests.real.engine.libvirtd import Libvirtd, scratch_libvirtd
 from tools.offline import evaluate
 
 pytestmark = pytest.mark.real
@@ -44,16 +42,8 @@ def libvirt() -> Iterator[Libvirtd]:
     require_root()
     require_programs("libvirtd", "virsh", "unshare", "mount", "openssl")
     plugins.cli_directory(), plugins.plugin_files()  # the toolchain first: skip before starting anything
-    # The mount point of the socket directory (here and in libvirtd.py's namespace): a fresh machine whose
-    # package scripts were kept from starting libvirtd has none yet (it lives on the /run tmpfs).
-    Path("/run/libvirt").mkdir(mode=0o755, exist_ok=True)
-    # A short path: the socket's must fit a sockaddr_un (108 bytes).
-    directory = Path(tempfile.mkdtemp(prefix="kha-preview-", dir="/var/tmp"))
-    try:
-        with running_libvirtd(directory) as daemon:
-            yield daemon
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    with scratch_libvirtd("kha-preview-") as daemon:
+        yield daemon
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ Every preview's wall time is printed (pytest -rP). Root; gated like the engine l
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import sys
@@ -38,7 +37,7 @@ from model.release import PROGRAM_DIGEST_OUTPUT, RELEASE_OUTPUT, program_digest
 from tests.integration.conftest import require_programs, require_root
 from tests.real.engine import plugins
 from tests.real.engine.cli import Run, UserSession
-from tests.real.engine.libvirtd import Libvirtd, running_libvirtd
+from tests.real.engine.libvirtd import Libvirtd, scratch_libvirtd
 from tests.real.engine.ssh_hypervisors import HypervisorLab, OperatorSession, give_operator_key, ssh_hypervisors
 from tests.real.engine.stack_state import changed, deployed_outputs, import_outputs
 from tests.real.engine.test_engine_preview import counts_by_type
@@ -57,18 +56,6 @@ OLDER_PROGRAM = "sha256:" + "b" * 64
 TIMINGS: dict[str, float] = {}
 
 
-@contextlib.contextmanager
-def lab_libvirtd() -> Iterator[Libvirtd]:
-    """A libvirtd of the test's own (the provider connects even in a preview), removed with its directory."""
-    Path("/run/libvirt").mkdir(mode=0o755, exist_ok=True)
-    directory = Path(tempfile.mkdtemp(prefix="kha-stacks-", dir="/var/tmp"))  # short: the socket path
-    try:
-        with running_libvirtd(directory) as daemon:
-            yield daemon
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 def prepared(session: UserSession, libvirt: Libvirtd) -> UserSession:
     session.setup()
     session.binds[Path("/run/libvirt")] = libvirt.directory / "run"
@@ -84,7 +71,7 @@ def libvirt() -> Iterator[Libvirtd]:
     require_root()
     require_programs("libvirtd", "virsh", "unshare", "mount", "ip")
     plugins.cli_directory(), plugins.plugin_files()  # the toolchain first: skip before starting anything
-    with lab_libvirtd() as daemon:
+    with scratch_libvirtd("kha-stacks-") as daemon:
         yield daemon
 
 
@@ -232,7 +219,10 @@ def test_prod_multihost_preview_reaches_each_hypervisor_over_ssh_and_pins_its_ke
     work = Path(tempfile.mkdtemp(prefix="kha-multihost-", dir="/var/tmp"))
     try:
         work.chmod(0o700)
-        with lab_libvirtd() as libvirt, ssh_hypervisors(uris, work / "hv", libvirt.directory / "run") as hv_lab:
+        with (
+            scratch_libvirtd("kha-stacks-") as libvirt,
+            ssh_hypervisors(uris, work / "hv", libvirt.directory / "run") as hv_lab,
+        ):
             user = OperatorSession(tmp_path, plugins.built("pulumi"), netns=hv_lab.operator.name)
             hosts = work / "hosts"
             hosts.write_text(hv_lab.hosts_file())
