@@ -48,7 +48,12 @@ ETCD_IMAGE_TAG_OUTPUT = "etcdImageTag"
 DEPLOYMENT_ID_OUTPUT = "deploymentId"
 NETWORK_MODE_OUTPUT = "networkMode"
 
+# The engine's builtin that returns every resource of a stack's last persisted snapshot, as
+# `{urn: {"type": ..., "outputs": ...}}` (pulumi pkg/resource/deploy/builtins.go, readStackResourceOutputs;
+# pkg/backend/backend.go, backendClient.GetStackResourceOutputs, which skips resources pending deletion).
 READ_STACK_RESOURCE_OUTPUTS = "pulumi:pulumi:readStackResourceOutputs"
+# The engine's builtin Stash: `output` is its first `input`, kept by every later update until the stash is
+# replaced (pulumi pkg/resource/deploy/builtins.go: Create copies input to output, Update keeps OldOutputs).
 STASH_TYPE = "pulumi:index:Stash"
 # The `kind` of the record the program keeps of every VM in a Stash (components/vm.py writes it).
 NODE_RECORD = "kubeadm-ha/node"

@@ -19,6 +19,7 @@ from google.protobuf import struct_pb2
 from pulumi.runtime import known_types, rpc
 from pulumi.runtime.mocks import MockCallArgs, MockEngine, MockMonitor, MockResourceArgs
 
+from model.previous import READ_STACK_OUTPUTS, READ_STACK_RESOURCE_OUTPUTS, STASH_TYPE
 from tools.offline.providers import COMPUTED_OUTPUTS
 from tools.offline.results import STACK_TYPE, UNKNOWN, LogMessage, OutputValue, Read, Registration, StackOutputs
 
@@ -218,14 +219,8 @@ class RecordingEngine(MockEngine):
 
 # --------------------------------------------------------------------------- mocks
 
-READ_STACK_OUTPUTS: Final = "pulumi:pulumi:readStackOutputs"
-# The engine's builtin that returns every resource of a stack's last persisted snapshot, as
-# `{urn: {"type": ..., "outputs": ...}}` (pulumi pkg/resource/deploy/builtins.go, readStackResourceOutputs;
-# pkg/backend/backend.go, backendClient.GetStackResourceOutputs, which skips resources pending deletion).
-READ_STACK_RESOURCE_OUTPUTS: Final = "pulumi:pulumi:readStackResourceOutputs"
-# The engine's builtin Stash: `output` is its first `input`, kept by every later update until the stash is
-# replaced (pulumi pkg/resource/deploy/builtins.go: Create copies input to output, Update keeps OldOutputs).
-STASH_TYPE: Final = "pulumi:index:Stash"
+# The engine builtins the program reads its own state with, and the builtin Stash, as model/previous.py names
+# and describes them.
 
 
 def _stack_of(qualified: str) -> str:
