@@ -326,7 +326,8 @@ def print_revision(target: str, project_dir: Path, target_outputs_file: Path | N
     """`--find-revision`: the commits holding the program TARGET runs, and how to run TARGET from one."""
     outputs = read_outputs(target, target_outputs_file, project_dir)
     if not has_deployed(outputs):
-        raise Refused(f"{target} has never finished a deployment (no programDigest output): it runs no revision")
+        missing = " or ".join(name for name in (RELEASE_OUTPUT, PROGRAM_DIGEST_OUTPUT) if not outputs.get(name))
+        raise Refused(f"{target} has never finished a deployment (no {missing} output): it runs no revision")
     digest, here = str(outputs[PROGRAM_DIGEST_OUTPUT]), program_digest(project_dir)
     found = find_revisions(digest, project_dir)
     if not found:

@@ -106,7 +106,10 @@ def test_the_command_names_the_revision_a_stack_runs(
     assert "no commit here (git rev-list --all) holds the program prod runs" in capsys.readouterr().err
     outputs.write_text(json.dumps({"kubeconfig": "[secret]"}))
     assert promote.main(args) == 1
-    assert "prod has never finished a deployment" in capsys.readouterr().err
+    assert "prod has never finished a deployment (no release or programDigest output)" in capsys.readouterr().err
+    outputs.write_text(json.dumps({PROGRAM_DIGEST_OUTPUT: "sha256:" + "0" * 64}))
+    assert promote.main(args) == 1
+    assert "(no release output)" in capsys.readouterr().err  # it named programDigest before
 
 
 def test_outside_a_git_repository_the_command_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
