@@ -57,6 +57,7 @@ READ_STACK_RESOURCE_OUTPUTS = "pulumi:pulumi:readStackResourceOutputs"
 STASH_TYPE = "pulumi:index:Stash"
 # The `kind` of the record the program keeps of every VM in a Stash (components/vm.py writes it).
 NODE_RECORD = "kubeadm-ha/node"
+DOMAIN_TYPE = "libvirt:index/domain:Domain"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class PreviousDeployment:
     outputs: Mapping[str, Any] = field(default_factory=dict)
     # From the state (see the module doc): hostname -> the record of its VM, written when the VM was created.
     recorded_nodes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # From the state: VMs whose domain has a single disk, made by a program from before the key disk
+    # (render/hostkey_disk.py); model/running.py refuses to go on (the provider's `disk` is ForceNew).
+    domains_without_key_disk: tuple[str, ...] = ()
 
     @property
     def exists(self) -> bool:
@@ -167,6 +171,20 @@ def recorded_nodes(resources: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     return nodes
 
 
+def domains_without_key_disk(resources: Mapping[str, Any]) -> tuple[str, ...]:
+    """The names of the domains in the state with fewer than two disks (root and key disk)."""
+    found = []
+    for entry in resources.values():
+        entry = _plain(entry)
+        if not isinstance(entry, Mapping) or entry.get("type") != DOMAIN_TYPE:
+            continue
+        outputs = _plain(entry.get("outputs")) or {}
+        disks = _plain(outputs.get("disks"))
+        if isinstance(disks, list) and len(disks) < 2 and outputs.get("name"):
+            found.append(str(_plain(outputs["name"])))
+    return tuple(sorted(found))
+
+
 # The read is retried: with the file backend it can meet the engine writing this stack's checkpoint at the start
 # of `pulumi up` and fail with "failed to load checkpoint: EOF" (measured with pulumi v3.259.0: the blob store,
 # gocloud.dev fileblob, renames the checkpoint into place but rewrites its `.attrs` sidecar in place, and a read
@@ -197,4 +215,4 @@ def read_previous_deployment() -> PreviousDeployment:
                 f"could not read the last deployment of stack {name} ({error}; {READ_ATTEMPTS} attempts); refusing "
                 "to continue because version, placement and topology changes are checked against it"
             ) from error
-    return PreviousDeployment(dict(outputs), recorded_nodes(resources))
+    return PreviousDeployment(dict(outputs), recorded_nodes(resources), domains_without_key_disk(resources))

@@ -116,6 +116,19 @@ def placement_problems(config: ClusterConfig, previous: PreviousDeployment) -> l
 def change_problems(config: ClusterConfig, previous: PreviousDeployment) -> list[Problem]:
     """Rules about changing a running cluster, judged against the last deployment's outputs."""
     problems: list[Problem] = address_problems(config, previous) + placement_problems(config, previous)
+    if previous.domains_without_key_disk:
+        hosts = ", ".join(previous.domains_without_key_disk)
+        problems.append(
+            Problem(
+                "nodes",
+                f"{hosts} run on domains made without a key disk, by a program from before the SSH host private "
+                "key left cloud-init (the libvirt provider logs user-data; README: security notes). Adding the disk "
+                "replaces each of those domains (terraform-provider-libvirt 0.8.1: `disk` is ForceNew), all in one "
+                "run, and with them every step of every node: each would be drained, reset and joined again at "
+                "once. This program has no rolling migration yet: keep running this stack from the revision it "
+                "was deployed with (`python -m tools.promote STACK --find-revision` lists it)",
+            )
+        )
     if previous.network_mode is not None and previous.network_mode != config.network.mode:
         problems.append(
             Problem(

@@ -10,11 +10,18 @@ logs. These tests read what the program registers under mocks; the boot itself i
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 
+from model.rules import ConfigError
 from render.hostkey_disk import HOST_KEY_DISK_BYTES
 from tests.stacks import evaluated
-from tools.offline import Evaluation
+from tools.offline import Evaluation, evaluate
+
+ROOT = Path(__file__).resolve().parents[2]
+DOMAIN = "libvirt:index/domain:Domain"
 
 LIBVIRT = "libvirt:"
 COMMAND = "command:local:Command"
@@ -66,3 +73,22 @@ def test_each_node_boots_with_its_key_disk_written_before_and_removed_after(stac
         # The second disk: the node reads /dev/vdb.
         assert [disk["volumeId"] for disk in domain.inputs["disks"]][1:] == [volume.id]
         assert ev.depends_on(domain, volume)
+
+
+def test_a_stack_whose_domains_have_no_key_disk_is_refused_before_anything_is_replaced() -> None:
+    """A stack deployed by a program from before the key disk: adding the disk would replace every domain at once
+    (terraform-provider-libvirt 0.8.1 `disk` ForceNew), and each node's steps with it. The run is refused."""
+    first = evaluate("dev", project_dir=ROOT)
+    outputs = {name: out.value for name, out in first.outputs.items()}
+    state = first.state()
+    assert evaluate("dev", project_dir=ROOT, previous_outputs=outputs, previous_resources=state).resources
+    old = copy.deepcopy(state)
+    for entry in old.values():
+        if entry["type"] == DOMAIN:
+            entry["outputs"]["disks"] = entry["outputs"]["disks"][:1]  # as the earlier program made it
+    with pytest.raises(ConfigError) as refused:
+        evaluate("dev", project_dir=ROOT, previous_outputs=outputs, previous_resources=old)
+    message = str(refused.value)
+    hosts = sorted(domain.inputs["name"] for domain in domains(first))
+    assert "nodes: " + ", ".join(hosts) + " run on domains made without a key disk" in message, message
+    assert "--find-revision" in message
