@@ -9,7 +9,6 @@ import pwd
 from dataclasses import dataclass
 
 import pulumi
-import pulumi_command as command_provider
 import pulumi_libvirt as libvirt
 import pulumi_tls as tls
 
@@ -104,14 +103,12 @@ class Hypervisor(pulumi.ComponentResource):
         # created, the verified file was just checked (or fetched) here. Unchanged, nothing runs.
         path = cached_image_path(config.image)
         volume_name = self.volume_name(f"{config.cluster_name}-base")
-        script = image_fetch_script(config.image)
-        self.fetched = command_provider.local.Command(
+        self.fetched = run_locally(
             f"{name}-fetch-image",
-            create=script.render(),
-            interpreter=["/bin/bash", "-c"],
-            add_previous_output_in_env=False,
+            image_fetch_script(config.image),
+            parent=self,
             triggers=[config.image.url, config.image.sha256 or "", path, hypervisor.pool, volume_name, uri],
-            opts=pulumi.ResourceOptions(parent=self),
+            depends_on=[],
         )
         self.base_image = libvirt.Volume(
             f"{name}-base-image",

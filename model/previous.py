@@ -29,7 +29,7 @@ upgrade is resumed).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,14 +158,20 @@ def _plain(value: Any) -> Any:
     return pulumi.runtime.rpc.unwrap_rpc_secret(value) if pulumi.runtime.rpc.is_rpc_secret(value) else value
 
 
-def recorded_nodes(resources: Mapping[str, Any]) -> dict[str, dict[str, str]]:
-    """hostname -> its VM's record, from readStackResourceOutputs' `outputs` (urn -> type and outputs)."""
-    nodes: dict[str, dict[str, str]] = {}
+def _outputs_of(resources: Mapping[str, Any], type_: str) -> Iterator[Mapping[str, Any]]:
+    """The outputs of every resource of type `type_` in readStackResourceOutputs' `outputs` (urn -> type and
+    outputs)."""
     for entry in resources.values():
         entry = _plain(entry)
-        if not isinstance(entry, Mapping) or entry.get("type") != STASH_TYPE:
-            continue
-        record = _plain((_plain(entry.get("outputs")) or {}).get("output"))
+        if isinstance(entry, Mapping) and entry.get("type") == type_:
+            yield _plain(entry.get("outputs")) or {}
+
+
+def recorded_nodes(resources: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """hostname -> its VM's record, from the Stashes in the state."""
+    nodes: dict[str, dict[str, str]] = {}
+    for outputs in _outputs_of(resources, STASH_TYPE):
+        record = _plain(outputs.get("output"))
         if isinstance(record, Mapping) and record.get("kind") == NODE_RECORD and record.get("hostname"):
             nodes[str(record["hostname"])] = {str(key): str(item) for key, item in record.items()}
     return nodes
@@ -174,11 +180,7 @@ def recorded_nodes(resources: Mapping[str, Any]) -> dict[str, dict[str, str]]:
 def domains_without_key_disk(resources: Mapping[str, Any]) -> tuple[str, ...]:
     """The names of the domains in the state with fewer than two disks (root and key disk)."""
     found = []
-    for entry in resources.values():
-        entry = _plain(entry)
-        if not isinstance(entry, Mapping) or entry.get("type") != DOMAIN_TYPE:
-            continue
-        outputs = _plain(entry.get("outputs")) or {}
+    for outputs in _outputs_of(resources, DOMAIN_TYPE):
         disks = _plain(outputs.get("disks"))
         if isinstance(disks, list) and len(disks) < 2 and outputs.get("name"):
             found.append(str(_plain(outputs["name"])))

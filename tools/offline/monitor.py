@@ -19,6 +19,8 @@ from google.protobuf import struct_pb2
 from pulumi.runtime import known_types, rpc
 from pulumi.runtime.mocks import MockCallArgs, MockEngine, MockMonitor, MockResourceArgs
 
+# The engine builtins the program reads its own state with, and the builtin Stash (model/previous.py says what
+# each one does).
 from model.previous import READ_STACK_OUTPUTS, READ_STACK_RESOURCE_OUTPUTS, STASH_TYPE
 from tools.offline.providers import COMPUTED_OUTPUTS
 from tools.offline.results import STACK_TYPE, UNKNOWN, LogMessage, OutputValue, Read, Registration, StackOutputs
@@ -218,9 +220,6 @@ class RecordingEngine(MockEngine):
 
 
 # --------------------------------------------------------------------------- mocks
-
-# The engine builtins the program reads its own state with, and the builtin Stash, as model/previous.py names
-# and describes them.
 
 
 def _stack_of(qualified: str) -> str:

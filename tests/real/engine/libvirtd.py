@@ -232,3 +232,18 @@ def scratch_libvirtd(prefix: str) -> Iterator[Libvirtd]:
             yield daemon
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def isolated_libvirtd(prefix: str, netns_name: str) -> Iterator[tuple[Path, Libvirtd]]:
+    """A libvirtd in a network namespace of its own (loopback only: the guests' NAT network has no route out),
+    and the scratch directory it lives in under /var/tmp, removed with it: (directory, daemon)."""
+    # QEMU runs as libvirt-qemu: a pool under the directory must be reachable by it, so not under
+    # /tmp/pytest-of-root (0700).
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    directory.chmod(0o755)
+    try:
+        with network_namespace(netns_name) as netns, running_libvirtd(directory / "libvirtd", netns) as daemon:
+            yield directory, daemon
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
 from components.vm import DOMAIN_IGNORE_CHANGES
 from tests.real.engine.lab_stack import LabStack
-from tests.real.engine.libvirtd import network_namespace, running_libvirtd
+from tests.real.engine.libvirtd import isolated_libvirtd
 
 PROGRAM = """\
 import json, os
@@ -49,27 +46,19 @@ class _Stack(LabStack):
 
 
 def test_a_domain_created_without_its_lease_previews_no_change() -> None:
-    directory = Path(tempfile.mkdtemp(prefix="kubeadm-ha-readback-", dir="/var/tmp"))
-    directory.chmod(0o755)
-    try:
-        with (
-            network_namespace(f"kha-rb-{os.getpid()}") as netns,
-            running_libvirtd(directory / "libvirtd", netns) as lv,
-        ):
-            stack = _Stack(directory / "pulumi", "readback", lv.prefix())
-            stack.uri = lv.uri
-            stack.setup_program({"main.py": PROGRAM}, plugins=("libvirt",))
-            try:
-                up = stack.pulumi("up", "--yes", "--json", timeout=300)
-                assert up.returncode == 0, up.describe()
-                preview = stack.pulumi("preview", "--json", "--expect-no-changes", timeout=300)
-                changed = [
-                    {"op": step["op"], "urn": step["urn"], "detailedDiff": step.get("detailedDiff")}
-                    for step in preview.documents()[-1].get("steps", [])
-                    if step["op"] != "same"
-                ]
-                assert preview.returncode == 0 and changed == [], json.dumps(changed, indent=1)
-            finally:
-                stack.pulumi("destroy", "--yes", timeout=300)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    with isolated_libvirtd("kubeadm-ha-readback-", f"kha-rb-{os.getpid()}") as (directory, lv):
+        stack = _Stack(directory / "pulumi", "readback", lv.prefix())
+        stack.uri = lv.uri
+        stack.setup_program({"main.py": PROGRAM}, plugins=("libvirt",))
+        try:
+            up = stack.pulumi("up", "--yes", "--json", timeout=300)
+            assert up.returncode == 0, up.describe()
+            preview = stack.pulumi("preview", "--json", "--expect-no-changes", timeout=300)
+            changed = [
+                {"op": step["op"], "urn": step["urn"], "detailedDiff": step.get("detailedDiff")}
+                for step in preview.documents()[-1].get("steps", [])
+                if step["op"] != "same"
+            ]
+            assert preview.returncode == 0 and changed == [], json.dumps(changed, indent=1)
+        finally:
+            stack.pulumi("destroy", "--yes", timeout=300)

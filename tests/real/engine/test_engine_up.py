@@ -30,9 +30,7 @@ import json
 import os
 import pwd
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,7 +43,7 @@ from components.pki import bootstrap_token
 from model.previous import DOMAIN_TYPE, domains_without_key_disk
 from tests.real.engine.guest import Ssh, tcp_open
 from tests.real.engine.lab_stack import LabStack, Run
-from tests.real.engine.libvirtd import Libvirtd, network_namespace, running_libvirtd
+from tests.real.engine.libvirtd import Libvirtd, isolated_libvirtd
 from tests.real.engine.secrets_scan import Secret, findings, output_secrets, public_values, state_secrets
 
 HERE = Path(__file__).resolve().parent
@@ -124,17 +122,8 @@ def _sha256(path: Path) -> str:
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     image = _image()
-    # QEMU runs as libvirt-qemu: the pool must be reachable by it, so not under /tmp/pytest-of-root (0700).
-    directory = Path(tempfile.mkdtemp(prefix="kubeadm-ha-engine-up-", dir="/var/tmp"))
-    directory.chmod(0o755)
-    try:
-        with (
-            network_namespace(f"kha-lab-{os.getpid()}") as netns,
-            running_libvirtd(directory / "libvirtd", netns) as lv,
-        ):
-            yield from _deployed(lv, image, directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    with isolated_libvirtd("kubeadm-ha-engine-up-", f"kha-lab-{os.getpid()}") as (directory, lv):
+        yield from _deployed(lv, image, directory)
 
 
 def _deployed(lv: Libvirtd, image: Path, directory: Path) -> Iterator[Lab]:
@@ -159,7 +148,7 @@ def _deployed(lv: Libvirtd, image: Path, directory: Path) -> Iterator[Lab]:
             left = {kind: lv.names(kind) for kind in ("domain", "network")}
             left["volumes"] = lv.volumes("default")
             print(f"teardown: pulumi destroy exit {destroyed.returncode} in {destroyed.seconds:.0f} s; left: {left}")
-        # Then running_libvirtd removes whatever is left, and the lab directory (state, logs) goes.
+        # Then isolated_libvirtd removes whatever is left, and the lab directory (state, logs) goes.
 
 
 def _user_key(directory: Path, which: str) -> Path:
