@@ -185,9 +185,36 @@ class EtcdBackupConfig(_Model):
     keep: Annotated[int, Field(ge=1, le=1000)] = 24
 
 
+class EtcdMaintenanceConfig(_Model):
+    """What keeps an etcd database from filling up (NOSPACE, the commonest etcd outage): its size limit, etcd's
+    own compaction, and the defragmentation timer on every member (components/etcd_maintenance.py)."""
+
+    # etcd's default is 2 GiB and etcd's docs call 8 GiB the suggested maximum; the default leaves room for a
+    # busy cluster while staying well under the control planes' memory (etcd maps the whole file).
+    quota_backend_bytes: Annotated[int, Field(alias="quotaBackendBytes", ge=2**29, le=2**33)] = 2**32
+    # kube-apiserver already compacts every 5 minutes (`--etcd-compaction-interval`), so etcd's own
+    # compaction is off by default ("0"); `periodic` takes a duration ("1h"), `revision` a revision count.
+    auto_compaction_mode: Annotated[Literal["periodic", "revision"], Field(alias="autoCompactionMode")] = "periodic"
+    auto_compaction_retention: Annotated[
+        str, Field(alias="autoCompactionRetention", pattern=r"^(0|[1-9][0-9]*|[1-9][0-9]*(ms|s|m|h))$")
+    ] = "0"
+    # Hours between two defragmentations of each member; the members take turns (never two at once).
+    defrag_interval_hours: Annotated[int, Field(alias="defragIntervalHours", ge=1, le=720)] = 24
+
+    @model_validator(mode="after")
+    def _retention_fits_mode(self) -> EtcdMaintenanceConfig:
+        if self.auto_compaction_mode == "revision" and not self.auto_compaction_retention.isdigit():
+            raise ValueError(
+                f"autoCompactionRetention {self.auto_compaction_retention!r}: with autoCompactionMode revision "
+                "it is a number of revisions to keep"
+            )
+        return self
+
+
 class EtcdConfig(_Model):
     topology: Literal["stacked", "external"] = "stacked"
     backup: EtcdBackupConfig = EtcdBackupConfig()
+    maintenance: EtcdMaintenanceConfig = EtcdMaintenanceConfig()
     # External etcd only: the registry.k8s.io/etcd tag the members run. Unset, a new cluster starts on the tag
     # kubeadm pins for its Kubernetes minor and keeps it across Kubernetes upgrades; setting it (or changing
     # it) rolls the members to it one at a time, each healthy before the next.
@@ -260,6 +287,30 @@ class SshConfig(_Model):
         return tuple(key.strip() for key in value)
 
 
+class AuditConfig(_Model):
+    """kube-apiserver's audit log on every control plane (render/hardening.py holds the policy)."""
+
+    # Its directory is mounted into the API server's static pod, so it must be a directory of its own under
+    # /var/log (mounting /var/log itself, or anything outside it, would hand the pod far more than its log).
+    log_path: Annotated[
+        str, Field(alias="logPath", pattern=r"^/var/log/[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*/[A-Za-z0-9._-]+$")
+    ] = "/var/log/kubernetes/audit/audit.log"
+    max_age_days: Annotated[int, Field(alias="maxAgeDays", ge=1, le=3650)] = 30
+    max_backups: Annotated[int, Field(alias="maxBackups", ge=1, le=1000)] = 10
+    max_size_mib: Annotated[int, Field(alias="maxSizeMiB", ge=1, le=102400)] = 100
+
+    @field_validator("log_path")
+    @classmethod
+    def _no_dot_dot(cls, value: str) -> str:
+        if "/../" in value or "/./" in value or value.endswith(("/..", "/.")):
+            raise ValueError(f"{value!r} must not contain '.' or '..' components")
+        return value
+
+    @property
+    def log_dir(self) -> str:
+        return self.log_path.rsplit("/", 1)[0]
+
+
 class CertificatesConfig(_Model):
     """When `pulumi up` renews the certificates kubeadm made on the nodes (components/certificates.py)."""
 
@@ -295,6 +346,7 @@ class ClusterConfig(_Model):
     workers: WorkersConfig = WorkersConfig()
     ssh: SshConfig = SshConfig()
     certificates: CertificatesConfig = CertificatesConfig()
+    audit: AuditConfig = AuditConfig()
     promotion: PromotionConfig | None = None
     # What a placement that does not survive the loss of one hypervisor gets: a warning, or (strict) refusal.
     placement: Literal["warn", "strict"] = "warn"
