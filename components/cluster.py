@@ -29,6 +29,7 @@ from model.config import ClusterConfig
 from model.placement import placement_findings, plan_placement
 from model.previous import NEW_STACK, PreviousDeployment
 from render.etcd import EtcdClusterSpec
+from render.hardening import Hardening
 from render.kubeadm import ClusterShape, ExternalEtcd, renewal_document
 from render.kubeconfig import render_kubeconfig
 
@@ -75,6 +76,7 @@ def cluster_shape(config: ClusterConfig, plan: AddressPlan, etcd: EtcdClusterSpe
         service_subnet=str(config.kubernetes.service_subnet),
         extra_sans=(f"api.{config.cluster_name}.{config.network.domain}",),
         external_etcd=external,
+        hardening=Hardening(audit=config.audit, etcd=config.etcd.maintenance),
     )
 
 

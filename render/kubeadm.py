@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from render import yamldoc
+from render import hardening, yamldoc
 
 KUBEADM_API = "kubeadm.k8s.io/v1beta4"
 KUBELET_API = "kubelet.config.k8s.io/v1beta1"
@@ -90,13 +90,22 @@ class Networking:
 
 
 @dataclass(frozen=True)
+class ControlPlaneComponent:
+    extra_args: tuple[Arg, ...] | None = None
+    extra_volumes: tuple[hardening.HostPathMount, ...] | None = None
+
+
+@dataclass(frozen=True)
 class APIServer:
     cert_sans: tuple[str, ...] = field(metadata={"wire": "certSANs"})
+    extra_args: tuple[Arg, ...] | None = None
+    extra_volumes: tuple[hardening.HostPathMount, ...] | None = None
 
 
 @dataclass(frozen=True)
 class LocalEtcd:
     data_dir: str = "/var/lib/etcd"
+    extra_args: tuple[Arg, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,8 @@ class ClusterConfiguration:
     networking: Networking
     api_server: APIServer
     etcd: Etcd
+    controller_manager: ControlPlaneComponent | None = None
+    scheduler: ControlPlaneComponent | None = None
     certificates_dir: str = PKI_DIR
     # The shared CAs and the service-account key are ECDSA P-256; kubeadm makes
     # the keys it generates itself (leaf certificates) of the same kind.
@@ -187,6 +198,7 @@ class ClusterShape:
     service_subnet: str
     extra_sans: tuple[str, ...]
     external_etcd: ExternalEtcd | None = None
+    hardening: hardening.Hardening = hardening.DEFAULT
 
     @property
     def endpoint(self) -> str:
@@ -204,15 +216,29 @@ def _registration(hostname: str, address: str, *, control_plane: bool) -> NodeRe
 
 def cluster_configuration(shape: ClusterShape) -> ClusterConfiguration:
     sans = _unique((shape.endpoint_host, *shape.extra_sans))
-    etcd = Etcd(external=shape.external_etcd) if shape.external_etcd else Etcd(local=LocalEtcd())
+    settings = shape.hardening
+    etcd = (
+        Etcd(external=shape.external_etcd)
+        if shape.external_etcd
+        else Etcd(local=LocalEtcd(extra_args=_args(hardening.etcd_args(settings.etcd))))
+    )
+    volumes = hardening.apiserver_volumes(settings)
     return ClusterConfiguration(
         cluster_name=shape.cluster_name,
         kubernetes_version=f"v{shape.kubernetes_version}",
         control_plane_endpoint=shape.endpoint,
         networking=Networking(pod_subnet=shape.pod_subnet, service_subnet=shape.service_subnet),
-        api_server=APIServer(cert_sans=sans),
+        api_server=APIServer(
+            cert_sans=sans, extra_args=_args(hardening.apiserver_args(settings)), extra_volumes=volumes
+        ),
         etcd=etcd,
+        controller_manager=ControlPlaneComponent(extra_args=_args(hardening.controller_manager_args())),
+        scheduler=ControlPlaneComponent(extra_args=_args(hardening.scheduler_args())),
     )
+
+
+def _args(pairs: Sequence[tuple[str, str]]) -> tuple[Arg, ...]:
+    return tuple(Arg(name, value) for name, value in pairs)
 
 
 def renewal_document(shape: ClusterShape) -> str:
