@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import re
 
-from render import lb_config
+from render import static_pods
 from render.kubeadm import CONFIG_DIR, PKI_DIR
 from render.node_prep import STATIC_POD_DIR
-from render.scripts import STATE_DIR, Script, bounded_wait_function, logged, quote, write_file
+from render.scripts import STATE_DIR, Script, logged, quote, write_file
 from render.scripts import command as shell
 
 EXPIRY_LINE = "certificates-expire:"
@@ -44,21 +44,11 @@ STACKED_ETCD_CERTIFICATES = (
 KUBECONFIGS = tuple(
     f"/etc/kubernetes/{name}.conf" for name in ("admin", "super-admin", "controller-manager", "scheduler")
 )
-# Restarted in this order after a renewal, each healthy before the next: the API server first, so the others
-# reconnect to a server presenting the new certificate; etcd last (stacked only), once nothing depends on it.
-STATIC_PODS = (
-    ("kube-apiserver", "https://127.0.0.1:6443/readyz"),
-    ("kube-controller-manager", "https://127.0.0.1:10257/healthz"),
-    ("kube-scheduler", "https://127.0.0.1:10259/healthz"),
-)
-STACKED_ETCD = ("etcd", "http://127.0.0.1:2381/readyz")
 HELD_DIR = f"{CONFIG_DIR}/renewal-held"
 # One empty file per static pod not yet restarted on the renewed files; written before `kubeadm certs renew`.
 PENDING_DIR = f"{STATE_DIR}/renewal-pending"
 RENEW_CONFIG_PATH = f"{CONFIG_DIR}/renew.yaml"
-STOP_TIMEOUT_SECONDS = 120
-HEALTHY_TIMEOUT_SECONDS = 300
-POLL_SECONDS = 2
+RESTARTS = static_pods.Restarts(HELD_DIR, PENDING_DIR, "restarted with the renewed certificates")
 
 
 # --- what the script prints -----------------------------------------------------------------------------
@@ -73,14 +63,9 @@ def parse_expiry(stdout: str) -> str | None:
 # --- the script -----------------------------------------------------------------------------------------
 
 
-def _pods(stacked_etcd: bool) -> tuple[tuple[str, str], ...]:
-    """The static pods the step restarts, in order, each with its health URL."""
-    return (*STATIC_PODS, *((STACKED_ETCD,) if stacked_etcd else ()))
-
-
 def _functions(renew_before_days: int, *, stacked_etcd: bool) -> tuple[str, ...]:
     files = (*LEAF_CERTIFICATES, *(STACKED_ETCD_CERTIFICATES if stacked_etcd else ()))
-    names = " ".join(quote(name) for name, _ in _pods(stacked_etcd))
+    names = " ".join(quote(name) for name, _ in static_pods.pods(stacked_etcd))
     certificates = " ".join(quote(path) for path in files)
     kubeconfigs = " ".join(quote(path) for path in KUBECONFIGS)
     return (
@@ -123,64 +108,8 @@ def _functions(renew_before_days: int, *, stacked_etcd: bool) -> tuple[str, ...]
         "    fi",
         "  done",
         "}",
-        *bounded_wait_function(POLL_SECONDS),
-        "container_gone() {",
-        '  [ -z "$(crictl ps --quiet --name "^$1\\$" 2>/dev/null)" ]',
-        "}",
-        "answers() {",
-        f'  curl --silent --fail --max-time 5 --cacert {quote(PKI_DIR + "/ca.crt")} "$1" >/dev/null 2>&1 ||',
-        # The controller manager and scheduler serve self-signed certificates on loopback.
-        '    curl --silent --fail --max-time 5 --insecure "$1" >/dev/null 2>&1',
-        "}",
-        "etcd_answers() {",
-        "  curl --silent --fail --max-time 5 http://127.0.0.1:2381/readyz >/dev/null 2>&1",
-        "}",
+        *static_pods.functions(),
     )
-
-
-def _finish(name: str, check: str, *, held_down: int, settle: int, after: tuple[str, ...]) -> list[str]:
-    """The rest of a restart of static pod `name` whose manifest is held: container gone, `held_down` seconds,
-    manifest back, healthy, `settle` seconds, `after`; only then is its marker removed."""
-    manifest = f"{STATIC_POD_DIR}/{name}.yaml"
-    held = f"{HELD_DIR}/{name}.yaml"
-    lines = [
-        f"if [ -f {quote(held)} ]; then",
-        "  " + shell("kha_wait", STOP_TIMEOUT_SECONDS, f"{name} to stop", "container_gone", name),
-    ]
-    if held_down:
-        lines.append("  " + shell("sleep", held_down))
-    lines += [
-        "  " + shell("mv", "-f", held, manifest),
-        "  " + f"kha_wait {HEALTHY_TIMEOUT_SECONDS} {quote(f'{name} to be healthy again')} {check}",
-    ]
-    if settle:
-        lines.append("  " + shell("sleep", settle))
-    return [
-        *lines,
-        *("  " + line for line in after),
-        "  " + shell("rm", "-f", f"{PENDING_DIR}/{name}"),
-        f"  echo {quote(f'kubeadm-ha: {name} restarted with the renewed certificates')}",
-        "fi",
-    ]
-
-
-def _restart(name: str, finish: list[str], host: str) -> list[str]:
-    """Restart static pod `name` if it is still marked: manifest out, then `finish`. A marker without any
-    manifest (the component was removed by hand) has nothing to restart."""
-    manifest = f"{STATIC_POD_DIR}/{name}.yaml"
-    marker = f"{PENDING_DIR}/{name}"
-    return [
-        f"if [ -f {quote(marker)} ]; then",
-        f"  if [ -f {quote(manifest)} ]; then",
-        "    " + shell("mv", "-f", manifest, f"{HELD_DIR}/{name}.yaml"),
-        "  fi",
-        *("  " + line for line in finish),
-        f"  if [ -f {quote(marker)} ]; then",
-        f"    echo {quote(f'kubeadm-ha: no static pod manifest for {name} on {host}; nothing to restart')}",
-        "    " + shell("rm", "-f", marker),
-        "  fi",
-        "fi",
-    ]
 
 
 def renewal_script(host: str, renew_before_days: int, *, stacked_etcd: bool, cluster_config: str) -> Script:
@@ -193,45 +122,17 @@ def renewal_script(host: str, renew_before_days: int, *, stacked_etcd: bool, clu
     does not answer, admin.conf's own certificate has already expired, or this node's Node object or mirror
     pod is missing) it falls back to kubeadm's defaults: a local etcd, whose certificates do not exist with
     external etcd, so `renew all` failed there after renewing only the first two."""
-    apiserver = dict(STATIC_PODS)["kube-apiserver"]
-    finishes: dict[str, list[str]] = {}
-    for name, url in _pods(stacked_etcd):
-        if name == "kube-apiserver":
-            # Out of every load balancer before it comes back, so no client reaches it before it is ready
-            # (a 403 from its empty RBAC cache otherwise), and back in before the step moves on.
-            finishes[name] = _finish(
-                name,
-                shell("answers", url),
-                held_down=lb_config.BACKEND_OUT_OF_ROTATION_S,
-                settle=lb_config.BACKEND_BACK_IN_ROTATION_S,
-                after=(),
-            )
-        elif name == "etcd":
-            # The API server here reads only its own member: it turned unready with it, and the load balancers
-            # took it out. Like after its own restart, the step moves on once they have it back.
-            finishes[name] = _finish(
-                name,
-                "etcd_answers",
-                held_down=0,
-                settle=0,
-                after=(
-                    f"kha_wait {HEALTHY_TIMEOUT_SECONDS} {quote('kube-apiserver to be ready on the restarted etcd')} "
-                    + shell("answers", apiserver),
-                    shell("sleep", lb_config.BACKEND_BACK_IN_ROTATION_S),
-                ),
-            )
-        else:
-            finishes[name] = _finish(name, shell("answers", url), held_down=0, settle=0, after=())
+    finishes = static_pods.finishes(RESTARTS, stacked_etcd=stacked_etcd)
     body: list[str] = [shell("install", "-d", "-m", "0700", HELD_DIR, PENDING_DIR)]
     # 1. A manifest an interrupted run left held goes back first (that restart finished), so nothing stays
     #    down while this run renews, or if it fails.
-    for name, _ in _pods(stacked_etcd):
+    for name, _ in static_pods.pods(stacked_etcd):
         body += finishes[name]
     # 2. Renew only what is not fresh. Every static pod is marked first: from the renew on, each runs with the
     #    old certificates in memory until it is restarted, and a run that stops in between leaves the marks.
     marks = [
         f"  if [ -f {quote(f'{STATIC_POD_DIR}/{name}.yaml')} ]; then {shell('touch', f'{PENDING_DIR}/{name}')}; fi"
-        for name, _ in _pods(stacked_etcd)
+        for name, _ in static_pods.pods(stacked_etcd)
     ]
     body += [
         "if ! certificates_fresh; then",
@@ -242,8 +143,8 @@ def renewal_script(host: str, renew_before_days: int, *, stacked_etcd: bool, clu
         "fi",
     ]
     # 3. Restart every component still marked, one at a time, in order.
-    for name, _ in _pods(stacked_etcd):
-        body += _restart(name, finishes[name], host)
+    for name, _ in static_pods.pods(stacked_etcd):
+        body += static_pods.restart(RESTARTS, name, finishes[name], host)
     still = quote(f"kubeadm-ha: certificates on {host} still expire within {renew_before_days} days after renewal")
     body += [f"if ! certificates_fresh; then echo {still} >&2; exit 1; fi"]
     return Script(

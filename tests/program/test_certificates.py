@@ -28,7 +28,8 @@ from components.certificates import (
 from model.addressing import plan_addresses
 from model.stack import config_from_stack_file
 from render import lb_config
-from render.renewal import STATIC_PODS, parse_expiry, renewal_script
+from render.renewal import parse_expiry, renewal_script
+from render.static_pods import STATIC_PODS
 from tests.stacks import evaluated
 from tools.offline import Evaluation, evaluate, load_stack_config
 

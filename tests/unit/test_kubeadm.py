@@ -44,7 +44,10 @@ def test_init_documents() -> None:
         "serviceSubnet": "10.96.0.0/12",
         "dnsDomain": "cluster.local",
     }
-    assert cluster["etcd"] == {"local": {"dataDir": "/var/lib/etcd"}}
+    assert cluster["etcd"]["local"]["dataDir"] == "/var/lib/etcd"
+    assert {"name": "quota-backend-bytes", "value": str(4 * 2**30)} in cluster["etcd"]["local"]["extraArgs"]
+    for component in ("apiServer", "controllerManager", "scheduler"):
+        assert {"name": "profiling", "value": "false"} in cluster[component]["extraArgs"], component
     assert "certificateKey" not in init and "uploadCerts" not in str(found)
     assert found["KubeletConfiguration"]["cgroupDriver"] == "systemd"
 
