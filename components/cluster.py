@@ -16,6 +16,7 @@ from components.certificates import (
     plan_renewals,
 )
 from components.control_plane import ControlPlaneNode, ControlPlaneNodeArgs
+from components.control_plane_config import ControlPlaneSettings, ControlPlaneSettingsArgs, SettingsTarget
 from components.etcd import EtcdCluster, EtcdClusterArgs, plan_membership
 from components.loadbalancer import LoadBalancer, LoadBalancerArgs
 from components.nodes import NodeContext
@@ -144,14 +145,24 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
             KubernetesUpgradeArgs(context, control_planes, admin=first, after=[previous, *bootstrapped]),
         )
 
-    # 10. An etcd snapshot timer on every member: the control planes, or the external etcd VMs.
+    # 10. The program's settings on every running control plane, one at a time (new ones already have them).
+    settings = ControlPlaneSettings(
+        "control-plane-settings",
+        ControlPlaneSettingsArgs(
+            context,
+            [SettingsTarget(cp.node, cp.vm, cp.kubeadm) for cp in control_planes],
+            shape,
+            after=[previous, *bootstrapped, *([upgrade] if upgrade is not None else [])],
+        ),
+    )
+    # 11. An etcd snapshot timer on every member: the control planes, or the external etcd VMs.
     if etcd_spec is None:
         targets = [BackupTarget(cp.node, cp.vm, cp.kubeadm) for cp in control_planes]
     else:
         by_name = {node.hostname: node for node in plan.etcd_members}
         targets = [BackupTarget(by_name[name], etcd.vms[name], step) for name, step in etcd.members.items()]
     backups = EtcdBackups("etcd-backup", EtcdBackupsArgs(context, targets))
-    # 11. kubeadm's certificates on every control plane, one node at a time, renewed within renewBeforeDays.
+    # 12. kubeadm's certificates on every control plane, one node at a time, renewed within renewBeforeDays.
     renewals = plan_renewals(
         [cp.node.hostname for cp in control_planes],
         last_deployment.outputs,
@@ -166,7 +177,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
             renewals,
             stacked_etcd=etcd_spec is None,
             cluster_config=renewal_document(shape),
-            after=[*bootstrapped, *([upgrade] if upgrade is not None else [])],
+            after=[*bootstrapped, *([upgrade] if upgrade is not None else []), *settings.steps.values()],
         ),
     )
 
@@ -177,6 +188,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
     if etcd_spec is not None:
         last_steps.append(etcd.ready)
     last_steps += backups.installed.values()
+    last_steps += settings.steps.values()
     last_steps += renewal.steps.values()
     kubernetes_version = (
         upgrade.completed_version if upgrade is not None else pulumi.Output.from_input(config.kubernetes.version)

@@ -9,6 +9,7 @@ from typing import Literal
 import pulumi
 import pulumi_command as command
 
+from components.control_plane_config import settings_files
 from components.membership import admin_for, membership_step, node_removal_step, reset_step, token_step
 from components.nodes import NodeContext
 from components.pki import ETCD_CA, SA_KEY_PATH, SA_PUB_PATH, ClusterPki, IssuedLeaf
@@ -213,7 +214,11 @@ class ControlPlaneNode(pulumi.ComponentResource):
             stdin = secret(
                 pulumi.Output.all(init_config, join_config).apply(
                     lambda docs: encode_bundle(
-                        [BundleFile(INIT_CONFIG_PATH, docs[0], 0o600), BundleFile(JOIN_CONFIG_PATH, docs[1], 0o600)]
+                        [
+                            BundleFile(INIT_CONFIG_PATH, docs[0], 0o600),
+                            BundleFile(JOIN_CONFIG_PATH, docs[1], 0o600),
+                            *settings_files(args.shape),
+                        ]
                     )
                 )
             )
@@ -226,7 +231,11 @@ class ControlPlaneNode(pulumi.ComponentResource):
         else:
             # Joining nodes refresh the bootstrap token on the first control plane just before they join.
             removal = token_step(context, node, self.vm, self.admin, parent=self, after=args.after, removes_node=True)
-            stdin = config_bundle(JOIN_CONFIG_PATH, join_config)
+            stdin = secret(
+                join_config.apply(
+                    lambda text: encode_bundle([BundleFile(JOIN_CONFIG_PATH, text, 0o600), *settings_files(args.shape)])
+                )
+            )
             script = kubeadm_join_script(node.hostname)
         reset = reset_step(context, node, self.vm, parent=self, after=[removal])
         self.kubeadm: command.remote.Command = run_step(

@@ -77,7 +77,7 @@ class BootstrapToken:
 class InitConfiguration:
     node_registration: NodeRegistration
     local_api_endpoint: APIEndpoint = field(metadata={"wire": "localAPIEndpoint"})
-    bootstrap_tokens: tuple[BootstrapToken, ...]
+    bootstrap_tokens: tuple[BootstrapToken, ...] | None
     api_version: str = KUBEADM_API
     kind: str = "InitConfiguration"
 
@@ -255,6 +255,18 @@ def init_documents(shape: ClusterShape, *, hostname: str, address: str, token: s
         node_registration=_registration(hostname, address, control_plane=True),
         local_api_endpoint=APIEndpoint(advertise_address=address),
         bootstrap_tokens=(BootstrapToken(token=token),),
+    )
+    return to_yaml(init, cluster_configuration(shape), KubeletConfiguration())
+
+
+def settings_documents(shape: ClusterShape, *, hostname: str, address: str) -> str:
+    """What the control-plane settings step (render/control_plane_config.py) gives `kubeadm init phase
+    control-plane` and `upload-config` on a running control plane: this node's registration and endpoint, as
+    `kubeadm init`/`join` had them, and the ClusterConfiguration. No token: those phases use none."""
+    init = InitConfiguration(
+        node_registration=_registration(hostname, address, control_plane=True),
+        local_api_endpoint=APIEndpoint(advertise_address=address),
+        bootstrap_tokens=None,
     )
     return to_yaml(init, cluster_configuration(shape), KubeletConfiguration())
 

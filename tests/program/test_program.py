@@ -111,6 +111,7 @@ def test_every_child_has_a_component_parent(stack: str) -> None:
         "kubeadm-ha:index:EtcdCluster",
         "kubeadm-ha:index:EtcdBackups",
         "kubeadm-ha:index:CertificateRenewal",
+        "kubeadm-ha:index:ControlPlaneSettings",
         "kubeadm-ha:index:ControlPlaneNode",
         "kubeadm-ha:index:WorkerPool",
     }
@@ -158,7 +159,7 @@ def test_secrets_travel_only_on_stdin(stack: str) -> None:
             assert "PRIVATE KEY" not in text and token not in text, (command.name, field)
             assert not any(key.strip() in text for key in private_keys if key)
         assert "environment" not in command.inputs
-        if command.name.endswith("-configure-lb"):
+        if command.name.endswith(("-configure-lb", "-control-plane-config")):
             # Public configs: readable in diffs, and holding nothing secret.
             assert "stdin" not in command.secret_inputs
             assert "PRIVATE KEY" not in command.inputs["stdin"] and token not in command.inputs["stdin"]
