@@ -17,6 +17,7 @@ from components.certificates import (
 )
 from components.control_plane import ControlPlaneNode, ControlPlaneNodeArgs
 from components.control_plane_config import ControlPlaneSettings, ControlPlaneSettingsArgs, SettingsTarget
+from components.encryption import SecretsEncryption, SecretsEncryptionArgs
 from components.etcd import EtcdCluster, EtcdClusterArgs, plan_membership
 from components.loadbalancer import LoadBalancer, LoadBalancerArgs
 from components.nodes import NodeContext
@@ -57,6 +58,8 @@ class ClusterOutputs:
     # hostname -> earliest certificate expiry, and each control plane's renewal generation (components/certificates.py).
     certificates_expire: pulumi.Output[dict[str, str | None]] | None = None
     certificate_renewals: dict[str, int] | None = None
+    # The key generation Secrets are encrypted with, once every control plane has moved to it.
+    secrets_encryption: pulumi.Output[dict[str, object]] | None = None
 
 
 def cluster_shape(config: ClusterConfig, plan: AddressPlan, etcd: EtcdClusterSpec | None = None) -> ClusterShape:
@@ -112,6 +115,16 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
             + "\nSet placement: strict to refuse such a configuration."
         )
     context = NodeContext(config, plan, pki, hypervisors, placement)
+    # The keys that encrypt Secrets at rest; a raised `encryption.rotation` moves the cluster to a new one.
+    encryption = SecretsEncryption(
+        "secrets-encryption",
+        SecretsEncryptionArgs(
+            config.encryption.rotation,
+            last_deployment.encryption_generation,
+            last_deployment.encryption_moved_from,
+            cluster_exists=last_deployment.exists,
+        ),
+    )
     # 3. The API endpoint: HAProxy (+ keepalived) in front of every control plane.
     load_balancer = LoadBalancer("api-lb", LoadBalancerArgs(context))
     before_init: list[pulumi.Resource] = [*load_balancer.configured]
@@ -121,7 +134,10 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         before_init.append(etcd.ready)
     # 5. `kubeadm init` on the first control plane, once the endpoint answers and its PKI is placed.
     first, *others = plan.control_planes
-    initial = ControlPlaneNode(first.hostname, ControlPlaneNodeArgs(context, first, shape, "init", after=before_init))
+    secrets_files = encryption.bootstrap_files()
+    initial = ControlPlaneNode(
+        first.hostname, ControlPlaneNodeArgs(context, first, shape, "init", after=before_init, files=secrets_files)
+    )
     # 6. The pod network, from the first control plane.
     cni = initial.apply_cni(context)
     bootstrapped = [initial.kubeadm] + ([cni] if cni is not None else [])
@@ -130,7 +146,9 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
     previous = bootstrapped[-1]
     control_planes = [initial]
     for node in others:
-        joined = ControlPlaneNode(node.hostname, ControlPlaneNodeArgs(context, node, shape, "join", after=[previous]))
+        joined = ControlPlaneNode(
+            node.hostname, ControlPlaneNodeArgs(context, node, shape, "join", after=[previous], files=secrets_files)
+        )
         control_planes.append(joined)
         previous = joined.membership or joined.kubeadm
     if len(control_planes) > 1:
@@ -145,16 +163,20 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
             KubernetesUpgradeArgs(context, control_planes, admin=first, after=[previous, *bootstrapped]),
         )
 
-    # 10. The program's settings on every running control plane, one at a time (new ones already have them).
+    # 10. The program's settings on every running control plane, one at a time (new ones already have them),
+    #     inside the four phases that move Secrets to this run's encryption key (components/encryption.py).
+    settings_targets = [SettingsTarget(cp.node, cp.vm, cp.kubeadm) for cp in control_planes]
+    joined_and_upgraded = [previous, *bootstrapped, *([upgrade] if upgrade is not None else [])]
+    added = encryption.phase(context, settings_targets, "add", after=joined_and_upgraded)
     settings = ControlPlaneSettings(
         "control-plane-settings",
-        ControlPlaneSettingsArgs(
-            context,
-            [SettingsTarget(cp.node, cp.vm, cp.kubeadm) for cp in control_planes],
-            shape,
-            after=[previous, *bootstrapped, *([upgrade] if upgrade is not None else [])],
-        ),
+        ControlPlaneSettingsArgs(context, settings_targets, shape, after=[*joined_and_upgraded, *added[-1:]]),
     )
+    promoted = encryption.phase(context, settings_targets, "promote", after=list(settings.steps.values())[-1:])
+    rewritten = encryption.rewrite(context, settings_targets[0], after=promoted[-1:])
+    dropped = encryption.phase(context, settings_targets, "drop", after=[rewritten])
+    encryption_steps = [*added, *promoted, rewritten, *dropped]
+
     # 11. An etcd snapshot timer on every member: the control planes, or the external etcd VMs.
     if etcd_spec is None:
         targets = [BackupTarget(cp.node, cp.vm, cp.kubeadm) for cp in control_planes]
@@ -177,7 +199,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
             renewals,
             stacked_etcd=etcd_spec is None,
             cluster_config=renewal_document(shape),
-            after=[*bootstrapped, *([upgrade] if upgrade is not None else []), *settings.steps.values()],
+            after=[*bootstrapped, *([upgrade] if upgrade is not None else []), *dropped[-1:]],
         ),
     )
 
@@ -189,6 +211,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         last_steps.append(etcd.ready)
     last_steps += backups.installed.values()
     last_steps += settings.steps.values()
+    last_steps += encryption_steps
     last_steps += renewal.steps.values()
     kubernetes_version = (
         upgrade.completed_version if upgrade is not None else pulumi.Output.from_input(config.kubernetes.version)
@@ -233,6 +256,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         etcd_backups=backup_locations(config, [target.node.hostname for target in targets]),
         certificates_expire=certificate_expiries(renewal, pki),
         certificate_renewals={host: plan.generation for host, plan in renewals.items()},
+        secrets_encryption=encryption.record(encryption_steps),
     )
 
 

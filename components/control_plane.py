@@ -159,6 +159,8 @@ class ControlPlaneNodeArgs:
     bootstrap: Literal["init", "join"]
     # Everything that must have happened before kubeadm runs on this node.
     after: Sequence[pulumi.Resource]
+    # Secret files kubeadm's static pods read, placed with its documents (the EncryptionConfiguration).
+    files: pulumi.Input[Sequence[BundleFile]] = ()
 
 
 class ControlPlaneNode(pulumi.ComponentResource):
@@ -212,12 +214,13 @@ class ControlPlaneNode(pulumi.ComponentResource):
                 lambda value: init_documents(args.shape, hostname=node.hostname, address=str(node.address), token=value)
             )
             stdin = secret(
-                pulumi.Output.all(init_config, join_config).apply(
+                pulumi.Output.all(init_config, join_config, args.files).apply(
                     lambda docs: encode_bundle(
                         [
                             BundleFile(INIT_CONFIG_PATH, docs[0], 0o600),
                             BundleFile(JOIN_CONFIG_PATH, docs[1], 0o600),
                             *settings_files(args.shape),
+                            *docs[2],
                         ]
                     )
                 )
@@ -232,8 +235,10 @@ class ControlPlaneNode(pulumi.ComponentResource):
             # Joining nodes refresh the bootstrap token on the first control plane just before they join.
             removal = token_step(context, node, self.vm, self.admin, parent=self, after=args.after, removes_node=True)
             stdin = secret(
-                join_config.apply(
-                    lambda text: encode_bundle([BundleFile(JOIN_CONFIG_PATH, text, 0o600), *settings_files(args.shape)])
+                pulumi.Output.all(join_config, args.files).apply(
+                    lambda docs: encode_bundle(
+                        [BundleFile(JOIN_CONFIG_PATH, docs[0], 0o600), *settings_files(args.shape), *docs[1]]
+                    )
                 )
             )
             script = kubeadm_join_script(node.hostname)

@@ -311,6 +311,13 @@ class AuditConfig(_Model):
         return self.log_path.rsplit("/", 1)[0]
 
 
+class EncryptionConfig(_Model):
+    """Secrets encrypted at rest (render/encryption.py): raising `rotation` moves every Secret to a new key."""
+
+    # The key generation: 0 is the first key. Only ever raised, by one or more; each raise is one rotation.
+    rotation: Annotated[int, Field(ge=0, le=100000)] = 0
+
+
 class CertificatesConfig(_Model):
     """When `pulumi up` renews the certificates kubeadm made on the nodes (components/certificates.py)."""
 
@@ -347,6 +354,7 @@ class ClusterConfig(_Model):
     ssh: SshConfig = SshConfig()
     certificates: CertificatesConfig = CertificatesConfig()
     audit: AuditConfig = AuditConfig()
+    encryption: EncryptionConfig = EncryptionConfig()
     promotion: PromotionConfig | None = None
     # What a placement that does not survive the loss of one hypervisor gets: a warning, or (strict) refusal.
     placement: Literal["warn", "strict"] = "warn"

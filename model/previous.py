@@ -47,6 +47,7 @@ ETCD_MEMBERS_OUTPUT = "etcdMembers"
 ETCD_IMAGE_TAG_OUTPUT = "etcdImageTag"
 DEPLOYMENT_ID_OUTPUT = "deploymentId"
 NETWORK_MODE_OUTPUT = "networkMode"
+SECRETS_ENCRYPTION_OUTPUT = "secretsEncryption"
 
 # The engine's builtin that returns every resource of a stack's last persisted snapshot, as
 # `{urn: {"type": ..., "outputs": ...}}` (pulumi pkg/resource/deploy/builtins.go, readStackResourceOutputs;
@@ -104,6 +105,24 @@ class PreviousDeployment:
         """The registry.k8s.io/etcd tag the external etcd members were last deployed with."""
         value = self.outputs.get(ETCD_IMAGE_TAG_OUTPUT)
         return str(value) if value else None
+
+    @property
+    def encryption_generation(self) -> int | None:
+        """The key generation every control plane encrypts Secrets with; None before the program encrypted them
+        (a new stack, or one deployed before encryption at rest)."""
+        value = self.outputs.get(SECRETS_ENCRYPTION_OUTPUT)
+        generation = value.get("generation") if isinstance(value, Mapping) else None
+        # Outputs come back through a protobuf Struct, whose numbers are doubles: 0 is read back as 0.0.
+        if isinstance(generation, (int, float)) and not isinstance(generation, bool) and generation == int(generation):
+            return int(generation)
+        return None
+
+    @property
+    def encryption_moved_from(self) -> str | None:
+        """The key (or `identity`) the last move to `encryption_generation` started from."""
+        value = self.outputs.get(SECRETS_ENCRYPTION_OUTPUT)
+        moved = value.get("from") if isinstance(value, Mapping) else None
+        return moved if isinstance(moved, str) else None
 
     @property
     def deployment_id(self) -> str | None:

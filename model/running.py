@@ -129,6 +129,30 @@ def change_problems(config: ClusterConfig, previous: PreviousDeployment) -> list
                 "was deployed with (`python -m tools.promote STACK --find-revision` lists it)",
             )
         )
+    generation = previous.encryption_generation
+    moving = previous.exists and generation != config.encryption.rotation
+    if moving and previous.node_names is not None:
+        planned = {node.hostname for node in plan_addresses(config).control_planes}
+        added = sorted(planned - set(previous.node_names))
+        if added:
+            source = "no encryption" if generation is None else f"key generation {generation}"
+            problems.append(
+                Problem(
+                    "encryption.rotation",
+                    f"moving Secrets from {source} to generation {config.encryption.rotation} while control planes "
+                    f"are added ({', '.join(added)}); one change at a time: a control plane joining mid-move would "
+                    "hold only the new key while the others still write with the old one",
+                )
+            )
+    if generation is not None and config.encryption.rotation < generation:
+        problems.append(
+            Problem(
+                "encryption.rotation",
+                f"the cluster's Secrets are encrypted with key generation {generation}; going back to "
+                f"{config.encryption.rotation} would rotate to a key that has already been retired. Rotation only "
+                f"moves forward: set it to {generation} (no change) or higher (a new key)",
+            )
+        )
     if previous.network_mode is not None and previous.network_mode != config.network.mode:
         problems.append(
             Problem(

@@ -15,6 +15,10 @@ from render import lb_config, yamldoc
 
 AUDIT_POLICY_DIR = "/etc/kubernetes/audit"
 AUDIT_POLICY_PATH = f"{AUDIT_POLICY_DIR}/policy.yaml"
+# Where kube-apiserver reads its EncryptionConfiguration (render/encryption.py writes it).
+ENCRYPTION_CONFIG_DIR = "/etc/kubernetes/encryption"
+ENCRYPTION_CONFIG_PATH = f"{ENCRYPTION_CONFIG_DIR}/config.yaml"
+ENCRYPTION_FLAG = "encryption-provider-config"
 
 # kube-apiserver keeps serving this long after SIGTERM while its /readyz already fails, so every HAProxy takes
 # it out of rotation (within BACKEND_OUT_OF_ROTATION_S, the hold-down the renewal step uses) before it stops
@@ -66,6 +70,8 @@ def apiserver_args(settings: Hardening) -> tuple[tuple[str, str], ...]:
         # connection closed, which clients retry, instead of a reset.
         ("shutdown-delay-duration", f"{SHUTDOWN_DELAY_S}s"),
         ("shutdown-send-retry-after", "true"),
+        # CIS 1.2.27-1.2.28: Secrets encrypted at rest (render/encryption.py).
+        (ENCRYPTION_FLAG, ENCRYPTION_CONFIG_PATH),
     )
 
 
@@ -73,6 +79,13 @@ def apiserver_volumes(settings: Hardening) -> tuple[HostPathMount, ...]:
     return (
         HostPathMount(
             "audit-policy", AUDIT_POLICY_DIR, AUDIT_POLICY_DIR, read_only=True, path_type="DirectoryOrCreate"
+        ),
+        HostPathMount(
+            "encryption-config",
+            ENCRYPTION_CONFIG_DIR,
+            ENCRYPTION_CONFIG_DIR,
+            read_only=True,
+            path_type="DirectoryOrCreate",
         ),
         HostPathMount(
             "audit-log", settings.audit.log_dir, settings.audit.log_dir, read_only=False, path_type="DirectoryOrCreate"

@@ -184,8 +184,10 @@ def test_first_control_plane_joins_when_the_cluster_exists(dev: Evaluation) -> N
     assert kinds == {
         "init.yaml": ["InitConfiguration", "ClusterConfiguration", "KubeletConfiguration"],
         "join.yaml": ["JoinConfiguration"],
-        # The audit policy the API server's flags name, there before kubeadm starts it (render/hardening.py).
+        # The audit policy and the Secrets' encryption the API server's flags name, there before kubeadm
+        # starts it (render/hardening.py, render/encryption.py).
         "policy.yaml": ["Policy"],
+        "config.yaml": ["EncryptionConfiguration"],
     }
     script = script_of(step)
     # A replacement of the first control plane finds the cluster answering and joins it; init only ever

@@ -112,6 +112,7 @@ def test_every_child_has_a_component_parent(stack: str) -> None:
         "kubeadm-ha:index:EtcdBackups",
         "kubeadm-ha:index:CertificateRenewal",
         "kubeadm-ha:index:ControlPlaneSettings",
+        "kubeadm-ha:index:SecretsEncryption",
         "kubeadm-ha:index:ControlPlaneNode",
         "kubeadm-ha:index:WorkerPool",
     }
@@ -184,7 +185,8 @@ def test_secret_steps_are_exactly_the_ones_that_need_secrets(stack: str) -> None
 
     secret_kinds = {kind(command) for command in commands(ev) if "stdin" in command.secret_inputs}
     external_etcd = any(node["role"] == "etcd" for node in ev.outputs["nodes"].value.values())
-    assert secret_kinds == {"place-pki", "kubeadm-init", "kubeadm-join", "join-token"} | (
+    encryption = {"encryption-add", "encryption-promote", "encryption-drop"}
+    assert secret_kinds == {"place-pki", "kubeadm-init", "kubeadm-join", "join-token", *encryption} | (
         {"etcd-member"} if external_etcd else set()
     )
 

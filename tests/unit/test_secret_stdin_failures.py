@@ -56,6 +56,7 @@ PEM_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----\n.*?-----END [A-Z0-
 # Each kind of secret-stdin step, by the suffix of its resource name.
 LOCAL_HOME = pwd.getpwuid(os.getuid()).pw_dir
 KINDS = ("place-pki", "kubeadm-init", "kubeadm-join", "join-token", "etcd-member", "reset", "host-key-disk")
+KINDS += ("encryption-add", "encryption-promote", "encryption-drop")
 
 # ---------------------------------------------------------------- stubs
 
@@ -264,6 +265,9 @@ SCENARIOS = (
     Scenario("prod", "etcd-member", "delete", members=True, old_manifest=True),
     Scenario("staging", "reset", "delete", open_ports=("22",)),
     Scenario("dev", "host-key-disk", "create"),
+    Scenario("staging", "encryption-add", "create"),
+    Scenario("staging", "encryption-promote", "create"),
+    Scenario("staging", "encryption-drop", "create"),
 )
 
 
