@@ -14,6 +14,7 @@ from model.previous import (
     ETCD_TOPOLOGY_OUTPUT,
     KUBERNETES_VERSION_OUTPUT,
     NETWORK_MODE_OUTPUT,
+    SECRETS_ENCRYPTION_KEYS_OUTPUT,
     SECRETS_ENCRYPTION_OUTPUT,
     read_previous_deployment,
 )
@@ -53,6 +54,7 @@ pulumi.export(ETCD_BACKUPS_OUTPUT, cluster.etcd_backups)
 pulumi.export(CERTIFICATES_EXPIRE_OUTPUT, cluster.certificates_expire)
 pulumi.export(CERTIFICATE_RENEWALS_OUTPUT, cluster.certificate_renewals)
 pulumi.export(SECRETS_ENCRYPTION_OUTPUT, cluster.secrets_encryption)
+pulumi.export(SECRETS_ENCRYPTION_KEYS_OUTPUT, cluster.secrets_encryption_keys)
 if cluster.etcd_initial_members is not None:
     # Which members bootstrapped the external etcd cluster (forever), and which are planned now.
     pulumi.export(ETCD_INITIAL_MEMBERS_OUTPUT, list(cluster.etcd_initial_members))

@@ -60,6 +60,7 @@ class ClusterOutputs:
     certificate_renewals: dict[str, int] | None = None
     # The key generation Secrets are encrypted with, once every control plane has moved to it.
     secrets_encryption: pulumi.Output[dict[str, object]] | None = None
+    secrets_encryption_keys: pulumi.Output[dict[str, str]] | None = None
 
 
 def cluster_shape(config: ClusterConfig, plan: AddressPlan, etcd: EtcdClusterSpec | None = None) -> ClusterShape:
@@ -257,6 +258,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         certificates_expire=certificate_expiries(renewal, pki),
         certificate_renewals={host: plan.generation for host, plan in renewals.items()},
         secrets_encryption=encryption.record(encryption_steps),
+        secrets_encryption_keys=encryption.keys_output(),
     )
 
 

@@ -13,6 +13,7 @@ guard finds its phase done, and the steps' inputs are the same, so a second `pul
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 from collections.abc import Sequence
@@ -138,6 +139,17 @@ class SecretsEncryption(pulumi.ComponentResource):
             depends_on=[target.after, *after],
             replace_with=target.vm.domain.id,
         )
+
+    def keys_output(self) -> pulumi.Output[dict[str, str]]:
+        """`secretsEncryptionKeys` (a secret): every generation's key, base64, for tools/etcd_restore.py, which
+        must read Secrets in snapshots taken before a rotation."""
+        names = list(self._secrets)
+        keys = pulumi.Output.all(*(self._secrets[name] for name in names)).apply(
+            lambda pems: {
+                name: base64.b64encode(derive_key(pem)).decode() for name, pem in zip(names, pems, strict=True)
+            }
+        )
+        return pulumi.Output.secret(keys)
 
     def record(self, finished: Sequence[pulumi.Resource]) -> pulumi.Output[dict[str, object]]:
         """The `secretsEncryption` output, published once every phase of this run is done."""

@@ -48,6 +48,7 @@ ETCD_IMAGE_TAG_OUTPUT = "etcdImageTag"
 DEPLOYMENT_ID_OUTPUT = "deploymentId"
 NETWORK_MODE_OUTPUT = "networkMode"
 SECRETS_ENCRYPTION_OUTPUT = "secretsEncryption"
+SECRETS_ENCRYPTION_KEYS_OUTPUT = "secretsEncryptionKeys"
 
 # The engine's builtin that returns every resource of a stack's last persisted snapshot, as
 # `{urn: {"type": ..., "outputs": ...}}` (pulumi pkg/resource/deploy/builtins.go, readStackResourceOutputs;

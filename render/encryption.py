@@ -194,3 +194,27 @@ def rewrite_script(host: str, new: str) -> Script:
             f"printf '%s\\n' {quote(new)} >{quote(REWRITTEN_MARKER)}",
         ),
     )
+
+
+def restore_order(current: str, names: Sequence[str]) -> tuple[str, ...]:
+    """After a restore: write with `current`, read every key the stack ever had (newest first), then identity.
+    A snapshot from before a rotation holds Secrets written with a key the control planes have since dropped."""
+    older = sorted((name for name in names if name != current), key=lambda name: -int(name.removeprefix("key-")))
+    return (current, *older, IDENTITY)
+
+
+def restore_file_script(host: str) -> Script:
+    """tools/etcd_restore.py, while the control plane's static pods are held: the restore file from stdin,
+    and the re-write marker gone, so that the next re-write (the tool's) runs. Always runs."""
+    return Script(
+        step="encryption-restore",
+        host=host,
+        done_when="false",
+        functions=_functions(),
+        body=(
+            shell("install", "-d", "-m", "0700", CONFIG_DIR_ON_NODE),
+            "install_bundle",
+            shell("rm", "-f", REWRITTEN_MARKER),
+            'echo "kubeadm-ha: encryption entries on ${KUBEADM_HA_HOST} are now $(encryption_keys)"',
+        ),
+    )

@@ -209,3 +209,16 @@ def health_script(host: str, members: Sequence[EtcdMember]) -> Script:
         on_node=False,
         body=tuple(lines),
     )
+
+
+def api_ready_script(host: str) -> Script:
+    """Exit 0 once this control plane's API server answers /readyz (tools/etcd_restore.py polls it)."""
+    return Script(
+        step="api-ready",
+        host=host,
+        done_when="false",
+        body=(
+            shell("curl", "--silent", "--fail", "--max-time", "5", "--cacert", "/etc/kubernetes/pki/ca.crt",
+                  "https://127.0.0.1:6443/readyz") + " >/dev/null",
+        ),
+    )  # fmt: skip

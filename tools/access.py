@@ -19,11 +19,12 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from components.backup import ETCD_BACKUPS_OUTPUT, HOST_KEYS_OUTPUT
+from model.previous import SECRETS_ENCRYPTION_KEYS_OUTPUT, SECRETS_ENCRYPTION_OUTPUT
 from render.etcd import EtcdMember
 from render.scripts import Script, quote
 
@@ -57,6 +58,10 @@ class StackAccess:
     backup_directory: str
     kubeconfig: str = ""
     api_endpoint: str = ""
+    # Secrets' encryption at rest: the key control planes write with, and every key the stack ever had
+    # (name -> base64), from `secretsEncryption` and the secret `secretsEncryptionKeys`.
+    encryption_key: str = ""
+    encryption_keys: Mapping[str, str] = field(default_factory=dict)
 
     def role(self, role: str) -> list[Node]:
         return sorted((node for node in self.nodes.values() if node.role == role), key=_index)
@@ -109,6 +114,8 @@ def access_from_outputs(stack: str, outputs: Mapping[str, Any]) -> StackAccess:
         backup_directory=str(backups.get("directory") or "/var/backups/kubeadm-ha/etcd"),
         kubeconfig=str(outputs.get("kubeconfig") or ""),
         api_endpoint=str(outputs.get("apiEndpoint") or ""),
+        encryption_key=str((outputs.get(SECRETS_ENCRYPTION_OUTPUT) or {}).get("key") or ""),
+        encryption_keys={str(k): str(v) for k, v in dict(outputs.get(SECRETS_ENCRYPTION_KEYS_OUTPUT) or {}).items()},
     )
 
 

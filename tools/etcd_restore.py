@@ -13,7 +13,13 @@ Steps, each printed as it runs (render/etcd_restore.py renders every script):
    token, its own name and peer URL, revisions bumped and marked compacted (so watchers re-list); the
    old data directory is kept beside it as `/var/lib/etcd.before-restore-<id>`.
 5. Put etcd's manifests back on every member; wait until every member answers a quorum read.
+   With Secrets encrypted at rest: give every control plane (still held) an EncryptionConfiguration that
+   writes with the current key and reads every key the stack ever had (`secretsEncryptionKeys`): a snapshot
+   from before a rotation holds Secrets written with a key the control planes have since dropped.
 6. Put the control-plane manifests back.
+7. With encryption: once the API answers, re-write every Secret with the current key, then give each
+   control plane the final file back (the current key, then identity), one API server at a time behind
+   the load balancers: the program's own `encryption-rewrite` and `encryption-drop` scripts.
 
 Works for both topologies: stacked members are the control planes, external ones the etcd VMs.
 Do not run `pulumi up` while a restore runs: its steps would put held manifests back.
@@ -22,12 +28,26 @@ Do not run `pulumi up` while a restore runs: its steps would put held manifests 
 from __future__ import annotations
 
 import argparse
+import base64
+import dataclasses
 import datetime
 import sys
 import time
 from pathlib import Path
 
+from render.encryption import (
+    CONFIG_PATH,
+    IDENTITY,
+    Key,
+    configuration,
+    entries,
+    phase_script,
+    restore_file_script,
+    restore_order,
+    rewrite_script,
+)
 from render.etcd_restore import (
+    api_ready_script,
     health_script,
     hold_script,
     quorum_probe_script,
@@ -35,6 +55,7 @@ from render.etcd_restore import (
     release_script,
     restore_data_script,
 )
+from render.scripts import BundleFile, encode_bundle
 from tools.access import (
     Node,
     SshTransport,
@@ -55,6 +76,8 @@ PUSH_TIMEOUT = 3600.0
 RESTORE_TIMEOUT = 900.0
 HEALTH_BOUND_SECONDS = 300.0
 HEALTH_POLL_SECONDS = 2.0
+REWRITE_TIMEOUT = 1800.0
+RESTART_TIMEOUT = 600.0
 
 
 def quorum_alive(access: StackAccess, transport: Transport) -> list[str]:
@@ -161,6 +184,9 @@ def restore(
     say(f"   every member healthy after {took:.1f} s")
     timings["etcd healthy"] = time.monotonic() - phase
 
+    if access.encryption_key:
+        _place_restore_keys(access, transport)
+
     phase = time.monotonic()
     say("6. starting the control planes")
     for node, etcd_member, control_plane in _roles(access):
@@ -169,8 +195,64 @@ def restore(
             run_checked(transport, node, release, timeout=HOLD_TIMEOUT)
             say(f"   {node.hostname}: control-plane manifests back")
     timings["control planes"] = time.monotonic() - phase
+    if access.encryption_key:
+        phase = time.monotonic()
+        say(f"7. re-writing every Secret with {access.encryption_key}, then dropping the older keys again")
+        _finish_encryption(access, transport)
+        timings["secrets re-encrypted"] = time.monotonic() - phase
     say("restore done: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
     return timings
+
+
+def _secret_bundle(order: tuple[str, ...], access: StackAccess) -> bytes:
+    keys = [Key(name, base64.b64decode(access.encryption_keys[name])) for name in order if name != IDENTITY]
+    return encode_bundle([BundleFile(CONFIG_PATH, configuration(order, keys), 0o600)]).encode()
+
+
+def _place_restore_keys(access: StackAccess, transport: Transport) -> None:
+    missing = access.encryption_key not in access.encryption_keys
+    if missing:
+        raise ToolError(
+            f"stack {access.stack} encrypts Secrets with {access.encryption_key} but its secretsEncryptionKeys output "
+            "lacks it: the snapshot's Secrets could not be read. Run the tool with this program's outputs"
+        )
+    order = restore_order(access.encryption_key, list(access.encryption_keys))
+    payload = _secret_bundle(order, access)
+    for node in access.role("cp"):
+        # Given secrets on stdin: its output is kept on the node and only a scrubbed summary shown.
+        script = dataclasses.replace(restore_file_script(node.hostname), secret_stdin=True)
+        run_checked(transport, node, script, stdin=payload, timeout=HOLD_TIMEOUT)
+        say(f"   {node.hostname}: encryption reads {' '.join(order)}")
+
+
+def _finish_encryption(access: StackAccess, transport: Transport) -> None:
+    control_planes = access.role("cp")
+    wait_api(access, transport, control_planes[0], HEALTH_BOUND_SECONDS)
+    run_checked(transport, control_planes[0], rewrite_script(control_planes[0].hostname, access.encryption_key),
+                timeout=REWRITE_TIMEOUT)  # fmt: skip
+    say(f"   every Secret re-written with {access.encryption_key}")
+    final = _secret_bundle(entries("drop", access.encryption_key, access.encryption_key), access)
+    for node in control_planes:
+        script = dataclasses.replace(
+            phase_script(node.hostname, "drop", access.encryption_key, access.encryption_key), secret_stdin=True
+        )
+        run_checked(transport, node, script, stdin=final, timeout=RESTART_TIMEOUT)
+        say(f"   {node.hostname}: older keys dropped, API server restarted")
+
+
+def wait_api(access: StackAccess, transport: Transport, node: Node, bound: float) -> None:
+    """Until the API server on `node` answers /readyz (bounded)."""
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            run_checked(transport, node, api_ready_script(node.hostname), timeout=30)
+            return
+        except ToolError as error:
+            if time.monotonic() >= deadline:
+                raise ToolError(
+                    f"the API server on {node.hostname} did not become ready within {bound:.0f} s: {error}"
+                ) from None
+        time.sleep(HEALTH_POLL_SECONDS)
 
 
 def main(argv: list[str] | None = None) -> int:
