@@ -11,10 +11,11 @@ and mount namespaces, so the manifests, kubeconfigs, PKI and etcd's data directo
 (/etc and /var are the node's overlays, tests/real/node_root.py); kubectl is on its PATH as on a control plane.
 
 How kube-bench sees the processes: its audits run the real `/bin/ps -ef | grep <component>` and `ps -C`. The lab's
-nodes share the host's PID namespace, so ps lists every process of the machine: with one control plane the lab
-runs exactly one of each component, and the runner refuses to run kube-bench (and to trust its result) unless
-`ps` lists exactly one process per component before and after it ran (another lab on the machine would make the
-audits read the wrong command lines). No stand-in for ps is used.
+nodes share one PID namespace, and other labs may run on this machine at the same time; so the runner re-executes
+itself in a PID namespace of its own (tests/real/pid_namespace.py): ps lists the processes of this lab
+only, and with one control plane that is exactly one of each component. The runner refuses to run kube-bench (and
+to trust its result) unless ps lists exactly one process per component before and after it ran. No stand-in for
+ps is used. When the namespace's first process ends, the kernel kills whatever is left in it.
 
 Benchmark: `--benchmark cis-1.12` (BENCHMARK). kube-bench's cfg/config.yaml `version_mapping` ends at "1.34":
 "cis-1.12" in both versions the module proxy serves (v0.15.6, v0.16.0); the program runs Kubernetes 1.37, which
@@ -48,7 +49,8 @@ from typing import Any
 
 from model.addressing import NodePlan
 from model.versions import DEFAULT_KUBERNETES
-from tests.integration.netns import Lab, cleanup_stale, scratch_dir
+from tests.integration.netns import Lab
+from tests.real import pid_namespace
 from tests.real.control_plane_lab import ControlPlaneLab, Node
 from tests.real.node_root import DEFAULT_PATH
 from tools.plan import mask
@@ -64,6 +66,7 @@ CONTROL_PLANE_NAMES = ("kubeadm", *COMPONENTS, "kubectl", "etcd", "etcdctl", "ku
 OWN_VERSION = {"kube-bench", "containerd", "ctr", "containerd-shim-runc-v2"}  # not a Kubernetes version
 BUILD_BOUND = 3000.0  # the whole suite's build bound (tests/run-all.sh)
 BENCH_BOUND = 300.0
+RUN_BOUND = BUILD_BOUND + 1800.0
 STATUSES = ("PASS", "FAIL", "WARN", "INFO")
 
 
@@ -95,7 +98,7 @@ def build(names: tuple[str, ...], version: str) -> dict[str, str]:
 
 
 def process_table() -> list[str]:
-    """Every process's command line, as `ps -e -o args` prints it (the host PID namespace: the lab's too)."""
+    """Every process's command line, as `ps -e -o args` prints it (this runner's PID namespace: its lab)."""
     out = subprocess.run(["ps", "-e", "-o", "args="], capture_output=True, text=True, timeout=30, check=True).stdout
     return out.splitlines()
 
@@ -105,22 +108,11 @@ def running(name: str, table: list[str]) -> list[str]:
 
 
 def check_single(names: tuple[str, ...], when: str) -> None:
-    """Exactly one process per name on the machine, or the ps-based audits would read the wrong command line."""
+    """Exactly one process per name in the lab, or the ps-based audits would read the wrong command line."""
     table = process_table()
     counts = {name: len(running(name, table)) for name in names}
     if any(count != 1 for count in counts.values()):
-        raise SystemExit(f"{when}: ps lists {counts} (exactly one of each expected); another lab running?")
-
-
-def wait_quiet(names: tuple[str, ...], timeout: float) -> None:
-    """Wait (bounded) until no process of `names` runs on the machine: another lab's would share `ps`."""
-    started = time.monotonic()
-    while busy := {name: len(found) for name in names if (found := running(name, process_table()))}:
-        if time.monotonic() - started > timeout:
-            raise SystemExit(f"after {timeout:.0f} s, still running on this machine: {busy}")
-        if time.monotonic() - started < 1:
-            say(f"waiting for {busy} (another lab) to end, at most {timeout:.0f} s")
-        time.sleep(5)
+        raise SystemExit(f"{when}: ps lists {counts} (exactly one of each expected)")
 
 
 # ---- the lab -------------------------------------------------------------------------------------------
@@ -182,8 +174,8 @@ class BenchLab:
 @contextlib.contextmanager
 def start(work: Path, version: str, binaries: dict[str, str]) -> Iterator[BenchLab]:
     """The smallest shape's control plane, running; torn down on the way out, after a failure too."""
-    cleanup_stale()
-    lab = Lab("kb", log_dir=work / "logs")
+    lab = Lab(pid_namespace.lab_tag("kb"), log_dir=work / "logs")
+    pid_namespace.record(lab)
     live: BenchControlPlaneLab | None = None
     try:
         live = BenchControlPlaneLab(lab, work, STACK, version, binaries, programs={})
@@ -295,11 +287,12 @@ def report(results: list[Any]) -> dict[str, int]:
 
 
 def main(argv: list[str]) -> int:
+    if not pid_namespace.inside():
+        return pid_namespace.run_inside("tests.real.kube_bench", argv, bound=RUN_BOUND)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/kube-bench-results"), help="where the JSON results go")
     parser.add_argument("--version", default=DEFAULT_KUBERNETES, help="Kubernetes version (default: the program's)")
     parser.add_argument("--targets", default="master,etcd", help="kube-bench targets besides node (%(default)s)")
-    parser.add_argument("--wait", type=float, default=900, help="seconds to wait for another lab to end (%(default)s)")
     parser.add_argument("--no-node", action="store_true", help="skip section 4 (the real kubelet)")
     args = parser.parse_args(argv)
     out = args.out.resolve()
@@ -312,8 +305,8 @@ def main(argv: list[str]) -> int:
     names = CONTROL_PLANE_NAMES if args.no_node else (*CONTROL_PLANE_NAMES, *kube_bench_node.NAMES)
     binaries = build(names, args.version)
     config_dir = Path(binaries["kube-bench"]).parent / "cfg"
-    wait_quiet((*PROCESSES, "kubelet"), args.wait)
-    work = scratch_dir("kubebench")  # /tmp/kha-PID-kubebench-*: cleanup_stale() removes it after a crash
+    work = pid_namespace.scratch() / "lab"
+    work.mkdir()
     results: list[Any] = []
     notes: list[str] = []
     try:
