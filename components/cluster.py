@@ -20,6 +20,7 @@ from components.control_plane_config import ControlPlaneSettings, ControlPlaneSe
 from components.encryption import SecretsEncryption, SecretsEncryptionArgs
 from components.etcd import EtcdCluster, EtcdClusterArgs, plan_membership
 from components.loadbalancer import LoadBalancer, LoadBalancerArgs
+from components.node_files import FilesTarget, NodeFiles, NodeFilesArgs
 from components.nodes import NodeContext
 from components.pki import ADMIN_USER, APISERVER_ETCD_CLIENT, ETCD_CA, ClusterPki, ClusterPkiArgs
 from components.remote import secret
@@ -178,14 +179,24 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
     dropped = encryption.phase(context, settings_targets, "drop", after=[rewritten])
     encryption_steps = [*added, *promoted, rewritten, *dropped]
 
-    # 11. An etcd snapshot timer on every member: the control planes, or the external etcd VMs.
+    # 11. File modes and owners on every node (again after an upgrade, which rewrites the kubelet's files).
+    files_targets = [FilesTarget(cp.node, cp.vm, cp.kubeadm, etcd_member=etcd_spec is None) for cp in control_planes]
+    files_targets += [
+        FilesTarget(node, workers.vms[node.hostname], workers.joins[node.hostname], False) for node in plan.workers
+    ]
+    if etcd_spec is not None:
+        files_targets += [
+            FilesTarget(node, etcd.vms[node.hostname], etcd.members[node.hostname], True) for node in plan.etcd_members
+        ]
+    node_files = NodeFiles("node-files", NodeFilesArgs(context, files_targets, after=[upgrade] if upgrade else []))
+    # 12. An etcd snapshot timer on every member: the control planes, or the external etcd VMs.
     if etcd_spec is None:
         targets = [BackupTarget(cp.node, cp.vm, cp.kubeadm) for cp in control_planes]
     else:
         by_name = {node.hostname: node for node in plan.etcd_members}
         targets = [BackupTarget(by_name[name], etcd.vms[name], step) for name, step in etcd.members.items()]
     backups = EtcdBackups("etcd-backup", EtcdBackupsArgs(context, targets))
-    # 12. kubeadm's certificates on every control plane, one node at a time, renewed within renewBeforeDays.
+    # 13. kubeadm's certificates on every control plane, one node at a time, renewed within renewBeforeDays.
     renewals = plan_renewals(
         [cp.node.hostname for cp in control_planes],
         last_deployment.outputs,
@@ -212,6 +223,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         last_steps.append(etcd.ready)
     last_steps += backups.installed.values()
     last_steps += settings.steps.values()
+    last_steps += node_files.steps.values()
     last_steps += encryption_steps
     last_steps += renewal.steps.values()
     kubernetes_version = (

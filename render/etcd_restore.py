@@ -13,6 +13,7 @@ from typing import Literal
 
 from render.backup import HELD_MANIFEST_DIR, etcd_tool_functions
 from render.etcd import DATA_DIR, EtcdMember
+from render.node_files import etcd_owner_lines
 from render.node_prep import STATIC_POD_DIR
 from render.scripts import Script, files_match, logged, quote
 from render.scripts import command as shell
@@ -166,7 +167,8 @@ def restore_data_script(
             "  " + shell("mv", data_dir, kept),
             "fi",
             shell("mv", fresh, data_dir),
-            shell("chmod", "0700", data_dir),
+            # The owner the program gives every data directory (render/node_files.py, CIS 1.1.12).
+            *etcd_owner_lines(data_dir),
             shell("touch", marker),
             f"echo {quote(f'kubeadm-ha: {member.name} restored from {digest[:12]}; old data in {kept}')}",
         ),

@@ -246,8 +246,13 @@ def test_upgrade_runs_in_kubeadms_order_with_worker_batches() -> None:
     # The settings steps' documents name the version too; they run after the whole upgrade, when kubeadm has
     # already rendered the manifests they would, so they restart nothing.
     settings = {name for name in changed if name.endswith("-control-plane-config")}
-    assert changed - disks - tokens - settings == {"dev-cp-1-kubeadm-init"}, changed
-    for name in settings:
+    # Every node's file modes are checked again after the upgrade: the new packages and `kubeadm upgrade node`
+    # write the kubelet's files 0644 again.
+    files = {name for name in changed if name.endswith("-node-files")}
+    nodes = upgraded.outputs["nodes"].value
+    assert files == {f"{name}-node-files" for name, node in nodes.items() if node["role"] != "lb"}
+    assert changed - disks - tokens - settings - files == {"dev-cp-1-kubeadm-init"}, changed
+    for name in settings | files:
         assert upgraded.depends_on(upgraded.named(name), f"dev-worker-1-upgrade-uncordon-{TARGET}"), name
     for disk in upgraded.by_type("libvirt:index/cloudInitDisk:CloudInitDisk"):
         assert {"userData", "metaData", "networkConfig"} <= set(disk.ignore_changes)
