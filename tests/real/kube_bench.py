@@ -53,7 +53,7 @@ from tests.integration.netns import Lab
 from tests.real import pid_namespace
 from tests.real.control_plane_lab import ControlPlaneLab, Node
 from tests.real.node_root import DEFAULT_PATH
-from tools.plan import mask
+from tools.plan import mask, script_of
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "tests" / "real" / "build-binaries"
@@ -195,6 +195,7 @@ def start(work: Path, version: str, binaries: dict[str, str]) -> Iterator[BenchL
         live.start_stacked_etcd(node)
         live.start_control_planes(COMPONENTS, only=[node.name])
         say(f"{node.name}: etcd and the control plane up in {time.monotonic() - started:.0f} s")
+        run_node_files(live, node)
         tools = work / "node-bin"  # what a control plane has on its PATH (the kubectl deb)
         tools.mkdir(exist_ok=True)
         (tools / "kubectl").symlink_to(binaries["kubectl"])
@@ -207,6 +208,15 @@ def start(work: Path, version: str, binaries: dict[str, str]) -> Iterator[BenchL
             live.close()
         lab.close()
         say("lab torn down")
+
+
+def run_node_files(live: ControlPlaneLab, node: Node) -> None:
+    """The program's own `<node>-node-files` step (render/node_files.py), as the program runs it after kubeadm
+    set the node up: the file modes and owners CIS asks for."""
+    script = script_of(live.evaluation.named(f"{node.name}-node-files"))
+    ran = live.run_step(node, script, "")
+    assert ran.returncode == 0, ran.output
+    say(f"{node.name}: the program's node-files step: {ran.output.strip().splitlines()[-1]}")
 
 
 # ---- kube-bench ---------------------------------------------------------------------------------------

@@ -195,13 +195,14 @@ def prepare(bench: BenchLab, binaries: dict[str, str]) -> list[str]:
 
 def run(bench: BenchLab, binaries: dict[str, str], config_dir: Path, out: Path) -> tuple[Any, list[str]]:
     """kubelet up, registered with the lab's API server; kube-bench's node target; (its JSON, notes)."""
-    from tests.real.kube_bench import check_single, run_bench
+    from tests.real.kube_bench import check_single, run_bench, run_node_files
 
     node = bench.node
     before = sysctls()
     notes = []
     try:
         argv = prepare(bench, binaries)
+        run_node_files(bench.live, node)  # kubeadm's kubelet-start wrote the kubelet's files 0644 again
         path = f"{Path(binaries['containerd-shim-runc-v2']).parent}:{DEFAULT_PATH}"
         containerd = bench.lab.spawn(node.namespace, node.root.wrap([binaries["containerd"]]), name="containerd",
                                      env={"PATH": path})  # fmt: skip
