@@ -13,26 +13,19 @@ from typing import TYPE_CHECKING
 import pulumi
 import pulumi_command as command
 
-from components.remote import run_step
+from components.nodes import StepTarget, step_on_each
 from render.backup import BACKUP_DIR, BackupPolicy, install_timer_script, snapshot_locations
 
 if TYPE_CHECKING:
     from components.nodes import NodeContext
-    from components.vm import Vm
-    from model.addressing import NodePlan
     from model.config import ClusterConfig
 
 
 # --- the component ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BackupTarget:
-    """An etcd member's node, its VM, and the step after which etcd runs there."""
-
-    node: NodePlan
-    vm: Vm
-    after: pulumi.Resource
+# An etcd member's node, its VM, and the step after which etcd runs there.
+BackupTarget = StepTarget
 
 
 @dataclass(frozen=True)
@@ -47,17 +40,13 @@ class EtcdBackups(pulumi.ComponentResource):
     def __init__(self, name: str, args: EtcdBackupsArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("kubeadm-ha:index:EtcdBackups", name, None, opts)
         policy = backup_policy(args.context.config)
-        self.installed: dict[str, command.remote.Command] = {}
-        for target in args.targets:
-            host = target.node.hostname
-            self.installed[host] = run_step(
-                f"{host}-etcd-backup-timer",
-                args.context.access(target.node),
-                install_timer_script(host, policy),
-                parent=self,
-                depends_on=[target.after],
-                replace_with=target.vm.domain.id,
-            )
+        self.installed: dict[str, command.remote.Command] = step_on_each(
+            args.context,
+            args.targets,
+            "etcd-backup-timer",
+            lambda target: install_timer_script(target.node.hostname, policy),
+            parent=self,
+        )
         self.register_outputs({"directory": BACKUP_DIR, "members": list(self.installed)})
 
 

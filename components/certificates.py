@@ -44,14 +44,13 @@ from typing import TYPE_CHECKING, Any
 import pulumi
 import pulumi_command as command
 
+from components.nodes import StepTarget
 from components.remote import run_step
 from render.renewal import parse_expiry, renewal_script
 
 if TYPE_CHECKING:
     from components.nodes import NodeContext
     from components.pki import ClusterPki
-    from components.vm import Vm
-    from model.addressing import NodePlan
 
 CERTIFICATES_EXPIRE_OUTPUT = "certificatesExpire"
 CERTIFICATE_RENEWALS_OUTPUT = "certificateRenewals"
@@ -115,11 +114,7 @@ def _recorded_end(recorded: object) -> int | None:
 # --- the component ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RenewalTarget:
-    node: NodePlan
-    vm: Vm
-    after: pulumi.Resource
+RenewalTarget = StepTarget
 
 
 @dataclass(frozen=True)

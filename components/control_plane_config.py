@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import pulumi
 import pulumi_command as command
 
+from components.nodes import StepTarget
 from components.remote import run_step
 from render import hardening
 from render.control_plane_config import SETTINGS_PATH, control_plane_config_script
@@ -23,8 +24,6 @@ from render.scripts import BundleFile, encode_bundle, sha256_hex
 
 if TYPE_CHECKING:
     from components.nodes import NodeContext
-    from components.vm import Vm
-    from model.addressing import NodePlan
 
 
 def settings_files(shape: ClusterShape) -> list[BundleFile]:
@@ -32,13 +31,7 @@ def settings_files(shape: ClusterShape) -> list[BundleFile]:
     return [BundleFile(hardening.AUDIT_POLICY_PATH, hardening.audit_policy(), 0o600)]
 
 
-@dataclass(frozen=True)
-class SettingsTarget:
-    """A control plane's node, its VM, and the step after which kubeadm has set it up."""
-
-    node: NodePlan
-    vm: Vm
-    after: pulumi.Resource
+SettingsTarget = StepTarget
 
 
 @dataclass(frozen=True)

@@ -10,23 +10,18 @@ from typing import TYPE_CHECKING
 import pulumi
 import pulumi_command as command
 
-from components.remote import run_step
+from components.nodes import StepTarget, step_on_each
 from render.node_files import node_files_script
 
 if TYPE_CHECKING:
     from components.nodes import NodeContext
-    from components.vm import Vm
-    from model.addressing import NodePlan
 
 
 @dataclass(frozen=True)
-class FilesTarget:
-    """A node, its VM, the step after which kubeadm (or etcd) has set it up, and whether etcd runs there."""
+class FilesTarget(StepTarget):
+    """A node as for any chain of steps, and whether etcd runs there."""
 
-    node: NodePlan
-    vm: Vm
-    after: pulumi.Resource
-    etcd_member: bool
+    etcd_member: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,15 +35,12 @@ class NodeFiles(pulumi.ComponentResource):
     def __init__(self, name: str, args: NodeFilesArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("kubeadm-ha:index:NodeFiles", name, None, opts)
         version = args.context.config.kubernetes.version
-        self.steps: dict[str, command.remote.Command] = {}
-        for target in args.targets:
-            host = target.node.hostname
-            self.steps[host] = run_step(
-                f"{host}-node-files",
-                args.context.access(target.node),
-                node_files_script(host, etcd_member=target.etcd_member, version=version),
-                parent=self,
-                depends_on=[target.after, *args.after],
-                replace_with=target.vm.domain.id,
-            )
+        self.steps: dict[str, command.remote.Command] = step_on_each(
+            args.context,
+            args.targets,
+            "node-files",
+            lambda target: node_files_script(target.node.hostname, etcd_member=target.etcd_member, version=version),
+            parent=self,
+            after=args.after,
+        )
         self.register_outputs({})

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pulumi
+import pulumi_command as command
 
 from components.pki import ClusterPki
-from components.remote import NodeAccess, secret
-from components.vm import Hypervisor, VmArgs, VmSize
+from components.remote import NodeAccess, run_step, secret
+from components.vm import Hypervisor, Vm, VmArgs, VmSize
 from model.addressing import AddressPlan, NodePlan
 from model.config import ClusterConfig
 from render.cloudinit import (
@@ -22,6 +24,42 @@ from render.cloudinit import (
     render_user_data,
 )
 from render.scripts import Script
+
+
+@dataclass(frozen=True)
+class StepTarget:
+    """A node, its VM, and the step after which the node is set up: what a chain of steps over nodes takes."""
+
+    node: NodePlan
+    vm: Vm
+    after: pulumi.Resource
+
+
+T = TypeVar("T", bound=StepTarget)
+
+
+def step_on_each(
+    context: NodeContext,
+    targets: Sequence[T],
+    suffix: str,
+    script: Callable[[T], Script],
+    *,
+    parent: pulumi.Resource,
+    after: Sequence[pulumi.Resource] = (),
+) -> dict[str, command.remote.Command]:
+    """One `<host>-<suffix>` step per target, each once its node is set up (and after `after`), in no order
+    among themselves, replaced with its VM; by hostname."""
+    return {
+        target.node.hostname: run_step(
+            f"{target.node.hostname}-{suffix}",
+            context.access(target.node),
+            script(target),
+            parent=parent,
+            depends_on=[target.after, *after],
+            replace_with=target.vm.domain.id,
+        )
+        for target in targets
+    }
 
 
 @dataclass(frozen=True)
