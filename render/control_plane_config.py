@@ -14,8 +14,8 @@ step does what kubeadm's "Reconfiguring a kubeadm cluster" task does by hand:
   `kubeadm init phase etcd local` would also rewrite a joined member's `--initial-cluster`;
 * each component whose manifest differs is marked, then restarted with the new manifest one at a time, in
   render/static_pods.py's order and with its load-balancer waits; a re-run finishes what a stopped run left;
-* `kubeadm init phase upload-config kubeadm` stores the ClusterConfiguration in the cluster, so later joins
-  and `kubeadm upgrade` keep the settings.
+* `kubeadm init phase upload-config kubeadm` and `kubelet` store the ClusterConfiguration and the
+  KubeletConfiguration in the cluster, so later joins and `kubeadm upgrade` keep the settings.
 
 On a control plane `kubeadm` has just set up, every manifest already matches and nothing restarts. The step
 records the digest of what it applied; its guard is that digest, with nothing held or marked.
@@ -142,9 +142,9 @@ def control_plane_config_script(
     for name in pods:
         body += _restart_with_staged(name, finishes[name], host)
     body += [
-        logged(
-            "control-plane-config", "kubeadm", "init", "phase", "upload-config", "kubeadm", "--config", SETTINGS_PATH
-        ),
+        logged(STEP, "kubeadm", "init", "phase", "upload-config", "kubeadm", "--config", SETTINGS_PATH),
+        # The kubelet-config ConfigMap, which joins and `kubeadm upgrade node` write into every kubelet's file.
+        logged(STEP, "kubeadm", "init", "phase", "upload-config", "kubelet", "--config", SETTINGS_PATH),
         f"printf '%s\\n' {quote(digest)} >{quote(APPLIED_MARKER)}",
     ]
     return Script(

@@ -70,6 +70,10 @@ def apiserver_args(settings: Hardening) -> tuple[tuple[str, str], ...]:
         # connection closed, which clients retry, instead of a reset.
         ("shutdown-delay-duration", f"{SHUTDOWN_DELAY_S}s"),
         ("shutdown-send-retry-after", "true"),
+        # CIS 1.2.5: logs, exec and port-forward verify the kubelet's serving certificate, which the kubelets ask
+        # the cluster CA for (serverTLSBootstrap) and the program's approver lets through (render/csr_approval.py).
+        # kubeadm's path of the cluster CA (render/kubeadm.py PKI_DIR).
+        ("kubelet-certificate-authority", "/etc/kubernetes/pki/ca.crt"),
         # CIS 1.2.27-1.2.28: Secrets encrypted at rest (render/encryption.py).
         (ENCRYPTION_FLAG, ENCRYPTION_CONFIG_PATH),
     )

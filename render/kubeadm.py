@@ -173,7 +173,9 @@ class KubeletConfiguration:
     fail_swap_on: bool = True
     # The wire name is `serverTLSBootstrap`; camel-casing the field would give `serverTlsBootstrap`, which
     # kubeadm's strict decoding refuses as an unknown field.
-    server_tls_bootstrap: bool = field(default=False, metadata={"wire": "serverTLSBootstrap"})
+    # True: the kubelet's serving certificate comes from the cluster CA through a CSR the program approves
+    # (render/csr_approval.py), so kube-apiserver can verify it (`--kubelet-certificate-authority`).
+    server_tls_bootstrap: bool = field(default=True, metadata={"wire": "serverTLSBootstrap"})
     api_version: str = KUBELET_API
     kind: str = "KubeletConfiguration"
 
