@@ -5,10 +5,12 @@
 What runs: the `smallest` shape (one load balancer, ONE control plane, stacked etcd) from the real control-plane
 lab (tests/real/control_plane_lab.py): the program's placed PKI and `init.yaml`, kubeadm's own `init phase certs /
 kubeconfig / control-plane / etcd local`, then etcd, kube-apiserver, kube-controller-manager and kube-scheduler
-started with the commands of the static-pod manifests kubeadm wrote. No load balancer is started: no check reads
-it. kube-bench (built by tests/real/build-binaries) runs its `master` and `etcd` targets inside the node's network
-and mount namespaces, so the manifests, kubeconfigs, PKI and etcd's data directory are read at their real paths
-(/etc and /var are the node's overlays, tests/real/node_root.py); kubectl is on its PATH as on a control plane.
+started with the commands of the static-pod manifests kubeadm wrote. The load balancer (HAProxy from its
+`configure-lb` step) is started only for the node part, where kubeadm's kube-proxy addon and kube-proxy reach the
+API through the controlPlaneEndpoint; no check reads it. kube-bench (built by tests/real/build-binaries) runs its
+`master` and `etcd` targets inside the node's network and mount namespaces, so the manifests, kubeconfigs, PKI and
+etcd's data directory are read at their real paths (/etc and /var are the node's overlays,
+tests/real/node_root.py); kubectl is on its PATH as on a control plane.
 
 How kube-bench sees the processes: its audits run the real `/bin/ps -ef | grep <component>` and `ps -C`. The lab's
 nodes share one PID namespace, and other labs may run on this machine at the same time; so the runner re-executes
@@ -22,8 +24,8 @@ Benchmark: `--benchmark cis-1.12` (BENCHMARK). kube-bench's cfg/config.yaml `ver
 kube-bench would not map, so the newest CIS benchmark it has is named explicitly. kube-bench's cfg/ is used as
 built, with no path overridden: every file the master and etcd checks read is where kubeadm puts it.
 
-The node target (section 4) runs against a real kubelet: see tests/real/kube_bench_node.py, which says what it
-shows and what it does not. `--no-node` skips it.
+The node target (section 4) runs against a real kubelet and a real kube-proxy: see tests/real/kube_bench_node.py
+and tests/real/kube_bench_proxy.py, which say what they show and what they do not. `--no-node` skips it.
 
 Output: per section the PASS/FAIL/WARN/INFO counts, every FAIL and WARN with its title (and a FAIL's remediation,
 first line), the full JSON of each kube-bench run under --out. Exit 0 only with no FAIL; the last line is a

@@ -22,11 +22,13 @@ in kubelet's command line after the drop-in's flags (kube-bench's node checks re
   the node's mount namespace each /proc/sys file is covered by a file holding the value kubelet wants, so it
   reads its own value and writes nothing (stand-ins; the machine's values are compared before and after);
 * /run and /var/lib/containerd are tmpfs in the node (containerd's socket and state stay off the machine);
-* no image can be pulled (no registry), so the static pods kubelet would start stay without a sandbox: the
-  lab's processes remain the control plane, and kube-proxy does not run (checks 4.3.x read no kube-proxy).
+* no image can be pulled (no registry), so the pods kubelet would start stay without a sandbox: the lab's
+  processes remain the control plane, and kube-proxy (kubeadm's DaemonSet addon) is started by the lab in its
+  Pod's place, from what kubeadm put in the API (tests/real/kube_bench_proxy.py).
 
 kube-bench's node checks read kubelet's command line (`ps -fC kubelet`), /var/lib/kubelet/config.yaml, the
-unit files, kubelet.conf and the CA file: all at their real paths in the node.
+unit files, kubelet.conf and the CA file: all at their real paths in the node; and kube-proxy's command line
+(`ps -fC kube-proxy`).
 """
 
 from __future__ import annotations
@@ -40,12 +42,13 @@ from typing import TYPE_CHECKING, Any
 from render.kubeadm import INIT_CONFIG_PATH
 from render.node_prep import CONTAINERD_CONFIG, CONTAINERD_CONFIG_FILE
 from tests.integration.netns import poll_until
+from tests.real import kube_bench_proxy
 from tests.real.node_root import DEFAULT_PATH
 
 if TYPE_CHECKING:
     from tests.real.kube_bench import BenchLab
 
-NAMES = ("kubelet", "containerd", "containerd-shim-runc-v2")
+NAMES = ("kubelet", *kube_bench_proxy.NAMES, "containerd", "containerd-shim-runc-v2")
 UNIT_DIR = "/usr/lib/systemd/system"  # the debs' %{_unitdir}; /lib is a link to /usr/lib on Ubuntu 24.04
 DROP_IN = f"{UNIT_DIR}/kubelet.service.d/10-kubeadm.conf"
 # kubernetes/release cmd/krel/templates/latest at f618b2a: the kubelet deb's unit (install -m 644) and environment
@@ -223,11 +226,13 @@ def run(bench: BenchLab, binaries: dict[str, str], config_dir: Path, out: Path) 
 
         poll_until(registered, timeout=KUBELET_BOUND, interval=1, message=f"kubelet to register {node.name}")
         say(f"kubelet registered {node.name} {time.monotonic() - started:.1f} s after start")
-        check_single(("kubelet",), "before kube-bench node")
-        result = run_bench(bench, binaries["kube-bench"], ("node",), config_dir, out)
-        check_single(("kubelet",), "after kube-bench node")
-        assert kubelet.alive(), f"kubelet exited during kube-bench:\n{kubelet.log()[-3000:]}"
+        with kube_bench_proxy.running(bench, binaries) as proxy:
+            check_single(("kubelet", "kube-proxy"), "before kube-bench node")
+            result = run_bench(bench, binaries["kube-bench"], ("node",), config_dir, out)
+            check_single(("kubelet", "kube-proxy"), "after kube-bench node")
+            assert kubelet.alive(), f"kubelet exited during kube-bench:\n{kubelet.log()[-3000:]}"
         notes.append(f"node: kubelet ran with the drop-in's command line plus {' '.join(LAB_FLAGS)} (this machine)")
+        notes += proxy.notes
         return result, notes
     finally:
         after = sysctls()
