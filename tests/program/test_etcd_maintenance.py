@@ -37,7 +37,7 @@ WIRING = (
     (
         '    backups = EtcdBackups("etcd-backup", EtcdBackupsArgs(context, targets))\n',
         (
-            "    # 10b. etcd's alarms hourly and a defragmentation every defragIntervalHours, on the same members.\n"
+            "    # etcd maintenance on the same members: alarms hourly, defragmentation every defragIntervalHours.\n"
             '    maintenance = EtcdMaintenance("etcd-maintenance", EtcdMaintenanceArgs(context, targets))\n'
         ),
     ),
