@@ -81,6 +81,7 @@ def plan_membership(config: ClusterConfig, plan: AddressPlan, previous: Previous
         members=members,
         starts=starts,
         initial_members=tuple(member.name for member in initial_cluster),
+        maintenance=config.etcd.maintenance,
     )
 
 

@@ -19,7 +19,7 @@ only wires the steps.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from render.etcd import CLIENT_PORT, MANIFEST_PATH, EtcdPaths
@@ -67,6 +67,18 @@ def snapshot_name_pattern(host: str) -> str:
 # --- running etcdctl / etcdutl on a node -----------------------------------------------------------------
 
 
+def etcdctl_client_flags(paths: EtcdPaths = _PATHS) -> tuple[str, ...]:
+    """etcdctl's flags for the local member, as the healthcheck client (any certificate the etcd CA signed is a
+    full client: etcd runs without auth), dialling for at most 3 s. No --command-timeout: each caller picks it."""
+    return (
+        f"--endpoints=https://127.0.0.1:{CLIENT_PORT}",
+        f"--cacert={paths.trusted_ca}",
+        f"--cert={paths.healthcheck_cert}",
+        f"--key={paths.healthcheck_key}",
+        "--dial-timeout=3s",
+    )
+
+
 def etcd_tool_functions(*, writable: Sequence[str], paths: EtcdPaths = _PATHS) -> tuple[str, ...]:
     """`kha_etcdctl` (bounded, against the local member, as the healthcheck client), `kha_etcdutl`, and
     `kha_etcd_snapshot_save FILE` (the same client, bounded only by SNAPSHOT_TIMEOUT_SECONDS).
@@ -75,13 +87,7 @@ def etcd_tool_functions(*, writable: Sequence[str], paths: EtcdPaths = _PATHS) -
     certificate directory read-only and `writable` read-write at the same paths as the host.
     """
     cert_dir = posixpath.dirname(paths.trusted_ca)
-    client = (
-        f"--endpoints=https://127.0.0.1:{CLIENT_PORT}",
-        f"--cacert={paths.trusted_ca}",
-        f"--cert={paths.healthcheck_cert}",
-        f"--key={paths.healthcheck_key}",
-        "--dial-timeout=3s",
-    )
+    client = etcdctl_client_flags(paths)
     # etcdctl bounds `snapshot save` by --command-timeout whenever the flag is given, and streams it without a
     # deadline only when it is not (etcd v3.6/v3.7 etcdctl/ctlv3/command/snapshot_command.go
     # `snapshotSaveCommandFunc`: `if isCommandTimeoutFlagSet(cmd) { ctx, cancel = commandCtx(cmd) }`; util.go
@@ -206,24 +212,32 @@ def backup_script(host: str, policy: BackupPolicy) -> Script:
     )
 
 
-def service_unit(host: str) -> str:
+def etcd_tool_service(description: str, exec_start: str, timeout_seconds: int, *extra: str) -> str:
+    """A oneshot service running one of the etcd timers' scripts (etcd's tools need containerd; kubelet runs etcd),
+    at low CPU and I/O priority, bounded by `timeout_seconds`; `extra` are further [Service] settings."""
     return "\n".join(
         [
             "[Unit]",
-            f"Description=kubeadm-ha: snapshot the etcd member of {host} (etcdctl snapshot save, etcdutl status)",
+            f"Description={description}",
             "After=containerd.service kubelet.service",
             "",
             "[Service]",
             "Type=oneshot",
-            f"ExecStart={BACKUP_SCRIPT_PATH}",
-            f"TimeoutStartSec={UNIT_TIMEOUT_SECONDS}",
+            f"ExecStart={exec_start}",
+            f"TimeoutStartSec={timeout_seconds}",
             "UMask=0077",
             "Nice=10",
             "IOSchedulingClass=best-effort",
             "IOSchedulingPriority=7",
+            *extra,
             "",
         ]
     )
+
+
+def service_unit(host: str) -> str:
+    description = f"kubeadm-ha: snapshot the etcd member of {host} (etcdctl snapshot save, etcdutl status)"
+    return etcd_tool_service(description, BACKUP_SCRIPT_PATH, UNIT_TIMEOUT_SECONDS)
 
 
 def timer_unit(policy: BackupPolicy) -> str:
@@ -255,22 +269,30 @@ def backup_files(host: str, policy: BackupPolicy) -> dict[str, tuple[str, int]]:
 
 def install_timer_script(host: str, policy: BackupPolicy) -> Script:
     """Write the backup script and units, then enable the timer; a changed policy rewrites them."""
-    files = backup_files(host, policy)
+    first = (shell("install", "-d", "-m", "0700", BACKUP_DIR),)
+    return timer_install_script("etcd-backup-timer", host, backup_files(host, policy), TIMER, first=first)
+
+
+def timer_install_script(
+    step: str, host: str, files: Mapping[str, tuple[str, int]], timer: str, *, first: tuple[str, ...] = ()
+) -> Script:
+    """Write `files` (path -> (content, mode)) after the lines `first`, then enable and (re)start `timer`; done while
+    every file has its content and the timer is enabled and active, so a changed file rewrites and reschedules."""
     digests = {path: sha256_hex(content) for path, (content, _) in files.items()}
-    body: list[str] = [shell("install", "-d", "-m", "0700", BACKUP_DIR)]
+    body: list[str] = list(first)
     for path, (content, mode) in files.items():
         body += write_file(path, content, mode)
     body += [
         shell("systemctl", "daemon-reload"),
-        shell("systemctl", "enable", TIMER),
+        shell("systemctl", "enable", timer),
         # restart, not start: an interval change must reschedule a timer that is already running.
-        shell("systemctl", "restart", TIMER),
+        shell("systemctl", "restart", timer),
     ]
     return Script(
-        step="etcd-backup-timer",
+        step=step,
         host=host,
-        done_when=f"{files_match(digests)} && {shell('systemctl', 'is-enabled', '--quiet', TIMER)}"
-        f" && {shell('systemctl', 'is-active', '--quiet', TIMER)}",
+        done_when=f"{files_match(digests)} && {shell('systemctl', 'is-enabled', '--quiet', timer)}"
+        f" && {shell('systemctl', 'is-active', '--quiet', timer)}",
         body=tuple(body),
     )
 

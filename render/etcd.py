@@ -21,7 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from model.config import EtcdMaintenanceConfig
 from render import yamldoc
+from render.hardening import etcd_args
 from render.kubeadm import CONFIG_DIR, PKI_DIR
 from render.node_prep import STATIC_POD_DIR
 
@@ -89,6 +91,8 @@ class EtcdClusterSpec:
     members: tuple[EtcdMember, ...]  # planned, by index
     starts: Mapping[str, MemberStart]
     initial_members: tuple[str, ...]  # exported and re-exported forever
+    # etcd.maintenance: the size limit and compaction every member starts with (render/hardening.py `etcd_args`).
+    maintenance: EtcdMaintenanceConfig
     paths: EtcdPaths = field(default_factory=EtcdPaths)
 
     def member(self, name: str) -> EtcdMember:
@@ -130,6 +134,8 @@ def etcd_member_flags(member: EtcdMember, cluster: EtcdClusterSpec) -> tuple[str
         f"--peer-key-file={paths.peer_key}",
         f"--snapshot-count={SNAPSHOT_COUNT}",
         f"--listen-metrics-urls=http://127.0.0.1:{METRICS_PORT}",
+        # The same quota and compaction as a stacked member gets through kubeadm's etcd.local.extraArgs.
+        *(f"--{name}={value}" for name, value in etcd_args(cluster.maintenance)),
     )
 
 

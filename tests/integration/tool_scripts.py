@@ -1,8 +1,8 @@
-"""The scripts the operator tools and the etcd snapshot timer run on nodes, for the static checks.
+"""The scripts the operator tools and the etcd timers run on nodes, for the static checks.
 
-They are not remote steps of the program (tests/integration/rendered.py collects those): the timer runs
-the installed backup script, and tools/etcd_backup.py, tools/etcd_restore.py and tools/drill.py send the
-rest over SSH. Rendered for the members of every stack file.
+They are not remote steps of the program (tests/integration/rendered.py collects those): the timers run
+the installed backup and maintenance scripts, and tools/etcd_backup.py, tools/etcd_restore.py and
+tools/drill.py send the rest over SSH. Rendered for the members of every stack file.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from render.backup import BackupPolicy, backup_script
+from render.etcd_maintenance import maintenance_script
 from render.etcd_restore import (
     health_script,
     hold_script,
@@ -34,6 +35,7 @@ def operator_tool_scripts() -> Iterator[tuple[str, str]]:
         first = members[0]
         scripts: list[Script] = [
             backup_script(first.name, BackupPolicy(60, 24)),
+            maintenance_script(first.name, 24),
             quorum_probe_script(first.name),
             receive_snapshot_script(first.name, DIGEST),
             restore_data_script(first, members, token=access.etcd_token, digest=DIGEST, restore_id="20260101T000000Z"),

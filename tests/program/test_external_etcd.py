@@ -248,6 +248,17 @@ def test_manifest_runs_kubeadms_etcd_with_the_flags_of_the_pure_function() -> No
     assert ev.outputs["etcdTopology"].value == "external"
 
 
+def test_the_maintenance_keys_reach_every_members_flags() -> None:
+    """etcd.maintenance (quota, compaction) reaches each external member's command, as stacked etcd gets it from
+    kubeadm's etcd.local.extraArgs; unset, etcd_args' defaults (4 GiB, compaction left to kube-apiserver)."""
+    keys = ("quota-backend-bytes", "auto-compaction-mode", "auto-compaction-retention")
+    maintenance = {"quotaBackendBytes": 2**31, "autoCompactionMode": "revision", "autoCompactionRetention": "5000"}
+    ev = evaluate("prod", project_dir=ROOT, config=prod_config(maintenance=maintenance))
+    for name in MEMBERS:
+        assert tuple(flag(manifest_of(ev, name), key) for key in keys) == ("2147483648", "revision", "5000")
+        assert tuple(flag(manifest_of(prod(), name), key) for key in keys) == (str(2**32), "periodic", "0")
+
+
 def test_member_secrets_only_on_stdin_and_host_keys_pinned() -> None:
     ev = prod()
     for name in MEMBERS:

@@ -109,6 +109,7 @@ def test_every_child_has_a_component_parent(stack: str) -> None:
         "kubeadm-ha:index:Hypervisor",
         "kubeadm-ha:index:LoadBalancer",
         "kubeadm-ha:index:EtcdCluster",
+        "kubeadm-ha:index:EtcdMaintenance",
         "kubeadm-ha:index:EtcdBackups",
         "kubeadm-ha:index:CertificateRenewal",
         "kubeadm-ha:index:ControlPlaneSettings",

@@ -354,12 +354,15 @@ def containerd_config(work: Path, socket: Path) -> str:
     )
 
 
-def start_containerd(lab: Lab, namespace: Namespace, work: Path, binaries: dict[str, str], nsenter: str) -> Path:
+def start_containerd(
+    lab: Lab, namespace: Namespace, work: Path, binaries: dict[str, str], nsenter: str, name: str = "containerd"
+) -> Path:
+    """A containerd in `namespace` (root, state and socket under `work`), logging to `name`.log; its socket."""
     socket = work / "containerd.sock"
     config = work / "containerd.toml"
     config.write_text(containerd_config(work, socket))
     argv = [binaries["containerd"], "--config", str(config), "--log-level", "info"]
-    log_path = lab.log_dir / "containerd.log"
+    log_path = lab.log_dir / f"{name}.log"
     # nsenter joins the network namespace only: `ip netns exec` also remounts /sys, which hides the cgroup v1
     # hierarchies from runc ("no cgroup mount found in mountinfo").
     full = [nsenter, f"--net={namespace.path}", "--", *argv]
@@ -369,7 +372,7 @@ def start_containerd(lab: Lab, namespace: Namespace, work: Path, binaries: dict[
         popen = subprocess.Popen(
             full, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
-    process = Process("containerd", namespace, argv, log_path, popen)
+    process = Process(name, namespace, argv, log_path, popen)
     lab.processes.append(process)
 
     def ready() -> bool:
@@ -439,6 +442,35 @@ def sweep_run_dir(runc: str) -> None:
     shutil.rmtree(RUN_DIR, ignore_errors=True)
 
 
+def stop_containerd(lab: Lab) -> None:
+    """Stop the lab's containerd daemons (TERM, so each unmounts what it can) before `lab.close()` kills the rest."""
+    for process in lab.processes:
+        if process.name.startswith("containerd"):
+            process.stop(signal.SIGTERM, timeout=10)
+
+
+@dataclass
+class HostState:
+    """What a containerd run leaves outside its daemons, to be removed once they are stopped: mounts under the test's
+    directory (`work`, removed too), RUN_DIR if this run created it, new k8s.io cgroups."""
+
+    work: Path
+    run_dir_existed: bool
+    cgroups: set[Path]
+
+    @classmethod
+    def before(cls, work: Path) -> HostState:
+        return cls(work, RUN_DIR.exists(), set(CGROUP_ROOT.glob(f"*/{NAMESPACE}")))
+
+    def restore(self, runc: str) -> None:
+        unmount_under(self.work)
+        if not self.run_dir_existed:
+            sweep_run_dir(runc)
+        for cgroup in set(CGROUP_ROOT.glob(f"*/{NAMESPACE}")) - self.cgroups:
+            remove_empty_dirs(cgroup)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def node(request: pytest.FixtureRequest) -> Iterator[CtrNode]:
     require_root()
@@ -449,9 +481,8 @@ def node(request: pytest.FixtureRequest) -> Iterator[CtrNode]:
     cleanup_stale()
     host, manifest, image = member_manifest()
     assert image == f"{ETCD_IMAGE_REPOSITORY}:{release_for(DEFAULT_KUBERNETES).etcd_image_tag}", image
-    run_dir_existed = RUN_DIR.exists()
-    cgroups_before = set(CGROUP_ROOT.glob(f"*/{NAMESPACE}"))
     work = scratch_dir("ctr")
+    host_state = HostState.before(work)
     lab = Lab("ctr", log_dir=work / "logs")
     live: CtrNode | None = None
     failed = False
@@ -490,16 +521,9 @@ def node(request: pytest.FixtureRequest) -> Iterator[CtrNode]:
             # Through the daemon first: a container a failed test left running takes its runc state, cgroups and
             # rootfs mount with it; what a kill would leave is swept below.
             live.remove_containers()
-        for process in lab.processes:
-            if process.name == "containerd":
-                process.stop(signal.SIGTERM, timeout=10)
+        stop_containerd(lab)
         lab.close()
-        unmount_under(work)
-        if not run_dir_existed:
-            sweep_run_dir(programs["runc"])
-        for cgroup in set(CGROUP_ROOT.glob(f"*/{NAMESPACE}")) - cgroups_before:
-            remove_empty_dirs(cgroup)
-        shutil.rmtree(work, ignore_errors=True)
+        host_state.restore(programs["runc"])
 
 
 def tools_script(node: CtrNode, step: str, *body: str, writable: tuple[str, ...] = ()) -> Script:

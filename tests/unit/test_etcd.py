@@ -43,6 +43,7 @@ from render.etcd_scripts import (
     member_files,
     member_script,
 )
+from render.hardening import etcd_args
 from render.node_prep import (
     ETCD_KUBELET_CONFIG_FILE,
     ETCD_KUBELET_DROP_IN,
@@ -73,6 +74,9 @@ PORTABLE_FLAGS = {
     "peer-key-file",
     "snapshot-count",
     "listen-metrics-urls",
+    "quota-backend-bytes",
+    "auto-compaction-mode",
+    "auto-compaction-retention",
 }
 
 
@@ -235,9 +239,31 @@ def test_member_flags() -> None:
         "--peer-key-file=/etc/kubernetes/pki/etcd/peer.key",
         "--snapshot-count=10000",
         "--listen-metrics-urls=http://127.0.0.1:2381",
+        "--quota-backend-bytes=4294967296",
+        "--auto-compaction-mode=periodic",
+        "--auto-compaction-retention=0",
     )
     names = [word.removeprefix("--").split("=", 1)[0] for word in flags]
     assert set(names) <= PORTABLE_FLAGS and len(names) == len(set(names))
+
+
+def test_members_get_the_configured_quota_and_compaction_as_stacked_etcd_does() -> None:
+    """etcd.maintenance reaches an external member's flags exactly as etcd_args gives them to kubeadm's
+    etcd.local.extraArgs for a stacked member."""
+    maintenance = {"quotaBackendBytes": 2**31, "autoCompactionMode": "revision", "autoCompactionRetention": "1000"}
+    parsed = config(maintenance=maintenance)
+    plan = plan_membership(parsed, plan_addresses(parsed), PreviousDeployment({}))
+    assert plan.maintenance == parsed.etcd.maintenance
+    expected = (
+        "--quota-backend-bytes=2147483648",
+        "--auto-compaction-mode=revision",
+        "--auto-compaction-retention=1000",
+    )
+    assert tuple(f"--{name}={value}" for name, value in etcd_args(parsed.etcd.maintenance)) == expected
+    for member in plan.members:
+        flags = etcd_member_flags(member, plan)
+        assert flags[-3:] == expected
+        assert render_manifest(member, plan).count("--quota-backend-bytes=") == 1
 
 
 def test_flags_follow_remapped_paths() -> None:
