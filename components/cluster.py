@@ -19,6 +19,7 @@ from components.control_plane import ControlPlaneNode, ControlPlaneNodeArgs
 from components.control_plane_config import ControlPlaneSettings, ControlPlaneSettingsArgs, SettingsTarget
 from components.encryption import SecretsEncryption, SecretsEncryptionArgs
 from components.etcd import EtcdCluster, EtcdClusterArgs, plan_membership
+from components.etcd_maintenance import EtcdMaintenance, EtcdMaintenanceArgs
 from components.loadbalancer import LoadBalancer, LoadBalancerArgs
 from components.node_files import FilesTarget, NodeFiles, NodeFilesArgs
 from components.nodes import NodeContext
@@ -196,6 +197,8 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
         by_name = {node.hostname: node for node in plan.etcd_members}
         targets = [BackupTarget(by_name[name], etcd.vms[name], step) for name, step in etcd.members.items()]
     backups = EtcdBackups("etcd-backup", EtcdBackupsArgs(context, targets))
+    # Alarms hourly and a defragmentation every defragIntervalHours, on the same members, one at a time.
+    maintenance = EtcdMaintenance("etcd-maintenance", EtcdMaintenanceArgs(context, targets))
     # 13. kubeadm's certificates on every control plane, one node at a time, renewed within renewBeforeDays.
     renewals = plan_renewals(
         [cp.node.hostname for cp in control_planes],
@@ -222,6 +225,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
     if etcd_spec is not None:
         last_steps.append(etcd.ready)
     last_steps += backups.installed.values()
+    last_steps += maintenance.installed.values()
     last_steps += settings.steps.values()
     last_steps += node_files.steps.values()
     last_steps += encryption_steps

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pulumi
 import pulumi_command as command
 
-from components.remote import run_step
+from components.nodes import step_on_each
 from render.etcd_maintenance import STATUS_PATH, TIMER, install_maintenance_timer_script
 
 if TYPE_CHECKING:
@@ -34,15 +34,11 @@ class EtcdMaintenance(pulumi.ComponentResource):
     def __init__(self, name: str, args: EtcdMaintenanceArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("kubeadm-ha:index:EtcdMaintenance", name, None, opts)
         interval_hours = args.context.config.etcd.maintenance.defrag_interval_hours
-        self.installed: dict[str, command.remote.Command] = {}
-        for target in args.targets:
-            host = target.node.hostname
-            self.installed[host] = run_step(
-                f"{host}-etcd-maintenance-timer",
-                args.context.access(target.node),
-                install_maintenance_timer_script(host, target.node.index, interval_hours),
-                parent=self,
-                depends_on=[target.after],
-                replace_with=target.vm.domain.id,
-            )
+        self.installed: dict[str, command.remote.Command] = step_on_each(
+            args.context,
+            args.targets,
+            "etcd-maintenance-timer",
+            lambda target: install_maintenance_timer_script(target.node.hostname, target.node.index, interval_hours),
+            parent=self,
+        )
         self.register_outputs({"timer": TIMER, "status": STATUS_PATH, "members": list(self.installed)})

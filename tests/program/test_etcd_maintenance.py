@@ -6,21 +6,15 @@ stacked etcd, the etcd VMs with external) gets one `<host>-etcd-maintenance-time
 and replaced with its VM, writing exactly the rendered script and units; each member ticks at its own minute;
 `defragIntervalHours` reaches the script; a second evaluation sends byte-identical inputs.
 
-components/cluster.py does not wire the component yet; until it does, the program evaluated here is a copy
-whose cluster.py has the lines of WIRING added (the lines the change hands over), so the test proves them too.
-Once cluster.py has them, the repository's program is evaluated as it is.
 """
 
 from __future__ import annotations
 
-import shutil
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from model.release import PROGRAM_DIRECTORIES
 from model.rules import ConfigError
 from model.stack import parse_config
 from render.etcd_maintenance import TIMER, install_maintenance_timer_script, maintenance_files, tick_minute
@@ -28,43 +22,11 @@ from tools.offline import Evaluation, evaluate, load_stack_config
 from tools.plan import script_of
 
 REPO = Path(__file__).resolve().parents[2]
-# (anchor in components/cluster.py, the line(s) that follow it once wired).
-WIRING = (
-    (
-        "from components.etcd import EtcdCluster, EtcdClusterArgs, plan_membership\n",
-        "from components.etcd_maintenance import EtcdMaintenance, EtcdMaintenanceArgs\n",
-    ),
-    (
-        '    backups = EtcdBackups("etcd-backup", EtcdBackupsArgs(context, targets))\n',
-        (
-            "    # etcd maintenance on the same members: alarms hourly, defragmentation every defragIntervalHours.\n"
-            '    maintenance = EtcdMaintenance("etcd-maintenance", EtcdMaintenanceArgs(context, targets))\n'
-        ),
-    ),
-    ("    last_steps += backups.installed.values()\n", "    last_steps += maintenance.installed.values()\n"),
-)
-
-
-@cache
-def program_dir(scratch: Path) -> Path:
-    cluster = (REPO / "components" / "cluster.py").read_text()
-    if "EtcdMaintenance(" in cluster:
-        return REPO
-    copy = scratch / "program"
-    for directory in PROGRAM_DIRECTORIES:
-        shutil.copytree(REPO / directory, copy / directory, ignore=shutil.ignore_patterns("__pycache__"))
-    for path in (REPO / "__main__.py", *REPO.glob("Pulumi*.yaml")):
-        shutil.copy2(path, copy / path.name)
-    for anchor, added in WIRING:
-        assert cluster.count(anchor) == 1, anchor
-        cluster = cluster.replace(anchor, anchor + added)
-    (copy / "components" / "cluster.py").write_text(cluster)
-    return copy
 
 
 @pytest.fixture(scope="module")
-def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return program_dir(tmp_path_factory.mktemp("maintenance"))
+def program() -> Path:
+    return REPO
 
 
 def run(program: Path, stack: str, **maintenance: Any) -> Evaluation:
