@@ -223,6 +223,10 @@ class ControlPlaneLab:
         for index, plan in enumerate(self.plan.control_planes[:1] if only_first else self.plan.control_planes):
             node = self.add_node(plan)
             node.root.place(step_files(self.evaluation, f"{plan.hostname}-place-pki"))
+            # What its `kubeadm init`/`join` step installs besides the documents: the files the flags name (the
+            # audit policy), which kube-apiserver refuses to start without.
+            bootstrap = init_step(self.evaluation) if index == 0 else f"{plan.hostname}-kubeadm-join"
+            node.root.place(step_files(self.evaluation, bootstrap))
             documents = (
                 init_yaml
                 if index == 0

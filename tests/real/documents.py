@@ -7,6 +7,7 @@ kubeadm for, so the same shapes are checked against the oldest supported and the
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,20 +35,24 @@ class DocumentFile:
 
 
 @functools.cache
-def evaluated_at(stack: str, kubernetes_version: str | None) -> Evaluation:
-    """`stack` as written (version None) or with `kubernetes.version` set to `kubernetes_version`."""
-    if kubernetes_version is None:
+def evaluated_at(stack: str, kubernetes_version: str | None, changes: str = "") -> Evaluation:
+    """`stack` as written (version None) or with `kubernetes.version` set to `kubernetes_version`; `changes`: a
+    JSON object of more `kubeadm-ha:` keys (without the prefix) set over the stack's, e.g. a changed setting."""
+    if kubernetes_version is None and not changes:
         return evaluated(stack)
     if stack in EXTRA_SHAPES:
         config: dict[str, Any] = {f"kubeadm-ha:{key}": value for key, value in extra_raw_config(stack).items()}
     else:
         config = dict(load_stack_config(REPO_ROOT, stack))
-        # The promotion gate compares a stack's release with its source stack's; a version changed here is a
-        # question for kubeadm only, not a release to promote.
+        # The promotion gate compares a stack's release with its source stack's; a version or setting changed
+        # here is a question for kubeadm only, not a release to promote.
         config.pop("kubeadm-ha:promotion", None)
-    kubernetes = dict(config.get("kubeadm-ha:kubernetes") or {})
-    kubernetes["version"] = kubernetes_version
-    config["kubeadm-ha:kubernetes"] = kubernetes
+    if kubernetes_version is not None:
+        kubernetes = dict(config.get("kubeadm-ha:kubernetes") or {})
+        kubernetes["version"] = kubernetes_version
+        config["kubeadm-ha:kubernetes"] = kubernetes
+    for key, value in json.loads(changes or "{}").items():
+        config[f"kubeadm-ha:{key}"] = value
     return evaluate(stack, project_dir=REPO_ROOT, config=config)
 
 

@@ -8,7 +8,11 @@ faithful stand-ins:
 * `Kubelet`: per node, a loop that stops a component (SIGTERM, as kubelet's container stop, SIGKILL after the
   grace period) once its manifest leaves /etc/kubernetes/manifests, and starts it again with the command of
   the manifest then in place (through `ControlPlaneLab.start_component`, or `start_stacked_etcd` for etcd, as
-  the lab starts every static pod) once it is back;
+  the lab starts every static pod) once it is back. A manifest whose content changes while its component runs
+  (`kubeadm upgrade` writes the new one over the old) is a new pod to kubelet: the old process is stopped the
+  same way, then the new one started. The stand-in compares the whole file (kubelet hashes the pod it
+  decodes from it); a process it did not start itself (the lab's, or one a test restarted) is taken to run
+  the manifest in place when the loop first sees it;
 * `crictl`: accepts only `ps --quiet --name ^NAME$` and prints the pids of NAME's binary running in the
   node's network namespace (each lab node is one network namespace; they share one PID namespace);
 * `pgrep`: the real one, limited to the node's network namespace for the same reason.
@@ -16,13 +20,14 @@ faithful stand-ins:
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from tests.real.control_plane_lab import MANIFESTS, ControlPlaneLab
+from tests.real.control_plane_lab import MANIFESTS, ControlPlaneLab, Node
 
 STOP_GRACE = 30.0  # kubelet's default terminationGracePeriodSeconds for a static pod
 
@@ -59,6 +64,8 @@ class Kubelet:
         self.paused = threading.Event()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # (node, component) -> (pid, digest of the manifest that process was started from)
+        self._started_from: dict[tuple[str, str], tuple[int, str]] = {}
         self._thread = threading.Thread(target=self._loop, daemon=True, name="kubelet-stand-in")
 
     def __enter__(self) -> Kubelet:
@@ -74,20 +81,43 @@ class Kubelet:
             for name, components in self.pods.items():
                 node = self.lab.nodes[name]
                 for component in components:
-                    present = node.root.exists(f"{MANIFESTS}/{component}.yaml")
-                    process = node.processes.get(component)
-                    running = process is not None and process.alive()
-                    if not present and running:
-                        assert process is not None
-                        self._note(f"stopping {component} on {name}")
-                        process.stop(signal.SIGTERM, timeout=STOP_GRACE)
-                        self._note(f"stopped {component} on {name}")
-                    elif present and not running:
-                        if component == "etcd":
-                            self.lab.start_stacked_etcd(node)
-                        else:
-                            self.lab.start_component(node, component)
-                        self._note(f"started {component} on {name}")
+                    self._sync_one(node, component)
+
+    def _sync_one(self, node: Node, component: str) -> None:
+        name, key = node.name, (node.name, component)
+        try:
+            text: str | None = node.root.path(f"{MANIFESTS}/{component}.yaml").read_text()
+        except FileNotFoundError:
+            text = None
+        process = node.processes.get(component)
+        running = process is not None and process.alive()
+        if text == "":
+            return  # being written: kubelet would fail to decode it and look again at its next sync
+        wanted = hashlib.sha256(text.encode()).hexdigest() if text is not None else None
+        if running:
+            assert process is not None
+            pid, started_from = self._started_from.get(key, (None, None))
+            if pid != process.pid and wanted is not None:
+                # Not started by this loop: it runs what is in place now.
+                self._started_from[key] = (process.pid, wanted)
+                started_from = wanted
+            if wanted is not None and wanted == started_from:
+                return
+            changed = wanted is not None  # else the manifest is gone
+            self._note(f"stopping {component} on {name}")
+            process.stop(signal.SIGTERM, timeout=STOP_GRACE)
+            self._note(f"stopped {component} on {name}")
+            self._started_from.pop(key, None)
+            if not changed:
+                return
+        if wanted is None:
+            return
+        if component == "etcd":
+            process = self.lab.start_stacked_etcd(node)
+        else:
+            process = self.lab.start_component(node, component)
+        self._started_from[key] = (process.pid, wanted)
+        self._note(f"started {component} on {name}")
 
     def _note(self, event: str) -> None:
         if not event.startswith("stopping"):

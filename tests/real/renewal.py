@@ -14,91 +14,39 @@ held, then run again; the re-run finishes every restart and only then is the ste
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import http.client
-import os
-import re
-import signal
 import ssl
 import subprocess
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from render import lb_config
 from render.kubeadm import PKI_DIR
 from render.renewal import HELD_DIR, parse_expiry
 from render.scripts import LOG_DIR
-from tests.integration.netns import haproxy_servers, poll_until
+from tests.integration.netns import poll_until
 from tests.real.control_plane_lab import COMPONENTS, MANIFESTS, ControlPlaneLab, Node, report
-from tests.real.kubelet import STOP_GRACE, Kubelet, node_tools
+from tests.real.kubelet import STOP_GRACE, Kubelet
 from tests.real.node_root import DEFAULT_PATH, Ran
+from tests.real.node_steps import (
+    functions_of,
+    kill_group,
+    on_node,
+    run_node_step,
+    start_node_step,
+    step_tools,
+    write_on_node,
+)
+from tests.real.vip_client import VipClient, haproxy_retries, haproxy_since
 from tools.plan import mask, script_of
 
 SHORT_DAYS = 20
-STEP_BOUND = 900.0
-CLIENT_ATTEMPTS = 3
-CLIENT_BACKOFF = 0.5
-
-
-@dataclass
-class VipClient:
-    """GETs through the VIP in a loop: each request bounded, retried as client-go would; counts what failed."""
-
-    lab: ControlPlaneLab
-    requests: int = 0
-    retried: int = 0
-    failures: list[str] = field(default_factory=list)
-    workers: int = 4
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def one(self) -> None:
-        last = ""
-        for attempt in range(CLIENT_ATTEMPTS):
-            if attempt:
-                with self._lock:
-                    self.retried += 1
-                time.sleep(CLIENT_BACKOFF * attempt)
-            try:
-                response = self.lab.request("GET", "/api/v1/namespaces/kube-system/configmaps/kubeadm-config")
-            except (OSError, http.client.HTTPException) as error:
-                last = repr(error)
-                continue
-            if response.status == 200 and '"ClusterConfiguration"' in response.body:
-                return
-            last = f"HTTP {response.status}: {response.body[:200]}"
-            if response.status < 500 and response.status != 429:
-                break
-        self.failures.append(last)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            with self._lock:
-                self.requests += 1
-            self.one()
-            self._stop.wait(0.02)
-
-    def __enter__(self) -> VipClient:
-        self._threads = [
-            threading.Thread(target=self._loop, daemon=True, name=f"vip-client-{n}") for n in range(self.workers)
-        ]
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
+STEP_NAME = "kubeadm-ha-certificates"
 
 
 def served_certificate(
@@ -131,19 +79,6 @@ def signed_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
     return True
 
 
-def on_node(node: Node, *argv: str) -> None:
-    ran = node.root.run(list(argv), netns=node.namespace.name, timeout=30)
-    assert ran.returncode == 0, ran.output
-
-
-def write_on_node(lab: ControlPlaneLab, node: Node, path: str, content: bytes) -> None:
-    """Write a file as a process of the node does (inside its mount namespace), keeping the file's mode."""
-    ran = node.root.run(
-        ["bash", "-c", 'cat >"$1"', "write", path], netns=node.namespace.name, timeout=30, stdin=content.decode()
-    )
-    assert ran.returncode == 0, ran.output
-
-
 def reissue_due(lab: ControlPlaneLab, node: Node) -> x509.Certificate:
     """The node's API server certificate again, by the program's CA, same key and names, ending in SHORT_DAYS."""
     current = x509.load_pem_x509_certificate(node.root.read(f"{PKI_DIR}/apiserver.crt").encode())
@@ -163,35 +98,13 @@ def reissue_due(lab: ControlPlaneLab, node: Node) -> x509.Certificate:
     for extension in current.extensions:
         builder = builder.add_extension(extension.value, extension.critical)
     short = builder.sign(ca_key, hashes.SHA256())
-    write_on_node(lab, node, f"{PKI_DIR}/apiserver.crt", short.public_bytes(serialization.Encoding.PEM))
+    write_on_node(node, f"{PKI_DIR}/apiserver.crt", short.public_bytes(serialization.Encoding.PEM))
     return short
 
 
 def run_certificates_step(lab: ControlPlaneLab, node: Node, script: str) -> tuple[Ran, float]:
     """The step as pulumi-command runs it (bash -c, as root, no stdin), with kubeadm and the crictl stand-in."""
-    tools = node_tools(lab.work / "renewal-bin", {"kubeadm": lab.binaries["kubeadm"]})
-    started = time.monotonic()
-    ran = node.root.run(
-        ["bash", "-c", script, "kubeadm-ha-certificates"],
-        netns=node.namespace.name,
-        timeout=STEP_BOUND,
-        env={"PATH": f"{tools}:{DEFAULT_PATH}"},
-    )
-    return ran, time.monotonic() - started
-
-
-def haproxy_retries(lab: ControlPlaneLab, server: str) -> dict[str, tuple[int, int, int]]:
-    """Per load balancer: HAProxy's (sessions, retries, redispatches) for `server` in the API backend."""
-    found = {}
-    for plan in lab.plan.load_balancers:
-        namespace = lab.nodes[plan.hostname].namespace
-        servers = haproxy_servers(
-            namespace, lb_config.HAPROXY_HEALTH_PORT, lb_config.HAPROXY_STATS_URI, "kube-apiserver"
-        )
-        row = servers.get(server)
-        if row is not None:
-            found[plan.hostname] = (int(row["stot"] or 0), int(row["wretr"] or 0), int(row["wredis"] or 0))
-    return found
+    return run_node_step(lab, node, script, name=STEP_NAME)
 
 
 def digest(node: Node, path: str) -> str:
@@ -234,14 +147,8 @@ def renew_and_prove(lab: ControlPlaneLab, node: Node, kubelet: Kubelet, *, watch
     assert ran.returncode == 0, f"{ran.output}\n--- kubeadm certs renew:\n{renew_log}"
     assert "Falling back to default configuration" not in renew_log, renew_log  # the program's document was read
     report(f"renewal step on {node.name}: {took:.1f}s; kubelet stand-in: {', '.join(kubelet.events)}")
-    report(
-        f"VIP client: {client.requests} requests, {len(client.failures)} failed, {client.retried} retries"
-        + (f"; failures: {client.failures[:5]}" if client.failures else "")
-    )
-    shielded = {
-        lb: tuple(now - then for now, then in zip(values, counters[lb], strict=True))
-        for lb, values in haproxy_retries(lab, node.name).items()
-    }
+    report(f"VIP client: {client.summary()}")
+    shielded = haproxy_since(lab, node.name, counters)
     report(f"HAProxy (sessions, retries, redispatches) to {node.name} during the step: {shielded}")
     for component in kubelet.pods[node.name]:
         if component in node.processes:
@@ -284,44 +191,21 @@ def renew_and_prove(lab: ControlPlaneLab, node: Node, kubelet: Kubelet, *, watch
 # --- issue 18, defect 1: a renewal interrupted after the renew --------------------------------------------
 
 INTERRUPT_BOUND = 180.0  # the renew and the API server's manifest moved out, on a loaded 2-core machine
-_GUARD = re.compile(r'^if .+; then\n  echo "kubeadm-ha: \$\{KUBEADM_HA_STEP\} already done', re.M)
 
 
 def start_certificates_step(lab: ControlPlaneLab, node: Node, script: str, log: Path) -> subprocess.Popen[bytes]:
-    """The step as `run_certificates_step` runs it, in the background (its own process group, so the test can
-    kill all of it at once, as a dropped SSH session or a killed `pulumi up` ends it)."""
-    tools = node_tools(lab.work / "renewal-bin", {"kubeadm": lab.binaries["kubeadm"]})
-    with log.open("wb") as out:
-        return subprocess.Popen(  # the program's own step script, unmodified
-            ["ip", "netns", "exec", node.namespace.name,
-             *node.root.wrap(["bash", "-c", script, "kubeadm-ha-certificates"])],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={"PATH": f"{tools}:{DEFAULT_PATH}"},
-            cwd=node.root.directory,
-            start_new_session=True,
-        )  # fmt: skip
-
-
-def kill_group(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+    """The step as `run_certificates_step` runs it, in the background, to be killed halfway."""
+    return start_node_step(lab, node, script, log, name=STEP_NAME)
 
 
 def freshness_alone(lab: ControlPlaneLab, node: Node, script: str) -> int:
     """Exit status of the step's own `certificates_fresh` on the node now: the whole guard before issue 18
     (0: the step would have printed "already done" and exited 0)."""
-    found = _GUARD.search(script)
-    assert found is not None, "the rendered step has no idempotency guard"
-    tools = node_tools(lab.work / "renewal-bin", {"kubeadm": lab.binaries["kubeadm"]})
     ran = node.root.run(
-        ["bash", "-c", script[: found.start()] + "certificates_fresh\n", "certificates-fresh"],
+        ["bash", "-c", functions_of(script) + "certificates_fresh\n", "certificates-fresh"],
         netns=node.namespace.name,
         timeout=60,
-        env={"PATH": f"{tools}:{DEFAULT_PATH}"},
+        env={"PATH": f"{step_tools(lab)}:{DEFAULT_PATH}"},
     )
     return ran.returncode
 
