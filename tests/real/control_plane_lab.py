@@ -209,13 +209,7 @@ class ControlPlaneLab:
 
     def prepare_control_planes(self, *, only_first: bool = False) -> None:
         """PKI placed, then kubeadm's own phases write certificates, kubeconfigs and static-pod manifests."""
-        init_files = step_files(self.evaluation, init_step(self.evaluation))
-        init_yaml = init_files[INIT_CONFIG_PATH][1]
-        # What the kubeadm step's bundle places beside its documents (the audit policy, the encryption
-        # configuration): the same files on every control plane, each as the program sends them.
-        static_pod_files = {
-            path: item for path, item in init_files.items() if path not in (INIT_CONFIG_PATH, JOIN_CONFIG_PATH)
-        }
+        init_yaml = step_files(self.evaluation, init_step(self.evaluation))[INIT_CONFIG_PATH][1]
         token = next(yaml.safe_load_all(init_yaml))["bootstrapTokens"][0]["token"]
         self.token = token
         shape = cluster_shape(self.config, self.plan, self.etcd_spec)
@@ -224,7 +218,7 @@ class ControlPlaneLab:
             node = self.add_node(plan)
             node.root.place(step_files(self.evaluation, f"{plan.hostname}-place-pki"))
             # What its `kubeadm init`/`join` step installs besides the documents: the files the flags name (the
-            # audit policy), which kube-apiserver refuses to start without.
+            # audit policy, the encryption configuration), which kube-apiserver refuses to start without.
             bootstrap = init_step(self.evaluation) if index == 0 else f"{plan.hostname}-kubeadm-join"
             node.root.place(step_files(self.evaluation, bootstrap))
             documents = (
@@ -232,7 +226,7 @@ class ControlPlaneLab:
                 if index == 0
                 else init_documents(shape, hostname=plan.hostname, address=str(plan.address), token=token)
             )
-            node.root.place({INIT_CONFIG_PATH: (0o600, documents), **static_pod_files})
+            node.root.place({INIT_CONFIG_PATH: (0o600, documents)})
             phases = [["certs", "all"], ["kubeconfig", "all"], ["control-plane", "all"]]
             if not self.config.etcd.external:
                 phases.append(["etcd", "local"])
