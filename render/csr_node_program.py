@@ -304,10 +304,16 @@ def main(argv: list[str]) -> int:
         return 2
     plan = json.loads(argv[1])
     listed = json.load(sys.stdin)
-    if listed.get("kind") != "CertificateSigningRequestList":
-        print("kubeadm-ha: the CSR list on stdin is not a CertificateSigningRequestList", file=sys.stderr)
+    # `kubectl get ... --output json` prints a list as a v1 "List" of the objects, each with its kind
+    # (k8s.io/kubectl pkg/cmd/get/get.go).
+    kind, items = (listed.get("kind"), listed.get("items")) if isinstance(listed, dict) else (None, None)
+    if kind != "List" or not isinstance(items, list):
+        print("kubeadm-ha: what kubectl listed is not a list of CertificateSigningRequests", file=sys.stderr)
         return 2
-    for csr in listed.get("items") or []:
+    if any(not isinstance(csr, dict) or csr.get("kind") != "CertificateSigningRequest" for csr in items):
+        print("kubeadm-ha: what kubectl listed holds objects that are not CertificateSigningRequests", file=sys.stderr)
+        return 2
+    for csr in items:
         decision = decide(csr, plan)
         if decision is None:
             continue

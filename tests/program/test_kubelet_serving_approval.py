@@ -28,11 +28,13 @@ COMMAND = "command:remote:Command"
 CLUSTER = "components/cluster.py"
 # The wiring proposed for components/cluster.py: an import, the phase (before the last-steps list), and its steps
 # among the last steps.
-IMPORT_ANCHOR = "from components.control_plane import ControlPlaneNode, ControlPlaneNodeArgs\n"
+IMPORT_ANCHOR = (
+    "from components.control_plane_config import ControlPlaneSettings, ControlPlaneSettingsArgs, SettingsTarget\n"
+)
 IMPORT = "from components.csr_approval import ApproverTarget, KubeletServingApproval, KubeletServingApprovalArgs\n"
 PHASE_ANCHOR = "    # The last step of every chain: each other step is upstream of one of them.\n"
 PHASE = """\
-    # 12. Kubelet serving certificates: an approver timer on every control plane for the planned kubelets'
+    # 14. Kubelet serving certificates: an approver timer on every control plane for the planned kubelets'
     #     CSRs, and one step after every join until each planned kubelet serves a certificate from the CA.
     kubelet_serving = KubeletServingApproval(
         "kubelet-serving",

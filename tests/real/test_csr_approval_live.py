@@ -16,10 +16,12 @@ as root, in its network and mount namespaces, the real kubectl on PATH, its admi
 1. the timer's approver approves the right CSR only, and the controller manager's signer then issues a
    certificate that the cluster CA verifies, for exactly the planned names, serverAuth; the forged and the
    admin's CSRs stay pending, without a certificate, each reported with why; the run exits 0;
-2. the one-shot step fails after its bound while nothing on the node serves the certificate (and while a
-   self-signed certificate with the right names is served, as by a kubelet without serverTLSBootstrap), naming
-   the kubelet and the CSRs left pending; once a TLS server on kubelet's port (10250) serves the issued
-   certificate, as kubelet does once it has it, the step succeeds, and a second run is "already done".
+2. the one-shot step fails after its bound while nothing on the node serves a certificate from the cluster CA
+   (nothing on kubelet's port 10250, then a self-signed certificate with the right names, as a kubelet without
+   serverTLSBootstrap serves), naming the kubelet and the CSRs left pending with why, and the CSR table. When
+   the kubelet rotates (a new CSR from the node identity) and a stand-in kubelet serves the certificate on
+   10250 as soon as the signer issued it, the step approves that CSR itself, waits for the kubelet to serve
+   it, and succeeds; a second run is "already done".
 
 Binaries: tests/real/build-binaries kubeadm kube-apiserver kube-controller-manager kubectl etcd. Debian: haproxy
 curl iproute2 openssl python3. Root.
@@ -33,6 +35,7 @@ import http.client
 import ipaddress
 import json
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +55,7 @@ from tests.integration.conftest import phase_failed, require_programs, require_r
 from tests.integration.netns import Lab, Process, cleanup_stale, poll_until
 from tests.real.binaries import binary
 from tests.real.control_plane_lab import ControlPlaneLab, Node, report
+from tests.real.documents import init_step, step_files
 from tools.plan import mask
 
 pytestmark = pytest.mark.real
@@ -71,8 +75,9 @@ STEP_BOUND = 240.0
 class CsrLab:
     lab: ControlPlaneLab
     node: Node
-    key: ec.EllipticCurvePrivateKey  # the right CSR's key, for the stand-in kubelet's TLS server
+    key: ec.EllipticCurvePrivateKey  # the right CSR's key
     names: dict[str, str]  # case -> CSR name
+    identity: tuple[Path, Path]  # the kubelet's client certificate and key
 
 
 def node_identity(lab: ControlPlaneLab, node: Node) -> tuple[Path, Path]:
@@ -85,12 +90,12 @@ def node_identity(lab: ControlPlaneLab, node: Node) -> tuple[Path, Path]:
     cert.write_bytes(base64.b64decode(user["client-certificate-data"]))
     key.write_bytes(base64.b64decode(user["client-key-data"]))
     key.chmod(0o600)
-    subject = x509.load_pem_x509_certificate(cert.read_bytes()).subject.rfc4514_string()
-    assert subject == f"O=system:nodes,CN=system:node:{node.name}", subject
+    subject = {(a.oid, a.value) for a in x509.load_pem_x509_certificate(cert.read_bytes()).subject}
+    assert subject == {(NameOID.COMMON_NAME, f"system:node:{node.name}"), (NameOID.ORGANIZATION_NAME, "system:nodes")}
     return cert, key
 
 
-def request(key: ec.EllipticCurvePrivateKey, node: Node, dns: list[str], ips: list[str]) -> bytes:
+def kubelet_request(key: ec.EllipticCurvePrivateKey, node: Node, dns: list[str], ips: list[str]) -> bytes:
     subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:nodes"),
                          x509.NameAttribute(NameOID.COMMON_NAME, f"system:node:{node.name}")])  # fmt: skip
     names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns]
@@ -160,6 +165,9 @@ def csr_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         assert live.etcd_spec is None and len(live.plan.control_planes) == 1
         live.prepare_control_planes(only_first=True)
         node = live.nodes[live.plan.control_planes[0].hostname]
+        # Everything the program's `kubeadm-init` step installs (the lab places only its init.yaml): the API
+        # server's manifest names the audit policy and the encryption configuration that bundle carries.
+        node.root.place(step_files(live.evaluation, init_step(live.evaluation)))
         live.start_stacked_etcd(node)
         live.start_control_planes(COMPONENTS, only=[node.name])
         live.start_load_balancers()
@@ -173,14 +181,16 @@ def csr_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         planned_dns, planned_ips = [node.name], [node.address]
         names = {"right": "kha-kubelet-serving-right", "extra SAN": "kha-kubelet-serving-extra-san",
                  "admin": "kha-kubelet-serving-from-admin"}  # fmt: skip
-        created = post_as_node(live, identity, csr_body(names["right"], request(key, node, planned_dns, planned_ips)))
+        right = kubelet_request(key, node, planned_dns, planned_ips)
+        created = post_as_node(live, identity, csr_body(names["right"], right))
         assert created["spec"]["username"] == f"system:node:{node.name}"
-        forged = request(ec.generate_private_key(ec.SECP256R1()), node, [*planned_dns, "kubernetes"], planned_ips)
+        other_key = ec.generate_private_key(ec.SECP256R1())
+        forged = kubelet_request(other_key, node, [*planned_dns, "kubernetes"], planned_ips)
         post_as_node(live, identity, csr_body(names["extra SAN"], forged))
-        from_admin = request(ec.generate_private_key(ec.SECP256R1()), node, planned_dns, planned_ips)
+        from_admin = kubelet_request(other_key, node, planned_dns, planned_ips)
         response = live.request("POST", CSR_PATH, body=csr_body(names["admin"], from_admin))
         assert response.status == 201, (response.status, response.body[:300])
-        yield CsrLab(live, node, key, names)
+        yield CsrLab(live, node, key, names, identity)
     except BaseException:
         failed = True
         raise
@@ -287,27 +297,45 @@ def test_the_step_waits_for_the_kubelet_to_serve_the_issued_certificate(csr_lab:
         assert ran.returncode != 0 and f"the kubelet of: {node.name}." in ran.stderr, ran.output
     finally:
         impostor.stop()
-    issued = csr(lab, csr_lab.names["right"]).get("status", {}).get("certificate")
-    if not issued:  # this test alone: the step approves the right CSR itself
-        lab.run_step(node, approver_script(node.name, plan).render(), "", timeout=STEP_BOUND)
-        issued = poll_until(
-            lambda: csr(lab, csr_lab.names["right"]).get("status", {}).get("certificate"),
-            timeout=SIGN_BOUND,
-            interval=0.5,
-            message="the issued certificate",
-        )
-    kubelet = serve(csr_lab, base64.b64decode(issued), csr_lab.key, "issued")
+    # The kubelet rotates: a new key, a new CSR. A stand-in kubelet waits for its certificate (kubelet's
+    # certificate manager watches its CSR) and then serves it on kubelet's port, while the step approves it.
+    rotated, key = "kha-kubelet-serving-rotated", ec.generate_private_key(ec.SECP256R1())
+    body = csr_body(rotated, kubelet_request(key, node, [node.name], [node.address]))
+    post_as_node(lab, csr_lab.identity, body)
+    kubelet: list[Process] = []
+    failures: list[BaseException] = []
+
+    def kubelet_stand_in() -> None:
+        try:
+            issued = poll_until(
+                lambda: csr(lab, rotated).get("status", {}).get("certificate"),
+                timeout=STEP_BOUND,
+                interval=0.5,
+                message=f"the certificate of {rotated}",
+            )
+            kubelet.append(serve(csr_lab, base64.b64decode(issued), key, "rotated"))
+        except BaseException as error:  # reported by the test below
+            failures.append(error)
+
+    waiting = threading.Thread(target=kubelet_stand_in, name="kubelet-stand-in", daemon=True)
+    waiting.start()
     try:
         started = time.monotonic()
-        script = approve_step_script(node.name, plan, wait_seconds=60).render()
+        script = approve_step_script(node.name, plan, wait_seconds=90).render()
         ran = lab.run_step(node, script, "", timeout=STEP_BOUND)
+        took = time.monotonic() - started
+        waiting.join(timeout=STEP_BOUND)
+        assert not failures, failures
         assert ran.returncode == 0, ran.output
+        assert f"approved kubelet-serving CSR {rotated} of node {node.name}" in ran.stdout, ran.output
         assert f"kubeadm-ha: kubelet-serving-approve done on {node.name}" in ran.stdout, ran.output
-        assert f'"{extra}"' in ran.stderr  # still pending, and said so
-        report(f"one-shot step with the kubelet serving: {time.monotonic() - started:.1f}s")
+        assert f'"{extra}"' in ran.stderr and f'"{admin}"' in ran.stderr  # still pending, and said so
+        report(f"one-shot step: approved, issued and served in {took:.1f}s")
         again = lab.run_step(node, script, "", timeout=STEP_BOUND)
         assert again.returncode == 0 and "already done" in again.stdout, again.output
     finally:
-        kubelet.stop()
+        waiting.join(timeout=STEP_BOUND)
+        for process in kubelet:
+            process.stop()
     for name in (extra, admin):
         assert conditions(csr(lab, name)) == set(), name

@@ -234,7 +234,8 @@ def box(sandbox_support: None, tmp_path: Path) -> Sandbox:
 
 
 def serve(box: Sandbox, *items: dict[str, Any]) -> None:
-    listed = {"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequestList", "items": list(items)}
+    # As kubectl prints a list (k8s.io/kubectl pkg/cmd/get/get.go): a v1 List of the objects.
+    listed = {"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""}, "items": list(items)}
     box.put_state("csrs.json", json.dumps(listed))
 
 
@@ -312,11 +313,20 @@ def test_a_refused_approval_is_a_failure(box: Sandbox) -> None:
     assert f"could not approve kubelet-serving CSR csr-right of node {NODE}" in ran.stderr
 
 
-def test_a_list_that_is_not_a_csr_list_is_a_failure(box: Sandbox) -> None:
-    box.put_state("csrs.json", json.dumps({"kind": "Status", "items": [right()]}))
+@pytest.mark.parametrize(
+    ("listed", "why"),
+    [
+        ({"kind": "Status", "items": []}, "not a list of CertificateSigningRequests"),
+        ({"kind": "CertificateSigningRequestList", "items": []}, "not a list of CertificateSigningRequests"),
+        ({"kind": "List", "items": {}}, "not a list of CertificateSigningRequests"),
+        ({"kind": "List", "items": [{"kind": "Pod"}]}, "objects that are not CertificateSigningRequests"),
+    ],
+)
+def test_a_list_that_is_not_a_csr_list_is_a_failure(box: Sandbox, listed: dict[str, Any], why: str) -> None:
+    box.put_state("csrs.json", json.dumps(listed))
     ran = box.run(approver_script(HOST, PLAN).render())
     assert ran.returncode != 0 and approved(box) == []
-    assert "not a CertificateSigningRequestList" in ran.stderr
+    assert why in ran.stderr and f"the CSR list read on {HOST} could not be checked" in ran.stderr
 
 
 # --- the timer and the one-shot step ------------------------------------------------------------------------
