@@ -17,12 +17,13 @@ from components.certificates import (
 )
 from components.control_plane import ControlPlaneNode, ControlPlaneNodeArgs
 from components.control_plane_config import ControlPlaneSettings, ControlPlaneSettingsArgs, SettingsTarget
+from components.csr_approval import KubeletServingApproval, KubeletServingApprovalArgs
 from components.encryption import SecretsEncryption, SecretsEncryptionArgs
 from components.etcd import EtcdCluster, EtcdClusterArgs, plan_membership
 from components.etcd_maintenance import EtcdMaintenance, EtcdMaintenanceArgs
 from components.loadbalancer import LoadBalancer, LoadBalancerArgs
 from components.node_files import FilesTarget, NodeFiles, NodeFilesArgs
-from components.nodes import NodeContext
+from components.nodes import NodeContext, StepTarget
 from components.pki import ADMIN_USER, APISERVER_ETCD_CLIENT, ETCD_CA, ClusterPki, ClusterPkiArgs
 from components.remote import secret
 from components.upgrade import KubernetesUpgrade, KubernetesUpgradeArgs
@@ -166,10 +167,37 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
             KubernetesUpgradeArgs(context, control_planes, admin=first, after=[previous, *bootstrapped]),
         )
 
-    # 10. The program's settings on every running control plane, one at a time (new ones already have them),
+    # 10. Kubelet serving certificates from the cluster CA: a kubelet set up before serverTLSBootstrap moved to
+    #     it, an approver timer on every control plane for the planned kubelets' CSRs (they rotate long after any
+    #     `pulumi up`), and one step until each planned kubelet serves one; only then does kube-apiserver verify
+    #     them (its --kubelet-certificate-authority, from the settings below).
+    kubelets = [StepTarget(cp.node, cp.vm, cp.kubeadm) for cp in control_planes]
+    kubelets += [StepTarget(node, workers.vms[node.hostname], workers.joins[node.hostname]) for node in plan.workers]
+    kubelet_serving = KubeletServingApproval(
+        "kubelet-serving",
+        KubeletServingApprovalArgs(
+            context,
+            kubelets[: len(control_planes)],
+            nodes=[*plan.control_planes, *plan.workers],
+            kubelets=kubelets,
+            after=[
+                *bootstrapped,
+                *(step for cp in control_planes for step in (cp.kubeadm, cp.membership) if step is not None),
+                *workers.joins.values(),
+                *workers.memberships.values(),
+                *([upgrade] if upgrade is not None else []),
+            ],
+        ),
+    )
+    # 11. The program's settings on every running control plane, one at a time (new ones already have them),
     #     inside the four phases that move Secrets to this run's encryption key (components/encryption.py).
     settings_targets = [SettingsTarget(cp.node, cp.vm, cp.kubeadm) for cp in control_planes]
-    joined_and_upgraded = [previous, *bootstrapped, *([upgrade] if upgrade is not None else [])]
+    joined_and_upgraded = [
+        previous,
+        *bootstrapped,
+        *([upgrade] if upgrade is not None else []),
+        kubelet_serving.approved,
+    ]
     added = encryption.phase(context, settings_targets, "add", after=joined_and_upgraded)
     settings = ControlPlaneSettings(
         "control-plane-settings",
@@ -180,7 +208,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
     dropped = encryption.phase(context, settings_targets, "drop", after=[rewritten])
     encryption_steps = [*added, *promoted, rewritten, *dropped]
 
-    # 11. File modes and owners on every node (again after an upgrade, which rewrites the kubelet's files).
+    # 12. File modes and owners on every node (again after an upgrade, which rewrites the kubelet's files).
     files_targets = [FilesTarget(cp.node, cp.vm, cp.kubeadm, etcd_member=etcd_spec is None) for cp in control_planes]
     files_targets += [
         FilesTarget(node, workers.vms[node.hostname], workers.joins[node.hostname], False) for node in plan.workers
@@ -190,7 +218,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
             FilesTarget(node, etcd.vms[node.hostname], etcd.members[node.hostname], True) for node in plan.etcd_members
         ]
     node_files = NodeFiles("node-files", NodeFilesArgs(context, files_targets, after=[upgrade] if upgrade else []))
-    # 12. An etcd snapshot timer on every member: the control planes, or the external etcd VMs.
+    # 13. An etcd snapshot timer on every member: the control planes, or the external etcd VMs.
     if etcd_spec is None:
         targets = [BackupTarget(cp.node, cp.vm, cp.kubeadm) for cp in control_planes]
     else:
@@ -199,7 +227,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
     backups = EtcdBackups("etcd-backup", EtcdBackupsArgs(context, targets))
     # Alarms hourly and a defragmentation every defragIntervalHours, on the same members, one at a time.
     maintenance = EtcdMaintenance("etcd-maintenance", EtcdMaintenanceArgs(context, targets))
-    # 13. kubeadm's certificates on every control plane, one node at a time, renewed within renewBeforeDays.
+    # 14. kubeadm's certificates on every control plane, one node at a time, renewed within renewBeforeDays.
     renewals = plan_renewals(
         [cp.node.hostname for cp in control_planes],
         last_deployment.outputs,
@@ -230,6 +258,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
     last_steps += node_files.steps.values()
     last_steps += encryption_steps
     last_steps += renewal.steps.values()
+    last_steps += kubelet_serving.steps
     kubernetes_version = (
         upgrade.completed_version if upgrade is not None else pulumi.Output.from_input(config.kubernetes.version)
     )

@@ -27,22 +27,18 @@ from typing import TYPE_CHECKING
 import pulumi
 import pulumi_command as command
 
+from components.nodes import StepTarget, step_on_each
 from components.remote import run_step
 from render.csr_approval import approve_step_script, install_approver_script, serving_plan
+from render.kubelet_serving import kubelet_serving_script
 
 if TYPE_CHECKING:
     from components.nodes import NodeContext
-    from components.vm import Vm
     from model.addressing import NodePlan
 
 
-@dataclass(frozen=True)
-class ApproverTarget:
-    """A control plane, its VM, and the step after which it holds /etc/kubernetes/admin.conf."""
-
-    node: NodePlan
-    vm: Vm
-    after: pulumi.Resource
+# A control plane, its VM, and the step after which it holds /etc/kubernetes/admin.conf.
+ApproverTarget = StepTarget
 
 
 @dataclass(frozen=True)
@@ -52,6 +48,9 @@ class KubeletServingApprovalArgs:
     targets: Sequence[ApproverTarget]
     # Every node whose kubelet registers with the cluster: the control planes and the workers.
     nodes: Sequence[NodePlan]
+    # The same nodes, each with its VM and the step after which kubeadm has set it up: a kubelet set up before
+    # serverTLSBootstrap is moved to it (render/kubelet_serving.py) before the one-shot step waits for it.
+    kubelets: Sequence[StepTarget]
     # The steps the one-shot step follows: every join, and every wait for a joined node to be Ready.
     after: Sequence[pulumi.Resource]
 
@@ -75,6 +74,13 @@ class KubeletServingApproval(pulumi.ComponentResource):
                 depends_on=[target.after],
                 replace_with=target.vm.domain.id,
             )
+        self.moved = step_on_each(
+            args.context,
+            args.kubelets,
+            "kubelet-serving",
+            lambda target: kubelet_serving_script(target.node.hostname),
+            parent=self,
+        )
         first = args.targets[0]
         # Named after its node, as every node step is (tests/program/test_day2.py finds a step's node by its name).
         self.approved = run_step(
@@ -82,7 +88,7 @@ class KubeletServingApproval(pulumi.ComponentResource):
             args.context.access(first.node),
             approve_step_script(first.node.hostname, plan),
             parent=self,
-            depends_on=[first.after, *args.after],
+            depends_on=[first.after, *args.after, *self.moved.values()],
             replace_with=first.vm.domain.id,
         )
         self.register_outputs({"approvers": list(self.timers), "nodes": [entry.hostname for entry in plan]})
@@ -90,4 +96,4 @@ class KubeletServingApproval(pulumi.ComponentResource):
     @property
     def steps(self) -> list[command.remote.Command]:
         """Every step, for the program's `finished` output."""
-        return [*self.timers.values(), self.approved]
+        return [*self.timers.values(), *self.moved.values(), self.approved]

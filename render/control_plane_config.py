@@ -44,6 +44,7 @@ def _functions(stacked_etcd: bool, etcd_flags: Sequence[tuple[str, str]]) -> tup
     names = " ".join(quote(name) for name, _ in static_pods.pods(stacked_etcd))
     flag_patterns = " ".join(quote(f"--{name}={value}") for name, value in etcd_flags)
     flag_names = " ".join(quote(f"--{name}=") for name, _ in etcd_flags)
+    etcd = _etcd_manifest_function(flag_patterns, flag_names) if etcd_flags else ()
     return (
         *INSTALL_BUNDLE_FUNCTION,
         *static_pods.functions(),
@@ -57,6 +58,13 @@ def _functions(stacked_etcd: bool, etcd_flags: Sequence[tuple[str, str]]) -> tup
         "    fi",
         "  done",
         "}",
+        *etcd,
+    )
+
+
+def _etcd_manifest_function(flag_patterns: str, flag_names: str) -> tuple[str, ...]:
+    """Only with stacked etcd, whose manifest the step edits."""
+    return (
         # `etcd_manifest IN OUT`: IN with the program's etcd flags, each replacing any value it had. Only
         # when one is missing or different; otherwise OUT is IN byte for byte (kubeadm sorts its flags, so
         # a manifest kubeadm made with them stays as it is).

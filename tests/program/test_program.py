@@ -115,6 +115,7 @@ def test_every_child_has_a_component_parent(stack: str) -> None:
         "kubeadm-ha:index:ControlPlaneSettings",
         "kubeadm-ha:index:SecretsEncryption",
         "kubeadm-ha:index:NodeFiles",
+        "kubeadm-ha:index:KubeletServingApproval",
         "kubeadm-ha:index:ControlPlaneNode",
         "kubeadm-ha:index:WorkerPool",
     }

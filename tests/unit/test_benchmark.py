@@ -13,10 +13,11 @@ def test_small_run_scales_linearly_with_a_constant_chain(capsys: pytest.CaptureF
     assert "| 3 + 5 |" in out and "longest chain of remote steps" in out
     one, three, five = measure(1), measure(3), measure(5)
     assert three.resources - one.resources == five.resources - three.resources > 0
-    # ready, configure-lb, init, CNI, then per further control plane: token, join, wait Ready (10); then the
-    # Secrets' encryption phases and the settings around them, one control plane at a time: add, settings,
-    # promote (3 each), one rewrite, drop (3) (16). Constant in the number of workers.
-    assert one.longest_chain == three.longest_chain == five.longest_chain == 26
+    # ready, configure-lb, init, CNI, then per further control plane: token, join, wait Ready (10); the kubelet
+    # serving approval after every join (1); then the Secrets' encryption phases and the settings around them, one
+    # control plane at a time: add, settings, promote (3 each), one rewrite, drop (3) (16). Constant in the
+    # number of workers.
+    assert one.longest_chain == three.longest_chain == five.longest_chain == 27
 
 
 def test_checks_catch_a_growing_chain_and_slow_evaluation() -> None:

@@ -34,7 +34,10 @@ def test_nodes_are_laid_out_by_role_in_execution_order(plans: dict[str, Path]) -
     # The first control plane also runs, for the others, the steps that need admin.conf.
     assert any(name.endswith("-staging-worker-1-join-token") for name in first)
     assert any(name.endswith("-staging-cp-3-membership") for name in first)
-    assert sorted(p.name for p in (nodes / "worker-1").iterdir()) == ["00-cloud-init", "01-ready", "02-kubeadm-join"]
+    assert sorted(p.name for p in (nodes / "worker-1").iterdir()) == [
+        *("00-cloud-init", "01-ready", "02-kubeadm-join"),
+        *("03-kubelet-serving", "04-node-files"),  # issue 20: its serving certificate from the CA, its file modes
+    ]
     lb = nodes / "lb-1" / "02-configure-lb"
     assert (lb / "files" / "etc" / "haproxy" / "haproxy.cfg").read_text().count("server staging-cp-") == 3
     assert (lb / "files" / "etc" / "keepalived" / "keepalived.conf").is_file()
@@ -64,8 +67,9 @@ def test_summary_lists_phases_and_the_longest_chain(plans: dict[str, Path]) -> N
     assert index["staging-cp-3-kubeadm-join"] > index["staging-cp-2-kubeadm-join"]
     assert index["staging-worker-1-kubeadm-join"] == index["staging-cp-2-kubeadm-join"]
     assert index["staging-cp-3-kubeadm-join"] > index["staging-cp-2-membership"] > index["staging-cp-2-kubeadm-join"]
-    # Joins (10), then the encryption phases and settings, one control plane at a time (16): test_benchmark.py.
-    assert "## Longest chain of remote steps (26)" in summary
+    # Joins (10), the kubelet serving approval (1), then the encryption phases and settings, one control plane at
+    # a time (16): test_benchmark.py.
+    assert "## Longest chain of remote steps (27)" in summary
     assert "| **total** |" in summary
 
 
