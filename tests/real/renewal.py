@@ -14,19 +14,14 @@ held, then run again; the re-run finishes every restart and only then is the ste
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import http.client
-import os
 import re
-import signal
 import ssl
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -38,21 +33,27 @@ from render.renewal import HELD_DIR, parse_expiry
 from render.scripts import LOG_DIR
 from tests.integration.netns import haproxy_servers, poll_until
 from tests.real.control_plane_lab import COMPONENTS, MANIFESTS, ControlPlaneLab, Node, report
-from tests.real.kubelet import STOP_GRACE, Kubelet, node_tools
-from tests.real.node_root import DEFAULT_PATH, Ran
+from tests.real.kubelet import STOP_GRACE, Kubelet
+from tests.real.node_root import Ran
+from tests.real.steps import kill_group, run_node_step, start_node_step
 from tools.plan import mask, script_of
 
 SHORT_DAYS = 20
-STEP_BOUND = 900.0
 CLIENT_ATTEMPTS = 3
 CLIENT_BACKOFF = 0.5
 
 
+# What VipClient reads by default: kubeadm's ClusterConfiguration, which every control plane serves.
+KUBEADM_CONFIG = ("/api/v1/namespaces/kube-system/configmaps/kubeadm-config", '"ClusterConfiguration"')
+
+
 @dataclass
 class VipClient:
-    """GETs through the VIP in a loop: each request bounded, retried as client-go would; counts what failed."""
+    """GETs through the VIP in a loop: each request bounded, retried as client-go would; counts what failed.
+    `reads`: (path, text the answer must hold), taken in turn."""
 
     lab: ControlPlaneLab
+    reads: tuple[tuple[str, str], ...] = (KUBEADM_CONFIG,)
     requests: int = 0
     retried: int = 0
     failures: list[str] = field(default_factory=list)
@@ -61,7 +62,8 @@ class VipClient:
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def one(self) -> None:
+    def one(self, number: int) -> None:
+        path, expected = self.reads[number % len(self.reads)]
         last = ""
         for attempt in range(CLIENT_ATTEMPTS):
             if attempt:
@@ -69,11 +71,11 @@ class VipClient:
                     self.retried += 1
                 time.sleep(CLIENT_BACKOFF * attempt)
             try:
-                response = self.lab.request("GET", "/api/v1/namespaces/kube-system/configmaps/kubeadm-config")
+                response = self.lab.request("GET", path)
             except (OSError, http.client.HTTPException) as error:
                 last = repr(error)
                 continue
-            if response.status == 200 and '"ClusterConfiguration"' in response.body:
+            if response.status == 200 and expected in response.body:
                 return
             last = f"HTTP {response.status}: {response.body[:200]}"
             if response.status < 500 and response.status != 429:
@@ -84,7 +86,8 @@ class VipClient:
         while not self._stop.is_set():
             with self._lock:
                 self.requests += 1
-            self.one()
+                number = self.requests
+            self.one(number)
             self._stop.wait(0.02)
 
     def __enter__(self) -> VipClient:
@@ -169,15 +172,7 @@ def reissue_due(lab: ControlPlaneLab, node: Node) -> x509.Certificate:
 
 def run_certificates_step(lab: ControlPlaneLab, node: Node, script: str) -> tuple[Ran, float]:
     """The step as pulumi-command runs it (bash -c, as root, no stdin), with kubeadm and the crictl stand-in."""
-    tools = node_tools(lab.work / "renewal-bin", {"kubeadm": lab.binaries["kubeadm"]})
-    started = time.monotonic()
-    ran = node.root.run(
-        ["bash", "-c", script, "kubeadm-ha-certificates"],
-        netns=node.namespace.name,
-        timeout=STEP_BOUND,
-        env={"PATH": f"{tools}:{DEFAULT_PATH}"},
-    )
-    return ran, time.monotonic() - started
+    return run_node_step(lab, node, script, name="certificates")
 
 
 def haproxy_retries(lab: ControlPlaneLab, server: str) -> dict[str, tuple[int, int, int]]:
@@ -287,42 +282,13 @@ INTERRUPT_BOUND = 180.0  # the renew and the API server's manifest moved out, on
 _GUARD = re.compile(r'^if .+; then\n  echo "kubeadm-ha: \$\{KUBEADM_HA_STEP\} already done', re.M)
 
 
-def start_certificates_step(lab: ControlPlaneLab, node: Node, script: str, log: Path) -> subprocess.Popen[bytes]:
-    """The step as `run_certificates_step` runs it, in the background (its own process group, so the test can
-    kill all of it at once, as a dropped SSH session or a killed `pulumi up` ends it)."""
-    tools = node_tools(lab.work / "renewal-bin", {"kubeadm": lab.binaries["kubeadm"]})
-    with log.open("wb") as out:
-        return subprocess.Popen(  # the program's own step script, unmodified
-            ["ip", "netns", "exec", node.namespace.name,
-             *node.root.wrap(["bash", "-c", script, "kubeadm-ha-certificates"])],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={"PATH": f"{tools}:{DEFAULT_PATH}"},
-            cwd=node.root.directory,
-            start_new_session=True,
-        )  # fmt: skip
-
-
-def kill_group(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-
-
 def freshness_alone(lab: ControlPlaneLab, node: Node, script: str) -> int:
     """Exit status of the step's own `certificates_fresh` on the node now: the whole guard before issue 18
     (0: the step would have printed "already done" and exited 0)."""
     found = _GUARD.search(script)
     assert found is not None, "the rendered step has no idempotency guard"
-    tools = node_tools(lab.work / "renewal-bin", {"kubeadm": lab.binaries["kubeadm"]})
-    ran = node.root.run(
-        ["bash", "-c", script[: found.start()] + "certificates_fresh\n", "certificates-fresh"],
-        netns=node.namespace.name,
-        timeout=60,
-        env={"PATH": f"{tools}:{DEFAULT_PATH}"},
-    )
+    ran, _ = run_node_step(lab, node, script[: found.start()] + "certificates_fresh\n", name="certificates-fresh",
+                           timeout=60)  # fmt: skip
     return ran.returncode
 
 
@@ -351,7 +317,7 @@ def interrupt_then_finish(lab: ControlPlaneLab, node: Node, kubelet: Kubelet) ->
     held = f"{HELD_DIR}/kube-apiserver.yaml"
 
     # Run 1, interrupted: killed once kubeadm has renewed and the API server's manifest is out.
-    first = start_certificates_step(lab, node, script, lab.work / f"{node.name}-interrupted.out")
+    first = start_node_step(lab, node, script, lab.work / f"{node.name}-interrupted.out", name="certificates")
     try:
         poll_until(lambda: node.root.exists(held) or first.poll() is not None, timeout=INTERRUPT_BOUND,
                    interval=0.05, message="the step to hold kube-apiserver's manifest")  # fmt: skip
