@@ -18,7 +18,8 @@ root, in the node's namespaces, with the real kubeadm and kubectl):
    secret `secretsEncryptionKeys` key-0 and key-1).
 
 Throughout 1 and 3, four clients read the Secrets through the VIP (tests/real/renewal.py's VipClient: bounded
-requests, retried as client-go retries); none may fail. etcd is read with the real etcdctl: before, Secrets are
+requests, retried as client-go retries); none may fail. After every step each API server, asked directly, lists
+every Secret of the cluster and reads the test's values: none ever meets a Secret it cannot decrypt. etcd is read with the real etcdctl: before, Secrets are
 protobuf in clear; after each run every Secret carries `k8s:enc:secretbox:v1:key-N:`. Stand-ins, where the real
 thing cannot run in the lab: kubelet (tests/real/kubelet.py: stops a static pod when its manifest leaves
 /etc/kubernetes/manifests, starts it from the manifest when it is back) and crictl (the processes in the node's
@@ -27,6 +28,7 @@ network namespace). No key is ever printed: the node's file is read for its head
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -97,7 +99,8 @@ def enc(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 
 def run_steps(enc: EncryptionLab, run: str, steps: list[str], *, interrupt: str = "") -> dict[str, str]:
-    """Each step of `run` in turn; what happened per step ("already done" or the kubelet stand-in's events)."""
+    """Each step of `run` in turn; what happened per step ("already done" or the kubelet stand-in's events).
+    After each, every API server on its own lists every Secret of the cluster: none meets one it cannot read."""
     evaluation = getattr(enc.runs, run)
     happened: dict[str, str] = {}
     for step in steps:
@@ -107,12 +110,22 @@ def run_steps(enc: EncryptionLab, run: str, steps: list[str], *, interrupt: str 
             ran, took = run_program_step(enc.lab, evaluation, step)  # the third run
             assert ran.returncode == 0 and "already done" in ran.stdout, ran.output
             happened[step] = "interrupted, re-run finished it, third run already done"
-            continue
-        ran, took = run_program_step(enc.lab, evaluation, step)
-        assert ran.returncode == 0, ran.output
-        happened[step] = "already done" if "already done" in ran.stdout else ", ".join(enc.kubelet.events) or "ran"
-        report(f"{run}: {step} {took:.1f}s: {happened[step]}")
+        else:
+            ran, took = run_program_step(enc.lab, evaluation, step)
+            assert ran.returncode == 0, ran.output
+            happened[step] = "already done" if "already done" in ran.stdout else ", ".join(enc.kubelet.events) or "ran"
+            report(f"{run}: {step} {took:.1f}s: {happened[step]}")
+        each_api_server_reads_every_secret(enc)
     return happened
+
+
+def each_api_server_reads_every_secret(enc: EncryptionLab) -> None:
+    for name in enc.control_planes:
+        listed = enc.lab.request("GET", "/api/v1/secrets", host=enc.lab.nodes[name].address, timeout=10)
+        assert listed.status == 200, f"{name} could not list the Secrets: HTTP {listed.status} {listed.body[:300]}"
+        items = {item["metadata"]["name"]: item.get("data", {}) for item in listed.json()["items"]}
+        for secret, value in enc.values.items():
+            assert base64.b64decode(items[secret]["value"]).decode() == value, f"{name} read {secret} wrong"
 
 
 def interrupt_then_finish(enc: EncryptionLab, run: str, step: str) -> None:
@@ -238,14 +251,22 @@ def test_rotation_moves_every_secret_to_the_next_key(
     report(f"second run: all {len(steps)} steps already done, nothing restarted")
 
 
-def test_restore_of_a_snapshot_from_before_the_rotation(enc: EncryptionLab) -> None:
+def test_restore_of_a_snapshot_from_before_the_rotation(enc: EncryptionLab, capsys: pytest.CaptureFixture[str]) -> None:
     assert enc.snapshot is not None, "the rotation test took no snapshot"
     lab = enc.lab
     live = RestoreLab(lab, outputs=enc.runs.rotation)
     assert live.access.encryption_key == "key-1" and set(live.access.encryption_keys) == {"key-0", "key-1"}
+    enc.kubelet.timeline.clear()
     started = time.monotonic()
     timings = restore(live.access, live.transport, enc.snapshot, force=True, restore_id="20260101T000000Z")
     took = time.monotonic() - started
+    said = capsys.readouterr().out
+    print(said)
+    # The snapshot's Secrets were written with key-0, which the control planes had dropped: each read both keys
+    # while the Secrets were re-written, then got the final file back, its API server restarted.
+    assert said.count("older keys dropped, API server restarted") == len(enc.control_planes), said
+    stops = enc.kubelet.stop_seconds()
+    report("kubelet stand-in stops: " + ", ".join(f"{what} {seconds:.1f}s" for what, seconds in stops.items()))
     report("restore: " + ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in timings.items()) + f"; {took:.1f}s")
 
     poll_until(lambda: lab.request("GET", "/readyz", admin=False, timeout=3).status == 200, timeout=APISERVER_BOUND,
