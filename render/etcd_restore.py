@@ -214,13 +214,16 @@ def health_script(host: str, members: Sequence[EtcdMember]) -> Script:
 
 
 def api_ready_script(host: str) -> Script:
-    """Exit 0 once this control plane's API server answers /readyz (tools/etcd_restore.py polls it)."""
+    """Exit 0 once this control plane's API server answers /readyz (tools/etcd_restore.py polls it).
+
+    Asked on loopback, but verified as `kubernetes`: kubeadm's serving certificate names that (with the node, its
+    address, the first service IP and the endpoint), never 127.0.0.1, so curl refused every answer (exit 60)."""
     return Script(
         step="api-ready",
         host=host,
         done_when="false",
         body=(
             shell("curl", "--silent", "--fail", "--max-time", "5", "--cacert", "/etc/kubernetes/pki/ca.crt",
-                  "https://127.0.0.1:6443/readyz") + " >/dev/null",
+                  "--resolve", "kubernetes:6443:127.0.0.1", "https://kubernetes:6443/readyz") + " >/dev/null",
         ),
     )  # fmt: skip

@@ -236,8 +236,10 @@ def _finish_encryption(access: StackAccess, transport: Transport) -> None:
         script = dataclasses.replace(
             phase_script(node.hostname, "drop", access.encryption_key, access.encryption_key), secret_stdin=True
         )
-        run_checked(transport, node, script, stdin=final, timeout=RESTART_TIMEOUT)
-        say(f"   {node.hostname}: older keys dropped, API server restarted")
+        said = run_checked(transport, node, script, stdin=final, timeout=RESTART_TIMEOUT)
+        # A stack that never rotated had only the current key to place: nothing to drop, nothing restarted.
+        done = "already done" in said
+        say(f"   {node.hostname}: " + ("only the current key" if done else "older keys dropped, API server restarted"))
 
 
 def wait_api(access: StackAccess, transport: Transport, node: Node, bound: float) -> None:

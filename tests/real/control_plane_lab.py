@@ -33,7 +33,7 @@ import signal
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ from tools.offline import Evaluation
 from tools.plan import mask
 
 MANIFESTS = "/etc/kubernetes/manifests"
+BundleFilter = Callable[[dict[str, tuple[int, str]]], dict[str, tuple[int, str]]]
 CLIENT_OFFSET = 200
 COMPONENTS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
 # Bounds for a loaded 2-core machine.
@@ -103,11 +104,24 @@ class ApiResponse:
 
 class ControlPlaneLab:
     def __init__(
-        self, lab: Lab, work: Path, stack: str, version: str, binaries: dict[str, str], programs: dict[str, str]
+        self,
+        lab: Lab,
+        work: Path,
+        stack: str,
+        version: str,
+        binaries: dict[str, str],
+        programs: dict[str, str],
+        *,
+        evaluation: Evaluation | None = None,
+        bundle_filter: BundleFilter | None = None,
     ) -> None:
+        """`evaluation`: the program run whose steps set the nodes up (the stack as written by default);
+        `bundle_filter`: what the kubeadm init/join bundles become before they are placed (a cluster set up by an
+        older program)."""
         self.lab, self.work, self.stack, self.version = lab, work, stack, version
         self.binaries, self.programs = binaries, programs
-        self.evaluation: Evaluation = evaluated_at(stack, version)
+        self.evaluation: Evaluation = evaluation or evaluated_at(stack, version)
+        self.bundle_filter = bundle_filter
         self.config: ClusterConfig = stack_config(stack)
         self.plan: AddressPlan = plan_addresses(self.config)
         self.etcd_spec: EtcdClusterSpec | None = (
@@ -209,7 +223,11 @@ class ControlPlaneLab:
 
     def prepare_control_planes(self, *, only_first: bool = False) -> None:
         """PKI placed, then kubeadm's own phases write certificates, kubeconfigs and static-pod manifests."""
-        init_yaml = step_files(self.evaluation, init_step(self.evaluation))[INIT_CONFIG_PATH][1]
+        init_files = self.kubeadm_files(init_step(self.evaluation))
+        init_yaml = init_files[INIT_CONFIG_PATH][1]
+        # What `kubeadm init` reads beside its documents (the audit policy, the EncryptionConfiguration): every
+        # control plane gets the same from its init or join step.
+        beside = {path: file for path, file in init_files.items() if path not in (INIT_CONFIG_PATH, JOIN_CONFIG_PATH)}
         token = next(yaml.safe_load_all(init_yaml))["bootstrapTokens"][0]["token"]
         self.token = token
         shape = cluster_shape(self.config, self.plan, self.etcd_spec)
@@ -226,7 +244,7 @@ class ControlPlaneLab:
                 if index == 0
                 else init_documents(shape, hostname=plan.hostname, address=str(plan.address), token=token)
             )
-            node.root.place({INIT_CONFIG_PATH: (0o600, documents)})
+            node.root.place({**beside, INIT_CONFIG_PATH: (0o600, documents)})
             phases = [["certs", "all"], ["kubeconfig", "all"], ["control-plane", "all"]]
             if not self.config.etcd.external:
                 phases.append(["etcd", "local"])
@@ -234,6 +252,11 @@ class ControlPlaneLab:
             for phase in phases:
                 ran = self.kubeadm(node, "init", "phase", *phase, "--config", INIT_CONFIG_PATH)
                 assert ran.returncode == 0, ran.output
+
+    def kubeadm_files(self, step: str) -> dict[str, tuple[int, str]]:
+        """The files a kubeadm init or join step installs (through `bundle_filter`, if any)."""
+        files = step_files(self.evaluation, step)
+        return self.bundle_filter(files) if self.bundle_filter is not None else files
 
     def kubeadm(self, node: Node, *args: str, timeout: float = KUBEADM_BOUND, env: dict[str, str] | None = None) -> Ran:
         argv = [self.binaries["kubeadm"], *args]
@@ -281,7 +304,7 @@ class ControlPlaneLab:
         started = time.monotonic()
         node = self.add_node(plan)
         node.root.place(step_files(self.evaluation, f"{plan.hostname}-place-pki"))
-        node.root.place(step_files(self.evaluation, f"{plan.hostname}-kubeadm-join"))
+        node.root.place(self.kubeadm_files(f"{plan.hostname}-kubeadm-join"))
         self.hold(node)
         ran = self.kubeadm(node, "join", "phase", "control-plane-prepare", "all", "--config", JOIN_CONFIG_PATH)
         assert ran.returncode == 0, ran.output

@@ -29,8 +29,9 @@ def functions_of(script: str) -> str:
 
 
 def step_tools(lab: ControlPlaneLab) -> Path:
-    """The directory at the front of a step's PATH: the stand-ins and the real kubeadm."""
-    return node_tools(lab.work / "step-bin", {"kubeadm": lab.binaries["kubeadm"]})
+    """The directory at the front of a step's PATH: the stand-ins, the real kubeadm and kubectl."""
+    links = {name: lab.binaries[name] for name in ("kubeadm", "kubectl") if name in lab.binaries}
+    return node_tools(lab.work / "step-bin", links)
 
 
 def run_node_step(

@@ -32,6 +32,7 @@ from tests.real.node_transport import NodeTransport
 from tools.access import StackAccess, ToolError, access_from_outputs
 from tools.etcd_backup import backup
 from tools.etcd_restore import restore
+from tools.offline import Evaluation
 from tools.plan import mask
 
 BEFORE = tuple(f"kubeadm-ha-restore-before-{index}" for index in range(5))
@@ -79,18 +80,20 @@ class Kubectl:
 
 
 class RestoreLab:
-    def __init__(self, lab: ControlPlaneLab) -> None:
+    def __init__(self, lab: ControlPlaneLab, outputs: Evaluation | None = None) -> None:
+        """`outputs`: the program run whose outputs the tools read (the lab's own by default)."""
         self.lab = lab
         self.members = list(lab.etcd_client_urls())
         self.control_planes = [plan.hostname for plan in lab.plan.control_planes]
         self.etcdutl = binary("etcdutl")
-        outputs = {key: output.value for key, output in lab.evaluation.outputs.items()}
-        self.access: StackAccess = access_from_outputs(lab.stack, outputs)
+        values = {key: output.value for key, output in (outputs or lab.evaluation).outputs.items()}
+        self.access: StackAccess = access_from_outputs(lab.stack, values)
         etcd_bin = Path(lab.binaries["etcdctl"]).parent
         tools = {}
         for name in [*self.members, *self.control_planes]:
             node = lab.nodes[name]
-            directory = node_tools(lab.work / f"restore-bin-{name}", {})
+            # kubectl: the restore re-writes Secrets with the program's `encryption-rewrite` script.
+            directory = node_tools(lab.work / f"restore-bin-{name}", {"kubectl": lab.binaries["kubectl"]})
             if name in self.members:
                 # The manifest the member runs from: the program's staged one (external), kubeadm's (stacked).
                 staged = STAGED_MANIFEST_PATH if lab.etcd_spec is not None else MANIFEST_PATH

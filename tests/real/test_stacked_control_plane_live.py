@@ -25,69 +25,34 @@ import pytest
 from cryptography import x509
 
 from components.pki import ETCD_CA, ETCD_HEALTHCHECK_CLIENT, ETCD_PEER_CERT_PATH, ETCD_SERVER_CERT_PATH
-from model.versions import DEFAULT_KUBERNETES
-from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.lab_nodes import fake_ctr
-from tests.integration.netns import Lab, cleanup_stale, poll_until
-from tests.real.binaries import binary
+from tests.integration.netns import poll_until
 from tests.real.control_plane_lab import APISERVER_BOUND, MANIFESTS, ControlPlaneLab, report
 from tests.real.drill_target import LabTarget
+from tests.real.encryption import (
+    apiserver_has_flag,
+    create_secret,
+    file_entries,
+    keys_in_etcd,
+    read_secret,
+    stored_secrets,
+)
 from tests.real.kubelet import Kubelet, node_tools
 from tests.real.node_transport import NodeTransport
 from tests.real.renewal import renew_and_prove, sans, served_certificate, signed_by
-from tests.real.restore import RestoreLab, restore_and_prove
+from tests.real.restore import Kubectl, RestoreLab, restore_and_prove
+from tests.real.stacked_lab import stacked_lab
 from tools.access import access_from_outputs
 from tools.drill import choose_control_plane, drill, quorum_refusal
 from tools.drill_stack import StackTarget
-from tools.plan import mask
 
 pytestmark = pytest.mark.real
-
-STACK = "staging"
-VERSION = DEFAULT_KUBERNETES
-COMPONENTS = ("kube-apiserver", "kube-controller-manager")
-REQUIRED = (
-    "kubeadm", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd", "etcdctl"
-)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def stacked(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlaneLab]:
-    require_root()
-    programs = require_programs("ip", "haproxy", "keepalived", "curl", "unshare", "nsenter")
-    binaries = {name: binary(name, VERSION) for name in REQUIRED}
-    cleanup_stale()
-    work = tmp_path_factory.mktemp("stacked-lab")
-    lab = Lab("stk", log_dir=work / "logs")
-    live: ControlPlaneLab | None = None
-    failed = False
-    try:
-        live = ControlPlaneLab(lab, work, STACK, VERSION, binaries, programs)
-        assert live.etcd_spec is None, f"{STACK} is expected to use stacked etcd"
-        live.prepare_control_planes(only_first=True)
-        first = live.nodes[live.plan.control_planes[0].hostname]
-        live.start_stacked_etcd(first)
-        live.start_control_planes(COMPONENTS, only=[first.name])
-        live.start_load_balancers()
-        live.wait_backends({first.name: "UP"}, timeout=30)
-        for phase in (["upload-config", "all"], ["bootstrap-token"]):
-            ran = live.kubeadm(first, "init", "phase", *phase, "--config", "/etc/kubernetes/kubeadm-ha/init.yaml")
-            assert ran.returncode == 0, ran.output
-        live.mirror_pod(first, "etcd")  # as admin: kubeadm bound the program's admin group to cluster-admin by now
-        # The other control planes join strictly one after another, as the program orders them.
-        for plan in live.plan.control_planes[1:]:
-            took = live.join_stacked_control_plane(plan, COMPONENTS)
-            report(f"{plan.hostname} joined (etcd member added, API server ready) in {took:.1f}s")
+    with stacked_lab(request, tmp_path_factory, "stk") as live:
         yield live
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        if failed or phase_failed(request):
-            print(f"\n===== logs of lab {lab.prefix} =====\n{mask(lab.logs(tail=30))}")
-        lab.close()
-        if live is not None:
-            live.close()
 
 
 def etcd_members(lab: ControlPlaneLab, via: str) -> dict[str, list[str]]:
@@ -254,6 +219,24 @@ def test_the_drill_on_stacked_etcd_stops_the_leader_and_etcd_elects_another(stac
     re_elected = next(row for row in result.rows if row.check == "etcd leader re-elected")
     assert re_elected.before == host and re_elected.after not in (None, host)
     assert {row.check for row in result.rows} >= {"every etcd member healthy", "VIP moved", "write through the VIP"}
+
+
+def test_a_new_cluster_stores_secrets_encrypted_with_its_first_key(stacked: ControlPlaneLab) -> None:
+    """Issue 20, a new cluster: every control plane got the EncryptionConfiguration from its init or join bundle,
+    and kubeadm's manifest gives the API server the flag naming it; a Secret created with kubectl through the VIP
+    is stored by etcd encrypted with key-0 (the real etcdctl reads it), its value nowhere in clear."""
+    for plan in stacked.plan.control_planes:
+        node = stacked.nodes[plan.hostname]
+        assert file_entries(node) == ["key-0", "identity"] and apiserver_has_flag(node), node.name
+    kubectl = Kubectl(stacked)
+    name = "kubeadm-ha-new-cluster-secret"
+    value = create_secret(kubectl, name)
+    raw = stored_secrets(stacked)[f"/registry/secrets/default/{name}"]
+    assert raw.startswith(b"k8s:enc:secretbox:v1:key-0:"), raw[:28]
+    assert value.encode() not in raw
+    assert set(keys_in_etcd(stacked).values()) == {"key-0"}
+    assert read_secret(kubectl, name) == value
+    report(f"new cluster: every Secret in etcd starts with {raw[:27].decode()}, {name}'s value not in clear")
 
 
 def test_a_restore_of_stacked_etcd_serves_the_objects_from_before_the_snapshot(

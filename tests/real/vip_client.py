@@ -13,6 +13,7 @@ from render import lb_config
 from tests.integration.netns import haproxy_servers
 from tests.real.control_plane_lab import ControlPlaneLab
 
+KUBEADM_CONFIG = ("/api/v1/namespaces/kube-system/configmaps/kubeadm-config", '"ClusterConfiguration"')
 CLIENT_ATTEMPTS = 3
 CLIENT_BACKOFF = 0.5
 # Per load balancer: (sessions, retries, redispatches) of one server.
@@ -27,6 +28,8 @@ class VipClient:
     every failed attempt got (retried or not), `failures` what the requests that failed for good got."""
 
     lab: ControlPlaneLab
+    # (path, text the answer must hold), taken in turn.
+    reads: tuple[tuple[str, str], ...] = (KUBEADM_CONFIG,)
     requests: int = 0
     retried: int = 0
     failures: list[str] = field(default_factory=list)
@@ -36,7 +39,8 @@ class VipClient:
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def one(self) -> None:
+    def one(self, number: int = 0) -> None:
+        path, expected = self.reads[number % len(self.reads)]
         last = ""
         for attempt in range(CLIENT_ATTEMPTS):
             if attempt:
@@ -44,12 +48,12 @@ class VipClient:
                     self.retried += 1
                 time.sleep(CLIENT_BACKOFF * attempt)
             try:
-                response = self.lab.request("GET", "/api/v1/namespaces/kube-system/configmaps/kubeadm-config")
+                response = self.lab.request("GET", path)
             except (OSError, http.client.HTTPException) as error:
                 last = repr(error)
                 self.attempt_errors.append(last)
                 continue
-            if response.status == 200 and '"ClusterConfiguration"' in response.body:
+            if response.status == 200 and expected in response.body:
                 return
             last = f"HTTP {response.status}: {response.body[:200]}"
             self.attempt_errors.append(last)
@@ -61,7 +65,8 @@ class VipClient:
         while not self._stop.is_set():
             with self._lock:
                 self.requests += 1
-            self.one()
+                number = self.requests
+            self.one(number)
             self._stop.wait(0.02)
 
     def __enter__(self) -> VipClient:
