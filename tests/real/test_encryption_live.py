@@ -20,7 +20,8 @@ root, in the node's namespaces, with the real kubeadm and kubectl):
 Throughout 1 and 3, four clients read the Secrets through the VIP (tests/real/vip_client.py: bounded
 requests, retried as client-go retries); none may fail. After every step each API server, asked directly, lists
 every Secret of the cluster and reads the test's values: none ever meets a Secret it cannot decrypt. etcd is
-read with the real etcdctl: before, Secrets are protobuf in clear; after each run every Secret carries `k8s:enc:secretbox:v1:key-N:`. Stand-ins, where the real
+read with the real etcdctl: before, Secrets are protobuf in clear; after each run every Secret carries
+`k8s:enc:secretbox:v1:key-N:`. Stand-ins, where the real
 thing cannot run in the lab: kubelet (tests/real/kubelet.py: stops a static pod when its manifest leaves
 /etc/kubernetes/manifests, starts it from the manifest when it is back) and crictl (the processes in the node's
 network namespace). No key is ever printed: the node's file is read for its header line, keys are only compared.
