@@ -61,7 +61,8 @@ from tests.real.node_steps import (
     start_node_step,
     write_on_node,
 )
-from tests.real.test_stacked_control_plane_live import VERSION, stacked
+from tests.real.stacked_lab import VERSION
+from tests.real.test_stacked_control_plane_live import stacked
 from tests.real.vip_client import VipClient, haproxy_retries, haproxy_since
 from tools.offline import Evaluation
 from tools.plan import mask, script_of
