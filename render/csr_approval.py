@@ -32,8 +32,9 @@ from pathlib import Path
 
 from model.addressing import NodePlan
 from render.admin_node import ADMIN_KUBECONFIG
+from render.backup import timer_install_script
 from render.kubeadm import PKI_DIR
-from render.scripts import Script, bounded_wait_function, files_match, quote, sha256_hex, write_file
+from render.scripts import Script, bounded_wait_function, quote
 from render.scripts import command as shell
 
 # The node-side check, embedded in every approver script (it runs there as `python3 -I -c`).
@@ -207,24 +208,7 @@ def approver_files(host: str, plan: Sequence[ServingNames]) -> dict[str, tuple[s
 
 def install_approver_script(host: str, plan: Sequence[ServingNames]) -> Script:
     """Write the approver and its units, then enable the timer; a changed plan rewrites the approver."""
-    files = approver_files(host, plan)
-    digests = {path: sha256_hex(content) for path, (content, _) in files.items()}
-    body: list[str] = []
-    for path, (content, mode) in files.items():
-        body += write_file(path, content, mode)
-    body += [
-        shell("systemctl", "daemon-reload"),
-        shell("systemctl", "enable", TIMER),
-        # restart: a timer already running is rescheduled, and elapses at once (OnBootSec is past).
-        shell("systemctl", "restart", TIMER),
-    ]
-    return Script(
-        step="kubelet-serving-approver-timer",
-        host=host,
-        done_when=f"{files_match(digests)} && {shell('systemctl', 'is-enabled', '--quiet', TIMER)}"
-        f" && {shell('systemctl', 'is-active', '--quiet', TIMER)}",
-        body=tuple(body),
-    )
+    return timer_install_script("kubelet-serving-approver-timer", host, approver_files(host, plan), TIMER)
 
 
 def _connect(ip: str) -> str:
