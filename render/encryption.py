@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from render import hardening, static_pods, yamldoc
@@ -61,7 +61,7 @@ def key_name(generation: int) -> str:
 @dataclass(frozen=True)
 class Key:
     name: str
-    secret: bytes  # 32 bytes
+    secret: bytes = field(repr=False)  # 32 bytes; never in a repr (a traceback's arguments)
 
     def __post_init__(self) -> None:
         if len(self.secret) != 32:

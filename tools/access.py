@@ -52,16 +52,17 @@ class StackAccess:
     stack: str
     nodes: Mapping[str, Node]
     ssh_user: str
-    ssh_private_key: str
+    # Secrets are left out of the repr: a test's failure report prints every argument's repr (pytest does).
+    ssh_private_key: str = field(repr=False)
     host_keys: Mapping[str, str]
     etcd_topology: str
     backup_directory: str
-    kubeconfig: str = ""
+    kubeconfig: str = field(default="", repr=False)
     api_endpoint: str = ""
     # Secrets' encryption at rest: the key control planes write with, and every key the stack ever had
     # (name -> base64), from `secretsEncryption` and the secret `secretsEncryptionKeys`.
     encryption_key: str = ""
-    encryption_keys: Mapping[str, str] = field(default_factory=dict)
+    encryption_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def role(self, role: str) -> list[Node]:
         return sorted((node for node in self.nodes.values() if node.role == role), key=_index)

@@ -19,6 +19,7 @@ Runs as root; needs iproute2 and the etcd 3.7 build (tests/real/build-binaries e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import stat
@@ -62,7 +63,12 @@ class BackupLab:
         self.cluster = EtcdLab(lab, work, self.etcd, self.etcdctl)
         ev = program()
         outputs = {key: output.value for key, output in ev.outputs.items()}
-        self.access: StackAccess = access_from_outputs(STACK, outputs)
+        # Without Secrets' encryption at rest: its restore steps (a file on every control plane, Secrets re-written
+        # through the API) need the API servers this etcd-only lab does not run, and would write the host's
+        # /etc/kubernetes, which `localise` does not move. tests/real/test_encryption_live.py proves them.
+        self.access: StackAccess = dataclasses.replace(
+            access_from_outputs(STACK, outputs), encryption_key="", encryption_keys={}
+        )
         self.nodes: dict[str, LabNode] = {}
         manifests = {}
         for name, live in self.cluster.members.items():

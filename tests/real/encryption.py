@@ -140,7 +140,16 @@ def file_entries(node: Node) -> list[str] | None:
     return first.removeprefix(HEADER).split()
 
 
-def holds_key(node: Node, name: str, secret_b64: str) -> bool:
+class Concealed(str):
+    """A key the test compares but never shows: pytest's failure report prints each argument's and operand's repr."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<concealed>"
+
+
+def holds_key(node: Node, name: str, secret_b64: Concealed) -> bool:
     """Whether the node's file names key `name` or holds its secret anywhere (never shown)."""
     text = node.root.read(CONFIG_PATH)
     return f"name: {name}" in text or secret_b64 in text

@@ -19,12 +19,13 @@ root, in the node's namespaces, with the real kubeadm and kubectl):
 
 Throughout 1 and 3, four clients read the Secrets through the VIP (tests/real/vip_client.py: bounded
 requests, retried as client-go retries); none may fail. After every step each API server, asked directly, lists
-every Secret of the cluster and reads the test's values: none ever meets a Secret it cannot decrypt. etcd is
-read with the real etcdctl: before, Secrets are protobuf in clear; after each run every Secret carries
-`k8s:enc:secretbox:v1:key-N:`. Stand-ins, where the real
-thing cannot run in the lab: kubelet (tests/real/kubelet.py: stops a static pod when its manifest leaves
-/etc/kubernetes/manifests, starts it from the manifest when it is back) and crictl (the processes in the node's
-network namespace). No key is ever printed: the node's file is read for its header line, keys are only compared.
+every Secret of the cluster and reads the test's values: none ever meets a Secret it cannot decrypt. etcd is read
+with the real etcdctl: before, Secrets are protobuf in clear; after each run every Secret carries
+`k8s:enc:secretbox:v1:key-N:`. Stand-ins, where the real thing cannot run in the lab: kubelet
+(tests/real/kubelet.py: stops a static pod when its manifest leaves /etc/kubernetes/manifests, starts it from the
+manifest when it is back) and crictl (the processes in the node's network namespace). No key is ever printed: the
+node's file is read for its header line, keys are only compared, and a failure report (which shows every
+argument's repr) shows none (`Concealed`, and StackAccess leaves its secrets out of its repr).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from render.scripts import LOG_DIR
 from tests.integration.netns import poll_until
 from tests.real.control_plane_lab import APISERVER_BOUND, ControlPlaneLab, report
 from tests.real.encryption import (
+    Concealed,
     ProgramRuns,
     apiserver_has_flag,
     before_issue_20,
@@ -79,7 +81,7 @@ PENDING = f"{PENDING_DIR}/kube-apiserver"
 @dataclass
 class EncryptionLab:
     lab: ControlPlaneLab
-    runs: ProgramRuns
+    runs: ProgramRuns = field(repr=False)
     tools: RestoreLab  # the operator tools' transport, with the enabling run's outputs
     kubelet: Kubelet
     kubectl: Kubectl
@@ -186,7 +188,8 @@ def test_enabling_encryption_on_a_running_cluster(enc: EncryptionLab) -> None:
     stored = stored_secrets(lab)
     assert set(keys_in_etcd(lab).values()) == {"identity"}
     for name, value in enc.values.items():
-        assert value.encode() in stored[f"/registry/secrets/default/{name}"]  # in clear: what this run ends
+        raw = stored[f"/registry/secrets/default/{name}"]
+        assert value.encode() in raw  # in clear: what this run ends
     report(f"before: {len(stored)} Secrets in clear in etcd; no EncryptionConfiguration, no flag")
 
     steps = phase_steps(enc.runs.enabling, enc.control_planes)
@@ -237,7 +240,7 @@ def test_rotation_moves_every_secret_to_the_next_key(
         for phase in ("add", "promote", "drop"):
             assert f"started kube-apiserver on {name}" in happened[f"{name}-encryption-{phase}"], happened
     every_secret_with(enc, "key-1")
-    old = enc.runs.rotation.outputs["secretsEncryptionKeys"].value["key-0"]
+    old = Concealed(enc.runs.rotation.outputs["secretsEncryptionKeys"].value["key-0"])
     for name in enc.control_planes:
         node = lab.nodes[name]
         assert file_entries(node) == ["key-1", "identity"], name
@@ -278,7 +281,7 @@ def test_restore_of_a_snapshot_from_before_the_rotation(enc: EncryptionLab, caps
         assert read_secret(enc.kubectl, name) == value, name
     assert read_secret(enc.kubectl, AFTER_SNAPSHOT) is None
     every_secret_with(enc, "key-1")
-    old = enc.runs.rotation.outputs["secretsEncryptionKeys"].value["key-0"]
+    old = Concealed(enc.runs.rotation.outputs["secretsEncryptionKeys"].value["key-0"])
     for name in enc.control_planes:
         assert file_entries(lab.nodes[name]) == ["key-1", "identity"], name
         assert not holds_key(lab.nodes[name], "key-0", old), name
