@@ -29,13 +29,16 @@ from tools.offline import REPO_ROOT, Evaluation, Registration, evaluate, load_st
 MARKER = "<secret: masked by tools.plan; run with --show-secrets to see it>"
 _PRIVATE_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?-----END \1PRIVATE KEY-----", re.DOTALL)
 _TOKEN = re.compile(r"\b[a-z0-9]{6}\.[a-z0-9]{16}\b")
+# A key of an EncryptionConfiguration (render/encryption.py): `secret: <base64>` under a provider's keys.
+_ENCRYPTION_KEY = re.compile(r"^(\s*secret: )[A-Za-z0-9+/]+={0,2}$", re.M)
 _ROLE_COLOURS = {"lb": "#f4a261", "etcd": "#b48ead", "cp": "#5e81ac", "worker": "#8fbc8f", "cluster": "#d8dee9"}
 CLOUD_INIT = "libvirt:index/cloudInitDisk:CloudInitDisk"
 
 
 def mask(text: str) -> str:
-    """Replace private keys and bootstrap tokens; everything else stays readable."""
-    return _TOKEN.sub("<token: masked>", _PRIVATE_BLOCK.sub(MARKER, text))
+    """Replace private keys, bootstrap tokens and encryption keys; everything else stays readable."""
+    text = _ENCRYPTION_KEY.sub(lambda found: found[1] + MARKER, _PRIVATE_BLOCK.sub(MARKER, text))
+    return _TOKEN.sub("<token: masked>", text)
 
 
 @dataclass(frozen=True)

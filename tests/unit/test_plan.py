@@ -22,6 +22,9 @@ def plans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"staging": base / "staging", "prod": base / "prod"}
 
 
+ENCRYPTION_KEY = re.compile(r"^\s*secret: [A-Za-z0-9+/]{43}=$", re.M)
+
+
 def all_text(directory: Path) -> str:
     return "\n".join(path.read_text() for path in sorted(directory.rglob("*")) if path.is_file())
 
@@ -50,12 +53,16 @@ def test_secrets_are_masked_unless_asked_for(plans: dict[str, Path], tmp_path: P
     assert "PRIVATE KEY-----\n" not in text.replace(MARKER, "")
     assert not TOKEN.search(text)
     assert MARKER in (plans["staging"] / "nodes/cp-1/02-place-pki/files/etc/kubernetes/pki/ca.key").read_text()
+    # The Secrets' encryption key (render/encryption.py): base64 in an EncryptionConfiguration, in every
+    # kubeadm and encryption step's bundle.
+    assert not ENCRYPTION_KEY.search(text)
     main(["staging", "--out", str(tmp_path / "clear"), "--show-secrets"])
     clear = (tmp_path / "clear/nodes/cp-1/02-place-pki/files/etc/kubernetes/pki/ca.key").read_text()
     assert clear.startswith("-----BEGIN EC PRIVATE KEY-----")
     assert TOKEN.search(
         (tmp_path / "clear/nodes/cp-1/03-kubeadm-init/files/etc/kubernetes/kubeadm-ha/init.yaml").read_text()
     )
+    assert ENCRYPTION_KEY.search(all_text(tmp_path / "clear"))
 
 
 def test_summary_lists_phases_and_the_longest_chain(plans: dict[str, Path]) -> None:
