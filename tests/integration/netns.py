@@ -208,7 +208,16 @@ class Process:
         return self.popen.pid
 
     def alive(self) -> bool:
-        return self.popen.poll() is None
+        if self.popen.poll() is not None:
+            return False
+        # poll() answers None, "know nothing yet", while another thread waits on this child (a Kubelet
+        # stand-in's stop() in Popen.wait holds its waitpid lock): the kernel's view decides then. An exited
+        # child not yet reaped is a zombie, state Z in /proc/PID/stat (proc(5)).
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
     def log(self) -> str:
         try:
