@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pulumi
 
+from components.artifacts import stack_bundle
 from components.backup import BackupTarget, EtcdBackups, EtcdBackupsArgs, backup_locations
 from components.certificates import (
     CertificateRenewal,
@@ -90,6 +91,8 @@ def cluster_shape(config: ClusterConfig, plan: AddressPlan, etcd: EtcdClusterSpe
 
 def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = NEW_STACK) -> ClusterOutputs:
     plan = plan_addresses(config)
+    # 0. The artifact bundle, when the stack installs from one: read and checked before any resource exists.
+    bundle = stack_bundle(config)
     etcd_spec = plan_membership(config, plan, last_deployment) if config.etcd.external else None
     shape = cluster_shape(config, plan, etcd_spec)
 
@@ -118,7 +121,7 @@ def build_cluster(config: ClusterConfig, last_deployment: PreviousDeployment = N
             + "\n".join(f"  - {finding.path}: {finding.rule}" for finding in fragile)
             + "\nSet placement: strict to refuse such a configuration."
         )
-    context = NodeContext(config, plan, pki, hypervisors, placement)
+    context = NodeContext(config, plan, pki, hypervisors, placement, bundle=bundle)
     # The keys that encrypt Secrets at rest; a raised `encryption.rotation` moves the cluster to a new one.
     encryption = SecretsEncryption(
         "secrets-encryption",

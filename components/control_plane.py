@@ -169,7 +169,9 @@ class ControlPlaneNode(pulumi.ComponentResource):
         context, node = args.context, args.node
         config = context.config
         size = VmSize(config.control_plane.cpus, config.control_plane.memory_mib, config.control_plane.disk_gib)
-        preparation = kubernetes_node_preparation(node.hostname, config.kubernetes)
+        preparation = kubernetes_node_preparation(
+            node.hostname, config.kubernetes, from_bundle=config.artifacts.from_bundle
+        )
         self.vm = Vm(node.hostname, context.vm_args(node, size, preparation), pulumi.ResourceOptions(parent=self))
         access = context.access(node)
         self.node, self.access = node, access

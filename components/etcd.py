@@ -111,7 +111,9 @@ class EtcdCluster(pulumi.ComponentResource):
         previous: command.remote.Command | None = None
         for member in spec.members:
             node = nodes[member.name]
-            preparation = etcd_node_preparation(node.hostname, context.config.kubernetes)
+            preparation = etcd_node_preparation(
+                node.hostname, context.config.kubernetes, from_bundle=context.config.artifacts.from_bundle
+            )
             vm = Vm(node.hostname, context.vm_args(node, size, preparation), pulumi.ResourceOptions(parent=self))
             script, bundle = _member_outputs(member, spec, context.pki.cas[ETCD_CA.name].cert_pem, pki)
             step = run_step(

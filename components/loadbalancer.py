@@ -80,7 +80,11 @@ class LoadBalancer(pulumi.ComponentResource):
         for node in context.plan.load_balancers:
             vm = Vm(
                 node.hostname,
-                context.vm_args(node, size, load_balancer_preparation(node.hostname)),
+                context.vm_args(
+                    node,
+                    size,
+                    load_balancer_preparation(node.hostname, from_bundle=context.config.artifacts.from_bundle),
+                ),
                 pulumi.ResourceOptions(parent=self),
             )
             self.vms[node.hostname] = vm

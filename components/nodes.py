@@ -10,10 +10,12 @@ from typing import TypeVar
 import pulumi
 import pulumi_command as command
 
+from components.artifacts import node_software
 from components.pki import ClusterPki
 from components.remote import NodeAccess, run_step, secret
 from components.vm import Hypervisor, Vm, VmArgs, VmSize
 from model.addressing import AddressPlan, NodePlan
+from model.bundle import Manifest
 from model.config import ClusterConfig
 from render.cloudinit import (
     NodeIdentity,
@@ -69,6 +71,7 @@ class NodeContext:
     pki: ClusterPki
     hypervisors: Mapping[str, Hypervisor]  # by name
     placement: Mapping[str, str]  # hostname -> hypervisor name (model/placement.py)
+    bundle: Manifest | None = None  # the pinned artifact bundle's manifest (components/artifacts.py)
 
     def access(self, node: NodePlan) -> NodeAccess:
         return NodeAccess(
@@ -117,4 +120,7 @@ class NodeContext:
             host_private_key=secret(host_key.private_key_openssh),
             meta_data=render_meta_data(node.hostname),
             network_config=self.network_config(node),
+            software=node_software(
+                self.config.artifacts, self.bundle, node.hostname, node.role, external_etcd=self.config.etcd.external
+            ),
         )

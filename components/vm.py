@@ -12,6 +12,7 @@ import pulumi
 import pulumi_libvirt as libvirt
 import pulumi_tls as tls
 
+from components.artifacts import NodeSoftware, install_software
 from components.remote import NodeAccess, run_locally, run_step
 from model.addressing import NodePlan
 from model.config import ClusterConfig, HypervisorConfig
@@ -163,6 +164,8 @@ class VmArgs:
     host_private_key: pulumi.Output[str]  # secret: the node's SSH host private key, for its key disk
     meta_data: str
     network_config: str
+    # The artifact bundle and registry mirror (components/artifacts.py), installed before `ready`.
+    software: NodeSoftware | None = None
 
 
 class Vm(pulumi.ComponentResource):
@@ -244,7 +247,7 @@ class Vm(pulumi.ComponentResource):
                 on_host, pulumi.ResourceOptions(delete_before_replace=True, ignore_changes=DOMAIN_IGNORE_CHANGES)
             ),
         )
-        self.ready = run_step(
+        self.ready: pulumi.Resource = run_step(
             f"{name}-ready",
             args.access,
             readiness_script(node.hostname),
@@ -253,6 +256,10 @@ class Vm(pulumi.ComponentResource):
             booting=True,
             replace_with=self.domain.id,
         )
+        if args.software is not None:
+            self.ready = install_software(
+                name, args.access, args.software, parent=self, after=self.ready, replace_with=self.domain.id
+            )
         self.register_outputs({"address": str(node.address), "domainId": self.domain.id})
 
     def _host_key_disk(self, name: str, args: VmArgs, on_host: pulumi.ResourceOptions) -> libvirt.Volume:

@@ -40,7 +40,9 @@ class WorkerPool(pulumi.ComponentResource):
         self.joins: dict[str, command.remote.Command] = {}
         self.memberships: dict[str, command.remote.Command] = {}
         for node in args.nodes:
-            preparation = kubernetes_node_preparation(node.hostname, config.kubernetes)
+            preparation = kubernetes_node_preparation(
+                node.hostname, config.kubernetes, from_bundle=config.artifacts.from_bundle
+            )
             vm = Vm(node.hostname, context.vm_args(node, size, preparation), pulumi.ResourceOptions(parent=self))
             documents = pulumi.Output.all(context.pki.bootstrap_token, context.pki.ca_cert_hash).apply(
                 functools.partial(_worker_join_documents, args.shape, node)

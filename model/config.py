@@ -11,13 +11,13 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     field_validator,
     model_validator,
 )
 
+from model.artifacts import ArtifactsConfig
+from model.base import StrictModel
 from model.hostkeys import ed25519_key_problem
 from model.offsets import default_vip
 from model.versions import (
@@ -45,9 +45,7 @@ DEFAULT_IMAGE = "https://cloud-images.ubuntu.com/releases/24.04/release/ubuntu-2
 UBUNTU_CLOUD_IMAGES = "https://cloud-images.ubuntu.com/"
 
 
-class _Model(BaseModel):
-    # Unknown keys are typos until proven otherwise: refuse them instead of ignoring them.
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+_Model = StrictModel
 
 
 class ImageConfig(_Model):
@@ -355,6 +353,7 @@ class ClusterConfig(_Model):
     certificates: CertificatesConfig = CertificatesConfig()
     audit: AuditConfig = AuditConfig()
     encryption: EncryptionConfig = EncryptionConfig()
+    artifacts: ArtifactsConfig = ArtifactsConfig()
     promotion: PromotionConfig | None = None
     # What a placement that does not survive the loss of one hypervisor gets: a warning, or (strict) refusal.
     placement: Literal["warn", "strict"] = "warn"

@@ -9,6 +9,8 @@ In a release:
   version and the etcd image tag kubeadm pins for that minor (model/versions.py);
 - the CNI and the version of its manifest (pinned in model/versions.py);
 - the VM image: its URL or path and, when the stack pins one, its sha256 (`image.sha256`);
+- with an air-gapped install, the sha256 of the artifact bundle's manifest (`artifacts.bundle.sha256`), which
+  pins every file the nodes install: promotion moves the exact bundle;
 - beside it, the digest of the program's own source (`programDigest`): the same settings rendered by
   another revision of this program are another deployment.
 
@@ -60,6 +62,7 @@ RELEASE_KEYS: tuple[ReleaseKey, ...] = (
     ReleaseKey("cniVersion", "the CNI manifest version pinned in model/versions.py"),
     ReleaseKey("image", "image.url", (f"{_NS}image", "url")),
     ReleaseKey("imageSha256", "image.sha256", (f"{_NS}image", "sha256")),
+    ReleaseKey("artifactBundle", "artifacts.bundle.sha256", (f"{_NS}artifacts", "bundle", "sha256")),
 )
 # Stack-file keys whose plain scalar form stands for one of their fields (`image: URL` means `image.url`).
 SCALAR_SHORTHANDS = {f"{_NS}image": "url"}
@@ -87,6 +90,9 @@ def release_of(config: ClusterConfig) -> dict[str, str]:
     release["image"] = config.image.url
     if config.image.sha256 is not None:
         release["imageSha256"] = config.image.sha256
+    if config.artifacts.bundle is not None:
+        # The bundle's manifest pins every binary, image and manifest a node installs (model/bundle.py).
+        release["artifactBundle"] = config.artifacts.bundle.sha256
     return release
 
 

@@ -21,6 +21,10 @@ class KubernetesRelease:
     min_external_etcd: str
     # End of life: kubernetes/website data/releases/schedule.yaml (`endOfLifeDate`).
     end_of_life: datetime.date
+    # The same constants.go: `CoreDNSVersion` and `PauseVersion`, the tags `kubeadm config images list` prints
+    # (an air-gapped bundle must hold exactly those images: model/bundle.py).
+    coredns_tag: str
+    pause_tag: str
 
     @property
     def etcd_version(self) -> str:
@@ -36,10 +40,10 @@ _D = datetime.date
 # four. End-of-life dates: 1.34 from the upstream release calendar (2026-10-27); the later minors follow
 # upstream's published policy (about 14 months of patches, ending on the 28th) and the README says so.
 for _release in (
-    KubernetesRelease("1.34", "1.34.4", "3.6.5-0", "3.5.24-0", _D(2026, 10, 27)),
-    KubernetesRelease("1.35", "1.35.4", "3.6.6-0", "3.5.24-0", _D(2027, 2, 28)),
-    KubernetesRelease("1.36", "1.36.3", "3.6.8-0", "3.5.24-0", _D(2027, 6, 28)),
-    KubernetesRelease("1.37", "1.37.2", "3.7.0-0", "3.5.24-0", _D(2027, 10, 28)),
+    KubernetesRelease("1.34", "1.34.4", "3.6.5-0", "3.5.24-0", _D(2026, 10, 27), "v1.12.1", "3.10.1"),
+    KubernetesRelease("1.35", "1.35.4", "3.6.6-0", "3.5.24-0", _D(2027, 2, 28), "v1.13.1", "3.10.1"),
+    KubernetesRelease("1.36", "1.36.3", "3.6.8-0", "3.5.24-0", _D(2027, 6, 28), "v1.14.2", "3.10.2"),
+    KubernetesRelease("1.37", "1.37.2", "3.7.0-0", "3.5.24-0", _D(2027, 10, 28), "v1.14.6", "3.10.2"),
 ):
     RELEASES[_release.minor] = _release
 

@@ -177,19 +177,43 @@ def _pinned_kubernetes_packages(kubernetes: KubernetesConfig, packages: tuple[st
     )
 
 
-def kubernetes_node_preparation(hostname: str, kubernetes: KubernetesConfig) -> Script:
-    """Control-plane and worker nodes: kernel settings, containerd, and the pinned kubelet/kubeadm/kubectl."""
-    _check_hostname(hostname)
-    marker = kubernetes_marker(kubernetes)
-    body = (
-        "umask 022",
-        "export DEBIAN_FRONTEND=noninteractive",
-        *_swap_off(),
+# With an artifact bundle (model/artifacts.py) the first boot installs nothing: the bundle step
+# (render/artifacts.py) installs containerd and Kubernetes once the program has copied the bundle over SSH.
+BUNDLE_MARKER_SUFFIX = " (software from the artifact bundle)"
+
+
+def _containerd_configuration() -> tuple[str, ...]:
+    return (
+        "# containerd's configuration, for the containerd the artifact bundle installs.",
+        *write_file(CONTAINERD_CONFIG_FILE, CONTAINERD_CONFIG),
+        *write_file(CRICTL_CONFIG_FILE, CRICTL_CONFIG),
+    )
+
+
+def _kernel_for_pods() -> tuple[str, ...]:
+    return (
         "# Kernel modules and sysctls for the pod network, now and at every boot.",
         *write_file(MODULES_FILE, "".join(f"{module}\n" for module in KERNEL_MODULES)),
         *(command("modprobe", module) for module in KERNEL_MODULES),
         *write_file(SYSCTL_FILE, _sysctl_file(KUBERNETES_SYSCTLS)),
         logged(LOG_NAME, "sysctl", "-p", SYSCTL_FILE),
+    )
+
+
+def kubernetes_node_preparation(hostname: str, kubernetes: KubernetesConfig, *, from_bundle: bool = False) -> Script:
+    """Control-plane and worker nodes: kernel settings, containerd, and the pinned kubelet/kubeadm/kubectl."""
+    _check_hostname(hostname)
+    marker = kubernetes_marker(kubernetes)
+    if from_bundle:
+        marker += BUNDLE_MARKER_SUFFIX
+        body_of_bundle = ("umask 022", *_swap_off(), *_kernel_for_pods(), *_containerd_configuration())
+        body_of_bundle += write_file(PREPARED_MARKER, marker + "\n")
+        return Script(step=STEP, host=hostname, done_when=marker_guard(marker), body=body_of_bundle)
+    body = (
+        "umask 022",
+        "export DEBIAN_FRONTEND=noninteractive",
+        *_swap_off(),
+        *_kernel_for_pods(),
         *_containerd(),
         *_pinned_kubernetes_packages(kubernetes, KUBERNETES_PACKAGES),
         # kubeadm starts kubelet once it has written kubelet's configuration.
@@ -233,42 +257,60 @@ def standalone_kubelet_drop_in() -> str:
     )
 
 
-def etcd_node_preparation(hostname: str, kubernetes: KubernetesConfig) -> Script:
-    """External etcd members: containerd, a pinned standalone kubelet for the etcd static pod, and etcdctl."""
+def etcd_node_preparation(hostname: str, kubernetes: KubernetesConfig, *, from_bundle: bool = False) -> Script:
+    """External etcd members: containerd, a pinned standalone kubelet for the etcd static pod, and etcdctl.
+
+    From a bundle, only the files: the bundle step installs containerd, kubelet and etcdctl and starts them."""
     _check_hostname(hostname)
-    marker = etcd_marker(kubernetes)
+    marker = etcd_marker(kubernetes) + (BUNDLE_MARKER_SUFFIX if from_bundle else "")
     kubelet_config = yamldoc.dump(standalone_kubelet_configuration())
+    software = (
+        # Ubuntu's etcdctl (3.4) speaks the v3 API of every etcd kubeadm ships; it serves health and membership.
+        *_containerd("etcd-client"),
+        *_pinned_kubernetes_packages(kubernetes, ETCD_NODE_KUBERNETES_PACKAGES),
+    )
+    started = (command("systemctl", "daemon-reload"), command("systemctl", "enable", "kubelet"))
     body = (
         "umask 022",
-        "export DEBIAN_FRONTEND=noninteractive",
+        *(() if from_bundle else ("export DEBIAN_FRONTEND=noninteractive",)),
         *_swap_off(),
         # containerd's snapshotter needs overlay; etcd needs no pod network, so no bridge netfilter or forwarding.
         *write_file(MODULES_FILE, "overlay\n"),
         command("modprobe", "overlay"),
-        # Ubuntu's etcdctl (3.4) speaks the v3 API of every etcd kubeadm ships; it serves health and membership.
-        *_containerd("etcd-client"),
-        *_pinned_kubernetes_packages(kubernetes, ETCD_NODE_KUBERNETES_PACKAGES),
+        *(_containerd_configuration() if from_bundle else software),
         command("install", "-d", "-m", "0755", STATIC_POD_DIR),
         *write_file(ETCD_KUBELET_CONFIG_FILE, kubelet_config),
         *write_file(ETCD_KUBELET_DROP_IN, standalone_kubelet_drop_in()),
-        command("systemctl", "daemon-reload"),
-        command("systemctl", "enable", "kubelet"),
-        command("systemctl", "restart", "kubelet"),
+        *(() if from_bundle else (*started, command("systemctl", "restart", "kubelet"))),
         *write_file(PREPARED_MARKER, marker + "\n"),
     )
     return Script(step=STEP, host=hostname, done_when=marker_guard(marker), body=body)
 
 
-def load_balancer_preparation(hostname: str) -> Script:
-    """Load balancers: haproxy and keepalived installed and enabled; their configs are written by a later step."""
+def load_balancer_preparation(hostname: str, *, from_bundle: bool = False) -> Script:
+    """Load balancers: haproxy and keepalived installed and enabled; their configs are written by a later step.
+
+    Without the internet (an artifact bundle) they are the node image's: a missing one stops the step."""
     _check_hostname(hostname)
+    missing = "kubeadm-ha: {} is not installed on " + hostname + " and there is no package source (artifacts: bundle)"
+    install = (
+        tuple(
+            f"command -v {tool} >/dev/null"
+            f" || {{ echo {quote(missing.format(tool) + ': use a node image with it')} >&2; exit 1; }}"
+            for tool in ("haproxy", "keepalived")
+        )
+        if from_bundle
+        else (
+            logged(LOG_NAME, *APT_GET, "update"),
+            logged(LOG_NAME, *APT_GET, "install", "--no-install-recommends", "haproxy", "keepalived"),
+        )
+    )
     body = (
         "umask 022",
         "export DEBIAN_FRONTEND=noninteractive",
         *write_file(SYSCTL_FILE, _sysctl_file(LOAD_BALANCER_SYSCTLS)),
         logged(LOG_NAME, "sysctl", "-p", SYSCTL_FILE),
-        logged(LOG_NAME, *APT_GET, "update"),
-        logged(LOG_NAME, *APT_GET, "install", "--no-install-recommends", "haproxy", "keepalived"),
+        *install,
         # Enabled for boot; the later configuration step (re)starts them. Until then haproxy runs the package's
         # listener-free sample config, and keepalived's unit stays inactive for want of a config file.
         command("systemctl", "enable", "haproxy", "keepalived"),
@@ -277,21 +319,25 @@ def load_balancer_preparation(hostname: str) -> Script:
     return Script(step=STEP, host=hostname, done_when=marker_guard(LOAD_BALANCER_MARKER), body=body)
 
 
-# One entry per role that has a preparation.
-PREPARATIONS: dict[str, Callable[[str, KubernetesConfig], Script]] = {
-    "lb": lambda hostname, kubernetes: load_balancer_preparation(hostname),
-    "etcd": etcd_node_preparation,
-    "cp": kubernetes_node_preparation,
-    "worker": kubernetes_node_preparation,
+# One entry per role that has a preparation: (hostname, kubernetes, from_bundle) -> Script.
+PREPARATIONS: dict[str, Callable[[str, KubernetesConfig, bool], Script]] = {
+    "lb": lambda hostname, kubernetes, from_bundle: load_balancer_preparation(hostname, from_bundle=from_bundle),
+    "etcd": lambda hostname, kubernetes, from_bundle: etcd_node_preparation(
+        hostname, kubernetes, from_bundle=from_bundle
+    ),
+    "cp": lambda hostname, kubernetes, from_bundle: kubernetes_node_preparation(
+        hostname, kubernetes, from_bundle=from_bundle
+    ),
 }
+PREPARATIONS["worker"] = PREPARATIONS["cp"]
 
 
-def preparation_for(role: Role, hostname: str, kubernetes: KubernetesConfig) -> Script:
+def preparation_for(role: Role, hostname: str, kubernetes: KubernetesConfig, *, from_bundle: bool = False) -> Script:
     try:
         builder = PREPARATIONS[role]
     except KeyError:
         raise ValueError(f"no node preparation for role {role!r} (known: {', '.join(PREPARATIONS)})") from None
-    return builder(hostname, kubernetes)
+    return builder(hostname, kubernetes, from_bundle)
 
 
 # Comment out active swap entries (third field `swap`); commented lines never match again.

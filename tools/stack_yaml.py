@@ -185,10 +185,10 @@ def expected_config(
     """The effective `config:` of `document` once `settings` (path -> value) are written and `removed` taken out."""
     config = effective_config(document)
     for path, value in settings.items():
-        if len(path) == 1:
-            config[path[0]] = value
-        else:
-            config.setdefault(path[0], {})[path[1]] = value
+        parent = config
+        for key in path[:-1]:
+            parent = parent.setdefault(key, {})
+        parent[path[-1]] = value
     for path in removed:
         parent = config
         for key in path[:-1]:

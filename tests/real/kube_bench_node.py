@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from render.artifact_units import KUBEADM_DROP_IN, KUBELET_SERVICE, UNIT_DIR
 from render.kubeadm import INIT_CONFIG_PATH
 from render.node_prep import CONTAINERD_CONFIG, CONTAINERD_CONFIG_FILE
 from tests.integration.netns import poll_until
@@ -49,44 +50,7 @@ if TYPE_CHECKING:
     from tests.real.kube_bench import BenchLab
 
 NAMES = ("kubelet", *kube_bench_proxy.NAMES, "containerd", "containerd-shim-runc-v2")
-UNIT_DIR = "/usr/lib/systemd/system"  # the debs' %{_unitdir}; /lib is a link to /usr/lib on Ubuntu 24.04
 DROP_IN = f"{UNIT_DIR}/kubelet.service.d/10-kubeadm.conf"
-# kubernetes/release cmd/krel/templates/latest at f618b2a: the kubelet deb's unit (install -m 644) and environment
-# file (/etc/default/kubelet, -m 644), the kubeadm deb's drop-in (-m 644, /etc/sysconfig/kubelet made
-# /etc/default/kubelet for the deb by the spec's sed).
-KUBELET_SERVICE = """\
-[Unit]
-Description=kubelet: The Kubernetes Node Agent
-Documentation=https://kubernetes.io/docs/
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-ExecStart=/usr/bin/kubelet
-Restart=always
-StartLimitInterval=0
-RestartSec=10
-
-[Install]
-WantedBy=multi-user.target
-"""
-KUBEADM_DROP_IN = """\
-# Note: This dropin only works with kubeadm and kubelet v1.11+
-[Service]
-Environment="KUBELET_KUBECONFIG_ARGS=--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf \
---kubeconfig=/etc/kubernetes/kubelet.conf"
-Environment="KUBELET_CONFIG_ARGS=--config=/var/lib/kubelet/config.yaml"
-# This is a file that "kubeadm init" and "kubeadm join" generates at runtime, populating the KUBELET_KUBEADM_ARGS \
-variable dynamically
-EnvironmentFile=-/var/lib/kubelet/kubeadm-flags.env
-# This is a file that the user can use for overrides of the kubelet args as a last resort. Preferably, the user \
-should use
-# the .NodeRegistration.KubeletExtraArgs object in the configuration files instead. KUBELET_EXTRA_ARGS should be \
-sourced from this file.
-EnvironmentFile=-/etc/default/kubelet
-ExecStart=
-ExecStart=/usr/bin/kubelet $KUBELET_KUBECONFIG_ARGS $KUBELET_CONFIG_ARGS $KUBELET_KUBEADM_ARGS $KUBELET_EXTRA_ARGS
-"""
 DEFAULT_KUBELET = "/etc/default/kubelet"
 KUBELET_KUBECONFIG = "/etc/kubernetes/kubelet.conf"
 # This machine's limits (the docstring): appended after the drop-in's flags.
