@@ -21,7 +21,7 @@ from model.artifacts import ArtifactsConfig
 from model.bundle import BundleError, Manifest, pinned_manifest, requirement_problems
 from model.config import ClusterConfig
 from model.rules import ConfigError, Problem
-from render.artifacts import STAGE_DIR, BundleInstall, bundle_install_script
+from render.artifacts import STAGE_DIR, BundleInstall, bundle_dir, bundle_install_script
 from render.registry_mirror import registry_mirror_script
 from render.scripts import Script
 
@@ -86,6 +86,14 @@ def node_software(
     if script is None and mirror_script is None:
         return None
     return NodeSoftware(source, remote, script, mirror_script)
+
+
+def bundled_cni_manifest(manifest: Manifest | None, artifacts: ArtifactsConfig, cni: str) -> str | None:
+    """Where the bundle's verified copy of the CNI manifest is on every node (None: it is downloaded)."""
+    if manifest is None or artifacts.bundle is None:
+        return None
+    entry = manifest.named("cni-manifest", cni)
+    return None if entry is None else f"{bundle_dir(artifacts.bundle.sha256)}/{entry.path}"
 
 
 def install_software(

@@ -9,6 +9,7 @@ from typing import Literal
 import pulumi
 import pulumi_command as command
 
+from components.artifacts import bundled_cni_manifest
 from components.control_plane_config import settings_files
 from components.membership import admin_for, membership_step, node_removal_step, reset_step, token_step
 from components.nodes import NodeContext
@@ -284,7 +285,12 @@ class ControlPlaneNode(pulumi.ComponentResource):
         return run_step(
             f"{self.node.hostname}-cni-{manifest.name}",
             self.access,
-            cni_script(self.node.hostname, manifest, str(kubernetes.pod_subnet)),
+            cni_script(
+                self.node.hostname,
+                manifest,
+                str(kubernetes.pod_subnet),
+                from_file=bundled_cni_manifest(context.bundle, context.config.artifacts, kubernetes.cni),
+            ),
             parent=self,
             depends_on=[self.kubeadm],
             replace_with=self.vm.domain.id,

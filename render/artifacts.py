@@ -26,9 +26,9 @@ BUNDLES_DIR = f"{STATE_DIR}/bundle"
 INSTALLED_MARKER = f"{BUNDLES_DIR}/installed"
 CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
 # What the node image must carry: kubeadm's mandatory preflight executables (cmd/kubeadm/app/preflight/
-# checks_linux.go at v1.37.2: losetup, mount, cp; conntrack only before 1.32), what kubelet and kube-proxy's
-# default iptables mode call on the host (iptables, ip6tables, nsenter) and what this step itself uses.
-OS_TOOLS = ("losetup", "mount", "cp", "tar", "sha256sum", "iptables", "ip6tables", "nsenter", "modprobe", "getent")
+# checks_linux.go at v1.37.2: losetup, mount, cp; conntrack only before 1.32), what this step uses, and curl,
+# which the program's later steps use for health checks.
+OS_TOOLS = ("losetup", "mount", "cp", "tar", "sha256sum", "modprobe", "getent", "cmp", "curl")
 _CONTROL_PLANE_ONLY_IMAGES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd")
 
 _MISSING = "${path##*/.incoming/}: missing from the copied bundle (its manifest lists it)"

@@ -6,7 +6,16 @@ import re
 from dataclasses import dataclass
 
 from model.versions import CALICO_SHA256, CALICO_VERSION, FLANNEL_SHA256, FLANNEL_VERSION
-from render.scripts import STATE_DIR, Script, command, download_verified, https_fetch, logged, quote
+from render.scripts import (
+    STATE_DIR,
+    Script,
+    command,
+    copy_verified,
+    download_verified,
+    https_fetch,
+    logged,
+    quote,
+)
 
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
 # A manifest is larger than a key: a longer bound per attempt.
@@ -72,8 +81,15 @@ def manifest_for(cni: str, pod_subnet: str) -> CniManifest | None:
     return None
 
 
-def cni_script(hostname: str, manifest: CniManifest, pod_subnet: str) -> Script:
+def cni_script(hostname: str, manifest: CniManifest, pod_subnet: str, *, from_file: str | None = None) -> Script:
+    """Apply the CNI's manifest, downloaded, or with an artifact bundle copied from `from_file` (the bundle's
+    verified copy on the node, render/artifacts.py); either way only the pinned bytes are applied."""
     path = f"{STATE_DIR}/cni-{manifest.name}.yaml"
+    fetched = (
+        download_verified(_CURL, manifest.url, path, manifest.sha256)
+        if from_file is None
+        else copy_verified(from_file, path, manifest.sha256)
+    )
     kubectl = ("kubectl", "--kubeconfig", ADMIN_KUBECONFIG)
     sed_args: list[str] = []
     for edit in manifest.cidr_edits:
@@ -90,7 +106,7 @@ def cni_script(hostname: str, manifest: CniManifest, pod_subnet: str) -> Script:
         done_when=command(*kubectl, "--namespace", manifest.namespace, "get", "daemonset", manifest.daemonset)
         + " >/dev/null 2>&1",
         body=(
-            *download_verified(_CURL, manifest.url, path, manifest.sha256),
+            *fetched,
             *expected,
             command("sed", "-i", *sed_args, path),
             *landed,

@@ -17,7 +17,7 @@ import base64
 import hashlib
 import re
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 LOG_DIR = "/var/log/kubeadm-ha"
@@ -315,12 +315,21 @@ def download_verified(fetch: tuple[str, ...], url: str, path: str, sha256: str) 
     (a moved tag, a compromised mirror) stops the step with the host and the file named and changes
     nothing that was there before.
     """
+    return _verified_into(path, sha256, url, lambda partial: command(*fetch, "--output", partial, url))
+
+
+def copy_verified(source: str, path: str, sha256: str) -> tuple[str, ...]:
+    """As `download_verified`, for a file already on the node (what an artifact bundle brought)."""
+    return _verified_into(path, sha256, source, lambda partial: command("cp", source, partial))
+
+
+def _verified_into(path: str, sha256: str, origin: str, fetch: Callable[[str], str]) -> tuple[str, ...]:
     if not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise ValueError(f"{sha256!r} is not a lowercase hex SHA-256")
     partial = path + ".download"
-    message = f"{url} (for {path}) does not have the pinned SHA-256 {sha256}; nothing was changed"
+    message = f"{origin} (for {path}) does not have the pinned SHA-256 {sha256}; nothing was changed"
     return (
-        command(*fetch, "--output", partial, url),
+        fetch(partial),
         f"if ! printf '%s  %s\\n' {quote(sha256)} {quote(partial)} | sha256sum --check --status --strict; then",
         f"  {command('rm', '-f', partial)}",
         f"  {_refuse(message)}",
