@@ -34,6 +34,8 @@ class Group:
     env: dict[str, str] = field(default_factory=dict)
 
 
+# What the plugins' build_linux.sh sets: `bridge --version` says the release.
+CNI_LDFLAGS = "-s -w -X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=v{version}"
 TENCENT_VPC = "github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/vpc"
 GROUPS = (
     # runc v1.3.6: the runc containerd 2.2.9 (build-binaries CONTAINERD_VERSION) is released and tested with
@@ -64,12 +66,19 @@ GROUPS = (
             "loopback": "plugins/main/loopback",
             "portmap": "plugins/meta/portmap",
         },
+        ldflags=CNI_LDFLAGS,
     ),
     # The flannel CNI plugin. The manifest's image (ghcr.io/flannel-io/flannel-cni-plugin:v1.9.1-flannel3) is built
     # from github.com/flannel-io/cni-plugin, which the proxy refuses at every version tried (v1.2.0 ...
     # v1.9.1-flannel3); plugins/meta/flannel of github.com/containernetworking/plugins v0.9.1 is the code it grew
     # from, and is served (shared/lab-binaries.md).
-    Group("flannel-cni", "0.9.1", "github.com/containernetworking/plugins", {"flannel": "plugins/meta/flannel"}),
+    Group(
+        "flannel-cni",
+        "0.9.1",
+        "github.com/containernetworking/plugins",
+        {"flannel": "plugins/meta/flannel"},
+        ldflags=CNI_LDFLAGS,
+    ),
     # flanneld v0.28.10 (the flannel release whose kube-flannel.yml the lab applies) and its install-conf, which the
     # manifest's install-cni init container runs. The pinned tencentcloud vpc module's zip (v1.3.188) is refused by
     # the proxy, v1.1.0 is served and builds; the udp backend is C, so CGO is on (shared/lab-binaries.md). Linked

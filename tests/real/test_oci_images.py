@@ -8,9 +8,10 @@ the archive. Only the pause image is imported: it is small, and the writer is th
 Proven: the archive is byte-identical when written twice; ctr names the image exactly the reference kubeadm 1.37.2
 lists (registry.k8s.io/pause:3.10.2), its target is the manifest the archive's index.json points at, `ctr images
 check` finds every blob present (complete), and the layer and config in containerd's content store are the bytes
-written, with the entrypoint and user given.
+written, with the entrypoint and user given; `ctr run` unpacks it and runs /pause as uid/gid 65535 (Debian's runc,
+found on PATH as on a node) until SIGTERM stops it.
 
-Runs as root; needs iproute2, util-linux (nsenter), runc (Debian; only to sweep what a killed daemon leaves), and
+Runs as root; needs iproute2, util-linux (nsenter), runc (Debian), and
 tests/real/build-binaries containerd ctr containerd-shim-runc-v2 pause. Under CI=true missing ones fail.
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import require_programs, require_root, unavailable
-from tests.integration.netns import Lab, cleanup_stale, scratch_dir
+from tests.integration.netns import Lab, cleanup_stale, poll_until, scratch_dir
 from tests.real import lab_binaries
 from tests.real.binaries import _builder, binary
 from tests.real.oci_images import File, Image, write_archive
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.real
 NAMESPACE = "k8s.io"
 REFERENCE = f"registry.k8s.io/pause:{lab_binaries.PAUSE_VERSION}"  # kubeadm 1.37.2's PauseVersion
 CTR_BOUND = 60.0
+CONTAINER = "kubeadm-ha-oci-pause"
 
 
 def pause_image() -> Image:
@@ -105,10 +107,32 @@ def test_ctr_imports_the_pause_archive_under_its_reference() -> None:
             content = tar.extractfile(pause).read()  # type: ignore[union-attr]
         assert hashlib.sha256(content).digest() == hashlib.sha256(image.files["/pause"].source.read_bytes()).digest()
         assert config["rootfs"]["diff_ids"] == [f"sha256:{hashlib.sha256(gzip.decompress(layer)).hexdigest()}"]
+
+        # Unpacked and run as the image says (entrypoint /pause, user 65535): a running task, which SIGTERM ends.
+        started = ctr("run", "-d", "--net-host", REFERENCE, CONTAINER)
+        assert started.returncode == 0, started.stderr.decode()
+
+        def task_status() -> str:
+            tasks = [line.split() for line in ctr("tasks", "ls").stdout.decode().splitlines()[1:]]
+            return next((row[2] for row in tasks if row[0] == CONTAINER), "")
+
+        poll_until(lambda: task_status() == "RUNNING", timeout=CTR_BOUND, interval=0.2, message="pause to run")
+        info = json.loads(ctr("containers", "info", CONTAINER).stdout)
+        assert info["Spec"]["process"]["args"] == ["/pause"], info["Spec"]["process"]
+        assert (info["Spec"]["process"]["user"]["uid"], info["Spec"]["process"]["user"]["gid"]) == (65535, 65535)
+        assert ctr("tasks", "kill", "--signal", "SIGTERM", CONTAINER).returncode == 0
+        poll_until(lambda: task_status() == "STOPPED", timeout=CTR_BOUND, interval=0.2, message="pause to stop")
+        assert ctr("tasks", "rm", CONTAINER).returncode == 0
+        assert ctr("containers", "rm", CONTAINER).returncode == 0
     except BaseException:
         print(f"\n===== logs of lab {lab.prefix} =====\n{lab.logs(tail=30)}")
         raise
     finally:
+        if (work / "containerd.sock").exists():
+            # Through the daemon first, so a task a failed assertion left takes its runc state and mounts with it.
+            for args in (("tasks", "kill", "--signal", "SIGKILL"), ("tasks", "rm", "--force"), ("containers", "rm")):
+                subprocess.run([binaries["ctr"], "--address", str(work / "containerd.sock"), "--namespace", NAMESPACE,
+                                *args, CONTAINER], capture_output=True, timeout=CTR_BOUND, check=False)  # fmt: skip
         stop_containerd(lab)
         lab.close()
         host_state.restore(programs["runc"])
