@@ -94,6 +94,9 @@ SUITE = (
     "containerd",
     "ctr",
     "containerd-shim-runc-v2",
+    # The pause binary (gcc, from pause.c in the k8s.io/kubernetes module; under a second): test_oci_images.py
+    # imports an OCI archive of registry.k8s.io/pause into that containerd.
+    "pause",
     # The real Pulumi engine (tests/real/engine/toolchain.py): the dev preview and the bad-config refusal run in
     # the suite. The language host first: the CLI of the same release reuses its compiled packages.
     "pulumi-language-python",
