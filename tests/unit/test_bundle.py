@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from model.bundle import (
     BundleError,
@@ -24,6 +25,7 @@ from model.rules import ConfigError
 from model.stack import parse_config
 from tests.bundles import content_of, entries_for, write_manifest
 from tools import bundle as tool
+from tools.stack_yaml import effective_config, expected_config, rewrite_settings
 
 STACK = """\
 config:
@@ -228,3 +230,14 @@ def test_artifacts_settings_that_cannot_work_are_refused_naming_the_key(
         parse_config({"network": {"cidr": "10.0.0.0/24"}, "artifacts": artifacts}, stack="dev")
     assert message in str(refused.value)
     assert "artifacts" in str(refused.value)
+
+
+def test_promotion_rewrites_only_the_bundle_digest_and_keeps_the_environments_path() -> None:
+    before = (
+        "config:\n  kubeadm-ha:network: {cidr: 10.0.0.0/24}\n  kubeadm-ha:artifacts:\n    source: bundle\n"
+        f'    bundle: {{path: /srv/prod/b, sha256: "{"a" * 64}"}}\n'
+    )
+    setting = {("kubeadm-ha:artifacts", "bundle", "sha256"): "b" * 64}
+    after = rewrite_settings(before, setting)
+    assert after == before.replace("a" * 64, "b" * 64)
+    assert expected_config(yaml.safe_load(before), setting) == effective_config(yaml.safe_load(after))

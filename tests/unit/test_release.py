@@ -60,7 +60,12 @@ def test_release_holds_the_software_and_every_pin_derived_from_it() -> None:
     assert list(release) == [key.name for key in RELEASE_KEYS if key.name not in ("imageSha256", "artifactBundle")]
     pinned = release_of(config(image={"url": "/img/a.qcow2", "sha256": "ab" * 32}))
     assert (pinned["image"], pinned["imageSha256"]) == ("/img/a.qcow2", "ab" * 32)
-    assert list(pinned) == [key.name for key in RELEASE_KEYS]
+    assert list(pinned) == [key.name for key in RELEASE_KEYS if key.name != "artifactBundle"]
+    bundled = release_of(
+        config(artifacts={"source": "bundle", "bundle": {"path": "/srv/b", "sha256": "cd" * 32}}, image=pinned["image"])
+    )
+    assert bundled["artifactBundle"] == "cd" * 32
+    assert stack_settings(bundled)[("kubeadm-ha:artifacts", "bundle", "sha256")] == "cd" * 32
     flannel = release_of(config(kubernetes={"version": VERSION, "cni": "flannel"}))
     assert flannel["cniVersion"] == FLANNEL_VERSION
     assert "cniVersion" not in release_of(config(kubernetes={"version": VERSION, "cni": "none"}))
