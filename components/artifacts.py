@@ -18,7 +18,7 @@ import pulumi_command as command
 
 from components.remote import NodeAccess, run_step
 from model.artifacts import ArtifactsConfig
-from model.bundle import BundleError, Manifest, pinned_manifest, requirement_problems
+from model.bundle import KUBERNETES_BINARIES, BundleError, Manifest, pinned_manifest, requirement_problems
 from model.config import ClusterConfig
 from model.rules import ConfigError, Problem
 from render.artifacts import STAGE_DIR, BundleInstall, bundle_dir, bundle_install_script
@@ -94,6 +94,16 @@ def bundled_cni_manifest(manifest: Manifest | None, artifacts: ArtifactsConfig, 
         return None
     entry = manifest.named("cni-manifest", cni)
     return None if entry is None else f"{bundle_dir(artifacts.bundle.sha256)}/{entry.path}"
+
+
+def bundled_kubernetes(manifest: Manifest | None, artifacts: ArtifactsConfig) -> dict[str, str] | None:
+    """kubeadm, kubelet and kubectl in the bundle's verified copy on every node (None: the upgrade uses apt)."""
+    if manifest is None or artifacts.bundle is None:
+        return None
+    where = bundle_dir(artifacts.bundle.sha256)
+    return {
+        entry.name: f"{where}/{entry.path}" for entry in manifest.of_kind("binary") if entry.name in KUBERNETES_BINARIES
+    }
 
 
 def install_software(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_command as command
 
+from components.artifacts import bundled_kubernetes
 from components.control_plane import ControlPlaneNode
 from components.membership import admin_for
 from components.nodes import NodeContext
@@ -77,7 +78,12 @@ class KubernetesUpgrade(pulumi.ComponentResource):
         upgraded = run_step(
             f"{node.hostname}-upgrade-{version}",
             self.context.access(node),
-            upgrade_node_script(node.hostname, kubernetes, first_control_plane=first_control_plane),
+            upgrade_node_script(
+                node.hostname,
+                kubernetes,
+                first_control_plane=first_control_plane,
+                bundled=bundled_kubernetes(self.context.bundle, self.context.config.artifacts),
+            ),
             parent=self,
             depends_on=[drain],
         )

@@ -153,17 +153,6 @@ def change_problems(config: ClusterConfig, previous: PreviousDeployment) -> list
                 f"moves forward: set it to {generation} (no change) or higher (a new key)",
             )
         )
-    running_version = previous.kubernetes_version
-    if config.artifacts.from_bundle and running_version not in (None, config.kubernetes.version):
-        problems.append(
-            Problem(
-                "kubernetes.version",
-                f"the cluster runs {running_version} and installs from an artifact bundle: upgrading to "
-                f"{config.kubernetes.version} from a bundle is not supported yet (the upgrade steps install "
-                "kubeadm and kubelet from pkgs.k8s.io, one node at a time, and a new bundle would put the new "
-                f"kubelet on every node at once). Keep kubernetes.version {running_version} and its bundle",
-            )
-        )
     if previous.network_mode is not None and previous.network_mode != config.network.mode:
         problems.append(
             Problem(

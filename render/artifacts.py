@@ -29,6 +29,11 @@ CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
 # checks_linux.go at v1.37.2: losetup, mount, cp; conntrack only before 1.32), what this step uses, and curl,
 # which the program's later steps use for health checks.
 OS_TOOLS = ("losetup", "mount", "cp", "tar", "sha256sum", "modprobe", "getent", "cmp", "curl")
+_VERSION_PROBES = {
+    "kubeadm": "kubeadm version -o short",
+    "kubelet": "kubelet --version",
+    "kubectl": "kubectl version --client",
+}
 _CONTROL_PLANE_ONLY_IMAGES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd")
 
 _MISSING = "${path##*/.incoming/}: missing from the copied bundle (its manifest lists it)"
@@ -140,15 +145,30 @@ def bundle_install_script(hostname: str, bundle: BundleInstall) -> Script:
         "# Binaries where the packages would put them; a changed containerd is restarted below.",
         'containerd_changed=""',
     ]
+    version = f"v{bundle.manifest.kubernetes_version}"
     for entry in bundle.binaries():
         source, target = f"{final}/{entry.path}", BINARIES[entry.name]
         flag = " && containerd_changed=1" if entry.name.startswith("containerd") else ""
         install = command("install", "-D", "-m", "0755", source, target)
-        body.append(f"cmp -s {quote(source)} {quote(target)} || {{ {install}{flag}; }}")
+        line = f"cmp -s {quote(source)} {quote(target)} || {{ {install}{flag}; }}"
+        if entry.name not in KUBERNETES_BINARIES:
+            body.append(line)
+            continue
+        # A running node's kubeadm, kubelet and kubectl of another version are the upgrade steps' to replace, in
+        # kubeadm's order (render/lifecycle.py); anything installed here must then report the stack's version.
+        probe = _VERSION_PROBES[entry.name].replace(entry.name, target, 1)
+        wrong = f"{entry.path} is not {entry.name} {version}: assemble the bundle for the stack's version"
+        body += [
+            f"if [ -e {quote(target)} ] && ! {probe} 2>/dev/null | grep -qwF {quote(version)}; then",
+            f"  echo {quote(f'kubeadm-ha: {target} is another version than {version}: the upgrade step replaces it')}",
+            "else",
+            f"  {line}",
+            f"  {probe} 2>/dev/null | grep -qwF {quote(version)} || kha_bundle_fail {quote(wrong)}",
+            "fi",
+        ]
     for entry in bundle.plugins():
         body.append(command("install", "-D", "-m", "0755", f"{final}/{entry.path}", f"{CNI_PLUGIN_DIR}/{entry.name}"))
     body += [
-        *_versions(bundle),
         "# The units the containerd and kubelet packages would have installed.",
         *write_file(f"{UNIT_DIR}/containerd.service", CONTAINERD_SERVICE),
         *write_file(f"{UNIT_DIR}/kubelet.service", KUBELET_SERVICE),
@@ -182,20 +202,3 @@ def bundle_install_script(hostname: str, bundle: BundleInstall) -> Script:
         body=tuple(body),
         functions=_FUNCTIONS,
     )
-
-
-def _versions(bundle: BundleInstall) -> tuple[str, ...]:
-    """The installed Kubernetes binaries report the stack's version (the manifest's word is checked before)."""
-    version = f"v{bundle.manifest.kubernetes_version}"
-    checks = {
-        "kubeadm": "kubeadm version -o short",
-        "kubelet": "kubelet --version",
-        "kubectl": "kubectl version --client",
-    }
-    lines = []
-    for entry in bundle.binaries():
-        if entry.name in KUBERNETES_BINARIES:
-            probe = checks[entry.name].replace(entry.name, BINARIES[entry.name], 1)
-            wrong = f"{entry.path} is not {entry.name} {version}: assemble the bundle for the stack's version"
-            lines.append(f"{probe} 2>/dev/null | grep -qwF {quote(version)} || kha_bundle_fail {quote(wrong)}")
-    return tuple(lines)

@@ -14,6 +14,7 @@ Which node a script runs on matters:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from model.config import KubernetesConfig
@@ -200,14 +201,38 @@ def reset_over_ssh_script(node: SshNode) -> Script:
 # --- upgrades --------------------------------------------------------------------------------------------
 
 
-def upgrade_node_script(hostname: str, kubernetes: KubernetesConfig, *, first_control_plane: bool) -> Script:
-    """On the node: new kubeadm, `kubeadm upgrade apply` (first control plane) or `upgrade node`, new kubelet."""
-    version = kubernetes_apt_version(kubernetes.version)
+def upgrade_node_script(
+    hostname: str,
+    kubernetes: KubernetesConfig,
+    *,
+    first_control_plane: bool,
+    bundled: Mapping[str, str] | None = None,
+) -> Script:
+    """On the node: new kubeadm, `kubeadm upgrade apply` (first control plane) or `upgrade node`, new kubelet.
+
+    With an artifact bundle (`bundled`: kubeadm, kubelet and kubectl in its verified copy on the node,
+    render/artifacts.py) they come from there instead of apt, in the same order; the bundle step leaves an
+    installed kubeadm, kubelet or kubectl of another version to this step."""
     upgrade = (
         logged("kubeadm-upgrade", "kubeadm", "upgrade", "apply", f"v{kubernetes.version}", "--yes")
         if first_control_plane
         else logged("kubeadm-upgrade", "kubeadm", "upgrade", "node")
     )
+    if bundled is not None:
+        return Script(
+            step=f"kubeadm-upgrade-{kubernetes.version}",
+            host=hostname,
+            done_when=f"{_reports('kubelet', kubernetes.version)} && {_reports('kubeadm', kubernetes.version)}",
+            body=(
+                _from_bundle(bundled, "kubeadm"),
+                upgrade,
+                _from_bundle(bundled, "kubelet"),
+                _from_bundle(bundled, "kubectl"),
+                command("systemctl", "daemon-reload"),
+                command("systemctl", "restart", "kubelet"),
+            ),
+        )
+    version = kubernetes_apt_version(kubernetes.version)
     return Script(
         step=f"kubeadm-upgrade-{kubernetes.version}",
         host=hostname,
@@ -221,3 +246,13 @@ def upgrade_node_script(hostname: str, kubernetes: KubernetesConfig, *, first_co
             command("systemctl", "restart", "kubelet"),
         ),
     )
+
+
+def _reports(binary: str, version: str) -> str:
+    """The installed binary says it is `version` (kubeadm: `version -o short`; kubelet: `--version`)."""
+    probe = f"/usr/bin/{binary} version -o short" if binary == "kubeadm" else f"/usr/bin/{binary} --version"
+    return f"{probe} 2>/dev/null | grep -qwF {quote('v' + version)}"
+
+
+def _from_bundle(bundled: Mapping[str, str], binary: str) -> str:
+    return command("install", "-m", "0755", bundled[binary], f"/usr/bin/{binary}")

@@ -121,15 +121,23 @@ def test_a_bundle_without_kubeadm_for_the_stack_version_is_refused_before_any_re
     assert "binary kubeadm is not in the bundle" in str(refused.value)
 
 
-def test_an_upgrade_of_a_bundle_installed_cluster_is_refused() -> None:
-    with pytest.raises(ConfigError) as refused:
-        evaluate(
-            "dev",
-            project_dir=ROOT,
-            config=config_with(bundle_artifacts()),
-            previous_outputs={"kubernetesVersion": "1.36.3"},
-        )
-    assert "kubernetes.version: the cluster runs 1.36.3 and installs from an artifact bundle" in str(refused.value)
+def test_an_upgrade_of_a_bundle_installed_cluster_takes_kubeadm_and_kubelet_from_the_bundle_in_kubeadms_order() -> None:
+    ev = evaluate(
+        "dev",
+        project_dir=ROOT,
+        config=config_with(bundle_artifacts()),
+        previous_outputs={"kubernetesVersion": "1.36.3"},
+    )
+    where = f"{BUNDLES_DIR}/{bundle_dir()[1]}"
+    for host in KUBERNETES_NODES:
+        upgrade = script_of(ev.named(f"{host}-upgrade-1.37.2"))
+        assert "apt-get" not in upgrade and "pkgs.k8s.io" not in upgrade
+        kubeadm = upgrade.index(f"install -m 0755 {where}/bin/kubeadm /usr/bin/kubeadm")
+        kubelet = upgrade.index(f"install -m 0755 {where}/bin/kubelet /usr/bin/kubelet")
+        assert kubeadm < upgrade.index("kubeadm upgrade") < kubelet
+        # The bundle step leaves the running version to it.
+        bundle = script_of(ev.named(f"{host}-bundle"))
+        assert "is another version than v1.37.2: the upgrade step replaces it" in bundle
 
 
 def test_the_registry_mirror_step_points_each_registry_at_the_mirror_only() -> None:
