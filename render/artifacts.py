@@ -159,11 +159,11 @@ def bundle_install_script(hostname: str, bundle: BundleInstall) -> Script:
         probe = _VERSION_PROBES[entry.name].replace(entry.name, target, 1)
         wrong = f"{entry.path} is not {entry.name} {version}: assemble the bundle for the stack's version"
         body += [
-            f"if [ -e {quote(target)} ] && ! {probe} 2>/dev/null | grep -qwF {quote(version)}; then",
+            f"if [ -e {quote(target)} ] && ! {probe} 2>/dev/null | grep -wF {quote(version)} >/dev/null; then",
             f"  echo {quote(f'kubeadm-ha: {target} is another version than {version}: the upgrade step replaces it')}",
             "else",
             f"  {line}",
-            f"  {probe} 2>/dev/null | grep -qwF {quote(version)} || kha_bundle_fail {quote(wrong)}",
+            f"  {probe} 2>/dev/null | grep -wF {quote(version)} >/dev/null || kha_bundle_fail {quote(wrong)}",
             "fi",
         ]
     for entry in bundle.plugins():
@@ -189,12 +189,16 @@ def bundle_install_script(hostname: str, bundle: BundleInstall) -> Script:
     for entry in bundle.images():
         archive = f"{final}/{entry.path}"
         missing = f"{entry.path}: imported, but containerd has no image {entry.name}: the archive names another image"
-        listed = f"{command(*ctr, 'images', 'ls', '--quiet')} | grep -qxF {quote(entry.name)}"
+        listed = f"{command(*ctr, 'images', 'ls', '--quiet')} | grep -xF {quote(entry.name)} >/dev/null"
         body += [
             logged(STEP, *ctr, "images", "import", "--platform", "linux/amd64", archive),
             f"{listed} || kha_bundle_fail {quote(missing)}",
         ]
-    body.append(f"printf '%s\\n' {quote(sha)} >{quote(INSTALLED_MARKER)}")
+    body += [
+        f"printf '%s\\n' {quote(sha)} >{quote(INSTALLED_MARKER)}",
+        "# Bundles this node installed before (an upgrade's previous one) are no longer needed: ~0.5 GiB each.",
+        f"find {quote(BUNDLES_DIR)} -mindepth 1 -maxdepth 1 -type d ! -name {quote(sha)} -exec rm -rf {{}} +",
+    ]
     return Script(
         step=STEP,
         host=hostname,

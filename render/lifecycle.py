@@ -251,7 +251,7 @@ def upgrade_node_script(
 def _reports(binary: str, version: str) -> str:
     """The installed binary says it is `version` (kubeadm: `version -o short`; kubelet: `--version`)."""
     probe = f"/usr/bin/{binary} version -o short" if binary == "kubeadm" else f"/usr/bin/{binary} --version"
-    return f"{probe} 2>/dev/null | grep -qwF {quote('v' + version)}"
+    return f"{probe} 2>/dev/null | grep -wF {quote('v' + version)} >/dev/null"
 
 
 def _from_bundle(bundled: Mapping[str, str], binary: str) -> str:
