@@ -49,6 +49,15 @@ _FUNCTIONS = (
     '  got="$(sha256sum <"$path" | cut -c1-64)"',
     f'  [ "$got" = "$want" ] || kha_bundle_fail "{_WRONG}; {_AGAIN}"',
     "}",
+    # `kha_bundle_prints -x|-w TEXT CMD...`: CMD succeeds and prints TEXT as a line (-x) or a word (-w). Its whole
+    # output is read first: `CMD | grep -q` under pipefail fails when grep has seen enough and CMD, still writing,
+    # dies of SIGPIPE (kubectl's version, ctr's image list).
+    "kha_bundle_prints() {",
+    '  local match="$1" text="$2" out',
+    "  shift 2",
+    '  out="$("$@")" || return 1',
+    '  grep -q "$match" -F -- "$text" <<<"$out"',
+    "}",
     *bounded_wait_function(1),
 )
 
@@ -169,7 +178,7 @@ def bundle_install_script(hostname: str, bundle: BundleInstall) -> Script:
     for entry in bundle.images():
         archive = f"{final}/{entry.path}"
         missing = f"{entry.path}: imported, but containerd has no image {entry.name}: the archive names another image"
-        listed = f"{command(*ctr, 'images', 'ls', '--quiet')} | grep -qxF {quote(entry.name)}"
+        listed = command("kha_bundle_prints", "-x", entry.name, *ctr, "images", "ls", "--quiet")
         body += [
             logged(STEP, *ctr, "images", "import", "--platform", "linux/amd64", archive),
             f"{listed} || kha_bundle_fail {quote(missing)}",
@@ -197,5 +206,6 @@ def _versions(bundle: BundleInstall) -> tuple[str, ...]:
         if entry.name in KUBERNETES_BINARIES:
             probe = checks[entry.name].replace(entry.name, BINARIES[entry.name], 1)
             wrong = f"{entry.path} is not {entry.name} {version}: assemble the bundle for the stack's version"
-            lines.append(f"{probe} 2>/dev/null | grep -qwF {quote(version)} || kha_bundle_fail {quote(wrong)}")
+            prints = f"kha_bundle_prints -w {quote(version)} {probe} 2>/dev/null"
+            lines.append(f"{prints} || kha_bundle_fail {quote(wrong)}")
     return tuple(lines)
