@@ -54,6 +54,15 @@ _FUNCTIONS = (
     '  got="$(sha256sum <"$path" | cut -c1-64)"',
     f'  [ "$got" = "$want" ] || kha_bundle_fail "{_WRONG}; {_AGAIN}"',
     "}",
+    # `kha_bundle_prints -x|-w TEXT CMD...`: CMD succeeds and prints TEXT as a line (-x) or a word (-w). Its whole
+    # output is read first: `CMD | grep -q` under pipefail fails when grep has seen enough and CMD, still writing,
+    # dies of SIGPIPE (kubectl's version, ctr's image list).
+    "kha_bundle_prints() {",
+    '  local match="$1" text="$2" out',
+    "  shift 2",
+    '  out="$("$@")" || return 1',
+    '  grep -q "$match" -F -- "$text" <<<"$out"',
+    "}",
     *bounded_wait_function(1),
 )
 
@@ -159,11 +168,11 @@ def bundle_install_script(hostname: str, bundle: BundleInstall) -> Script:
         probe = _VERSION_PROBES[entry.name].replace(entry.name, target, 1)
         wrong = f"{entry.path} is not {entry.name} {version}: assemble the bundle for the stack's version"
         body += [
-            f"if [ -e {quote(target)} ] && ! {probe} 2>/dev/null | grep -wF {quote(version)} >/dev/null; then",
+            f"if [ -e {quote(target)} ] && ! kha_bundle_prints -w {quote(version)} {probe} 2>/dev/null; then",
             f"  echo {quote(f'kubeadm-ha: {target} is another version than {version}: the upgrade step replaces it')}",
             "else",
             f"  {line}",
-            f"  {probe} 2>/dev/null | grep -wF {quote(version)} >/dev/null || kha_bundle_fail {quote(wrong)}",
+            f"  kha_bundle_prints -w {quote(version)} {probe} 2>/dev/null || kha_bundle_fail {quote(wrong)}",
             "fi",
         ]
     for entry in bundle.plugins():
@@ -189,7 +198,7 @@ def bundle_install_script(hostname: str, bundle: BundleInstall) -> Script:
     for entry in bundle.images():
         archive = f"{final}/{entry.path}"
         missing = f"{entry.path}: imported, but containerd has no image {entry.name}: the archive names another image"
-        listed = f"{command(*ctr, 'images', 'ls', '--quiet')} | grep -xF {quote(entry.name)} >/dev/null"
+        listed = command("kha_bundle_prints", "-x", entry.name, *ctr, "images", "ls", "--quiet")
         body += [
             logged(STEP, *ctr, "images", "import", "--platform", "linux/amd64", archive),
             f"{listed} || kha_bundle_fail {quote(missing)}",

@@ -97,6 +97,16 @@ SUITE = (
     # The pause binary (gcc, from pause.c in the k8s.io/kubernetes module; under a second): test_oci_images.py
     # imports an OCI archive of registry.k8s.io/pause into that containerd.
     "pause",
+    # The rest of a small real bundle (tests/real/test_bundle_install_live.py installs it with the node's bundle step):
+    # runc (CGO, static), crictl and the four CNI plugins flannel's config chains, each a short Go build; and
+    # distribution's registry, the site's mirror of tests/real/test_registry_mirror_live.py (about 2 minutes cold).
+    "runc",
+    "crictl",
+    "bridge",
+    "host-local",
+    "loopback",
+    "portmap",
+    "registry",
     # The real Pulumi engine (tests/real/engine/toolchain.py): the dev preview and the bad-config refusal run in
     # the suite. The language host first: the CLI of the same release reuses its compiled packages.
     "pulumi-language-python",

@@ -1,8 +1,8 @@
 """The node binaries a real-cluster lab needs beyond the suite's (issue 21): the container runtime's runc, the CNI
-plugins flannel's network config chains, flanneld, crictl, CoreDNS and the pause binary; built by
-`tests/real/build-binaries NAME[@VERSION]` like its other groups, cached under
-$KUBEADM_HA_BIN_CACHE/GROUP/VERSION/NAME, from the Go module proxy (pause: gcc, from C source in the k8s.io/kubernetes
-module). Test-only, as the rest of tests/real: the program itself never builds anything.
+plugins flannel's network config chains, flanneld, crictl, CoreDNS, the pause binary, and distribution's registry
+(the site's mirror in the mirror-mode test); built by `tests/real/build-binaries NAME[@VERSION]` like its other
+groups, cached under $KUBEADM_HA_BIN_CACHE/GROUP/VERSION/NAME, from the Go module proxy (pause: gcc, from C source in
+the k8s.io/kubernetes module). Test-only, as the rest of tests/real: the program itself never builds anything.
 
 Which module versions the proxy serves here, and the workarounds, were checked with `go mod download -json
 MODULE@VERSION` (no "Error"); shared/lab-binaries.md keeps the table.
@@ -110,6 +110,16 @@ GROUPS = (
         "github.com/coredns/coredns",
         {"coredns": ""},
         ldflags="-s -w -X github.com/coredns/coredns/coremain.GitCommit=v{version}",
+    ),
+    # distribution's registry v3.0.0 (cmd/registry): a real OCI registry as the site's mirror in the mirror-mode test
+    # (tests/real/test_registry_mirror_live.py). Served by the proxy (shared/lab-binaries.md); version as upstream's
+    # Makefile sets it (version.version), CGO off.
+    Group(
+        "distribution",
+        "3.0.0",
+        "github.com/distribution/distribution/v3",
+        {"registry": "cmd/registry"},
+        ldflags="-s -w -X github.com/distribution/distribution/v3/version.version=v{version}",
     ),
 )
 GO_NAMES = {name: group for group in GROUPS for name in group.packages}
