@@ -22,6 +22,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from stat import S_ISCHR
 
 from tests.integration.conftest import require_programs, require_root
 
@@ -125,6 +126,8 @@ class SandboxNode:
         for directory, _, files in os.walk(root):
             for name in files:
                 stat = os.lstat(os.path.join(directory, name))
+                if S_ISCHR(stat.st_mode) and stat.st_rdev == 0:
+                    continue  # an overlayfs whiteout: a file of the lower layer removed, nothing written
                 absolute = "/" + os.path.relpath(os.path.join(directory, name), self.directory / "upper")
                 found[absolute] = (stat.st_mode, stat.st_size, stat.st_mtime_ns)
         return found

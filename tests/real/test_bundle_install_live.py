@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -260,6 +261,9 @@ def node() -> Iterator[BundleNode]:
     live = BundleNode(work)
     try:
         live.node.start()
+        # A fresh node has no Kubernetes binaries; this machine may (its /usr shows through the overlay).
+        gone = live.node.run(["rm", "-f", *(BINARIES[name] for name in ("kubeadm", "kubelet", "kubectl"))])
+        assert gone.returncode == 0, gone.stderr
         yield live
     finally:
         live.node.close()
@@ -420,3 +424,21 @@ def test_a_tar_bundle_installs(node: BundleNode, source: SourceBundle) -> None:
     verified = node.node.path(f"/var/lib/kubeadm-ha/bundle/{source.sha256}")
     owners = {(path.stat().st_uid, path.stat().st_gid) for path in verified.rglob("*")}
     assert owners == {(0, 0)}, owners
+
+
+def test_a_running_nodes_kubectl_of_another_version_is_left_to_the_upgrade_step(
+    node: BundleNode, source: SourceBundle
+) -> None:
+    """A running node given a bundle for the next version (an upgrade): its kubectl stays until the upgrade step
+    replaces it in kubeadm's order (render/lifecycle.py); the rest of the bundle installs."""
+    older = "#!/bin/sh\necho 'Client Version: v1.36.3'\necho 'Kustomize Version: v5.7.1'\n"
+    placed = node.node.run(
+        ["sh", "-c", f"printf '%s' {shlex.quote(older)} >/usr/bin/kubectl && chmod 0755 /usr/bin/kubectl"]
+    )
+    assert placed.returncode == 0, placed.stderr
+    node.stage(source.directory, source.sha256)
+    ran = node.run_step(install(source))
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "/usr/bin/kubectl is another version than v1.37.2: the upgrade step replaces it" in ran.stdout
+    assert node.node.path("/usr/bin/kubectl").read_text() == older
+    assert node.node.path("/usr/bin/kubeadm").read_bytes() == (source.directory / "bin" / "kubeadm").read_bytes()

@@ -42,9 +42,14 @@ def _writer(path: Path, first: str, then: str) -> None:
 
 
 def _run_lines(tmp_path: Path, where: str, kubectl: str) -> subprocess.CompletedProcess[str]:
-    """The step's body lines that mention `where`, run with its functions and prologue, stand-ins first on PATH."""
+    """The step's check lines that mention `where`, run with its functions and prologue, stand-ins first on PATH."""
     step = bundle_install_script("cp-1", _install())
-    lines = tuple(line.replace("/usr/bin/kubectl", kubectl) for line in step.body if where in line)
+    # The checks themselves: the lines that fail the step when the text is not printed.
+    lines = tuple(
+        line.strip().replace("/usr/bin/kubectl", kubectl)
+        for line in step.body
+        if where in line and "kha_bundle_fail" in line
+    )
     assert lines, f"no line of the step mentions {where!r}"
     script = Script(step="bundle", host="cp-1", done_when="false", body=lines, functions=step.functions, on_node=False)
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
