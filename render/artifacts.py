@@ -166,10 +166,12 @@ def bundle_install_script(hostname: str, bundle: BundleInstall) -> Script:
         "# Images into containerd's k8s.io namespace (the CRI's), so kubeadm and kubelet pull nothing.",
     ]
     ctr = ("ctr", "--address", CONTAINERD_SOCKET, "--namespace", "k8s.io")
+    # `grep ... >/dev/null`, not `grep -q`, after a pipe: -q exits at the first match, and a writer with more to say
+    # (ctr's list, kubectl's second version line) then dies of SIGPIPE, which pipefail makes the pipeline's status.
     for entry in bundle.images():
         archive = f"{final}/{entry.path}"
         missing = f"{entry.path}: imported, but containerd has no image {entry.name}: the archive names another image"
-        listed = f"{command(*ctr, 'images', 'ls', '--quiet')} | grep -qxF {quote(entry.name)}"
+        listed = f"{command(*ctr, 'images', 'ls', '--quiet')} | grep -xF {quote(entry.name)} >/dev/null"
         body += [
             logged(STEP, *ctr, "images", "import", "--platform", "linux/amd64", archive),
             f"{listed} || kha_bundle_fail {quote(missing)}",
@@ -197,5 +199,6 @@ def _versions(bundle: BundleInstall) -> tuple[str, ...]:
         if entry.name in KUBERNETES_BINARIES:
             probe = checks[entry.name].replace(entry.name, BINARIES[entry.name], 1)
             wrong = f"{entry.path} is not {entry.name} {version}: assemble the bundle for the stack's version"
-            lines.append(f"{probe} 2>/dev/null | grep -qwF {quote(version)} || kha_bundle_fail {quote(wrong)}")
+            matches = f"grep -wF {quote(version)} >/dev/null"
+            lines.append(f"{probe} 2>/dev/null | {matches} || kha_bundle_fail {quote(wrong)}")
     return tuple(lines)
