@@ -163,7 +163,12 @@ class Capture:
 
     @classmethod
     def start(cls, prefix: list[str], path: Path, cidr: str) -> Capture:
-        expression = f"(not (src net {cidr} and dst net {cidr})) or port 53 or port 123"
+        # Not the lab namespace's own loopback (the engine and its plugins), nor link-local IPv6 (neighbour
+        # discovery on the bridge); every IPv4 packet between the lab network and anything else, every global IPv6.
+        outside = (
+            f"(ip and not (src net {cidr} and dst net {cidr})) or (ip6 and not ip6 multicast and not net fe80::/10)"
+        )
+        expression = f"not net 127.0.0.0/8 and ({outside} or port 53 or port 123)"
         argv = [*prefix, "tcpdump", "-i", "any", "-n", "-U", "-s", "300", "-w", str(path), expression]
         process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         return cls(process, path, cidr)
@@ -187,10 +192,12 @@ class Capture:
         return done.stdout.splitlines()
 
     def leaving(self) -> list[str]:
-        """Packets from a lab address to one outside the lab network (not multicast, broadcast or link-local)."""
+        """Packets from the lab to an address outside its network (not multicast, broadcast or link-local), and any
+        global IPv6 packet (the lab has none)."""
         return self.lines(
-            f"src net {self.cidr} and not dst net {self.cidr} and not multicast and not broadcast"
-            " and not dst net 169.254.0.0/16 and not dst host 255.255.255.255 and not dst host 0.0.0.0"
+            f"(ip and not dst net {self.cidr} and not multicast and not broadcast and not dst net 169.254.0.0/16"
+            " and not dst host 255.255.255.255 and not net 127.0.0.0/8)"
+            " or (ip6 and not ip6 multicast and not net fe80::/10 and not net ::1/128)"
         )
 
     def dns_queries(self) -> list[str]:

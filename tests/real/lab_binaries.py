@@ -41,16 +41,17 @@ GROUPS = (
     # runc v1.3.6: the runc containerd 2.2.9 (build-binaries CONTAINERD_VERSION) is released and tested with
     # (script/setup/runc-version in the github.com/containerd/containerd/v2 v2.2.9 module); the proxy serves it
     # (`go mod download -json github.com/opencontainers/runc@v1.3.6`). Its nsenter is C, so CGO is on. Built as
-    # the Makefile's `static` target does (netgo osusergo, linked with -static), without the `seccomp` tag: that needs
-    # libseccomp-dev, which this machine lacks, so this runc cannot apply a container's seccomp profile (kubelet's
-    # default is Unconfined; a pod asking for RuntimeDefault fails to start).
+    # the Makefile's `static` target does (seccomp netgo osusergo, linked with -static: libseccomp.a from Debian's
+    # libseccomp-dev, which the build needs). With seccomp: kubeadm's static Pods ask for the RuntimeDefault
+    # profile, and a runc without it refuses them ("unable to init seccomp: seccomp: config provided but seccomp not
+    # supported", measured by tests/real/cluster-lab). Cached under runc-seccomp/, apart from the earlier build.
     Group(
-        "runc",
+        "runc-seccomp",
         "1.3.6",
         "github.com/opencontainers/runc",
         {"runc": ""},
         cgo=True,
-        tags="urfave_cli_no_docs netgo osusergo",
+        tags="urfave_cli_no_docs seccomp netgo osusergo",
         ldflags="-s -w -X main.version={version} -linkmode external -extldflags -static",
     ),
     # The CNI plugins flannel's network config chains (Documentation/kube-flannel.yml of flannel v0.28.10: `flannel`
