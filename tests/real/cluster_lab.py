@@ -23,6 +23,7 @@ Exit 0 only when every check passed; the last line is a one-line summary.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import subprocess
 import sys
@@ -45,9 +46,12 @@ from tests.real.engine.libvirtd import Libvirtd, isolated_libvirtd
 STACK = "lab"
 CIDR = "10.17.9.0/24"
 KUBERNETES_VERSION = "1.37.2"
+SERVICE_CIDR = "10.96.0.0/12"  # kubernetes.serviceSubnet's default
+POD_CIDR = "10.244.0.0/16"  # kubernetes.podSubnet's default
 UP_TIMEOUT_SECONDS = 4800
 QUICK_TIMEOUT_SECONDS = 900
 DESTROY_TIMEOUT_SECONDS = 900
+DRILL_TIMEOUT_SECONDS = 2400
 
 
 @dataclass
@@ -186,6 +190,10 @@ class Lab:
                 self.report.run("DNS and pod-to-pod over flannel", lambda: self._pods(kubectl, expected))
             if self.args.day2 and up_ok:
                 self.report.run("second up changes nothing", lambda: self._noop(lab))
+                if self.args.cps >= 3 and self.args.lbs >= 2:
+                    self.report.run("tools.drill --yes", lambda: self._drill(lab, lv, directory))
+                if self.args.add_worker:
+                    self.report.run("add a worker", lambda: self._add_worker(lab, kubectl, expected))
 
     def _hold(self, directory: Path) -> None:
         if all(stage.ok for stage in self.report.stages):
@@ -228,6 +236,41 @@ class Lab:
             raise RuntimeError(f"exit {run.returncode}, changes {changed}: {run.errors()[-3000:]}")
         return f"{run.seconds:.0f} s, {len(run.steps())} steps all same"
 
+    def _drill(self, lab: LabStack, lv: Libvirtd, directory: Path) -> str:
+        outputs = directory / "outputs.json"
+        outputs.touch(mode=0o600)
+        shown = lab.pulumi("stack", "output", "--json", "--show-secrets", "--stack", STACK, secret_stdout=True)
+        if shown.returncode != 0:
+            raise RuntimeError(f"pulumi stack output: exit {shown.returncode}")
+        outputs.write_text(shown.stdout)
+        argv = [*lv.prefix(), sys.executable, "-m", "tools.drill", "--stack", STACK, "--yes", "--outputs", str(outputs)]
+        log = directory / "drill.log"
+        try:
+            done = subprocess.run(
+                argv, cwd=cluster_bundle.ROOT, capture_output=True, text=True, timeout=DRILL_TIMEOUT_SECONDS
+            )
+        except subprocess.TimeoutExpired as expired:
+            raise RuntimeError(f"tools.drill did not end within {DRILL_TIMEOUT_SECONDS} s") from expired
+        log.write_text(done.stdout + done.stderr)
+        print(done.stdout[-4000:], file=sys.stderr)
+        if done.returncode != 0:
+            raise RuntimeError(f"tools.drill exit {done.returncode}: {(done.stdout + done.stderr)[-3000:]}")
+        return "passed; its table: " + " | ".join(done.stdout.strip().splitlines()[-12:])
+
+    def _add_worker(self, lab: LabStack, kubectl: cluster_checks.Kubectl, expected: list[str]) -> str:
+        config = lab.config()
+        workers = dict(config["kubeadm-ha:workers"])
+        workers["replicas"] = int(workers["replicas"]) + 1
+        lab.set_config({**config, "kubeadm-ha:workers": workers})
+        run = lab.pulumi("up", "--yes", "--json", timeout=UP_TIMEOUT_SECONDS)
+        if run.returncode != 0:
+            raise RuntimeError(f"pulumi up exit {run.returncode} in {run.seconds:.0f} s: {run.errors()[-3000:]}")
+        changed = {urn.rsplit("::", 1)[1]: op for urn, op in run.steps().items() if op not in ("same", "read")}
+        new = f"lab-worker-{workers['replicas']}"
+        others = {name: op for name, op in changed.items() if not name.startswith(new)}
+        ready = cluster_checks.nodes_ready(kubectl, [*expected, new])
+        return f"up {run.seconds:.0f} s, {len(changed)} changes ({len(others)} outside {new}: {others}); {ready}"
+
     def _destroy(self, lab: LabStack, lv: Libvirtd, directory: Path) -> None:
         def destroy() -> str:
             run = lab.pulumi("destroy", "--yes", "--json", timeout=DESTROY_TIMEOUT_SECONDS)
@@ -245,15 +288,35 @@ class Lab:
 
         def judge() -> str:
             leaving, dns, ntp = capture.leaving(), capture.dns_queries(), capture.ntp()
-            outside = [line for line in dns if not any(d in line for d in (".k8s.internal.", ".cluster.local."))]
+            # The cluster's own virtual addresses (a Service's ClusterIP before kube-proxy's rules exist on a node,
+            # a pod address) reach the lab's gateway too; they are the cluster's, not outside it: counted apart.
+            internal = [line for line in leaving if _to_cluster_network(line)]
+            outside = [line for line in leaving if line not in internal]
+            names = [line for line in dns if not any(d in line for d in (".k8s.internal.", ".cluster.local."))]
             self.notes["dns"] = dns
-            for line in [*leaving[:20], *outside[:20], *ntp[:10]]:
+            for line in [*outside[:20], *internal[:5], *names[:20], *ntp[:10]]:
                 print(f"cluster-lab: capture: {line}", file=sys.stderr)
-            if leaving or ntp:
-                raise RuntimeError(f"{len(leaving)} packets to outside the lab, {len(ntp)} NTP packets")
-            return f"no packet to outside the lab, no NTP; {len(dns)} DNS queries, {len(outside)} for names outside it"
+            if outside or ntp:
+                raise RuntimeError(f"{len(outside)} packets to outside the lab, {len(ntp)} NTP packets")
+            return (
+                f"no packet to outside the lab, no NTP; {len(internal)} packets to the cluster's service/pod networks"
+                f" reached the gateway; {len(dns)} DNS queries, {len(names)} for names outside the lab's domains"
+            )
 
         self.report.run("nothing sent outside the lab", judge)
+
+
+def _to_cluster_network(line: str) -> bool:
+    """A tcpdump line whose destination is in the cluster's service or pod network (the defaults the lab uses)."""
+    words = line.split()
+    if ">" not in words:
+        return False
+    destination = words[words.index(">") + 1].rstrip(":").rsplit(".", 1)[0]
+    try:
+        address = ipaddress.ip_address(destination)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(net) for net in (SERVICE_CIDR, POD_CIDR))
 
 
 def main(argv: list[str]) -> int:
@@ -262,7 +325,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cps", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--cp-memory", type=int, default=3072)
-    parser.add_argument("--day2", action="store_true")
+    parser.add_argument("--day2", action="store_true", help="a second up, the drill (3 CPs, 2 LBs), --add-worker")
+    parser.add_argument("--add-worker", action="store_true", help="with --day2: one more worker through pulumi up")
     parser.add_argument("--keep-going", action="store_true", help="run the checks even when up failed")
     parser.add_argument("--hold-on-failure", action="store_true", help="keep the lab up for inspection (30 min)")
     args = parser.parse_args(argv)
