@@ -22,6 +22,8 @@ KUBECTL_TIMEOUT_SECONDS = 120
 READY_TIMEOUT_SECONDS = 900
 POD_TIMEOUT_SECONDS = 600
 SERVICE_IP = "10.96.0.1"
+SERVICE_NAME = "kubernetes.default"
+DNS_IP = "10.96.0.10"
 
 
 class CheckFailed(AssertionError):
@@ -129,16 +131,19 @@ def pods_talk(kubectl: Kubectl, server_node: str, client_node: str) -> dict[str,
         "server": f"{server['spec']['nodeName']} {server['status']['podIP']}",
         "client": f"{client['spec']['nodeName']} {client['status']['podIP']}",
     }
-    for name in ("kubernetes.default", "kubernetes.default.svc.cluster.local"):
-        looked = kubectl.run("exec", "lab-client", "--", "/bin/busybox", "nslookup", name)
-        shown[f"nslookup {name}"] = (looked.stdout + looked.stderr).strip().replace("\n", " | ")
-        if looked.returncode == 0 and SERVICE_IP in looked.stdout:
-            shown["dns"] = f"{name} -> {SERVICE_IP}"
-            break
-    if "dns" not in shown:
-        raise CheckFailed(f"CoreDNS did not resolve kubernetes.default to {SERVICE_IP}: {shown}")
+    # CoreDNS answers for the Service's full name (busybox nslookup asks exactly the name it is given) ...
+    looked = kubectl.run("exec", "lab-client", "--", "/bin/busybox", "nslookup", f"{SERVICE_NAME}.svc.cluster.local")
+    shown["nslookup"] = (looked.stdout + looked.stderr).strip().replace("\n", " | ")
+    # ... and the pod's resolver finds kubernetes.default through its search path (ping prints what it resolved;
+    # a ClusterIP does not answer ICMP, so its exit status says nothing).
+    pinged = kubectl.run("exec", "lab-client", "--", "/bin/busybox", "ping", "-c", "1", "-W", "2", SERVICE_NAME)
+    shown["resolved"] = (pinged.stdout.splitlines() or [pinged.stderr.strip()])[0]
+    if SERVICE_IP not in looked.stdout or f"PING {SERVICE_NAME} ({SERVICE_IP})" not in pinged.stdout:
+        raise CheckFailed(f"CoreDNS did not resolve {SERVICE_NAME} to {SERVICE_IP}: {shown}")
+    shown["dns"] = f"{SERVICE_NAME} -> {SERVICE_IP} (server {DNS_IP})"
+    # busybox 1.35's wget dies of SIGSEGV with -T (exit 139, measured): no -T; kubectl's own bound holds.
     url = f"http://{server['status']['podIP']}:8080/"
-    fetched = kubectl.run("exec", "lab-client", "--", "/bin/busybox", "wget", "-q", "-T", "10", "-O", "-", url)
+    fetched = kubectl.run("exec", "lab-client", "--", "/bin/busybox", "wget", "-q", "-O", "-", url)
     shown["fetch"] = (fetched.stdout + fetched.stderr).strip()
     if fetched.returncode != 0 or "hello-from-lab-server" not in fetched.stdout:
         raise CheckFailed(f"the client pod on {client_node} did not reach the server pod on {server_node}: {shown}")
