@@ -9,7 +9,9 @@ UNIT_DIR = "/usr/lib/systemd/system"  # the debs' %{_unitdir}; /lib is a link to
 
 # kubernetes/release cmd/krel/templates/latest at f618b2a: the kubelet deb's unit (install -m 644) and environment
 # file (/etc/default/kubelet, -m 644), the kubeadm deb's drop-in (-m 644, /etc/sysconfig/kubelet made
-# /etc/default/kubelet for the deb by the spec's sed).
+# /etc/default/kubelet for the deb by the spec's sed). Upstream's long lines are joined by Python's line continuation
+# (a single backslash): a comment ends at its line's end in systemd, so a backslash left in the file would make the
+# comment's next line a setting without "=" ("Missing '=', ignoring line.").
 KUBELET_SERVICE = """\
 [Unit]
 Description=kubelet: The Kubernetes Node Agent
@@ -29,15 +31,15 @@ WantedBy=multi-user.target
 KUBEADM_DROP_IN = """\
 # Note: This dropin only works with kubeadm and kubelet v1.11+
 [Service]
-Environment="KUBELET_KUBECONFIG_ARGS=--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf \\
+Environment="KUBELET_KUBECONFIG_ARGS=--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf \
 --kubeconfig=/etc/kubernetes/kubelet.conf"
 Environment="KUBELET_CONFIG_ARGS=--config=/var/lib/kubelet/config.yaml"
-# This is a file that "kubeadm init" and "kubeadm join" generates at runtime, populating the KUBELET_KUBEADM_ARGS \\
+# This is a file that "kubeadm init" and "kubeadm join" generates at runtime, populating the KUBELET_KUBEADM_ARGS \
 variable dynamically
 EnvironmentFile=-/var/lib/kubelet/kubeadm-flags.env
-# This is a file that the user can use for overrides of the kubelet args as a last resort. Preferably, the user \\
+# This is a file that the user can use for overrides of the kubelet args as a last resort. Preferably, the user \
 should use
-# the .NodeRegistration.KubeletExtraArgs object in the configuration files instead. KUBELET_EXTRA_ARGS should be \\
+# the .NodeRegistration.KubeletExtraArgs object in the configuration files instead. KUBELET_EXTRA_ARGS should be \
 sourced from this file.
 EnvironmentFile=-/etc/default/kubelet
 ExecStart=

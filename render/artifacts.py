@@ -195,6 +195,8 @@ def bundle_install_script(hostname: str, bundle: BundleInstall) -> Script:
         "# Images into containerd's k8s.io namespace (the CRI's), so kubeadm and kubelet pull nothing.",
     ]
     ctr = ("ctr", "--address", CONTAINERD_SOCKET, "--namespace", "k8s.io")
+    # `grep ... >/dev/null`, not `grep -q`, after a pipe: -q exits at the first match, and a writer with more to say
+    # (ctr's list, kubectl's second version line) then dies of SIGPIPE, which pipefail makes the pipeline's status.
     for entry in bundle.images():
         archive = f"{final}/{entry.path}"
         missing = f"{entry.path}: imported, but containerd has no image {entry.name}: the archive names another image"

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from model.versions import kubernetes_apt_version
+from model.versions import kubernetes_apt_version, release_for
 from render import yamldoc
 from render.kubeadm import CRI_SOCKET, KUBELET_API
 from render.scripts import Script, command, download_signing_key, https_fetch, logged, quote, write_file
@@ -182,10 +182,28 @@ def _pinned_kubernetes_packages(kubernetes: KubernetesConfig, packages: tuple[st
 BUNDLE_MARKER_SUFFIX = " (software from the artifact bundle)"
 
 
-def _containerd_configuration() -> tuple[str, ...]:
+def sandbox_image(kubernetes: KubernetesConfig) -> str:
+    """The pause image kubeadm lists for the release (the bundle carries it)."""
+    return f"registry.k8s.io/pause:{release_for(kubernetes.version).pause_tag}"
+
+
+def bundle_containerd_config(kubernetes: KubernetesConfig) -> str:
+    """CONTAINERD_CONFIG with the CRI's sandbox image set to kubeadm's pause image.
+
+    Without it containerd runs every pod sandbox from its own default (containerd 2.2.9: registry.k8s.io/pause:
+    3.10.1, internal/cri/config/config.go `DefaultSandboxImage`), which a bundle does not carry (it carries the
+    one kubeadm names), so no pod could start without a registry. Config version 2's `sandbox_image`: containerd
+    1.7 reads it, 2.x migrates it to the images plugin's `pinned_images.sandbox` (plugins/cri/images/plugin.go).
+    """
+    section = f'[plugins."io.containerd.grpc.v1.cri"]\n  sandbox_image = "{sandbox_image(kubernetes)}"\n\n'
+    head, _, rest = CONTAINERD_CONFIG.partition("\n\n")
+    return f"{head}\n\n{section}{rest}"
+
+
+def _containerd_configuration(kubernetes: KubernetesConfig) -> tuple[str, ...]:
     return (
         "# containerd's configuration, for the containerd the artifact bundle installs.",
-        *write_file(CONTAINERD_CONFIG_FILE, CONTAINERD_CONFIG),
+        *write_file(CONTAINERD_CONFIG_FILE, bundle_containerd_config(kubernetes)),
         *write_file(CRICTL_CONFIG_FILE, CRICTL_CONFIG),
     )
 
@@ -206,7 +224,7 @@ def kubernetes_node_preparation(hostname: str, kubernetes: KubernetesConfig, *, 
     marker = kubernetes_marker(kubernetes)
     if from_bundle:
         marker += BUNDLE_MARKER_SUFFIX
-        body_of_bundle = ("umask 022", *_swap_off(), *_kernel_for_pods(), *_containerd_configuration())
+        body_of_bundle = ("umask 022", *_swap_off(), *_kernel_for_pods(), *_containerd_configuration(kubernetes))
         body_of_bundle += write_file(PREPARED_MARKER, marker + "\n")
         return Script(step=STEP, host=hostname, done_when=marker_guard(marker), body=body_of_bundle)
     body = (
@@ -277,7 +295,7 @@ def etcd_node_preparation(hostname: str, kubernetes: KubernetesConfig, *, from_b
         # containerd's snapshotter needs overlay; etcd needs no pod network, so no bridge netfilter or forwarding.
         *write_file(MODULES_FILE, "overlay\n"),
         command("modprobe", "overlay"),
-        *(_containerd_configuration() if from_bundle else software),
+        *(_containerd_configuration(kubernetes) if from_bundle else software),
         command("install", "-d", "-m", "0755", STATIC_POD_DIR),
         *write_file(ETCD_KUBELET_CONFIG_FILE, kubelet_config),
         *write_file(ETCD_KUBELET_DROP_IN, standalone_kubelet_drop_in()),

@@ -41,16 +41,17 @@ GROUPS = (
     # runc v1.3.6: the runc containerd 2.2.9 (build-binaries CONTAINERD_VERSION) is released and tested with
     # (script/setup/runc-version in the github.com/containerd/containerd/v2 v2.2.9 module); the proxy serves it
     # (`go mod download -json github.com/opencontainers/runc@v1.3.6`). Its nsenter is C, so CGO is on. Built as
-    # the Makefile's `static` target does (netgo osusergo, linked with -static), without the `seccomp` tag: that needs
-    # libseccomp-dev, which this machine lacks, so this runc cannot apply a container's seccomp profile (kubelet's
-    # default is Unconfined; a pod asking for RuntimeDefault fails to start).
+    # the Makefile's `static` target does (seccomp netgo osusergo, linked with -static: libseccomp.a from Debian's
+    # libseccomp-dev, which the build needs). With seccomp: kubeadm's static Pods ask for the RuntimeDefault
+    # profile, and a runc without it refuses them ("unable to init seccomp: seccomp: config provided but seccomp not
+    # supported", measured by tests/real/cluster-lab). Cached under runc-seccomp/, apart from the earlier build.
     Group(
-        "runc",
+        "runc-seccomp",
         "1.3.6",
         "github.com/opencontainers/runc",
         {"runc": ""},
         cgo=True,
-        tags="urfave_cli_no_docs netgo osusergo",
+        tags="urfave_cli_no_docs seccomp netgo osusergo",
         ldflags="-s -w -X main.version={version} -linkmode external -extldflags -static",
     ),
     # The CNI plugins flannel's network config chains (Documentation/kube-flannel.yml of flannel v0.28.10: `flannel`
@@ -71,13 +72,18 @@ GROUPS = (
     # The flannel CNI plugin. The manifest's image (ghcr.io/flannel-io/flannel-cni-plugin:v1.9.1-flannel3) is built
     # from github.com/flannel-io/cni-plugin, which the proxy refuses at every version tried (v1.2.0 ...
     # v1.9.1-flannel3); plugins/meta/flannel of github.com/containernetworking/plugins v0.9.1 is the code it grew
-    # from, and is served (shared/lab-binaries.md).
+    # from, and is served (shared/lab-binaries.md). Built against github.com/containernetworking/cni v1.3.0 (the
+    # library flannel-io/cni-plugin v1.9.1 uses; the plugin's code compiles unchanged): with v0.9.1's own cni v0.8.1
+    # it speaks CNI 0.1.0-0.4.0 only, and kube-flannel.yml's cni-conf.json says cniVersion 1.0.0, so every pod
+    # sandbox failed ("incompatible CNI versions; config is \"1.0.0\", plugin supports [... \"0.4.0\"]", measured by
+    # tests/real/cluster-lab). Cached under flannel-cni-cni1/, apart from the earlier build.
     Group(
-        "flannel-cni",
+        "flannel-cni-cni1",
         "0.9.1",
         "github.com/containernetworking/plugins",
         {"flannel": "plugins/meta/flannel"},
         ldflags=CNI_LDFLAGS,
+        replaces=("github.com/containernetworking/cni => github.com/containernetworking/cni v1.3.0",),
     ),
     # flanneld v0.28.10 (the flannel release whose kube-flannel.yml the lab applies) and its install-conf, which the
     # manifest's install-cni init container runs. The pinned tencentcloud vpc module's zip (v1.3.188) is refused by

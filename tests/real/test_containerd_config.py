@@ -56,3 +56,24 @@ def test_containerd_2_runs_runc_with_the_systemd_cgroup_driver_kubelet_expects(t
 def test_without_the_file_containerd_2_would_use_cgroupfs(tmp_path: Path) -> None:
     # The control: the default is not what kubelet needs, so the file is what makes the node ready.
     assert runc(dump("version = 3\n", tmp_path))["options"].get("SystemdCgroup") is not True
+
+
+def test_a_bundle_nodes_containerd_2_runs_sandboxes_from_kubeadms_pause_image(tmp_path: Path) -> None:
+    # The bundle carries the pause image kubeadm names; containerd's own default is another tag.
+    from model.bundle import kubeadm_images
+    from model.config import KubernetesConfig
+    from render.node_prep import bundle_containerd_config
+
+    kubernetes = KubernetesConfig()
+    pause = next(image for image in kubeadm_images(kubernetes.version) if "/pause:" in image)
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "internet").mkdir()
+    dumped = dump(bundle_containerd_config(kubernetes), tmp_path / "bundle")
+    assert dumped["plugins"]["io.containerd.cri.v1.images"]["pinned_images"]["sandbox"] == pause
+    assert runc(dumped)["options"]["SystemdCgroup"] is True
+    assert (
+        dump(CONTAINERD_CONFIG, tmp_path / "internet")["plugins"]["io.containerd.cri.v1.images"]["pinned_images"][
+            "sandbox"
+        ]
+        != pause
+    )

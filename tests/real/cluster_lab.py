@@ -1,0 +1,352 @@
+"""`tests/real/cluster-lab`: a real cluster from a real `pulumi up` of a lab stack with an artifact bundle (issue 21).
+
+Stages, each timed with the machine's load average (1-minute, sampled every 5 s: its maximum and its mean):
+1. inputs: the Pulumi toolchain and node binaries (tests/real/build-binaries), the OCI images, the bundle and the
+   guest image (tests/real/cluster_bundle.py; all cached by their inputs);
+2. `pulumi up` of the lab stack (artifacts.source: bundle, flannel) with the real CLI, language host and plugins
+   (tests/real/engine/lab_stack.py) against a libvirtd the lab starts in a network namespace with nothing but
+   loopback (tests/real/engine/libvirtd.py): the program's NAT network has no uplink, so nothing the guests send
+   can leave this machine; a capture there lists what they tried to send outside the lab network, and every DNS
+   and NTP packet;
+3. through the VIP with the kubeconfig output (tests/real/cluster_checks.py): every node Ready; CoreDNS resolves
+   kubernetes.default from a pod; a pod on one node fetches a page from a pod on another over flannel; the pods'
+   image comes from the bundle (imagePullPolicy Never);
+4. day-2 (with --day2): a second `pulumi up --expect-no-changes`;
+5. `pulumi destroy`, checked with virsh: nothing left. Then the lab's libvirtd, namespace and directory go, also
+   after a failure.
+
+    tests/real/cluster-lab [--lbs N] [--cps N] [--workers N] [--day2] [--keep-going]
+
+Exit 0 only when every check passed; the last line is a one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.real import cluster_bundle, cluster_checks
+from tests.real.engine.lab_stack import LabStack
+from tests.real.engine.libvirtd import Libvirtd, isolated_libvirtd
+
+STACK = "lab"
+CIDR = "10.17.9.0/24"
+KUBERNETES_VERSION = "1.37.2"
+SERVICE_CIDR = "10.96.0.0/12"  # kubernetes.serviceSubnet's default
+POD_CIDR = "10.244.0.0/16"  # kubernetes.podSubnet's default
+UP_TIMEOUT_SECONDS = 4800
+QUICK_TIMEOUT_SECONDS = 900
+DESTROY_TIMEOUT_SECONDS = 900
+DRILL_TIMEOUT_SECONDS = 2400
+
+
+@dataclass
+class Stage:
+    name: str
+    seconds: float = 0.0
+    ok: bool = False
+    detail: str = ""
+    load_max: float = 0.0
+    load_mean: float = 0.0
+
+
+@dataclass
+class Report:
+    stages: list[Stage] = field(default_factory=list)
+
+    def run(self, name: str, action: Callable[[], str]) -> bool:
+        stage = Stage(name)
+        self.stages.append(stage)
+        samples: list[float] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                samples.append(os.getloadavg()[0])
+                stop.wait(5)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        started = time.monotonic()
+        print(f"cluster-lab: {name} ...", file=sys.stderr, flush=True)
+        try:
+            stage.detail = action()
+            stage.ok = True
+        except Exception as error:  # every failure is reported, then the lab tears down
+            stage.detail = f"{type(error).__name__}: {error}"
+            traceback.print_exc(file=sys.stderr)
+        finally:
+            stop.set()
+            sampler.join(timeout=10)
+            stage.seconds = time.monotonic() - started
+            stage.load_max = max(samples, default=0.0)
+            stage.load_mean = sum(samples) / len(samples) if samples else 0.0
+        mark = "ok" if stage.ok else "FAILED"
+        print(
+            f"cluster-lab: {name} {mark} in {stage.seconds:.0f} s (load max {stage.load_max:.1f}, mean"
+            f" {stage.load_mean:.1f}): {stage.detail}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return stage.ok
+
+
+def lab_config(args: argparse.Namespace, image: Path, image_sha: str, uri: str, key: str) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "kubeadm-ha:clusterName": "lab",
+        "kubeadm-ha:ssh": {"authorizedKeys": [key]},
+        "kubeadm-ha:network": {"mode": "nat", "cidr": CIDR},
+        "kubeadm-ha:image": {"url": str(image), "sha256": image_sha},
+        "kubeadm-ha:hypervisors": [{"name": "local", "uri": uri, "domainType": "qemu"}],
+        "kubeadm-ha:loadBalancer": {"replicas": args.lbs, "cpus": 1, "memoryMiB": 512, "diskGiB": 10},
+        "kubeadm-ha:controlPlane": {"replicas": args.cps, "cpus": 2, "memoryMiB": args.cp_memory, "diskGiB": 20},
+        "kubeadm-ha:workers": {"replicas": args.workers, "cpus": 1, "memoryMiB": 1536, "diskGiB": 20},
+        "kubeadm-ha:kubernetes": {"version": KUBERNETES_VERSION, "cni": "flannel"},
+    }
+    return config
+
+
+def sha256(path: Path) -> str:
+    done = subprocess.run(["sha256sum", str(path)], capture_output=True, text=True, timeout=300, check=True)
+    return done.stdout.split()[0]
+
+
+@dataclass
+class Lab:
+    args: argparse.Namespace
+    report: Report
+    inputs: cluster_bundle.Inputs | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    # -- stage 1
+    def build_inputs(self) -> str:
+        from tests.real.engine import toolchain
+
+        cluster_bundle.build(list(toolchain.TOOLS))
+        names = [f"{name}@{KUBERNETES_VERSION}" for name in ("kubeadm", "kubelet", "kubectl")]
+        names += ["containerd", "ctr", "containerd-shim-runc-v2", "runc", "crictl", "bridge", "host-local"]
+        names += ["loopback", "portmap"]
+        binaries = cluster_bundle.build(names)
+        images = cluster_bundle.images(KUBERNETES_VERSION)
+        guest = cluster_bundle.guest_image()
+        work = Path(tempfile.mkdtemp(prefix="cluster-lab-inputs-"))
+        source = cluster_bundle.source_dir(binaries, images, work / "source")
+        project = work / "project"
+        project.mkdir()
+        stack_file = {"config": lab_config(self.args, guest, "0" * 64, "qemu:///system", "ssh-ed25519 AAAA lab")}
+        (project / f"Pulumi.{STACK}.yaml").write_text(yaml.safe_dump(stack_file))
+        bundle, bundle_sha = cluster_bundle.assemble(source, project, STACK)
+        self.inputs = cluster_bundle.Inputs(binaries, bundle, bundle_sha, guest)
+        return f"bundle {bundle} (manifest {bundle_sha[:12]}), images {images.name}, guest {guest.parent.name}"
+
+    # -- stages 2..5
+    def deploy_and_check(self) -> None:
+        assert self.inputs is not None
+        netns = f"kha-cl-{os.getpid()}"
+        with ExitStack() as stack:
+            directory, lv = stack.enter_context(isolated_libvirtd("kubeadm-ha-cluster-lab-", netns))
+            pool = directory / "pool"
+            pool.mkdir(mode=0o755)
+            lv.virsh("pool-define-as", "default", "dir", "--target", str(pool))
+            lv.virsh("pool-start", "default")
+            capture = cluster_checks.Capture.start(lv.prefix(), directory / "capture.pcap", CIDR)
+            stack.callback(self._capture_report, capture)
+            key = directory / "user_ed25519"
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30)
+            image = self.inputs.guest_image
+            config = lab_config(self.args, image, sha256(image), lv.uri, key.with_suffix(".pub").read_text().strip())
+            config["kubeadm-ha:artifacts"] = {
+                "source": "bundle",
+                "bundle": {"path": str(self.inputs.bundle), "sha256": self.inputs.bundle_sha256},
+            }
+            lab = LabStack(directory / "pulumi", STACK, lv.prefix()).setup(config)
+            self.notes["directory"] = directory
+            stack.callback(self._destroy, lab, lv, directory)
+            if self.args.hold_on_failure:
+                stack.callback(self._hold, directory)
+            up_ok = self.report.run("pulumi up", lambda: self._up(lab))
+            if not up_ok and not self.args.keep_going:
+                return
+            kubectl = self._kubectl(lab, lv, directory)
+            expected = [f"lab-cp-{i}" for i in range(1, self.args.cps + 1)]
+            expected += [f"lab-worker-{i}" for i in range(1, self.args.workers + 1)]
+            self.notes["expected"] = expected
+            ready = self.report.run("nodes Ready (via the VIP)", lambda: cluster_checks.nodes_ready(kubectl, expected))
+            if ready:
+                self.report.run("DNS and pod-to-pod over flannel", lambda: self._pods(kubectl, expected))
+            if self.args.day2 and up_ok:
+                self.report.run("second up changes nothing", lambda: self._noop(lab))
+                if self.args.cps >= 3 and self.args.lbs >= 2:
+                    self.report.run("tools.drill --yes", lambda: self._drill(lab, lv, directory))
+                if self.args.add_worker:
+                    self.report.run("add a worker", lambda: self._add_worker(lab, kubectl, expected))
+
+    def _hold(self, directory: Path) -> None:
+        if all(stage.ok for stage in self.report.stages):
+            return
+        flag = directory / "release"
+        print(f"cluster-lab: holding the lab for inspection until {flag} exists (max 1800 s)", file=sys.stderr)
+        deadline = time.monotonic() + 1800
+        while not flag.exists() and time.monotonic() < deadline:
+            time.sleep(5)
+
+    def _up(self, lab: LabStack) -> str:
+        run = lab.pulumi("up", "--yes", "--json", timeout=UP_TIMEOUT_SECONDS)
+        self.notes["up"] = run
+        times = run.step_times()
+        slowest = sorted(((end - start, urn.rsplit("::", 1)[1]) for urn, (start, end) in times.items()), reverse=True)
+        self.notes["slowest"] = slowest[:15]
+        print("cluster-lab: slowest steps: " + ", ".join(f"{n} {s:.0f} s" for s, n in slowest[:15]), file=sys.stderr)
+        if run.returncode != 0:
+            raise RuntimeError(f"pulumi up exit {run.returncode} in {run.seconds:.0f} s:\n{run.errors()[-6000:]}")
+        return f"{run.seconds:.0f} s, {len(run.steps())} steps"
+
+    def _kubectl(self, lab: LabStack, lv: Libvirtd, directory: Path) -> cluster_checks.Kubectl:
+        assert self.inputs is not None
+        path = directory / "kubeconfig"
+        path.touch(mode=0o600)
+        path.write_text(lab.secret_output("kubeconfig") + "\n")
+        self.notes["server"] = cluster_checks.server_of(path)
+        return cluster_checks.Kubectl(self.inputs.binaries["kubectl"], path, tuple(lv.prefix()))
+
+    def _pods(self, kubectl: cluster_checks.Kubectl, nodes: list[str]) -> str:
+        server, client = nodes[0], nodes[-1]
+        shown = cluster_checks.pods_talk(kubectl, server, client)
+        cluster_checks.delete_test_pods(kubectl)
+        return f"via {self.notes['server']}: " + "; ".join(f"{k}: {v}" for k, v in shown.items())
+
+    def _noop(self, lab: LabStack) -> str:
+        run = lab.pulumi("up", "--yes", "--json", "--expect-no-changes", timeout=QUICK_TIMEOUT_SECONDS)
+        changed = {urn: op for urn, op in run.steps().items() if op not in ("same", "read")}
+        if run.returncode != 0 or changed:
+            raise RuntimeError(f"exit {run.returncode}, changes {changed}: {run.errors()[-3000:]}")
+        return f"{run.seconds:.0f} s, {len(run.steps())} steps all same"
+
+    def _drill(self, lab: LabStack, lv: Libvirtd, directory: Path) -> str:
+        outputs = directory / "outputs.json"
+        outputs.touch(mode=0o600)
+        shown = lab.pulumi("stack", "output", "--json", "--show-secrets", "--stack", STACK, secret_stdout=True)
+        if shown.returncode != 0:
+            raise RuntimeError(f"pulumi stack output: exit {shown.returncode}")
+        outputs.write_text(shown.stdout)
+        argv = [*lv.prefix(), sys.executable, "-m", "tools.drill", "--stack", STACK, "--yes", "--outputs", str(outputs)]
+        log = directory / "drill.log"
+        try:
+            done = subprocess.run(
+                argv, cwd=cluster_bundle.ROOT, capture_output=True, text=True, timeout=DRILL_TIMEOUT_SECONDS
+            )
+        except subprocess.TimeoutExpired as expired:
+            raise RuntimeError(f"tools.drill did not end within {DRILL_TIMEOUT_SECONDS} s") from expired
+        log.write_text(done.stdout + done.stderr)
+        print(done.stdout[-4000:], file=sys.stderr)
+        if done.returncode != 0:
+            raise RuntimeError(f"tools.drill exit {done.returncode}: {(done.stdout + done.stderr)[-3000:]}")
+        return "passed; its table: " + " | ".join(done.stdout.strip().splitlines()[-12:])
+
+    def _add_worker(self, lab: LabStack, kubectl: cluster_checks.Kubectl, expected: list[str]) -> str:
+        config = lab.config()
+        workers = dict(config["kubeadm-ha:workers"])
+        workers["replicas"] = int(workers["replicas"]) + 1
+        lab.set_config({**config, "kubeadm-ha:workers": workers})
+        run = lab.pulumi("up", "--yes", "--json", timeout=UP_TIMEOUT_SECONDS)
+        if run.returncode != 0:
+            raise RuntimeError(f"pulumi up exit {run.returncode} in {run.seconds:.0f} s: {run.errors()[-3000:]}")
+        changed = {urn.rsplit("::", 1)[1]: op for urn, op in run.steps().items() if op not in ("same", "read")}
+        new = f"lab-worker-{workers['replicas']}"
+        others = {name: op for name, op in changed.items() if not name.startswith(new)}
+        ready = cluster_checks.nodes_ready(kubectl, [*expected, new])
+        return f"up {run.seconds:.0f} s, {len(changed)} changes ({len(others)} outside {new}: {others}); {ready}"
+
+    def _destroy(self, lab: LabStack, lv: Libvirtd, directory: Path) -> None:
+        def destroy() -> str:
+            run = lab.pulumi("destroy", "--yes", "--json", timeout=DESTROY_TIMEOUT_SECONDS)
+            left = {kind: lv.names(kind) for kind in ("domain", "network")}
+            left["volumes"] = lv.volumes("default")
+            left["pool files"] = [path.name for path in (directory / "pool").iterdir()]
+            if run.returncode != 0 or any(left.values()):
+                raise RuntimeError(f"destroy exit {run.returncode}, left {left}: {run.errors()[-2000:]}")
+            return f"{run.seconds:.0f} s, nothing left (domains, networks, volumes, pool files)"
+
+        self.report.run("pulumi destroy", destroy)
+
+    def _capture_report(self, capture: cluster_checks.Capture) -> None:
+        capture.stop()
+
+        def judge() -> str:
+            leaving, dns, ntp = capture.leaving(), capture.dns_queries(), capture.ntp()
+            # The cluster's own virtual addresses (a Service's ClusterIP before kube-proxy's rules exist on a node,
+            # a pod address) reach the lab's gateway too; they are the cluster's, not outside it: counted apart.
+            internal = [line for line in leaving if _to_cluster_network(line)]
+            outside = [line for line in leaving if line not in internal]
+            names = [line for line in dns if not any(d in line for d in (".k8s.internal.", ".cluster.local."))]
+            self.notes["dns"] = dns
+            for line in [*outside[:20], *internal[:5], *names[:20], *ntp[:10]]:
+                print(f"cluster-lab: capture: {line}", file=sys.stderr)
+            if outside or ntp:
+                raise RuntimeError(f"{len(outside)} packets to outside the lab, {len(ntp)} NTP packets")
+            return (
+                f"no packet to outside the lab, no NTP; {len(internal)} packets to the cluster's service/pod networks"
+                f" reached the gateway; {len(dns)} DNS queries, {len(names)} for names outside the lab's domains"
+            )
+
+        self.report.run("nothing sent outside the lab", judge)
+
+
+def _to_cluster_network(line: str) -> bool:
+    """A tcpdump line whose destination is in the cluster's service or pod network (the defaults the lab uses)."""
+    words = line.split()
+    if ">" not in words:
+        return False
+    destination = words[words.index(">") + 1].rstrip(":").rsplit(".", 1)[0]
+    try:
+        address = ipaddress.ip_address(destination)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(net) for net in (SERVICE_CIDR, POD_CIDR))
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tests/real/cluster-lab")
+    parser.add_argument("--lbs", type=int, default=1)
+    parser.add_argument("--cps", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--cp-memory", type=int, default=3072)
+    parser.add_argument("--day2", action="store_true", help="a second up, the drill (3 CPs, 2 LBs), --add-worker")
+    parser.add_argument("--add-worker", action="store_true", help="with --day2: one more worker through pulumi up")
+    parser.add_argument("--keep-going", action="store_true", help="run the checks even when up failed")
+    parser.add_argument("--hold-on-failure", action="store_true", help="keep the lab up for inspection (30 min)")
+    args = parser.parse_args(argv)
+    report = Report()
+    lab = Lab(args, report)
+    started = time.monotonic()
+    if report.run("inputs (binaries, images, bundle, guest image)", lab.build_inputs):
+        try:
+            lab.deploy_and_check()
+        except Exception as error:
+            report.stages.append(Stage("lab", detail=f"{type(error).__name__}: {error}"))
+            traceback.print_exc(file=sys.stderr)
+    ok = bool(report.stages) and all(stage.ok for stage in report.stages)
+    shape = f"{args.lbs} LB + {args.cps} CP + {args.workers} worker(s)"
+    stages = "; ".join(
+        f"{s.name} {'ok' if s.ok else 'FAILED'} {s.seconds:.0f} s (load {s.load_max:.1f})" for s in report.stages
+    )
+    print(f"cluster-lab: {'PASS' if ok else 'FAIL'}: {shape}: {stages}; total {time.monotonic() - started:.0f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
