@@ -65,7 +65,13 @@ def stack_bundle(config: ClusterConfig) -> Manifest | None:
 
 
 def node_software(
-    artifacts: ArtifactsConfig, manifest: Manifest | None, hostname: str, role: str, *, external_etcd: bool
+    artifacts: ArtifactsConfig,
+    manifest: Manifest | None,
+    hostname: str,
+    role: str,
+    *,
+    external_etcd: bool,
+    pause_tag: str,
 ) -> NodeSoftware | None:
     if role not in _KUBERNETES_ROLES:
         return None
@@ -82,7 +88,7 @@ def node_software(
         if bundle.is_archive:
             remote += "/" + Path(bundle.path).name
     mirror = artifacts.registry_mirror
-    mirror_script = registry_mirror_script(hostname, mirror) if mirror is not None else None
+    mirror_script = registry_mirror_script(hostname, mirror, pause_tag) if mirror is not None else None
     if script is None and mirror_script is None:
         return None
     return NodeSoftware(source, remote, script, mirror_script)

@@ -17,6 +17,7 @@ from components.vm import Hypervisor, Vm, VmArgs, VmSize
 from model.addressing import AddressPlan, NodePlan
 from model.bundle import Manifest
 from model.config import ClusterConfig
+from model.versions import release_for
 from render.cloudinit import (
     NodeIdentity,
     StaticAddress,
@@ -121,6 +122,11 @@ class NodeContext:
             meta_data=render_meta_data(node.hostname),
             network_config=self.network_config(node),
             software=node_software(
-                self.config.artifacts, self.bundle, node.hostname, node.role, external_etcd=self.config.etcd.external
+                self.config.artifacts,
+                self.bundle,
+                node.hostname,
+                node.role,
+                external_etcd=self.config.etcd.external,
+                pause_tag=release_for(self.config.kubernetes.version).pause_tag,
             ),
         )

@@ -182,12 +182,7 @@ def _pinned_kubernetes_packages(kubernetes: KubernetesConfig, packages: tuple[st
 BUNDLE_MARKER_SUFFIX = " (software from the artifact bundle)"
 
 
-def sandbox_image(kubernetes: KubernetesConfig) -> str:
-    """The pause image kubeadm lists for the release (the bundle carries it)."""
-    return f"registry.k8s.io/pause:{release_for(kubernetes.version).pause_tag}"
-
-
-def bundle_containerd_config(kubernetes: KubernetesConfig) -> str:
+def bundle_containerd_config(pause_tag: str) -> str:
     """CONTAINERD_CONFIG with the CRI's sandbox image set to kubeadm's pause image.
 
     Without it containerd runs every pod sandbox from its own default (containerd 2.2.9: registry.k8s.io/pause:
@@ -195,7 +190,7 @@ def bundle_containerd_config(kubernetes: KubernetesConfig) -> str:
     one kubeadm names), so no pod could start without a registry. Config version 2's `sandbox_image`: containerd
     1.7 reads it, 2.x migrates it to the images plugin's `pinned_images.sandbox` (plugins/cri/images/plugin.go).
     """
-    section = f'[plugins."io.containerd.grpc.v1.cri"]\n  sandbox_image = "{sandbox_image(kubernetes)}"\n\n'
+    section = f'[plugins."io.containerd.grpc.v1.cri"]\n  sandbox_image = "registry.k8s.io/pause:{pause_tag}"\n\n'
     head, _, rest = CONTAINERD_CONFIG.partition("\n\n")
     return f"{head}\n\n{section}{rest}"
 
@@ -203,7 +198,7 @@ def bundle_containerd_config(kubernetes: KubernetesConfig) -> str:
 def _containerd_configuration(kubernetes: KubernetesConfig) -> tuple[str, ...]:
     return (
         "# containerd's configuration, for the containerd the artifact bundle installs.",
-        *write_file(CONTAINERD_CONFIG_FILE, bundle_containerd_config(kubernetes)),
+        *write_file(CONTAINERD_CONFIG_FILE, bundle_containerd_config(release_for(kubernetes.version).pause_tag)),
         *write_file(CRICTL_CONFIG_FILE, CRICTL_CONFIG),
     )
 

@@ -16,19 +16,24 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from model.artifacts import RegistryMirrorConfig
-from render.node_prep import CONTAINERD_CONFIG, CONTAINERD_CONFIG_FILE
+from render.node_prep import CONTAINERD_CONFIG_FILE, bundle_containerd_config
 from render.scripts import Script, command, files_match, sha256_hex, write_file
 
 STEP = "registry-mirror"
 CERTS_DIR = "/etc/containerd/certs.d"
 CA_FILE = f"{CERTS_DIR}/kubeadm-ha-mirror-ca.crt"
-CONTAINERD_MIRROR_CONFIG = (
-    CONTAINERD_CONFIG
-    + f"""
+
+
+def containerd_mirror_config(pause_tag: str) -> str:
+    """The program's containerd config (render/node_prep.py) with kubeadm's pause image as the sandbox image (the
+    mirror then serves only the images kubeadm names) and the registry hosts directory."""
+    return (
+        bundle_containerd_config(pause_tag)
+        + f"""
 [plugins."io.containerd.grpc.v1.cri".registry]
   config_path = "{CERTS_DIR}"
 """
-)
+    )
 
 
 def hosts_toml(registry: str, url: str) -> str:
@@ -44,17 +49,17 @@ def hosts_toml(registry: str, url: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mirror_files(mirror: RegistryMirrorConfig) -> dict[str, str]:
+def mirror_files(mirror: RegistryMirrorConfig, pause_tag: str) -> dict[str, str]:
     """Path -> content of every file the step writes."""
-    files = {CA_FILE: mirror.ca_certificate, CONTAINERD_CONFIG_FILE: CONTAINERD_MIRROR_CONFIG}
+    files = {CA_FILE: mirror.ca_certificate, CONTAINERD_CONFIG_FILE: containerd_mirror_config(pause_tag)}
     for registry, url in mirror.registries.items():
         files[f"{CERTS_DIR}/{registry}/hosts.toml"] = hosts_toml(registry, url)
     return files
 
 
-def registry_mirror_script(hostname: str, mirror: RegistryMirrorConfig) -> Script:
-    files = mirror_files(mirror)
-    config_unchanged = files_match({CONTAINERD_CONFIG_FILE: sha256_hex(CONTAINERD_MIRROR_CONFIG)})
+def registry_mirror_script(hostname: str, mirror: RegistryMirrorConfig, pause_tag: str) -> Script:
+    files = mirror_files(mirror, pause_tag)
+    config_unchanged = files_match({CONTAINERD_CONFIG_FILE: sha256_hex(files[CONTAINERD_CONFIG_FILE])})
     body: list[str] = ["umask 022", f"if {config_unchanged}; then restart=''; else restart=1; fi"]
     for path, content in files.items():
         body += write_file(path, content)

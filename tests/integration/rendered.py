@@ -74,7 +74,7 @@ def air_gapped_scripts() -> Iterator[tuple[str, str]]:
     for role in ("cp", "worker", "etcd", "lb"):
         script = preparation_for(role, f"dev-{role}-1", config.kubernetes, from_bundle=True)  # type: ignore[arg-type]
         yield f"air-gapped/{role}/node-prep", script.render()
-    yield "air-gapped/registry-mirror", registry_mirror_script("dev-cp-1", mirror).render()
+    yield "air-gapped/registry-mirror", registry_mirror_script("dev-cp-1", mirror, "3.10.2").render()
     bundled = {name: f"/var/lib/kubeadm-ha/bundle/{'a' * 64}/bin/{name}" for name in ("kubeadm", "kubelet", "kubectl")}
     upgrade = upgrade_node_script("dev-cp-1", config.kubernetes, first_control_plane=True, bundled=bundled)
     yield "air-gapped/upgrade", upgrade.render()

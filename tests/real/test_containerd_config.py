@@ -62,13 +62,14 @@ def test_a_bundle_nodes_containerd_2_runs_sandboxes_from_kubeadms_pause_image(tm
     # The bundle carries the pause image kubeadm names; containerd's own default is another tag.
     from model.bundle import kubeadm_images
     from model.config import KubernetesConfig
+    from model.versions import release_for
     from render.node_prep import bundle_containerd_config
 
     kubernetes = KubernetesConfig()
     pause = next(image for image in kubeadm_images(kubernetes.version) if "/pause:" in image)
     (tmp_path / "bundle").mkdir()
     (tmp_path / "internet").mkdir()
-    dumped = dump(bundle_containerd_config(kubernetes), tmp_path / "bundle")
+    dumped = dump(bundle_containerd_config(release_for(kubernetes.version).pause_tag), tmp_path / "bundle")
     assert dumped["plugins"]["io.containerd.cri.v1.images"]["pinned_images"]["sandbox"] == pause
     assert runc(dumped)["options"]["SystemdCgroup"] is True
     assert (

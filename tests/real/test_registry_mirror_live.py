@@ -53,8 +53,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from model.artifacts import RegistryMirrorConfig
+from model.versions import DEFAULT_KUBERNETES, release_for
 from render.node_prep import CONTAINERD_CONFIG_FILE
-from render.registry_mirror import CA_FILE, CERTS_DIR, CONTAINERD_MIRROR_CONFIG, mirror_files
+from render.registry_mirror import CA_FILE, CERTS_DIR, containerd_mirror_config, mirror_files
 from tests.integration.conftest import phase_failed, require_programs, require_root, unavailable
 from tests.integration.netns import Lab, Namespace, Process, cleanup_stale, poll_until, scratch_dir
 from tests.real import lab_binaries
@@ -392,8 +393,9 @@ def mirror_lab(request: pytest.FixtureRequest) -> Iterator[MirrorLab]:
                 "caCertificate": pki.ca,
             }
         )
-        files = mirror_files(mirror)
-        assert files[CONTAINERD_CONFIG_FILE] == CONTAINERD_MIRROR_CONFIG
+        pause_tag = release_for(DEFAULT_KUBERNETES).pause_tag
+        files = mirror_files(mirror, pause_tag)
+        assert files[CONTAINERD_CONFIG_FILE] == containerd_mirror_config(pause_tag)
         for path, content in {
             **files,
             "/etc/resolv.conf": f"nameserver {SINK_IP}\noptions timeout:1 attempts:1\n",
