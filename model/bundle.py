@@ -17,7 +17,6 @@ air-gapped machine without the program's dependencies.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import tarfile
@@ -226,7 +225,7 @@ def read_manifest_bytes(path: Path) -> bytes:
                 if member.isfile() and PurePosixPath(member.name) == PurePosixPath(MANIFEST):
                     handle = archive.extractfile(member)
                     assert handle is not None
-                    return io.BytesIO(handle.read()).getvalue()
+                    return handle.read()
         raise BundleError(f"{path}: the archive has no {MANIFEST} at its root")
     raise BundleError(f"{path}: no such bundle (a directory, or a .tar archive of one)")
 

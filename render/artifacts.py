@@ -29,7 +29,8 @@ CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
 # checks_linux.go at v1.37.2: losetup, mount, cp; conntrack only before 1.32), what this step uses, and curl,
 # which the program's later steps use for health checks.
 OS_TOOLS = ("losetup", "mount", "cp", "tar", "sha256sum", "modprobe", "getent", "cmp", "curl")
-_VERSION_PROBES = {
+# How each installed Kubernetes binary says its version (also the upgrade step's guard, render/lifecycle.py).
+VERSION_PROBES = {
     "kubeadm": "kubeadm version -o short",
     "kubelet": "kubelet --version",
     "kubectl": "kubectl version --client",
@@ -165,7 +166,7 @@ def bundle_install_script(hostname: str, bundle: BundleInstall) -> Script:
             continue
         # A running node's kubeadm, kubelet and kubectl of another version are the upgrade steps' to replace, in
         # kubeadm's order (render/lifecycle.py); anything installed here must then report the stack's version.
-        probe = _VERSION_PROBES[entry.name].replace(entry.name, target, 1)
+        probe = VERSION_PROBES[entry.name].replace(entry.name, target, 1)
         wrong = f"{entry.path} is not {entry.name} {version}: assemble the bundle for the stack's version"
         body += [
             f"if [ -e {quote(target)} ] && ! kha_bundle_prints -w {quote(version)} {probe} 2>/dev/null; then",
@@ -195,8 +196,6 @@ def bundle_install_script(hostname: str, bundle: BundleInstall) -> Script:
         "# Images into containerd's k8s.io namespace (the CRI's), so kubeadm and kubelet pull nothing.",
     ]
     ctr = ("ctr", "--address", CONTAINERD_SOCKET, "--namespace", "k8s.io")
-    # `grep ... >/dev/null`, not `grep -q`, after a pipe: -q exits at the first match, and a writer with more to say
-    # (ctr's list, kubectl's second version line) then dies of SIGPIPE, which pipefail makes the pipeline's status.
     for entry in bundle.images():
         archive = f"{final}/{entry.path}"
         missing = f"{entry.path}: imported, but containerd has no image {entry.name}: the archive names another image"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from model.config import KubernetesConfig
 from model.versions import kubernetes_apt_version
 from render.admin_node import ADMIN_KUBECONFIG
+from render.artifacts import VERSION_PROBES
 from render.node_prep import use_kubernetes_repository
 from render.scripts import Script, command, logged, quote, remote_command
 
@@ -249,8 +250,8 @@ def upgrade_node_script(
 
 
 def _reports(binary: str, version: str) -> str:
-    """The installed binary says it is `version` (kubeadm: `version -o short`; kubelet: `--version`)."""
-    probe = f"/usr/bin/{binary} version -o short" if binary == "kubeadm" else f"/usr/bin/{binary} --version"
+    """The installed binary at /usr/bin says it is `version`."""
+    probe = VERSION_PROBES[binary].replace(binary, f"/usr/bin/{binary}", 1)
     return f"{probe} 2>/dev/null | grep -wF {quote('v' + version)} >/dev/null"
 
 
