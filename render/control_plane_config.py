@@ -90,19 +90,14 @@ def _etcd_manifest_function(flag_patterns: str, flag_names: str) -> tuple[str, .
     )
 
 
-def _restart_with_staged(name: str, finish: list[str], host: str) -> list[str]:
+def _restart_with_staged(name: str, host: str) -> list[str]:
     """render/static_pods.py's restart, but the manifest that comes back is the staged (new) one."""
-    staged = f"{STAGED_DIR}/{name}.yaml"
-    held = f"{HELD_DIR}/{name}.yaml"
-    move_in = [
-        f"if [ -f {quote(f'{PENDING_DIR}/{name}')} ] && [ -f {quote(staged)} ]; then",
-        f"  if [ -f {quote(f'{STATIC_POD_DIR}/{name}.yaml')} ]; then",
-        "    " + shell("mv", "-f", f"{STATIC_POD_DIR}/{name}.yaml", held),
-        "  fi",
-        "  " + shell("mv", "-f", staged, held),
-        "fi",
+    manifest, staged, held = f"{STATIC_POD_DIR}/{name}.yaml", f"{STAGED_DIR}/{name}.yaml", f"{HELD_DIR}/{name}.yaml"
+    move_out = [
+        f"if [ -f {quote(manifest)} ]; then {shell('mv', '-f', manifest, held)}; fi",
+        f"if [ -f {quote(staged)} ]; then {shell('mv', '-f', staged, held)}; fi",
     ]
-    return move_in + static_pods.restart(RESTARTS, name, finish, host)
+    return static_pods.restart(RESTARTS, name, host, move_out=move_out)
 
 
 def control_plane_config_script(
@@ -111,7 +106,6 @@ def control_plane_config_script(
     """The step for control plane `host`. Its stdin bundle holds SETTINGS_PATH (an InitConfiguration for this
     node and the ClusterConfiguration) and the files the flags name; `digest` covers all of it, and
     `directories` are created (0700) for what the components write (the audit log)."""
-    finishes = static_pods.finishes(RESTARTS, stacked_etcd=stacked_etcd)
     pods = [name for name, _ in static_pods.pods(stacked_etcd)]
     body: list[str] = [
         shell("install", "-d", "-m", "0700", HELD_DIR, PENDING_DIR, STAGED_DIR, *directories),
@@ -119,8 +113,7 @@ def control_plane_config_script(
         "install_bundle",
     ]
     # 1. A manifest an interrupted run left held goes back first (that restart finished).
-    for name in pods:
-        body += finishes[name]
+    body += static_pods.put_back(RESTARTS, stacked_etcd=stacked_etcd)
     # 2. What each component's manifest should be, rendered where nothing watches.
     body += [
         'kha_scratch="$(mktemp -d)"',
@@ -148,7 +141,7 @@ def control_plane_config_script(
         ]
     # 4. Restart what is marked, one at a time, in order.
     for name in pods:
-        body += _restart_with_staged(name, finishes[name], host)
+        body += _restart_with_staged(name, host)
     body += [
         logged(STEP, "kubeadm", "init", "phase", "upload-config", "kubeadm", "--config", SETTINGS_PATH),
         # The kubelet-config ConfigMap, which joins and `kubeadm upgrade node` write into every kubelet's file.

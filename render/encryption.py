@@ -128,12 +128,11 @@ def _done(phase: Phase, new: str) -> str:
 def phase_script(host: str, phase: Phase, old: str, new: str) -> Script:
     """`phase` of the move from `old` to `new` on control plane `host`. Its stdin bundle holds CONFIG_PATH for
     that phase; it is read only when the node needs it."""
-    finish = static_pods.finishes(RESTARTS, stacked_etcd=False)["kube-apiserver"]
     manifest = f"{STATIC_POD_DIR}/kube-apiserver.yaml"
     body = [
         shell("install", "-d", "-m", "0700", CONFIG_DIR_ON_NODE, HELD_DIR, PENDING_DIR),
         # A restart a stopped run left held is finished first.
-        *finish,
+        *static_pods.put_back(RESTARTS, stacked_etcd=False, only="kube-apiserver"),
         f"if ! {{ {_done(phase, new)}; }}; then",
         "  install_bundle",
         f'  echo "kubeadm-ha: {phase}: encryption entries on ${{KUBEADM_HA_HOST}} are now $(encryption_keys)"',
@@ -142,7 +141,7 @@ def phase_script(host: str, phase: Phase, old: str, new: str) -> Script:
         "    " + shell("touch", f"{PENDING_DIR}/kube-apiserver"),
         "  fi",
         "fi",
-        *static_pods.restart(RESTARTS, "kube-apiserver", finish, host),
+        *static_pods.restart(RESTARTS, "kube-apiserver", host),
     ]
     return Script(
         step=f"encryption-{phase}",

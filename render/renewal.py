@@ -122,12 +122,10 @@ def renewal_script(host: str, renew_before_days: int, *, stacked_etcd: bool, clu
     does not answer, admin.conf's own certificate has already expired, or this node's Node object or mirror
     pod is missing) it falls back to kubeadm's defaults: a local etcd, whose certificates do not exist with
     external etcd, so `renew all` failed there after renewing only the first two."""
-    finishes = static_pods.finishes(RESTARTS, stacked_etcd=stacked_etcd)
     body: list[str] = [shell("install", "-d", "-m", "0700", HELD_DIR, PENDING_DIR)]
     # 1. A manifest an interrupted run left held goes back first (that restart finished), so nothing stays
     #    down while this run renews, or if it fails.
-    for name, _ in static_pods.pods(stacked_etcd):
-        body += finishes[name]
+    body += static_pods.put_back(RESTARTS, stacked_etcd=stacked_etcd)
     # 2. Renew only what is not fresh. Every static pod is marked first: from the renew on, each runs with the
     #    old certificates in memory until it is restarted, and a run that stops in between leaves the marks.
     marks = [
@@ -144,7 +142,7 @@ def renewal_script(host: str, renew_before_days: int, *, stacked_etcd: bool, clu
     ]
     # 3. Restart every component still marked, one at a time, in order.
     for name, _ in static_pods.pods(stacked_etcd):
-        body += static_pods.restart(RESTARTS, name, finishes[name], host)
+        body += static_pods.restart(RESTARTS, name, host)
     still = quote(f"kubeadm-ha: certificates on {host} still expire within {renew_before_days} days after renewal")
     body += [f"if ! certificates_fresh; then echo {still} >&2; exit 1; fi"]
     return Script(

@@ -6,11 +6,18 @@ A restart moves the component's manifest out of the static pod directory into a 
 stops the pod), waits for the container to be gone, and moves a manifest back (the same one for a renewal,
 the new one for a change of settings). Before anything restarts, the step writes one marker per component
 into a *pending* directory; a marker goes only once that component answers its health check again. A re-run
-first puts back whatever is held, then restarts every component still marked, in the same order.
+first puts back whatever is held (etcd first: an API server held with it answers only once it runs), then
+restarts every component still marked, in the same order.
+
+On a stacked control plane the API server reads only its own etcd member. etcd's restart therefore holds the
+API server too, and out of every load balancer before etcd stops: a request HAProxy sent it while its member
+was down would wait on etcd and fail, or be cut when HAProxy marked it down (`on-marked-down
+shutdown-sessions`), where a refused connection is redispatched to another control plane.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from render import lb_config
@@ -20,12 +27,13 @@ from render.scripts import bounded_wait_function, quote
 from render.scripts import command as shell
 
 # Restarted in this order, each healthy before the next: the API server first, so the others reconnect to a
-# server that already runs the change; etcd last (stacked only), once nothing depends on it.
+# server that already runs the change; etcd last (stacked only), with the API server held out of rotation.
 STATIC_PODS = (
     ("kube-apiserver", "https://127.0.0.1:6443/readyz"),
     ("kube-controller-manager", "https://127.0.0.1:10257/healthz"),
     ("kube-scheduler", "https://127.0.0.1:10259/healthz"),
 )
+APISERVER = "kube-apiserver"
 STACKED_ETCD = ("etcd", "http://127.0.0.1:2381/readyz")
 STOP_TIMEOUT_SECONDS = 120
 HEALTHY_TIMEOUT_SECONDS = 300
@@ -66,10 +74,16 @@ def functions() -> tuple[str, ...]:
 
 
 def _finish(
-    restarts: Restarts, name: str, check: str, *, held_down: int, settle: int, after: tuple[str, ...]
+    restarts: Restarts,
+    name: str,
+    check: str,
+    *,
+    held_down: int,
+    settle: int,
+    mark_done: bool = True,
 ) -> list[str]:
     """The rest of a restart of static pod `name` whose manifest is held: container gone, `held_down` seconds,
-    manifest back, healthy, `settle` seconds, `after`; only then is its marker removed."""
+    manifest back, healthy, `settle` seconds; only then is its marker removed (unless not `mark_done`)."""
     manifest = f"{STATIC_POD_DIR}/{name}.yaml"
     held = f"{restarts.held_dir}/{name}.yaml"
     lines = [
@@ -84,62 +98,70 @@ def _finish(
     ]
     if settle:
         lines.append("  " + shell("sleep", settle))
-    return [
-        *lines,
-        *("  " + line for line in after),
-        "  " + shell("rm", "-f", f"{restarts.pending_dir}/{name}"),
-        f"  echo {quote(f'kubeadm-ha: {name} {restarts.restarted}')}",
-        "fi",
-    ]
+    if mark_done:
+        lines += [
+            "  " + shell("rm", "-f", f"{restarts.pending_dir}/{name}"),
+            f"  echo {quote(f'kubeadm-ha: {name} {restarts.restarted}')}",
+        ]
+    return [*lines, "fi"]
 
 
-def finishes(restarts: Restarts, *, stacked_etcd: bool) -> dict[str, list[str]]:
-    """Each component's `_finish`, with the waits its place behind the load balancers needs."""
-    apiserver = dict(STATIC_PODS)["kube-apiserver"]
-    found: dict[str, list[str]] = {}
-    for name, url in pods(stacked_etcd):
-        if name == "kube-apiserver":
-            # Out of every load balancer before it comes back, so no client reaches it before it is ready
-            # (a 403 from its empty RBAC cache otherwise), and back in before the step moves on.
-            found[name] = _finish(
-                restarts,
-                name,
-                shell("answers", url),
-                held_down=lb_config.BACKEND_OUT_OF_ROTATION_S,
-                settle=lb_config.BACKEND_BACK_IN_ROTATION_S,
-                after=(),
-            )
-        elif name == "etcd":
-            # The API server here reads only its own member: it turned unready with it, and the load balancers
-            # took it out. Like after its own restart, the step moves on once they have it back.
-            found[name] = _finish(
-                restarts,
-                name,
-                "etcd_answers",
-                held_down=0,
-                settle=0,
-                after=(
-                    f"kha_wait {HEALTHY_TIMEOUT_SECONDS} {quote('kube-apiserver to be ready on the restarted etcd')} "
-                    + shell("answers", apiserver),
-                    shell("sleep", lb_config.BACKEND_BACK_IN_ROTATION_S),
-                ),
-            )
-        else:
-            found[name] = _finish(restarts, name, shell("answers", url), held_down=0, settle=0, after=())
-    return found
+def _finish_apiserver(restarts: Restarts, *, held_down: bool, mark_done: bool = True) -> list[str]:
+    # Out of every load balancer before it comes back, so no client reaches it before it is ready (a 403 from
+    # its empty RBAC cache otherwise), and back in before the step moves on.
+    return _finish(
+        restarts,
+        APISERVER,
+        shell("answers", dict(STATIC_PODS)[APISERVER]),
+        held_down=lb_config.BACKEND_OUT_OF_ROTATION_S if held_down else 0,
+        settle=lb_config.BACKEND_BACK_IN_ROTATION_S,
+        mark_done=mark_done,
+    )
 
 
-def restart(restarts: Restarts, name: str, finish: list[str], host: str) -> list[str]:
-    """Restart static pod `name` if it is still marked: manifest out, then `finish`. A marker without any
-    manifest (the component was removed by hand) has nothing to restart."""
+def _finish_of(restarts: Restarts, name: str, url: str) -> list[str]:
+    if name == APISERVER:
+        return _finish_apiserver(restarts, held_down=True)
+    if name == "etcd":
+        return _finish(restarts, name, "etcd_answers", held_down=0, settle=0)
+    return _finish(restarts, name, shell("answers", url), held_down=0, settle=0)
+
+
+def put_back(restarts: Restarts, *, stacked_etcd: bool, only: str | None = None) -> list[str]:
+    """What a step runs first: every manifest an interrupted run left held (of `only`, if given) goes back,
+    and that restart is finished. etcd goes first: an API server held with it is ready only once etcd is."""
+    ordered = sorted(pods(stacked_etcd), key=lambda pod: pod[0] != "etcd")
+    ordered = [pod for pod in ordered if only is None or pod[0] == only]
+    return [line for name, url in ordered for line in _finish_of(restarts, name, url)]
+
+
+def _hold(restarts: Restarts, name: str) -> list[str]:
     manifest = f"{STATIC_POD_DIR}/{name}.yaml"
+    held = f"{restarts.held_dir}/{name}.yaml"
+    return [f"if [ -f {quote(manifest)} ]; then", "  " + shell("mv", "-f", manifest, held), "fi"]
+
+
+def restart(restarts: Restarts, name: str, host: str, *, move_out: Sequence[str] | None = None) -> list[str]:
+    """Restart static pod `name` if it is still marked: its manifest into the held directory (`move_out`, by
+    default the one in place), then the rest of the restart. A marker without any manifest (the component
+    was removed by hand) has nothing to restart. etcd (stacked) holds the API server first, out of rotation."""
     marker = f"{restarts.pending_dir}/{name}"
+    held_apiserver = f"{restarts.held_dir}/{APISERVER}.yaml"
+    before: list[str] = []
+    finish = _finish_of(restarts, name, dict(pods(stacked_etcd=True))[name])
+    if name == "etcd":
+        before = [
+            *_hold(restarts, APISERVER),
+            f"if [ -f {quote(held_apiserver)} ]; then",
+            "  " + shell("kha_wait", STOP_TIMEOUT_SECONDS, "kube-apiserver to stop", "container_gone", APISERVER),
+            "  " + shell("sleep", lb_config.BACKEND_OUT_OF_ROTATION_S),
+            "fi",
+        ]
+        finish = [*finish, *_finish_apiserver(restarts, held_down=False, mark_done=False)]
+    out = list(move_out) if move_out is not None else _hold(restarts, name)
     return [
         f"if [ -f {quote(marker)} ]; then",
-        f"  if [ -f {quote(manifest)} ]; then",
-        "    " + shell("mv", "-f", manifest, f"{restarts.held_dir}/{name}.yaml"),
-        "  fi",
-        *("  " + line for line in finish),
+        *("  " + line for line in (*before, *out, *finish)),
         f"  if [ -f {quote(marker)} ]; then",
         f"    echo {quote(f'kubeadm-ha: no static pod manifest for {name} on {host}; nothing to restart')}",
         "    " + shell("rm", "-f", marker),

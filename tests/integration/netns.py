@@ -420,6 +420,23 @@ def scratch_dir(tag: str, *, mode: int = 0o700) -> Path:
     return path
 
 
+def install_executable(path: Path, text: str) -> Path:
+    """Write `text` as an executable at `path` by renaming a new file over it. Writing the file in place fails
+    with ETXTBSY (errno 26) while anything executes it, or is in the middle of exec'ing it: keepalived runs
+    its track script every second, and a second load balancer's copy once met the first one's run (CI, Dec 5)."""
+    fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(scratch, 0o755)
+        os.replace(scratch, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(scratch)
+        raise
+    return path
+
+
 def _stale(name: str, prefix: str) -> bool:
     if not name.startswith(prefix):
         return False

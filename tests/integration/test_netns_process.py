@@ -8,13 +8,15 @@ kube-apiserver, holding the waitpid lock, and `Popen.poll()` answers None ("know
 
 from __future__ import annotations
 
+import errno
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any, cast
 
-from tests.integration.netns import Process
+from tests.integration.netns import Process, install_executable
 
 
 def _process(tmp_path: Path) -> Process:
@@ -57,3 +59,27 @@ def test_a_running_child_is_alive_while_another_thread_holds_its_wait(tmp_path: 
         lock.release()
         process.popen.kill()
         process.popen.wait(timeout=10)
+
+
+def test_an_executable_in_use_is_replaced_not_rewritten(tmp_path: Path) -> None:
+    """Found by CI (Dec 5): the control-plane lab wrote the second load balancer's keepalived check script over
+    the path the first keepalived was running, and the write failed with ETXTBSY. A running copy of `sleep`
+    makes the clash certain: writing in place fails, `install_executable` replaces it and the runner is
+    unaffected."""
+    path = tmp_path / "check"
+    shutil.copy2("/bin/sleep", path)
+    running = subprocess.Popen([str(path), "30"])
+    try:
+        try:
+            path.write_text("#!/bin/sh\nexit 0\n")
+        except OSError as error:
+            assert error.errno == errno.ETXTBSY
+        else:
+            raise AssertionError("writing over a running executable did not fail; the test proves nothing here")
+        install_executable(path, "#!/bin/sh\nexit 0\n")
+        assert subprocess.run([str(path)], timeout=10).returncode == 0
+        assert running.poll() is None
+        assert [entry.name for entry in tmp_path.iterdir()] == ["check"]  # no scratch file left
+    finally:
+        running.kill()
+        running.wait(timeout=10)

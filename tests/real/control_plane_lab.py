@@ -53,6 +53,7 @@ from tests.integration.netns import (
     Namespace,
     Process,
     haproxy_servers,
+    install_executable,
     poll_until,
     scratch_dir,
     wait_for_backends,
@@ -376,9 +377,10 @@ class ControlPlaneLab:
             )
             if lb_config.KEEPALIVED_CONF_PATH not in files:
                 continue
-            check = self.script_dir / "check_haproxy.sh"
-            check.write_text(files[lb_config.KEEPALIVED_CHECK_SCRIPT_PATH][1])
-            check.chmod(0o755)
+            # One per load balancer: the first keepalived already runs its copy every second.
+            check = install_executable(
+                self.script_dir / f"check_haproxy-{plan.hostname}.sh", files[lb_config.KEEPALIVED_CHECK_SCRIPT_PATH][1]
+            )
             conf = self.work / f"{plan.hostname}-keepalived.conf"
             conf.write_text(
                 files[lb_config.KEEPALIVED_CONF_PATH][1].replace(lb_config.KEEPALIVED_CHECK_SCRIPT_PATH, str(check))

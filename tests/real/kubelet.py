@@ -24,7 +24,7 @@ import hashlib
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tests.real.control_plane_lab import MANIFESTS, ControlPlaneLab, Node
@@ -56,8 +56,15 @@ def node_tools(directory: Path, links: Mapping[str, str]) -> Path:
 class Kubelet:
     """Plays kubelet for the static pods `pods` names (node name -> components) on lab nodes."""
 
-    def __init__(self, lab: ControlPlaneLab, pods: Mapping[str, tuple[str, ...]]) -> None:
-        self.lab, self.pods = lab, dict(pods)
+    def __init__(
+        self,
+        lab: ControlPlaneLab,
+        pods: Mapping[str, tuple[str, ...]],
+        *,
+        before_stop: Callable[[Node, str], None] | None = None,
+    ) -> None:
+        """`before_stop(node, component)` runs as the stand-in is about to stop a component (a test's probe)."""
+        self.lab, self.pods, self.before_stop = lab, dict(pods), before_stop
         self.events: list[str] = []
         self.timeline: list[tuple[float, str]] = []  # (time.monotonic(), event): what each stop and start took
         self.error: BaseException | None = None
@@ -104,6 +111,8 @@ class Kubelet:
             if wanted is not None and wanted == started_from:
                 return
             changed = wanted is not None  # else the manifest is gone
+            if self.before_stop is not None:
+                self.before_stop(node, component)
             self._note(f"stopping {component} on {name}")
             process.stop(signal.SIGTERM, timeout=STOP_GRACE)
             self._note(f"stopped {component} on {name}")

@@ -27,7 +27,7 @@ from cryptography import x509
 from components.pki import ETCD_CA, ETCD_HEALTHCHECK_CLIENT, ETCD_PEER_CERT_PATH, ETCD_SERVER_CERT_PATH
 from tests.integration.lab_nodes import fake_ctr
 from tests.integration.netns import poll_until
-from tests.real.control_plane_lab import APISERVER_BOUND, MANIFESTS, ControlPlaneLab, report
+from tests.real.control_plane_lab import APISERVER_BOUND, MANIFESTS, ControlPlaneLab, Node, report
 from tests.real.drill_target import LabTarget
 from tests.real.encryption import (
     apiserver_has_flag,
@@ -113,15 +113,33 @@ def served_etcd_certificate(lab: ControlPlaneLab, node_name: str) -> x509.Certif
 def test_renewal_on_a_stacked_control_plane_renews_and_restarts_its_etcd_member_too(stacked: ControlPlaneLab) -> None:
     """The program's certificates step on a stacked control plane (tests/real/renewal.py proves the API server
     part): kubeadm renews the etcd member's certificates too, the step restarts etcd last, and the member
-    serves a new certificate from the etcd CA with the same names, while the cluster keeps its three members."""
+    serves a new certificate from the etcd CA with the same names, while the cluster keeps its three members.
+
+    The API server here reads only this member, so it must be out of every load balancer before etcd stops:
+    when the step only waited for HAProxy to notice, a request sent to it meanwhile failed through the VIP
+    (CI, Dec 5: RemoteDisconnected, three attempts). The stand-in reads HAProxy's view as it stops etcd."""
     node = stacked.nodes[stacked.plan.control_planes[1].hostname]
     etcd_ca = x509.load_pem_x509_certificate(node.root.read(ETCD_CA.cert_path).encode())
     etcd_before = served_etcd_certificate(stacked, node.name)
-    kubelet = Kubelet(stacked, {node.name: ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")})
+    seen_as_etcd_stopped: list[dict[str, str | None]] = []
+
+    def probe(stopping: Node, component: str) -> None:
+        if component == "etcd" and stopping.name == node.name:
+            states = {lb: stacked.backend_states(lb).get(node.name) for lb in stacked.load_balancer_names()}
+            seen_as_etcd_stopped.append(states)
+
+    pods = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+    kubelet = Kubelet(stacked, {node.name: pods}, before_stop=probe)
     with kubelet:
         ran = renew_and_prove(stacked, node, kubelet, watched=(ETCD_SERVER_CERT_PATH, ETCD_PEER_CERT_PATH))
     assert kubelet.error is None, f"the kubelet stand-in failed: {kubelet.error!r}"
     assert "etcd restarted with the renewed certificates" in ran.stdout, ran.output
+    assert len(seen_as_etcd_stopped) == 1, seen_as_etcd_stopped
+    report(f"HAProxy's view of {node.name}'s API server as its etcd stopped: {seen_as_etcd_stopped[0]}")
+    assert "UP" not in seen_as_etcd_stopped[0].values(), seen_as_etcd_stopped
+    # It came back, healthy, before the step returned.
+    assert kubelet.events.index(f"started etcd on {node.name}") < len(kubelet.events) - 1
+    assert kubelet.events[-1] == f"started kube-apiserver on {node.name}", kubelet.events
 
     etcd_after = served_etcd_certificate(stacked, node.name)
     assert etcd_after.serial_number != etcd_before.serial_number
