@@ -135,6 +135,27 @@ def _report(sha256: str, problems: list[str], bundle: Path) -> int:
     return 0
 
 
+def _assemble(out: Path, source: Path | None, versions: Versions, kubernetes_version: str) -> None:
+    """Fetch (or take from `source`) and write the bundle into the new or empty `out`. If that fails, or is
+    interrupted, `out` is left as it was found: a partly written one would refuse the re-run ("not empty")."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        files = local_files(source, versions) if source else fetch_all(out, versions)
+        write_bundle(out, kubernetes_version, files)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for child in out.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        print(f"bundle: {out}: removed what this run had written", file=sys.stderr)
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tools.bundle", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,10 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(sha256, problems, args.bundle)
         if args.out.exists() and any(args.out.iterdir()):
             raise BundleError(f"{args.out}: not empty; assemble into a new directory")
-        args.out.mkdir(parents=True, exist_ok=True)
         versions = Versions.from_arguments(args, config)
-        files = local_files(args.source, versions) if args.source else fetch_all(args.out, versions)
-        write_bundle(args.out, config.kubernetes.version, files)
+        _assemble(args.out, args.source, versions, config.kubernetes.version)
         return _report(*check(args.out, config), args.out)
     except BundleError as error:
         print(f"bundle: {error}", file=sys.stderr)

@@ -241,3 +241,40 @@ def test_promotion_rewrites_only_the_bundle_digest_and_keeps_the_environments_pa
     after = rewrite_settings(before, setting)
     assert after == before.replace("a" * 64, "b" * 64)
     assert expected_config(yaml.safe_load(before), setting) == effective_config(yaml.safe_load(after))
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-directory", "empty-directory"])
+def test_an_assemble_whose_download_fails_leaves_out_as_it_found_it_so_the_rerun_is_not_refused(
+    tmp_path: Path, project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, existing: bool
+) -> None:
+    """A download that fails halfway left the files fetched so far in --out, and the re-run was refused as
+    "not empty" (found typing the README's command on this offline machine). The network is a stand-in:
+    this machine has none; kubeadm and its checksum are served, kubelet's checksum fails as a dropped
+    connection would."""
+    import hashlib
+
+    from tools import bundle_fetch
+
+    kubeadm = b"\x7fELF kubeadm"
+    served = {"/kubeadm": kubeadm, "/kubeadm.sha256": hashlib.sha256(kubeadm).hexdigest().encode()}
+
+    def get(url: str) -> bytes:
+        for suffix, data in served.items():
+            if url.endswith(suffix):
+                return data
+        raise bundle_fetch.BundleError(f"{url}: [Errno 104] Connection reset by peer")
+
+    monkeypatch.setattr(bundle_fetch, "_get", get)
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    argv = ["assemble", "--stack", "lab", "--project-dir", str(project), "--out", str(out)]
+    for _ in range(2):
+        code = tool.main(argv)
+        err = capsys.readouterr().err
+        assert code == 1
+        assert "not empty" not in err
+        assert "kubelet.sha256: [Errno 104] Connection reset by peer" in err, err
+        assert out.exists() is existing
+        assert not existing or not any(out.iterdir()), list(out.iterdir())
+        assert f"{out}: removed what this run had written" in err
