@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from model.config import KubernetesConfig
 from render.kubeadm import CONFIG_DIR
-from render.scripts import INSTALL_BUNDLE_FUNCTION, STATE_DIR, Script, command, quote
+from render.scripts import INSTALL_BUNDLE_FUNCTION, STATE_DIR, Script, command, quote, retry_function
 
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
 TOKEN_CONFIG_PATH = f"{CONFIG_DIR}/bootstrap-token.yaml"
@@ -22,6 +22,10 @@ TOKEN_MIN_REMAINING_SECONDS = 2 * 3600
 # Serialises token refreshes on an admin node; a refresh takes seconds, so a long wait means a stuck one.
 TOKEN_LOCK = f"{STATE_DIR}/bootstrap-token.lock"
 TOKEN_LOCK_WAIT_SECONDS = 300
+# A loaded API server can drop a call (the cluster lab, 2 TCG cores: EOF from `kubeadm token create`). Bounded:
+# at most this many attempts, this far apart, each bounded by kubeadm's own API timeouts.
+TOKEN_ATTEMPTS = 5
+TOKEN_RETRY_PAUSE_SECONDS = 5
 # A drain skips pods deleted longer ago than this: a dead kubelet never confirms their deletion.
 DRAIN_SKIP_WAIT_FOR_DELETE_SECONDS = 60
 
@@ -73,7 +77,23 @@ def join_token_script(target: Target, token_id: str) -> Script:
         step=f"join-token-for-{target.node}",
         host=target.admin,
         done_when=f"token_fresh {quote(token_id)}",
-        functions=(*_TOKEN_FUNCTIONS, *INSTALL_BUNDLE_FUNCTION),
+        functions=(
+            *_TOKEN_FUNCTIONS,
+            *INSTALL_BUNDLE_FUNCTION,
+            *retry_function(TOKEN_RETRY_PAUSE_SECONDS),
+            # One attempt. Repeatable: a token an attempt made although its answer was lost is replaced.
+            "refresh_token() {",
+            '  if token_expiration "$1" >/dev/null; then',
+            "    "
+            + command("kubeadm", "token", "delete", "--kubeconfig", ADMIN_KUBECONFIG)
+            + ' "$1" >/dev/null || return 1',
+            "  fi",
+            # `token create` prints the token: send stdout nowhere, keep errors (a secret output) visible.
+            "  "
+            + command("kubeadm", "token", "create", "--kubeconfig", ADMIN_KUBECONFIG, "--config", config)
+            + " >/dev/null",
+            "}",
+        ),
         body=(
             f"exec 9>>{quote(TOKEN_LOCK)}",
             f"flock --wait {TOKEN_LOCK_WAIT_SECONDS} 9 || {{ echo "
@@ -85,13 +105,7 @@ def join_token_script(target: Target, token_id: str) -> Script:
             '  echo "kubeadm-ha: another step refreshed the bootstrap token on ${KUBEADM_HA_HOST} meanwhile"',
             "else",
             "  install_bundle",
-            f"  if token_expiration {quote(token_id)} >/dev/null; then",
-            "    " + command("kubeadm", "token", "delete", "--kubeconfig", ADMIN_KUBECONFIG, token_id) + " >/dev/null",
-            "  fi",
-            # `token create` prints the token: send stdout nowhere, keep errors (a secret output) visible.
-            "  "
-            + command("kubeadm", "token", "create", "--kubeconfig", ADMIN_KUBECONFIG, "--config", config)
-            + " >/dev/null",
+            f"  kha_retry {TOKEN_ATTEMPTS} 'refreshing the bootstrap token' refresh_token {quote(token_id)}",
             "fi",
             command("rm", "-f", config),
         ),

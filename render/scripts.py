@@ -281,6 +281,30 @@ def bounded_wait_function(poll_seconds: float) -> tuple[str, ...]:
     )
 
 
+def retry_function(pause_seconds: int) -> tuple[str, ...]:
+    """`kha_retry ATTEMPTS WHAT CMD...`: run CMD until it succeeds, at most ATTEMPTS times, `pause_seconds`
+    apart; each failure is said on stderr, and the last fails naming WHAT and the host. For a call a loaded or
+    restarting API server can drop (EOF) where the next attempt would succeed; CMD must be safe to repeat."""
+    return (
+        "kha_retry() {",
+        '  local attempts="$1" what="$2" attempt=1',
+        "  shift 2",
+        '  until "$@"; do',
+        '    if [ "$attempt" -ge "$attempts" ]; then',
+        '      echo "kubeadm-ha: ${what} on ${KUBEADM_HA_HOST} failed ${attempts} times; giving up" >&2',
+        "      return 1",
+        "    fi",
+        (
+            '    echo "kubeadm-ha: ${what} on ${KUBEADM_HA_HOST} failed (attempt ${attempt} of ${attempts});'
+            f' retrying in {pause_seconds} s" >&2'
+        ),
+        f"    sleep {pause_seconds}",
+        "    attempt=$((attempt + 1))",
+        "  done",
+        "}",
+    )
+
+
 def https_fetch(max_seconds: int) -> tuple[str, ...]:
     """curl over HTTPS only, bounded per attempt (connect and total) and in the number of attempts."""
     return (

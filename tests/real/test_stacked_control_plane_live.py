@@ -137,9 +137,12 @@ def test_renewal_on_a_stacked_control_plane_renews_and_restarts_its_etcd_member_
     assert len(seen_as_etcd_stopped) == 1, seen_as_etcd_stopped
     report(f"HAProxy's view of {node.name}'s API server as its etcd stopped: {seen_as_etcd_stopped[0]}")
     assert "UP" not in seen_as_etcd_stopped[0].values(), seen_as_etcd_stopped
-    # It came back, healthy, before the step returned.
-    assert kubelet.events.index(f"started etcd on {node.name}") < len(kubelet.events) - 1
-    assert kubelet.events[-1] == f"started kube-apiserver on {node.name}", kubelet.events
+    # The API server stopped before etcd did and started again after it.
+    order = [event for _, event in kubelet.timeline if event.split(" ", 1)[0] in ("stopped", "started")]
+    tail = order[order.index(f"stopped etcd on {node.name}") - 1 :][:4]
+    assert tail == [f"{verb} {pod} on {node.name}" for verb, pod in (
+        ("stopped", "kube-apiserver"), ("stopped", "etcd"), ("started", "etcd"), ("started", "kube-apiserver"))
+    ], order  # fmt: skip
 
     etcd_after = served_etcd_certificate(stacked, node.name)
     assert etcd_after.serial_number != etcd_before.serial_number

@@ -203,10 +203,15 @@ case "$1 ${2-}" in
       echo "stub kubeadm: no kubernetesVersion in $config; would fetch https://dl.k8s.io/release/stable-1.txt" >&2
       exit 2
     fi
+    # token-create-fails: every create fails; with a count in it, only that many (a loaded API server).
     if [ -e "$STATE/token-create-fails" ]; then
-      echo "$token"
-      echo "error: the server is currently unable to handle the request" >&2
-      exit 1
+      left="$(cat "$STATE/token-create-fails")"
+      if [ -z "$left" ] || [ "$left" -gt 0 ]; then
+        [ -z "$left" ] || echo $((left - 1)) >"$STATE/token-create-fails"
+        echo "$token"
+        echo "error: the server is currently unable to handle the request" >&2
+        exit 1
+      fi
     fi
     # The API server's create is atomic and refuses an existing Secret; a moment passes before it answers,
     # as it would over the network, so concurrent callers overlap.
@@ -218,6 +223,12 @@ case "$1 ${2-}" in
       exit 1
     fi
     date -u -d '+24 hours' +%Y-%m-%dT%H:%M:%SZ >"$STATE/secrets/bootstrap-token-${token%%.*}/expiration"
+    # token-create-answer-lost: the Secret is made, but the connection drops before the answer.
+    if [ -e "$STATE/token-create-answer-lost" ]; then
+      rm -f "$STATE/token-create-answer-lost"
+      echo "error: failed to create bootstrap token: Post \"https://10.0.0.10:6443/api/v1/secrets\": EOF" >&2
+      exit 1
+    fi
     echo "$token" ;;
   "token delete")
     [ -r "$(opt --kubeconfig "$@")" ] || { echo "stub kubeadm: no kubeconfig" >&2; exit 1; }
@@ -562,10 +573,35 @@ def test_a_failed_token_create_removes_the_config_and_shows_no_token(sandbox: Sa
     sandbox.put_state("token-create-fails")
     result = sandbox.run(join_token_script(TARGET, TOKEN_ID).render(), stdin=TOKEN_BUNDLE)
     assert result.returncode == 1
+    assert "refreshing the bootstrap token on dev-cp-1 failed 5 times; giving up" in result.stderr
+    assert sandbox.call_lines().count(CREATE_TOKEN) == 5
     assert "step join-token-for-dev-worker-2 failed on host dev-cp-1" in result.stderr
     assert TOKEN not in result.stdout + result.stderr
     assert (sandbox.state / "token-configs-read").exists()  # kubeadm did get to read it
     assert not sandbox.exists(TOKEN_CONFIG_PATH)
+
+
+@pytest.mark.parametrize("trouble", ["fails-twice", "answer-lost"])
+def test_a_token_create_the_api_drops_is_tried_again(sandbox: Sandbox, trouble: str):
+    """The cluster lab (2 TCG cores, a loaded first control plane) failed a whole `pulumi up` on one EOF from
+    `kubeadm token create`. A dropped call is tried again, within a bound; a create that went through although
+    its answer was lost is replaced, not refused as "already exists"."""
+    if trouble == "fails-twice":
+        sandbox.put_state("token-create-fails", "2")
+    else:
+        sandbox.put_state("token-create-answer-lost")
+    result = sandbox.run(join_token_script(TARGET, TOKEN_ID).render(), stdin=TOKEN_BUNDLE)
+    assert result.returncode == 0, result.stderr
+    assert "refreshing the bootstrap token on dev-cp-1 failed (attempt 1 of 5); retrying in 5 s" in result.stderr
+    assert TOKEN not in result.stdout + result.stderr
+    calls = sandbox.call_lines()
+    if trouble == "fails-twice":
+        assert calls.count(CREATE_TOKEN) == 3 and DELETE_TOKEN not in calls
+    else:
+        assert calls.count(CREATE_TOKEN) == 2 and calls.count(DELETE_TOKEN) == 1
+    assert _fresh_token_expiration(sandbox) > datetime.now(UTC) + timedelta(hours=23)
+    assert not sandbox.exists(TOKEN_CONFIG_PATH)
+    assert _run_again(sandbox, join_token_script(TARGET, TOKEN_ID), stdin=TOKEN_BUNDLE) == [GET_TOKEN]
 
 
 # ---------------------------------------------------------------- wait for Ready
