@@ -22,6 +22,7 @@ from render.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH, ClusterShape, ini
 from render.node_prep import kubernetes_node_preparation
 from render.scripts import (
     INSTALL_BUNDLE_FUNCTION,
+    STATE_DIR,
     BundleFile,
     Script,
     encode_bundle,
@@ -34,6 +35,82 @@ from render.scripts import command as shell
 
 KUBELET_KUBECONFIG = "/etc/kubernetes/kubelet.conf"
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
+# The program's record of `kubeadm init`/`join` on a node: STARTED ("init" or "join") just before kubeadm runs,
+# renamed to DONE once it succeeded. kubelet.conf alone cannot tell: kubeadm writes it early (init: the
+# kubeconfig phase; join: kubelet-start), before wait-control-plane or control-plane-join, and a failed create
+# records nothing, so the next `pulumi up` runs the step again. The cluster lab saw an init that missed its
+# wait-control-plane deadline taken as done. Nodes from before the record have kubelet.conf and neither file.
+BOOTSTRAP_STARTED = f"{STATE_DIR}/kubeadm-bootstrap.started"
+BOOTSTRAP_DONE = f"{STATE_DIR}/kubeadm-bootstrap.done"
+BOOTSTRAP_FINISHED = f"[ -f {BOOTSTRAP_DONE} ] || {{ [ -f {KUBELET_KUBECONFIG} ] && [ ! -e {BOOTSTRAP_STARTED} ]; }}"
+
+
+def _bootstrap(kind: Literal["init", "join"], *kubeadm: str) -> list[str]:
+    """Run kubeadm between the two records."""
+    return [
+        f"printf '%s\\n' {kind} >{BOOTSTRAP_STARTED}",
+        logged(f"kubeadm-{kind}", "kubeadm", *kubeadm),
+        shell("mv", "-f", BOOTSTRAP_STARTED, BOOTSTRAP_DONE),
+    ]
+
+
+# A join that stopped halfway may have added this node's etcd member; kubeadm cannot take it up again.
+_UNFINISHED_JOIN = (
+    '"kubeadm-ha: a kubeadm join on ${KUBEADM_HA_HOST} started and did not finish'
+    " (see ${KUBEADM_HA_LOG_DIR}/kubeadm-join.log); kubeadm cannot resume a join. Run kubeadm reset --force on"
+    " the node, or replace its VM (pulumi up --replace with the domain's URN), then pulumi up again\""
+)
+
+
+def _unfinished(init: list[str] | None, *, worker: bool = False) -> list[str]:
+    """What a step does when STARTED is there without DONE: a join is refused (see above), unless kubeadm
+    stopped in preflight, before it wrote anything, or (`worker`) kubelet has finished its TLS bootstrap since:
+    that is the whole of a worker's join. An `init` is run again without preflight (`init`).
+
+    kubeadm's preflight refuses a node it has begun (its manifests, a non-empty /var/lib/etcd), and every later
+    phase takes up what it finds (kubeadm v1.37.2: certs and kubeconfig reuse existing files, certs.go and
+    kubeconfig.go "Using existing"; bootstrap-token is UpdateOrCreateTokens without failIfExists; the rest
+    write files or create-or-update objects). Nothing else depends on a first control plane whose init failed:
+    every other node's step runs only after this one succeeded."""
+    begun = f"[ -e {ADMIN_KUBECONFIG} ] || [ -e {KUBELET_KUBECONFIG} ] || [ -e /etc/kubernetes/bootstrap-kubelet.conf ]"
+    lines = [
+        f'kha_unfinished="$(cat {BOOTSTRAP_STARTED} 2>/dev/null || true)"',
+        f'if [ -n "$kha_unfinished" ] && ! {{ {begun}; }}; then',
+        (
+            '  echo "kubeadm-ha: the kubeadm ${kha_unfinished} on ${KUBEADM_HA_HOST} stopped before it changed'
+            ' anything; running it again"'
+        ),
+        "  kha_unfinished=''",
+        "fi",
+    ]
+    if worker:
+        lines += [
+            f'if [ "$kha_unfinished" = join ] && [ -f {KUBELET_KUBECONFIG} ]; then',
+            (
+                '  echo "kubeadm-ha: kubelet on ${KUBEADM_HA_HOST} finished its TLS bootstrap after kubeadm join'
+                ' gave up; the node has joined"'
+            ),
+            "  " + shell("mv", "-f", BOOTSTRAP_STARTED, BOOTSTRAP_DONE),
+            "  exit 0",
+            "fi",
+        ]
+    lines += [
+        'if [ "$kha_unfinished" = join ]; then',
+        f"  echo {_UNFINISHED_JOIN} >&2",
+        "  exit 1",
+        "fi",
+    ]
+    if init is not None:
+        lines += [
+            'if [ "$kha_unfinished" = init ]; then',
+            (
+                '  echo "kubeadm-ha: the kubeadm init on ${KUBEADM_HA_HOST} started and did not finish'
+                ' (see ${KUBEADM_HA_LOG_DIR}/kubeadm-init.log); running it again past its preflight checks"'
+            ),
+            *("  " + line for line in init),
+            "fi",
+        ]
+    return lines
 
 
 def pki_bundle(
@@ -86,17 +163,18 @@ def place_pki_script(hostname: str, digests: dict[str, str], key_paths: Sequence
     )
 
 
-def kubeadm_join_script(hostname: str) -> Script:
+def kubeadm_join_script(hostname: str, *, worker: bool) -> Script:
     return Script(
         step="kubeadm-join",
         host=hostname,
-        done_when=f"[ -f {KUBELET_KUBECONFIG} ]",
+        done_when=BOOTSTRAP_FINISHED,
         functions=INSTALL_BUNDLE_FUNCTION,
         body=(
             # The document holds the bootstrap token: remove it however the step ends.
             f"trap {quote(shell('rm', '-f', JOIN_CONFIG_PATH))} EXIT",
+            *_unfinished(None, worker=worker),
             "install_bundle",
-            logged("kubeadm-join", "kubeadm", "join", "--config", JOIN_CONFIG_PATH),
+            *_bootstrap("join", "join", "--config", JOIN_CONFIG_PATH),
             # The document holds the bootstrap token; it has done its job.
             shell("rm", "-f", JOIN_CONFIG_PATH),
         ),
@@ -123,18 +201,22 @@ def first_control_plane_script(hostname: str, endpoint: str, peers: Sequence[str
         "kubeadm-ha: the API does not answer but another control plane's etcd does; "
         "refusing to run kubeadm init against a cluster that already exists"
     )
+    init = ("init", "--config", INIT_CONFIG_PATH, "--skip-token-print")
     body = [
         # The documents hold the bootstrap token: remove them however the step ends (a refusal, a failed kubeadm).
         f"trap {quote(shell('rm', '-f', INIT_CONFIG_PATH, JOIN_CONFIG_PATH))} EXIT",
         "install_bundle",
-        f"if {answers}; then",
-        "  " + logged("kubeadm-join", "kubeadm", "join", "--config", JOIN_CONFIG_PATH),
+        *_unfinished(_bootstrap("init", *init, "--skip-phases=preflight")),
+        f"if [ -f {BOOTSTRAP_DONE} ]; then",
+        "  :",
+        f"elif {answers}; then",
+        *("  " + line for line in _bootstrap("join", "join", "--config", JOIN_CONFIG_PATH)),
     ]
     if stacked_etcd and peers:
         body += [f"elif {etcd_open}; then", f"  echo {shell(refusal)} >&2", "  exit 1"]
     body += [
         "else",
-        "  " + logged("kubeadm-init", "kubeadm", "init", "--config", INIT_CONFIG_PATH, "--skip-token-print"),
+        *("  " + line for line in _bootstrap("init", *init)),
         "fi",
         # The documents hold the bootstrap token; they have done their job.
         shell("rm", "-f", INIT_CONFIG_PATH, JOIN_CONFIG_PATH),
@@ -142,7 +224,7 @@ def first_control_plane_script(hostname: str, endpoint: str, peers: Sequence[str
     return Script(
         step="kubeadm-init",
         host=hostname,
-        done_when=f"[ -f {KUBELET_KUBECONFIG} ]",
+        done_when=BOOTSTRAP_FINISHED,
         functions=INSTALL_BUNDLE_FUNCTION,
         body=tuple(body),
     )
@@ -244,7 +326,7 @@ class ControlPlaneNode(pulumi.ComponentResource):
                     )
                 )
             )
-            script = kubeadm_join_script(node.hostname)
+            script = kubeadm_join_script(node.hostname, worker=False)
         reset = reset_step(context, node, self.vm, parent=self, after=[removal])
         self.kubeadm: command.remote.Command = run_step(
             f"{name}-kubeadm-{args.bootstrap}",

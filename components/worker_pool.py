@@ -53,7 +53,7 @@ class WorkerPool(pulumi.ComponentResource):
             self.joins[node.hostname] = run_step(
                 f"{node.hostname}-kubeadm-join",
                 context.access(node),
-                kubeadm_join_script(node.hostname),
+                kubeadm_join_script(node.hostname, worker=True),
                 parent=self,
                 stdin=config_bundle(JOIN_CONFIG_PATH, documents),
                 depends_on=[vm.ready, reset, *args.after],

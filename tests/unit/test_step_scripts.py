@@ -83,7 +83,11 @@ discovery:
 _KUBEADM = r"""
 config="$(opt --config "$@")" || { echo "stub kubeadm: no --config" >&2; exit 2; }
 [ -r "$config" ] || { echo "open $config: no such file or directory" >&2; exit 1; }
-if [ -e /etc/kubernetes/kubelet.conf ]; then
+if [ -e "$STATE/fails-in-preflight" ]; then
+  echo "[ERROR CRI]: container runtime is not running" >&2
+  exit 1
+fi
+if [ -e /etc/kubernetes/kubelet.conf ] && ! has --skip-phases=preflight "$@"; then
   echo "[ERROR FileAvailable--etc-kubernetes-kubelet.conf]: /etc/kubernetes/kubelet.conf already exists" >&2
   exit 1
 fi
@@ -97,6 +101,10 @@ case "$1" in
     echo "apiVersion: v1" >/etc/kubernetes/manifests/kube-apiserver.yaml
     echo "kind: Config" >/etc/kubernetes/admin.conf
     echo "kind: Config" >/etc/kubernetes/kubelet.conf
+    if [ -e "$STATE/fails-after-kubeconfig" ]; then
+      echo "error execution phase wait-control-plane: failed while waiting for the control plane to start" >&2
+      exit 1
+    fi
     echo "Your Kubernetes control-plane has initialized successfully!" ;;
   join)
     printf '%s\n' "$read_by_kubeadm" >>"$STATE/join-configs-read"
@@ -107,6 +115,10 @@ case "$1" in
       exit 1
     fi
     echo "kind: Config" >/etc/kubernetes/kubelet.conf
+    if [ -e "$STATE/fails-after-kubeconfig" ]; then
+      echo "error execution phase control-plane-join/etcd: error creating local etcd static pod manifest" >&2
+      exit 1
+    fi
     echo "This node has joined the cluster" ;;
   *) echo "stub kubeadm: unexpected call: $*" >&2; exit 2 ;;
 esac
@@ -386,7 +398,7 @@ def _api_answers(sandbox: Sandbox, *urls: str) -> None:
 
 def test_join_reads_the_config_from_stdin_removes_it_then_does_nothing(sandbox: Sandbox):
     _api_answers(sandbox, f"https://{ENDPOINT}/readyz")
-    script = kubeadm_join_script(HOST)
+    script = kubeadm_join_script(HOST, worker=False)
     assert _run_first(sandbox, script, stdin=JOIN_BUNDLE) == [JOIN]
     assert _state_lines(sandbox, "join-configs-read") == [JOIN_READ]
     assert sandbox.exists(KUBELET_KUBECONFIG)
@@ -397,7 +409,7 @@ def test_join_reads_the_config_from_stdin_removes_it_then_does_nothing(sandbox: 
 
 
 def test_a_failed_join_shows_the_log_tail_without_tokens_and_removes_the_config(sandbox: Sandbox):
-    script = kubeadm_join_script(HOST)
+    script = kubeadm_join_script(HOST, worker=False)
     stderr, calls = _run_failing(sandbox, script, stdin=JOIN_BUNDLE)
     assert calls == [JOIN]
     assert f"kubeadm-ha: kubeadm failed on {HOST} during kubeadm-join; last lines of {LOG_DIR}/kubeadm-join.log:" in (
@@ -516,6 +528,86 @@ def test_with_external_etcd_no_etcd_port_is_probed(first_cp: Sandbox):
         assert _run_first(first_cp, script, stdin=INIT_BUNDLE) == [*PROBES, INIT]
     _no_configs_left(first_cp)
     assert _run_again(first_cp, script, stdin=INIT_BUNDLE) == []
+
+
+# ---------------------------------------------------------------- a kubeadm that stopped halfway
+
+RESUME = [*INIT, "--skip-phases=preflight"]
+
+
+def test_an_init_that_failed_after_writing_kubelet_conf_is_run_again_not_taken_as_done(first_cp: Sandbox):
+    """Found by the cluster lab: `kubeadm init` missed its wait-control-plane deadline on a loaded machine,
+    after its kubeconfig phase had written kubelet.conf, and the next `pulumi up` said "already done"."""
+    script = _first_script()
+    first_cp.put_state("fails-after-kubeconfig")
+    stderr, calls = _run_failing(first_cp, script, stdin=INIT_BUNDLE)
+    assert calls == [*PROBES, INIT]
+    assert "error execution phase wait-control-plane" in stderr
+    assert first_cp.exists(KUBELET_KUBECONFIG)
+
+    # The next run takes the init up again, past the preflight checks that refuse a begun node, and not by
+    # way of a join, though this node's own API may answer through the endpoint by then.
+    (first_cp.state / "fails-after-kubeconfig").unlink()
+    _api_answers(first_cp, API_URLS[0])
+    result = first_cp.run(script.render(), stdin=INIT_BUNDLE)
+    assert result.returncode == 0, result.stderr
+    assert f"the kubeadm init on {FIRST} started and did not finish" in result.stdout
+    assert first_cp.call_lines()[-1:] == [RESUME]
+    assert _state_lines(first_cp, "join-configs-read") == []
+    _no_configs_left(first_cp)
+    assert _run_again(first_cp, script, stdin=INIT_BUNDLE) == []
+
+
+def test_an_init_that_stopped_in_preflight_runs_again_with_its_checks(first_cp: Sandbox):
+    script = _first_script()
+    first_cp.put_state("fails-in-preflight")
+    stderr, calls = _run_failing(first_cp, script, stdin=INIT_BUNDLE)
+    assert calls == [*PROBES, INIT] and "[ERROR CRI]" in stderr
+    (first_cp.state / "fails-in-preflight").unlink()
+    result = first_cp.run(script.render(), stdin=INIT_BUNDLE)
+    assert result.returncode == 0, result.stderr
+    assert f"the kubeadm init on {FIRST} stopped before it changed anything; running it again" in result.stdout
+    assert first_cp.call_lines()[-4:] == [*PROBES, INIT]
+    assert _run_again(first_cp, script, stdin=INIT_BUNDLE) == []
+
+
+@pytest.mark.parametrize("worker", [False, True], ids=["control-plane", "worker"])
+def test_a_join_that_failed_after_writing_kubelet_conf_is_not_taken_as_done(sandbox: Sandbox, worker: bool):
+    """A control plane's join can stop after kubelet.conf, in control-plane-join (its etcd member perhaps
+    added): it is refused with what to do, never called done. A worker's join is kubelet's TLS bootstrap, so
+    kubelet.conf there means the node has joined."""
+    _api_answers(sandbox, f"https://{ENDPOINT}/readyz")
+    sandbox.put_state("fails-after-kubeconfig")
+    script = kubeadm_join_script(HOST, worker=worker)
+    stderr, calls = _run_failing(sandbox, script, stdin=JOIN_BUNDLE)
+    assert "error execution phase control-plane-join" in stderr
+    assert calls == [JOIN]
+    (sandbox.state / "fails-after-kubeconfig").unlink()
+    before = len(sandbox.call_lines())
+    result = sandbox.run(script.render(), stdin=JOIN_BUNDLE)
+    assert sandbox.call_lines()[before:] == []  # kubeadm is not run again either way
+    assert not sandbox.exists(JOIN_CONFIG_PATH)
+    if worker:
+        assert result.returncode == 0, result.stderr
+        assert f"kubelet on {HOST} finished its TLS bootstrap after kubeadm join gave up" in result.stdout
+        assert _run_again(sandbox, script, stdin=JOIN_BUNDLE) == []
+    else:
+        assert result.returncode == 1
+        assert f"a kubeadm join on {HOST} started and did not finish" in result.stderr
+        assert "Run kubeadm reset --force on the node, or replace its VM" in result.stderr
+        assert TOKEN not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("which", ["init", "join"])
+def test_a_node_bootstrapped_before_the_record_existed_is_left_alone(sandbox: Sandbox, which: str):
+    """Running clusters' nodes have kubelet.conf and no record: the changed step is a no-op there."""
+    sandbox.put(CA_CERT, CERTS[CA_CERT], 0o644)
+    sandbox.put(KUBELET_KUBECONFIG, "kind: Config\n", 0o600)
+    script = _first_script() if which == "init" else kubeadm_join_script(HOST, worker=False)
+    result = sandbox.run(script.render(), stdin=INIT_BUNDLE if which == "init" else JOIN_BUNDLE)
+    assert result.returncode == 0, result.stderr
+    assert "already done" in result.stdout
+    assert sandbox.call_lines() == []
 
 
 # ---------------------------------------------------------------- load balancer
