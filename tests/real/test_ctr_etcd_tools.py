@@ -31,9 +31,7 @@ ctr containerd-shim-runc-v2 etcd etcdctl etcdutl. Under CI=true missing ones fai
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
-import ipaddress
 import json
 import os
 import platform
@@ -47,10 +45,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from components.etcd import plan_membership
 from model.addressing import plan_addresses
@@ -62,6 +59,7 @@ from render.backup import etcd_tool_functions as tool_functions
 from render.etcd import ETCD_IMAGE_REPOSITORY, MANIFEST_PATH, EtcdPaths, render_manifest
 from render.etcd_restore import quorum_probe_script
 from render.scripts import LOG_DIR, STATE_DIR, Script
+from tests.certificates import issue
 from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.netns import Lab, Namespace, Process, cleanup_stale, poll_until, scratch_dir
 from tests.real.binaries import binary
@@ -110,44 +108,16 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _certificate(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
-    usages: list[x509.ObjectIdentifier],
-    ips: tuple[str, ...] = (),
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer[0].subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if usages:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-    if ips:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]), critical=False
-        )
-    return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-
-
 def write_pki(directory: Path) -> dict[str, Path]:
     """An etcd CA, a server pair for 127.0.0.1, and the healthcheck client's pair, by their kubeadm file names."""
     directory.mkdir(parents=True, mode=0o700)
     ca_key = _key()
-    ca = _certificate("etcd-ca", ca_key, None, [])
+    ca = issue("etcd-ca", ca_key)
     server_key, client_key = _key(), _key()
-    server = _certificate(
-        "etcd-server", server_key, (ca, ca_key), [ExtendedKeyUsageOID.SERVER_AUTH], ips=("127.0.0.1",)
+    server = issue(
+        "etcd-server", server_key, (ca, ca_key), usages=[ExtendedKeyUsageOID.SERVER_AUTH], ips=("127.0.0.1",)
     )
-    client = _certificate("kube-etcd-healthcheck-client", client_key, (ca, ca_key), [ExtendedKeyUsageOID.CLIENT_AUTH])
+    client = issue("kube-etcd-healthcheck-client", client_key, (ca, ca_key), usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
     files = {
         "ca": (os.path.basename(PATHS.trusted_ca), ca.public_bytes(serialization.Encoding.PEM)),
         "server-cert": ("server.crt", server.public_bytes(serialization.Encoding.PEM)),

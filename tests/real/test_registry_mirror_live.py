@@ -28,7 +28,6 @@ registry pause. Under CI=true missing ones fail.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import http.client
 import ipaddress
@@ -48,14 +47,15 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from model.artifacts import RegistryMirrorConfig
 from model.versions import DEFAULT_KUBERNETES, release_for
 from render.node_prep import CONTAINERD_CONFIG_FILE
 from render.registry_mirror import CA_FILE, CERTS_DIR, containerd_mirror_config, mirror_files
+from tests.certificates import issue
 from tests.integration.conftest import phase_failed, require_programs, require_root, unavailable
 from tests.integration.netns import Lab, Namespace, Process, cleanup_stale, poll_until, scratch_dir
 from tests.real import lab_binaries
@@ -87,42 +87,6 @@ def report(message: str) -> None:
 # ----------------------------------------------------------------------------- certificates
 
 
-def _certificate(
-    subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer[0].subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
-    if issuer is None:
-        usage = {"key_cert_sign": True, "crl_sign": True, "digital_signature": False}
-    else:
-        usage = {"key_cert_sign": False, "crl_sign": False, "digital_signature": True}
-        builder = (
-            builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(MIRROR_IP))]), critical=False
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[1].public_key()), critical=False)
-        )
-    flags = dict.fromkeys(
-        ("content_commitment", "key_encipherment", "data_encipherment", "key_agreement", "encipher_only",
-         "decipher_only"),
-        False,
-    )  # fmt: skip
-    builder = builder.add_extension(x509.KeyUsage(**usage, **flags), critical=True)
-    return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-
-
 def _pem(certificate: x509.Certificate) -> str:
     return certificate.public_bytes(serialization.Encoding.PEM).decode()
 
@@ -138,9 +102,11 @@ class Pki:
 def write_pki(directory: Path) -> Pki:
     directory.mkdir(mode=0o700)
     ca_key, other_key, server_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
-    ca = _certificate("kubeadm-ha test mirror CA", ca_key, None)
-    other = _certificate("kubeadm-ha test mirror CA", other_key, None)  # same name, another key
-    server = _certificate("mirror", server_key, (ca, ca_key))
+    ca = issue("kubeadm-ha test mirror CA", ca_key, key_usage=True)
+    other = issue("kubeadm-ha test mirror CA", other_key, key_usage=True)  # same name, another key
+    server = issue(
+        "mirror", server_key, (ca, ca_key), usages=[ExtendedKeyUsageOID.SERVER_AUTH], ips=(MIRROR_IP,), key_usage=True
+    )
     (directory / "mirror.crt").write_text(_pem(server))
     key_pem = server_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

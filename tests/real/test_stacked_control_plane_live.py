@@ -138,7 +138,11 @@ def test_renewal_on_a_stacked_control_plane_renews_and_restarts_its_etcd_member_
     report(f"HAProxy's view of {node.name}'s API server as its etcd stopped: {seen_as_etcd_stopped[0]}")
     assert "UP" not in seen_as_etcd_stopped[0].values(), seen_as_etcd_stopped
     # The API server stopped before etcd did and started again after it.
-    order = [event for _, event in kubelet.timeline if event.split(" ", 1)[0] in ("stopped", "started")]
+    order = [
+        event
+        for _, event in kubelet.timeline
+        if event.split(" ")[0] in ("stopped", "started") and event.split(" ")[1] in ("etcd", "kube-apiserver")
+    ]
     tail = order[order.index(f"stopped etcd on {node.name}") - 1 :][:4]
     assert tail == [f"{verb} {pod} on {node.name}" for verb, pod in (
         ("stopped", "kube-apiserver"), ("stopped", "etcd"), ("started", "etcd"), ("started", "kube-apiserver"))
