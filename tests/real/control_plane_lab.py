@@ -237,9 +237,10 @@ class ControlPlaneLab:
             node = self.add_node(plan)
             node.root.place(step_files(self.evaluation, f"{plan.hostname}-place-pki"))
             # What its `kubeadm init`/`join` step installs besides the documents: the files the flags name (the
-            # audit policy, the encryption configuration), which kube-apiserver refuses to start without.
+            # audit policy, the encryption configuration), which kube-apiserver refuses to start without; through
+            # `bundle_filter`, as a cluster set up by an older program had them (none, for the encryption lab).
             bootstrap = init_step(self.evaluation) if index == 0 else f"{plan.hostname}-kubeadm-join"
-            node.root.place(step_files(self.evaluation, bootstrap))
+            node.root.place(self.kubeadm_files(bootstrap))
             documents = (
                 init_yaml
                 if index == 0
