@@ -53,6 +53,7 @@ from model.stack import config_from_stack_file
 from render.etcd import EtcdClusterSpec, EtcdMember, EtcdPaths, etcd_member_flags, render_manifest
 from render.etcd_maintenance import ALARM_EXIT, LOCK_NAME, STATUS_PATH, maintenance_script
 from render.scripts import Script
+from tests.certificates import issue
 from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.netns import Lab, Process, cleanup_stale, poll_until, scratch_dir
 from tests.real.binaries import binary
@@ -62,7 +63,6 @@ from tests.real.test_ctr_etcd_tools import (
     CtrNode,
     HostState,
     Ran,
-    _certificate,
     _key,
     _pem_key,
     build_etcd_image,
@@ -163,7 +163,7 @@ def write_member_pki(
     usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     for kind in ("server", "peer"):
         key = _key()
-        cert = _certificate(f"etcd-{kind}", key, ca, usages, ips=("127.0.0.1", address))
+        cert = issue(f"etcd-{kind}", key, ca, usages=usages, ips=("127.0.0.1", address))
         files[f"{kind}.crt"], files[f"{kind}.key"] = cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
     for name, content in files.items():
         (pki / name).write_bytes(content)
@@ -214,10 +214,10 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     try:
         bridge = lab.bridge()
         ca_key = _key()
-        ca = _certificate("etcd-ca", ca_key, None, [])
+        ca = issue("etcd-ca", ca_key)
         client_key = _key()
-        client = _certificate(
-            "kube-etcd-healthcheck-client", client_key, (ca, ca_key), [ExtendedKeyUsageOID.CLIENT_AUTH]
+        client = issue(
+            "kube-etcd-healthcheck-client", client_key, (ca, ca_key), usages=[ExtendedKeyUsageOID.CLIENT_AUTH]
         )
         client_pair = (client.public_bytes(serialization.Encoding.PEM), _pem_key(client_key))
         archive = build_etcd_image(work, spec.image, {"etcdctl": binaries["etcdctl"]})
