@@ -62,8 +62,9 @@ def _without_kubelet(documents: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def namespace() -> Iterator[Namespace]:
-    with Lab("resume") as lab:
+def namespace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Namespace]:
+    # Its log directory under pytest's, not a /tmp directory of its own that would stay behind.
+    with Lab("resume", log_dir=tmp_path_factory.mktemp("resume-logs")) as lab:
         yield lab.namespace("cp-1")
 
 
