@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -217,7 +218,9 @@ class LabStack:
         self._init()
         return self
 
-    def pulumi(self, *args: str, timeout: float = 300, secret_stdout: bool = False) -> Run:
+    def pulumi(
+        self, *args: str, timeout: float = 300, secret_stdout: bool = False, env: Mapping[str, str] | None = None
+    ) -> Run:
         argv = ["pulumi", *args, "--non-interactive"]
         if args[0] not in ("plugin", "stack"):
             argv += ["--stack", self.stack]
@@ -227,7 +230,9 @@ class LabStack:
             event_log = self.base / "events" / f"{len(self.runs):03d}-{args[0]}.jsonl"
             argv += ["--event-log", str(event_log)]
         started, wall = time.monotonic(), time.time()
-        returncode, out, err = cli.run_bounded([*self.prefix, *argv], self.project, self.env(), timeout)
+        returncode, out, err = cli.run_bounded(
+            [*self.prefix, *argv], self.project, {**self.env(), **(env or {})}, timeout
+        )
         seconds = time.monotonic() - started
         run = Run(argv, returncode, out, err, seconds, started=wall, secret=secret_stdout, event_log=event_log)
         self.runs.append(run)
