@@ -10,12 +10,21 @@ from dataclasses import dataclass
 
 from model.config import KubernetesConfig
 from render.kubeadm import CONFIG_DIR
-from render.scripts import INSTALL_BUNDLE_FUNCTION, STATE_DIR, Script, command, quote, retry_function
+from render.scripts import (
+    INSTALL_BUNDLE_FUNCTION,
+    STATE_DIR,
+    Script,
+    bounded_wait_function,
+    command,
+    quote,
+    retry_function,
+)
 
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
 TOKEN_CONFIG_PATH = f"{CONFIG_DIR}/bootstrap-token.yaml"
 # Bounds on every wait: a node has 10 minutes to become Ready, a drain 5 minutes.
-READY_TIMEOUT = "600s"
+READY_TIMEOUT_SECONDS = 600
+READY_POLL_SECONDS = 5
 DRAIN_TIMEOUT = "300s"
 # A token with less than this left is replaced before a join.
 TOKEN_MIN_REMAINING_SECONDS = 2 * 3600
@@ -117,9 +126,27 @@ def _node_field(node: str, jsonpath: str) -> str:
     return f'"$({command(*KUBECTL, "get", "node", node, "--output", f"jsonpath={jsonpath}")} 2>/dev/null)"'
 
 
+_READY_JSONPATH = 'jsonpath={.status.conditions[?(@.type=="Ready")].status}'
+
+
 def _node_ready(node: str) -> str:
-    ready = _node_field(node, '{.status.conditions[?(@.type=="Ready")].status}')
+    ready = _node_field(node, _READY_JSONPATH.removeprefix("jsonpath="))
     return f"[ {ready} = True ]"
+
+
+def _wait_ready(node: str) -> tuple[str, ...]:
+    """Poll (bounded) until the Node exists and reports Ready. A failed call is "not yet", not the step's end:
+    a loaded API server behind the VIP answers some calls with EOF (the cluster lab, 2 TCG cores), and
+    `kubectl wait` gives up on the first one. At the bound, what the API says of the node goes to stderr."""
+    wait = f"kha_wait {READY_TIMEOUT_SECONDS} {quote(f'node {node} to be Ready')} node_is_ready {quote(node)}"
+    return (f"{wait} || {{ {command(*KUBECTL, 'get', 'node', node)} >&2 || true; exit 1; }}",)
+
+
+_NODE_IS_READY = (
+    "node_is_ready() {",
+    f'  [ "$({command(*KUBECTL, "get", "node")} "$1" --output {quote(_READY_JSONPATH)} 2>/dev/null)" = True ]',
+    "}",
+)
 
 
 def node_ready_script(target: Target) -> Script:
@@ -128,12 +155,8 @@ def node_ready_script(target: Target) -> Script:
         step=f"wait-ready-{target.node}",
         host=target.admin,
         done_when=_node_ready(target.node),
-        body=(
-            # kubelet registers the Node shortly after join; wait for the object, then for Ready.
-            f"timeout {READY_TIMEOUT[:-1]} bash -c "
-            + quote(f"until {command(*KUBECTL, 'get', 'node', target.node)} >/dev/null 2>&1; do sleep 5; done"),
-            command(*KUBECTL, "wait", "--for=condition=Ready", f"node/{target.node}", f"--timeout={READY_TIMEOUT}"),
-        ),
+        functions=(*bounded_wait_function(READY_POLL_SECONDS), *_NODE_IS_READY),
+        body=_wait_ready(target.node),
     )
 
 
@@ -285,10 +308,11 @@ def uncordon_script(target: Target, kubernetes: KubernetesConfig) -> Script:
         step=f"upgrade-uncordon-{target.node}",
         host=target.admin,
         done_when=f"{_kubelet_at(target.node, kubernetes)} && {_node_ready(target.node)} && {schedulable}",
+        functions=(*bounded_wait_function(READY_POLL_SECONDS), *_NODE_IS_READY),
         body=(
-            f"timeout {READY_TIMEOUT[:-1]} bash -c "
-            + quote(f"until {_kubelet_at(target.node, kubernetes)}; do sleep 5; done"),
-            command(*KUBECTL, "wait", "--for=condition=Ready", f"node/{target.node}", f"--timeout={READY_TIMEOUT}"),
+            f"timeout {READY_TIMEOUT_SECONDS} bash -c "
+            + quote(f"until {_kubelet_at(target.node, kubernetes)}; do sleep {READY_POLL_SECONDS}; done"),
+            *_wait_ready(target.node),
             command(*KUBECTL, "uncordon", target.node),
         ),
     )

@@ -7,7 +7,8 @@ files under the sandbox's `state/` directory to behave like the real programs fo
 
 * the cluster: `nodes/<name>/` (exists while the Node does) with `kubeletVersion`, `ready`,
   `unschedulable`, `pods` (what `get pods --field-selector spec.nodeName=<name>` lists),
-  `drain-blocked` (drain fails), `becomes-ready` (a `kubectl wait` sees the kubelet come up);
+  `drain-blocked` (drain fails); `api-eof`
+  (the numbers of the kubectl calls that get EOF, as from a loaded API server behind the VIP);
   `secrets/bootstrap-token-<id>/expiration`; `cluster-version` (what `kubeadm upgrade apply` set);
 * the packages: `packages/<name>` (installed version), `holds/<name>`, `apt-lists` (the repositories
   the last `apt-get update` read, only from a sources file whose keyring apt's `_apt` user can read
@@ -105,6 +106,12 @@ RFC3339 = "%Y-%m-%dT%H:%M:%SZ"
 _KUBECTL = r"""
 kubeconfig="$(opt --kubeconfig "$@")" || { echo "stub kubectl: no --kubeconfig" >&2; exit 2; }
 [ -r "$kubeconfig" ] || { echo "error: stat $kubeconfig: no such file or directory" >&2; exit 1; }
+# A loaded API server behind the VIP: the calls whose numbers `api-eof` lists get EOF (counted only then).
+if [ -e "$STATE/api-eof" ]; then
+  calls=$(( $(cat "$STATE/kubectl-calls" 2>/dev/null || echo 0) + 1 ))
+  printf '%s' "$calls" >"$STATE/kubectl-calls"
+  if grep -qx "$calls" "$STATE/api-eof"; then echo "Unable to connect to the server: EOF" >&2; exit 1; fi
+fi
 namespace=default
 words=()
 while [ "$#" -gt 0 ]; do
@@ -179,12 +186,6 @@ case "$1 ${2-}" in
         rm -f "$found"
         echo "Member $id removed from cluster" ;;
     esac ;;
-  "wait "*)
-    [ "$2" = --for=condition=Ready ] || exit 2
-    node_dir "${3#node/}"
-    if [ -e "$dir/becomes-ready" ]; then printf True >"$dir/ready"; fi
-    [ "$(cat "$dir/ready")" = True ] || { echo "error: timed out waiting for the condition on $3" >&2; exit 1; }
-    echo "$3 condition met" ;;
   *) echo "stub kubectl: unexpected call: $*" >&2; exit 2 ;;
 esac
 """
@@ -607,32 +608,62 @@ def test_a_token_create_the_api_drops_is_tried_again(sandbox: Sandbox, trouble: 
 # ---------------------------------------------------------------- wait for Ready
 
 
-def test_node_ready_waits_for_ready_then_does_nothing(sandbox: Sandbox):
-    _node(sandbox, ready="False", becomes_ready="")
+def _kubelet_comes_up(sandbox: Sandbox, tmp_path: Path, name: str) -> Sandbox:
+    """A sandbox whose `sleep` lets time pass: the kubelet registers the Node (if it had not) and reports Ready."""
+    box = Sandbox(
+        tmp_path / name,
+        {**STUBS, "sleep": f'mkdir -p "$STATE/nodes/{NODE}"; printf v1.34.2 >"$STATE/nodes/{NODE}/kubeletVersion"; '
+         f'printf True >"$STATE/nodes/{NODE}/ready"'},
+    )  # fmt: skip
+    box.put(ADMIN_KUBECONFIG, "stub\n")
+    return box
+
+
+def test_node_ready_waits_for_ready_then_does_nothing(sandbox: Sandbox, tmp_path: Path):
+    waiting = _kubelet_comes_up(sandbox, tmp_path, "waiting")
+    _node(waiting, ready="False")
     script = node_ready_script(TARGET)
-    assert _run_first(sandbox, script) == [
+    assert _run_first(waiting, script) == [
         [*K, "get", "node", NODE, "--output", READY],
-        [*K, "get", "node", NODE],
-        [*K, "wait", "--for=condition=Ready", f"node/{NODE}", "--timeout=600s"],
+        [*K, "get", "node", NODE, "--output", READY],
+        ["sleep", "5"],
+        [*K, "get", "node", NODE, "--output", READY],
     ]
-    assert _run_again(sandbox, script) == [[*K, "get", "node", NODE, "--output", READY]]
+    assert _run_again(waiting, script) == [[*K, "get", "node", NODE, "--output", READY]]
 
 
 def test_node_ready_waits_for_the_node_to_register(sandbox: Sandbox, tmp_path: Path):
-    # Another sandbox whose `sleep` lets time pass: the kubelet registers the Node while the step waits.
-    registering = Sandbox(
-        tmp_path / "registering",
-        {**STUBS, "sleep": f'mkdir -p "$STATE/nodes/{NODE}"; printf v1.34.2 >"$STATE/nodes/{NODE}/kubeletVersion"; '
-         f'printf False >"$STATE/nodes/{NODE}/ready"; touch "$STATE/nodes/{NODE}/becomes-ready"'},
-    )  # fmt: skip
-    registering.put(ADMIN_KUBECONFIG, "stub\n")
+    registering = _kubelet_comes_up(sandbox, tmp_path, "registering")
     assert _run_first(registering, node_ready_script(TARGET)) == [
         [*K, "get", "node", NODE, "--output", READY],
-        [*K, "get", "node", NODE],
+        [*K, "get", "node", NODE, "--output", READY],
         ["sleep", "5"],
-        [*K, "get", "node", NODE],
-        [*K, "wait", "--for=condition=Ready", f"node/{NODE}", "--timeout=600s"],
+        [*K, "get", "node", NODE, "--output", READY],
     ]
+
+
+def test_node_ready_keeps_waiting_through_calls_the_api_drops(sandbox: Sandbox, tmp_path: Path):
+    # The cluster lab (2 LB + 1 CP + 1 worker on 2 TCG cores): the worker had registered, and `kubectl wait`
+    # got "Unable to connect to the server: EOF" through the VIP, which failed the step and the `pulumi up`.
+    # A failed call is "not Ready yet" within the step's bound, not its end.
+    flaky = _kubelet_comes_up(sandbox, tmp_path, "flaky")
+    _node(flaky, ready="False")
+    flaky.put_state("api-eof", "3\n4\n")
+    result = flaky.run(node_ready_script(TARGET).render())
+    assert result.returncode == 0, result.stderr
+    assert _state(flaky, "kubectl-calls") == "5"
+
+
+def test_node_ready_gives_up_at_its_bound_naming_the_node_and_what_the_api_says(sandbox: Sandbox, tmp_path: Path):
+    never = Sandbox(tmp_path / "never", {**STUBS, "sleep": RECORD_ONLY})
+    never.put(ADMIN_KUBECONFIG, "stub\n")
+    _node(never, ready="False")
+    # `SECONDS` is bash's own clock: past the bound after the first poll.
+    script = node_ready_script(TARGET).render().replace("deadline=$((SECONDS + limit))", "deadline=$SECONDS")
+    result = never.run(script)
+    assert result.returncode == 1
+    assert f"gave up after 600s waiting for node {NODE} to be Ready on {ADMIN}" in result.stderr
+    assert f"{NODE} False" in result.stderr
 
 
 # ---------------------------------------------------------------- remove and reset
@@ -951,7 +982,7 @@ def test_uncordon_waits_for_the_new_kubelet_then_does_nothing(sandbox: Sandbox):
     assert _run_first(sandbox, script) == [
         *guard,
         [*K, "get", "node", NODE, "--output", KUBELET_VERSION],
-        [*K, "wait", "--for=condition=Ready", f"node/{NODE}", "--timeout=600s"],
+        [*K, "get", "node", NODE, "--output", READY],
         [*K, "uncordon", NODE],
     ]
     assert not (sandbox.state / "nodes" / NODE / "unschedulable").exists()
