@@ -381,7 +381,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cp-memory", type=int, default=3072)
     parser.add_argument("--grow-cps", type=int, default=0, help="after the first up and its checks: this many CPs")
     parser.add_argument("--grow-parallel", type=int, default=1, help="pulumi up --parallel for the growth")
-    parser.add_argument("--day2", action="store_true", help="a second up, the drill (3 CPs, 2 LBs), --add-worker")
+    day2 = "a second up, the drill (3 CPs, 2 LBs), --add-worker, a due renewal and an up after it"
+    parser.add_argument("--day2", action="store_true", help=day2)
     parser.add_argument("--add-worker", action="store_true", help="with --day2: one more worker through pulumi up")
     parser.add_argument("--keep-going", action="store_true", help="run the checks even when up failed")
     parser.add_argument("--hold-on-failure", action="store_true", help="keep the lab up for inspection (30 min)")
