@@ -6,7 +6,8 @@ inputs give byte-identical text, because the remote step that writes these
 files re-runs whenever the text changes (e.g. a control plane is added).
 
 HAProxy (every LB node) forwards TCP ``*:loadBalancer.port`` to kube-apiserver on
-every control plane, health-checked with ``GET /readyz``. With two or more LB
+every control plane, health-checked with ``GET /readyz``; while no control plane passes,
+it fails open to all of them unchecked rather than closing every connection. With two or more LB
 nodes keepalived holds the VIP over unicast VRRP and tracks HAProxy through a
 local monitor URI; a single LB node owns the VIP as its own address and runs
 no keepalived.
@@ -38,6 +39,9 @@ APISERVER_PORT = 6443
 HAPROXY_HEALTH_PORT = 8404
 HAPROXY_HEALTH_URI = "/healthz"
 HAPROXY_STATS_URI = "/stats"
+# HAProxy's backends: the checked one, and the one clients get while no server of it is UP.
+HAPROXY_BACKEND = "kube-apiserver"
+HAPROXY_FALLBACK_BACKEND = "kube-apiserver-unchecked"
 # cloud-init's network config renames every node's NIC to eth0 (matched by MAC).
 LB_INTERFACE = "eth0"
 # keepalived runs the track script as this user; it exists on every Debian/Ubuntu.
@@ -220,6 +224,8 @@ def render_haproxy_cfg(settings: HaproxySettings) -> str:
         rise=BACKEND_CHECK_RISE,
         spread=CHECK_SPREAD_PERCENT,
         servers=servers,
+        backend=HAPROXY_BACKEND,
+        fallback_backend=HAPROXY_FALLBACK_BACKEND,
     )
 
 

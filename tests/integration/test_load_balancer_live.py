@@ -335,12 +335,13 @@ def issue_apiserver_cert(
 
 # ----------------------------------------------------------------------------- stub kube-apiserver
 
-# Run with `python -I -c STUB_APISERVER ADDRESS PORT CERT KEY HOSTNAME` inside a
-# control plane's namespace: stdlib only, so it starts in ~50 ms.
+# Run with `python -I -c STUB_APISERVER ADDRESS PORT CERT KEY HOSTNAME UNREADY` inside a
+# control plane's namespace: stdlib only, so it starts in ~50 ms. While the file UNREADY exists, /readyz
+# answers 500 as a kube-apiserver whose etcd check fails does, and /livez still 200.
 STUB_APISERVER = r"""
-import http.server, socketserver, ssl, sys
+import http.server, os, socketserver, ssl, sys
 
-address, port, cert, key, hostname = sys.argv[1:6]
+address, port, cert, key, hostname, unready = sys.argv[1:7]
 context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
 context.load_cert_chain(cert, key)
 
@@ -350,9 +351,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     timeout = 10
 
     def do_GET(self):
-        ok = self.path in ("/readyz", "/livez", "/healthz")
-        body = b"ok" if ok else b"not found"
-        self.send_response(200 if ok else 404)
+        if self.path == "/readyz" and os.path.exists(unready):
+            status, body = 500, b"[-]etcd failed: reason withheld\nreadyz check failed"
+        elif self.path in ("/readyz", "/livez", "/healthz"):
+            status, body = 200, b"ok"
+        else:
+            status, body = 404, b"not found"
+        self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Stub-Host", hostname)
@@ -447,8 +452,19 @@ class LbLab:
         node = self._node(cp)
         cert, key = self.certs[cp]
         argv = [sys.executable, "-I", "-c", STUB_APISERVER, str(node.address), "6443", str(cert), str(key), cp]
+        argv.append(str(self.unready_marker(cp)))
         self.stubs[cp] = self.lab.spawn(self.cps[cp], argv, name=f"stub-{cp}")
         return self.stubs[cp]
+
+    def unready_marker(self, cp: str) -> Path:
+        return self.work / f"{cp}.unready"
+
+    def set_ready(self, cp: str, ready: bool) -> None:
+        """Make `cp`'s stub answer /readyz with 200 (`ready`) or 500, as a live kube-apiserver can."""
+        if ready:
+            self.unready_marker(cp).unlink(missing_ok=True)
+        else:
+            self.unready_marker(cp).touch()
 
     def start_haproxy(self, lb: str) -> Process:
         path = self.work / "haproxy.cfg"
@@ -733,6 +749,38 @@ def test_failed_backend_is_taken_out_and_back(lb_lab: Callable[[str], LbLab]) ->
     back = live.wait_backends({victim: "UP"}, timeout=BACKEND_UP_BOUND)
     report(f"staging: {victim} back UP after {back:.1f}s")
     assert set(live.spread(3 * len(live.cps))) == set(live.cps)
+
+
+def test_no_ready_backend_fails_open_instead_of_closing_every_connection(lb_lab: Callable[[str], LbLab]) -> None:
+    """(c2) every kube-apiserver failing /readyz at once (the cluster lab: one starved by TCG, its checks timing
+    out): clients still reach the API servers, and see their answers instead of EOF; a closed port among them is
+    retried on the next; the checked backend takes over again as soon as one server is UP."""
+    live = lb_lab("staging")
+    live.wait_single_vip_holder(timeout=ELECTION_BOUND, stable_for=0.5)
+    for cp in live.cps:
+        live.set_ready(cp, False)
+    down = live.wait_backends({cp: "DOWN" for cp in live.cps}, timeout=BACKEND_DOWN_BOUND)
+    report(f"staging: every backend DOWN on every LB after {down:.1f}s")
+
+    # The API servers' own answers, from every one of them (round robin over the unchecked servers).
+    answers = [live.get() for _ in range(3 * len(live.cps))]
+    assert {(answer.status, answer.body.splitlines()[-1]) for answer in answers} == {(500, "readyz check failed")}
+    assert set(collections.Counter(answer.backend for answer in answers)) == set(live.cps)
+    assert {live.get("/livez").status for _ in range(len(live.cps))} == {200}
+
+    # One of them gone as well: every request still answered, by the others.
+    victim = sorted(live.cps)[0]
+    assert live.stubs[victim].stop() is not None
+    served = collections.Counter(live.get("/livez").backend for _ in range(4 * len(live.cps)))
+    report(f"staging: all unready and {victim} stopped: answers per server {dict(served)}")
+    assert set(served) == set(live.cps) - {victim}
+
+    # One ready again: the checked backend serves, and only from it.
+    (healthy, *_) = sorted(set(live.cps) - {victim})
+    live.set_ready(healthy, True)
+    back = live.wait_backends({healthy: "UP"}, timeout=BACKEND_UP_BOUND)
+    report(f"staging: {healthy} UP again after {back:.1f}s; the checked backend serves")
+    assert live.spread(2 * len(live.cps)) == collections.Counter({healthy: 2 * len(live.cps)})
 
 
 def test_dead_haproxy_moves_the_vip(lb_lab: Callable[[str], LbLab]) -> None:

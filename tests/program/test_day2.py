@@ -146,9 +146,9 @@ def test_control_planes_join_and_leave_one_at_a_time(dev_again: Evaluation) -> N
     # Removing 5 and 4: cp-5 is gone (drain, reset) before anything of cp-4 starts going.
     assert five.depends_on("dev-cp-5-kubeadm-join", "dev-cp-4-membership")
     haproxy = bundle(five.named("dev-lb-1-configure-lb"))["/etc/haproxy/haproxy.cfg"]
-    assert haproxy.count("server dev-cp-") == 5
+    assert haproxy.count("server dev-cp-") == 5 * 2  # the checked and the fail-open backend
     three = run("dev", previous=five, controlPlane={"replicas": 3})
-    assert bundle(three.named("dev-lb-1-configure-lb"))["/etc/haproxy/haproxy.cfg"].count("server dev-cp-") == 3
+    assert bundle(three.named("dev-lb-1-configure-lb"))["/etc/haproxy/haproxy.cfg"].count("server dev-cp-") == 3 * 2
     assert not any(name.startswith(("dev-cp-4", "dev-cp-5")) for name in names(three))
 
 

@@ -76,7 +76,11 @@ def test_haproxy_backends_are_the_control_planes_in_index_order(name: str) -> No
     settings = lb_config.haproxy_settings(config.cluster_name, config.load_balancer.port, plan)
     expected = [(node.hostname, f"{node.address}:6443") for node in sorted(plan.control_planes, key=lambda n: n.index)]
     assert [(backend.name, f"{backend.address}:{backend.port}") for backend in settings.backends] == expected
-    assert servers(lb_config.render_haproxy_cfg(settings)) == expected
+    text = lb_config.render_haproxy_cfg(settings)
+    assert servers(section(text, f"backend {lb_config.HAPROXY_BACKEND}")) == expected
+    # The fail-open backend lists the same servers, unchecked (see test_haproxy_fails_open_...).
+    assert servers(section(text, f"backend {lb_config.HAPROXY_FALLBACK_BACKEND}")) == expected
+    assert servers(text) == expected * 2
     assert len(expected) == config.control_plane.replicas
 
 
@@ -91,7 +95,7 @@ def test_haproxy_serves_the_api_port_on_every_address_in_tcp_mode(name: str) -> 
     assert f"127.0.0.1:{lb_config.HAPROXY_HEALTH_PORT}" in binds  # health/stats: local only
     assert len(binds) == 2
     assert directive(text, "mode")[0] == "tcp"  # defaults: TLS passes through untouched
-    assert directive(text, "balance") == ["roundrobin"]
+    assert directive(text, "balance") == ["roundrobin", "roundrobin"]
 
 
 def test_haproxy_asks_each_apiserver_whether_it_is_ready() -> None:
@@ -113,6 +117,23 @@ def test_haproxy_asks_each_apiserver_whether_it_is_ready() -> None:
     assert words[words.index("rise") + 1] == str(lb_config.BACKEND_CHECK_RISE)
     # The per-server lines carry nothing that could override the shared check settings.
     assert all(len(line.split()) == 2 for line in directive(text, "server"))
+
+
+def test_haproxy_fails_open_to_unchecked_servers_only_while_none_is_up() -> None:
+    config = stack("staging")
+    text = lb_config.render_haproxy_cfg(
+        lb_config.haproxy_settings(config.cluster_name, config.load_balancer.port, plan_addresses(config))
+    )
+    checked, unchecked = lb_config.HAPROXY_BACKEND, lb_config.HAPROXY_FALLBACK_BACKEND
+    frontend = section(text, "frontend kube-apiserver")
+    assert directive(frontend, "use_backend") == [f"{unchecked} if {{ nbsrv({checked}) eq 0 }}"]
+    assert directive(frontend, "default_backend") == [checked]
+    fallback = section(text, f"backend {unchecked}")
+    # No check of any kind: a server of this backend counts as up whatever state the checks saw.
+    assert not directive(fallback, "default-server") and "check" not in fallback
+    assert not [option for option in directive(fallback, "option") if "chk" in option]
+    # A refused connection goes to the next server at every retry, not only the last (default -1).
+    assert directive(fallback, "option") == ["redispatch 1"]
 
 
 def test_haproxy_timeouts_suit_long_lived_watches() -> None:
@@ -343,7 +364,8 @@ def test_adding_a_control_plane_changes_only_the_backend_list() -> None:
         lb_config.haproxy_settings(five.cluster_name, five.load_balancer.port, plan_addresses(five))
     )
     assert before != after
-    assert servers(after)[:3] == servers(before)
+    for backend in (lb_config.HAPROXY_BACKEND, lb_config.HAPROXY_FALLBACK_BACKEND):
+        assert servers(section(after, f"backend {backend}"))[:3] == servers(section(before, f"backend {backend}"))
     assert [line for line in before.splitlines() if "server " not in line] == [
         line for line in after.splitlines() if "server " not in line
     ]

@@ -42,7 +42,8 @@ def test_nodes_are_laid_out_by_role_in_execution_order(plans: dict[str, Path]) -
         *("03-kubelet-serving", "04-node-files"),  # issue 20: its serving certificate from the CA, its file modes
     ]
     lb = nodes / "lb-1" / "02-configure-lb"
-    assert (lb / "files" / "etc" / "haproxy" / "haproxy.cfg").read_text().count("server staging-cp-") == 3
+    haproxy = (lb / "files" / "etc" / "haproxy" / "haproxy.cfg").read_text()
+    assert haproxy.count("server staging-cp-") == 3 * 2  # the checked and the fail-open backend
     assert (lb / "files" / "etc" / "keepalived" / "keepalived.conf").is_file()
     assert "0600 /etc/kubernetes/pki/ca.key" in (nodes / "cp-2" / "02-place-pki" / "files.txt").read_text()
     assert (nodes / "cp-1" / "00-cloud-init" / "user-data").read_text().startswith("#cloud-config")

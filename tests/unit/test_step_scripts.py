@@ -669,7 +669,7 @@ def test_lb_with_a_new_backend_set_runs_again(sandbox: Sandbox):
 
     new = _lb_files(_with_control_planes(config, 5), LB)
     new_haproxy = next(item for item in new if item.path == HAPROXY_CFG_PATH).content
-    assert new_haproxy.count("server staging-cp-") == 5
+    assert new_haproxy.count("server staging-cp-") == 5 * 2  # the checked and the fail-open backend
     script = lb_config_script(LB, new)
     assert script.render() != lb_config_script(LB, old).render()
     calls = _run_first(sandbox, script, stdin=encode_bundle(new))
