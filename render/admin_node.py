@@ -126,12 +126,8 @@ def _node_field(node: str, jsonpath: str) -> str:
     return f'"$({command(*KUBECTL, "get", "node", node, "--output", f"jsonpath={jsonpath}")} 2>/dev/null)"'
 
 
-_READY_JSONPATH = 'jsonpath={.status.conditions[?(@.type=="Ready")].status}'
-
-
 def _node_ready(node: str) -> str:
-    ready = _node_field(node, _READY_JSONPATH.removeprefix("jsonpath="))
-    return f"[ {ready} = True ]"
+    return f"node_is_ready {quote(node)}"
 
 
 def _wait_ready(node: str) -> tuple[str, ...]:
@@ -142,11 +138,18 @@ def _wait_ready(node: str) -> tuple[str, ...]:
     return (f"{wait} || {{ {command(*KUBECTL, 'get', 'node', node)} >&2 || true; exit 1; }}",)
 
 
-_NODE_IS_READY = (
-    "node_is_ready() {",
-    f'  [ "$({command(*KUBECTL, "get", "node")} "$1" --output {quote(_READY_JSONPATH)} 2>/dev/null)" = True ]',
-    "}",
-)
+_GET_NODE = command(*KUBECTL, "get", "node")
+
+
+def _node_test(name: str, jsonpath: str, expected: str) -> tuple[str, ...]:
+    """The shell function `NAME NODE [VALUE]`: true when the Node's `jsonpath` prints `expected`; false as well
+    when the call fails, so the guards and waits using it take a call the API dropped as "not yet"."""
+    get = f'{_GET_NODE} "$1" --output {quote("jsonpath=" + jsonpath)} 2>/dev/null'
+    return (f"{name}() {{", f'  [ "$({get})" = {expected} ]', "}")
+
+
+_NODE_IS_READY = _node_test("node_is_ready", '{.status.conditions[?(@.type=="Ready")].status}', "True")
+_KUBELET_IS_AT = _node_test("kubelet_is_at", "{.status.nodeInfo.kubeletVersion}", '"$2"')
 
 
 def node_ready_script(target: Target) -> Script:
@@ -291,27 +294,29 @@ def drain_for_upgrade_script(target: Target, kubernetes: KubernetesConfig) -> Sc
     return Script(
         step=f"upgrade-drain-{target.node}",
         host=target.admin,
-        done_when=f"{_kubelet_at(target.node, kubernetes)} || {{ [ -f {quote(marker)} ] && {cordoned}; }}",
-        functions=_REPORT_BLOCKERS,
+        done_when=f"{' '.join(_kubelet_at(target.node, kubernetes))} || {{ [ -f {quote(marker)} ] && {cordoned}; }}",
+        functions=(*_REPORT_BLOCKERS, *_KUBELET_IS_AT),
         body=(*_drain(target.node), command("touch", marker)),
     )
 
 
-def _kubelet_at(node: str, kubernetes: KubernetesConfig) -> str:
-    return f"[ {_node_field(node, '{.status.nodeInfo.kubeletVersion}')} = {quote('v' + kubernetes.version)} ]"
+def _kubelet_at(node: str, kubernetes: KubernetesConfig) -> tuple[str, ...]:
+    """The words of `kubelet_is_at NODE vVERSION`."""
+    return ("kubelet_is_at", quote(node), quote("v" + kubernetes.version))
 
 
 def uncordon_script(target: Target, kubernetes: KubernetesConfig) -> Script:
     """After an upgrade: wait until the node is Ready on the new version, then let pods back on."""
     schedulable = f"[ -z {_node_field(target.node, '{.spec.unschedulable}')} ]"
+    kubelet_at = _kubelet_at(target.node, kubernetes)
+    wanted = f"kubelet v{kubernetes.version}"
     return Script(
         step=f"upgrade-uncordon-{target.node}",
         host=target.admin,
-        done_when=f"{_kubelet_at(target.node, kubernetes)} && {_node_ready(target.node)} && {schedulable}",
-        functions=(*bounded_wait_function(READY_POLL_SECONDS), *_NODE_IS_READY),
+        done_when=f"{' '.join(kubelet_at)} && {_node_ready(target.node)} && {schedulable}",
+        functions=(*bounded_wait_function(READY_POLL_SECONDS), *_NODE_IS_READY, *_KUBELET_IS_AT),
         body=(
-            f"timeout {READY_TIMEOUT_SECONDS} bash -c "
-            + quote(f"until {_kubelet_at(target.node, kubernetes)}; do sleep {READY_POLL_SECONDS}; done"),
+            " ".join(("kha_wait", str(READY_TIMEOUT_SECONDS), quote(f"{wanted} on {target.node}"), *kubelet_at)),
             *_wait_ready(target.node),
             command(*KUBECTL, "uncordon", target.node),
         ),
