@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from tests.real import cluster_bundle, cluster_checks, cluster_day2
+from tests.real import cluster_bundle, cluster_checks, cluster_day2, cluster_lb_view
 from tests.real.engine.lab_stack import LabStack, Run
 from tests.real.engine.libvirtd import Libvirtd, isolated_libvirtd
 from tools.access import access_from_outputs, private_workdir
@@ -211,6 +211,8 @@ class Lab:
                 )
                 if renewal:
                     self.report.run("an up after the renewal changes nothing", lambda: self._noop(lab))
+            if up_ok:
+                self.report.run("what the load balancers saw (HAProxy)", lambda: self._lb_view(lab, lv, directory))
 
     def _hold(self, directory: Path) -> None:
         if all(stage.ok for stage in self.report.stages):
@@ -294,6 +296,11 @@ class Lab:
             transport = cluster_day2.NetnsSsh(access, workdir, lv.prefix())
             planes = access.role("cp")
             return cluster_day2.renewal_stage(lab, kubectl, transport, planes, KUBERNETES_VERSION, UP_TIMEOUT_SECONDS)
+
+    def _lb_view(self, lab: LabStack, lv: Libvirtd, directory: Path) -> str:
+        access = access_from_outputs(STACK, json.loads(self._outputs(lab, directory).read_text()))
+        with private_workdir() as workdir:
+            return cluster_lb_view.lb_view(cluster_day2.NetnsSsh(access, workdir, lv.prefix()), access.role("lb"))
 
     def _drill(self, lab: LabStack, lv: Libvirtd, directory: Path) -> str:
         outputs = self._outputs(lab, directory)
