@@ -73,11 +73,28 @@ class BootstrapToken:
     groups: tuple[str, ...] = ("system:bootstrappers:kubeadm:default-node-token",)
 
 
+# How long `kubeadm init` keeps asking its new API server. kubeadm v1.37.2's wait-control-plane phase
+# (cmd/kubeadm/app/cmd/phases/init/waitcontrolplane.go) first builds its client, which creates the
+# kubeadm:cluster-admins ClusterRoleBinding through the local API server
+# (phases/kubeconfig/kubeconfig.go EnsureAdminClusterRoleBinding), polling only for `timeouts.kubernetesAPICall`
+# (default 1m, constants.KubernetesAPICallTimeout), and only then waits for the kubelet and the components
+# (4m each by default). So the API server had to answer within a minute of the kubelet's start: the cluster lab's
+# cp-1 (QEMU TCG) served 70 s after it, 10 s after kubeadm gave up. 4m gives the API server the time kubeadm's
+# own control-plane wait (controlPlaneComponentHealthCheck) gives the components.
+INIT_API_CALL_TIMEOUT = "4m0s"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    kubernetes_api_call: str = field(metadata={"wire": "kubernetesAPICall"})
+
+
 @dataclass(frozen=True)
 class InitConfiguration:
     node_registration: NodeRegistration
     local_api_endpoint: APIEndpoint = field(metadata={"wire": "localAPIEndpoint"})
     bootstrap_tokens: tuple[BootstrapToken, ...] | None
+    timeouts: Timeouts | None = None
     api_version: str = KUBEADM_API
     kind: str = "InitConfiguration"
 
@@ -257,6 +274,7 @@ def init_documents(shape: ClusterShape, *, hostname: str, address: str, token: s
         node_registration=_registration(hostname, address, control_plane=True),
         local_api_endpoint=APIEndpoint(advertise_address=address),
         bootstrap_tokens=(BootstrapToken(token=token),),
+        timeouts=Timeouts(kubernetes_api_call=INIT_API_CALL_TIMEOUT),
     )
     return to_yaml(init, cluster_configuration(shape), KubeletConfiguration())
 

@@ -52,6 +52,22 @@ def test_init_documents() -> None:
     assert found["KubeletConfiguration"]["cgroupDriver"] == "systemd"
 
 
+def test_init_asks_its_new_api_server_as_long_as_kubeadm_waits_for_the_control_plane() -> None:
+    """The cluster lab (QEMU TCG): kubeadm init gave up creating its admin ClusterRoleBinding after the default
+    1m of `timeouts.kubernetesAPICall`, 10 s before the API server served (70 s after the kubelet started).
+    kubeadm v1.37.2 runs that poll before its own waits for the kubelet and the components (4m each by default,
+    cmd/kubeadm/app/constants: ControlPlaneComponentHealthCheckTimeout), so it must not be the shorter bound."""
+    found = docs(init_documents(SHAPE, hostname="prod-cp-1", address="10.17.5.31", token=TOKEN))
+    assert found["InitConfiguration"]["timeouts"] == {"kubernetesAPICall": "4m0s"}
+    # Nothing else is bounded differently from kubeadm's defaults, and the joins keep theirs.
+    join = docs(
+        join_documents(
+            SHAPE, hostname="prod-cp-2", address="10.17.5.32", token=TOKEN, ca_cert_hash=HASH, control_plane=True
+        )
+    )
+    assert "timeouts" not in join["JoinConfiguration"]
+
+
 def test_control_plane_join_has_local_endpoint_and_pinned_ca() -> None:
     join = docs(
         join_documents(
