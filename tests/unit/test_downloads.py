@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from render.scripts import Script, download_signing_key, download_verified
+from tests.gnupg import agents_of, gnupg_home
 
 FETCH = ("curl", "--fail", "--silent", "--show-error")
 
@@ -44,13 +46,17 @@ def test_a_digest_that_is_not_sha256_is_refused_when_rendering() -> None:
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, Path]]:
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[str, Path]]]:
     """Two real OpenPGP keys, each with an encryption subkey as a repository key has: fingerprint, export."""
     if shutil.which("gpg") is None:
         pytest.skip("gpg is not installed")
     home = tmp_path_factory.mktemp("gnupg")
-    home.chmod(0o700)
-    gpg = ["gpg", "--homedir", str(home), "--batch", "--passphrase", "", "--pinentry-mode", "loopback"]
+    with gnupg_home(home) as gpg:
+        yield _make_keys(gpg, home)
+    assert not agents_of(home), "gpg-agent outlived the test keys' home"
+
+
+def _make_keys(gpg: list[str], home: Path) -> dict[str, tuple[str, Path]]:
     found: dict[str, tuple[str, Path]] = {}
     for name in ("repo", "other"):
         subprocess.run([*gpg, "--quick-gen-key", f"{name} <{name}@test.invalid>", "ed25519", "sign", "never"],

@@ -29,6 +29,7 @@ from model.config import ImageConfig
 from model.rules import ConfigError
 from model.stack import parse_config
 from render.image import IMAGE_CACHE, cached_image_path, image_fetch_script
+from tests.gnupg import agents_of, gnupg_home
 
 IMAGE = b"QFI\xfb a tiny stand-in for a qcow2 image\n"
 
@@ -154,13 +155,17 @@ def test_a_wrong_digest_leaves_nothing_in_the_cache(https: tuple[str, Path, Path
 
 
 @pytest.fixture(scope="module")
-def signer(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], str, Path]:
+def signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[str], str, Path]]:
     """A real OpenPGP signing key: the gpg command that signs with it, its fingerprint, a keyring holding it."""
     if shutil.which("gpgv") is None:
         pytest.skip("gpgv is not installed")
     home = tmp_path_factory.mktemp("signer")
-    home.chmod(0o700)
-    gpg = ["gpg", "--homedir", str(home), "--batch", "--passphrase", "", "--pinentry-mode", "loopback"]
+    with gnupg_home(home) as gpg:
+        yield _make_signer(gpg, home)
+    assert not agents_of(home), "gpg-agent outlived the signer's home"
+
+
+def _make_signer(gpg: list[str], home: Path) -> tuple[list[str], str, Path]:
     for who in ("images", "stranger"):
         subprocess.run([*gpg, "--quick-gen-key", f"{who}@test.invalid", "ed25519", "sign", "never"], check=True,
                        capture_output=True, timeout=60)  # fmt: skip
