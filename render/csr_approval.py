@@ -264,8 +264,12 @@ def approve_step_script(host: str, plan: Sequence[ServingNames], *, wait_seconds
             *approve_functions(plan),
             *serving_functions(plan),
             *bounded_wait_function(POLL_SECONDS),
+            # Approving is the means and the kubelets serving the goal: a round whose CSR listing the API
+            # dropped still ends the wait once every kubelet serves (the cluster lab, run 14: both kubelets
+            # served while a starved API no longer listed CSRs, and the step gave up all the same).
             "kha_round() {",
-            f"  kha_approve_kubelet_serving 2>{report} && kha_all_serving",
+            f"  kha_approve_kubelet_serving 2>{report} || true",
+            "  kha_all_serving",
             "}",
         ),
         body=(
