@@ -88,18 +88,31 @@ def poll_until(
         time.sleep(interval)
 
 
-def haproxy_servers(namespace: Namespace, port: int, stats_uri: str, backend: str) -> dict[str, dict[str, str]]:
-    """HAProxy's stats CSV (`stats_uri;csv` on `port`, fetched from inside `namespace`) for the servers of
-    `backend`: server name -> its row, by HAProxy's column names (`status`, `stot`, `wretr`, ...)."""
+def haproxy_stats(namespace: Namespace, port: int, stats_uri: str) -> str:
+    """HAProxy's stats CSV (`stats_uri;csv` on `port`), fetched from inside `namespace`."""
     with namespace.entered():
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         connection.connect()
     try:
         connection.request("GET", stats_uri + ";csv")
-        text = connection.getresponse().read().decode()
+        return connection.getresponse().read().decode()
     finally:
         connection.close()
-    rows = csv.DictReader(io.StringIO(text.removeprefix("# ")))
+
+
+def haproxy_servers(namespace: Namespace, port: int, stats_uri: str, backend: str) -> dict[str, dict[str, str]]:
+    """The servers of `backend` in HAProxy's stats (`haproxy_stats`): server name -> its row, by HAProxy's
+    column names (`status`, `stot`, `wretr`, ...)."""
+    return backend_servers(haproxy_stats_rows(haproxy_stats(namespace, port, stats_uri)), backend)
+
+
+def haproxy_stats_rows(text: str) -> list[dict[str, str]]:
+    """The rows of HAProxy's stats CSV, by its column names (its header line starts with "# ")."""
+    return list(csv.DictReader(io.StringIO(text.removeprefix("# "))))
+
+
+def backend_servers(rows: Iterable[dict[str, str]], backend: str) -> dict[str, dict[str, str]]:
+    """Server name -> its row, for the servers of `backend` (not its FRONTEND and BACKEND summary rows)."""
     return {
         row["svname"]: row for row in rows if row["pxname"] == backend and row["svname"] not in ("FRONTEND", "BACKEND")
     }

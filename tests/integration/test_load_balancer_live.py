@@ -50,10 +50,12 @@ from tests.integration.netns import (
     Process,
     cleanup_stale,
     haproxy_servers,
+    haproxy_stats,
     poll_until,
     scratch_dir,
     wait_for_backends,
 )
+from tests.real import cluster_lb_view
 from tests.stacks import ALL_STACKS, evaluated, stack_config
 from tools.plan import decode_bundle
 
@@ -532,7 +534,7 @@ class LbLab:
     def backend_states(self, lb: str) -> dict[str, str]:
         """kube-apiserver backend server -> HAProxy status ("UP", "DOWN", "UP 1/3", ...)."""
         port, uri = self.haproxy_settings.health_port, lb_config.HAPROXY_STATS_URI
-        servers = haproxy_servers(self.lbs[lb], port, uri, "kube-apiserver")
+        servers = haproxy_servers(self.lbs[lb], port, uri, lb_config.HAPROXY_BACKEND)
         return {name: row["status"] for name, row in servers.items()}
 
     def wait_backends(self, expected: dict[str, str], *, timeout: float, among: set[str] | None = None) -> float:
@@ -763,6 +765,7 @@ def test_no_ready_backend_fails_open_instead_of_closing_every_connection(lb_lab:
     report(f"staging: every backend DOWN on every LB after {down:.1f}s")
 
     # The API servers' own answers, from every one of them (round robin over the unchecked servers).
+    (holder,) = live.vip_holders()
     answers = [live.get() for _ in range(3 * len(live.cps))]
     assert {(answer.status, answer.body.splitlines()[-1]) for answer in answers} == {(500, "readyz check failed")}
     assert set(collections.Counter(answer.backend for answer in answers)) == set(live.cps)
@@ -774,6 +777,17 @@ def test_no_ready_backend_fails_open_instead_of_closing_every_connection(lb_lab:
     served = collections.Counter(live.get("/livez").backend for _ in range(4 * len(live.cps)))
     report(f"staging: all unready and {victim} stopped: answers per server {dict(served)}")
     assert set(served) == set(live.cps) - {victim}
+
+    # What the cluster lab reads of each LB (tests/real/cluster_lb_view.py): every client connection so far went
+    # through the fail-open backend of the VIP's holder, none through the checked one; every server is DOWN.
+    view = cluster_lb_view.parse(
+        holder, haproxy_stats(live.lbs[holder], live.haproxy_settings.health_port, lb_config.HAPROXY_STATS_URI)
+    )
+    report(f"staging: the lab's view of {view}")
+    assert (view.checked_sessions, view.fail_open_sessions) == (0, 8 * len(live.cps))
+    assert {name: (status, downs) for name, (status, downs, _) in view.servers.items()} == {
+        cp: ("DOWN", 1) for cp in live.cps
+    }
 
     # One ready again: the checked backend serves, and only from it.
     (healthy, *_) = sorted(set(live.cps) - {victim})

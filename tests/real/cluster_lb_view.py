@@ -8,11 +8,11 @@ server failing HAProxy's checks while it still answered; this says how much of t
 
 from __future__ import annotations
 
-import csv
-import io
+import dataclasses
 
 from render.lb_config import HAPROXY_BACKEND, HAPROXY_FALLBACK_BACKEND, HAPROXY_HEALTH_PORT, HAPROXY_STATS_URI
 from render.scripts import Script, command
+from tests.integration.netns import backend_servers, haproxy_stats_rows
 from tools.access import Node, SshTransport, run_checked
 
 STATS_TIMEOUT_SECONDS = 60
@@ -28,25 +28,43 @@ def stats_script(host: str) -> Script:
     )
 
 
-def summary(host: str, text: str) -> str:
-    """One LB's account: per checked server its state, DOWN transitions and seconds DOWN; the sessions of each
-    backend (HAProxy's counters since it last started)."""
-    rows = list(csv.DictReader(io.StringIO(text.removeprefix("# "))))
-    servers = [row for row in rows if row["pxname"] == HAPROXY_BACKEND and row["svname"] not in ("FRONTEND", "BACKEND")]
-    totals = {row["pxname"]: row["stot"] for row in rows if row["svname"] == "BACKEND"}
+@dataclasses.dataclass(frozen=True)
+class LbView:
+    """One LB's HAProxy counters since it last started: per checked API server its status, DOWN transitions and
+    seconds DOWN; the sessions of the checked and of the fail-open backend."""
+
+    host: str
+    servers: dict[str, tuple[str, int, int]]
+    checked_sessions: int
+    fail_open_sessions: int
+
+    def __str__(self) -> str:
+        checked = ", ".join(
+            f"{name} {status} ({downs}x DOWN, {seconds} s down)"
+            for name, (status, downs, seconds) in self.servers.items()
+        )
+        return f"{self.host}: {checked}; sessions checked {self.checked_sessions}, fail-open {self.fail_open_sessions}"
+
+
+def parse(host: str, text: str) -> LbView:
+    """`text`: HAProxy's stats CSV as its stats page serves it."""
+    rows = haproxy_stats_rows(text)
+    servers = backend_servers(rows, HAPROXY_BACKEND)
+    totals = {row["pxname"]: int(row["stot"] or 0) for row in rows if row["svname"] == "BACKEND"}
     if not servers or HAPROXY_FALLBACK_BACKEND not in totals:
         raise RuntimeError(f"{host}: HAProxy's statistics lack the API backends: {sorted(totals)}")
-    checked = ", ".join(
-        f"{row['svname']} {row['status']} ({row['chkdown'] or 0}x DOWN, {row['downtime'] or 0} s down)"
-        for row in servers
-    )
-    return (
-        f"{host}: {checked}; sessions checked {totals[HAPROXY_BACKEND]}, fail-open {totals[HAPROXY_FALLBACK_BACKEND]}"
+    return LbView(
+        host=host,
+        servers={
+            name: (row["status"], int(row["chkdown"] or 0), int(row["downtime"] or 0)) for name, row in servers.items()
+        },
+        checked_sessions=totals[HAPROXY_BACKEND],
+        fail_open_sessions=totals[HAPROXY_FALLBACK_BACKEND],
     )
 
 
 def lb_view(transport: SshTransport, lbs: list[Node]) -> str:
     return "; ".join(
-        summary(lb.hostname, run_checked(transport, lb, stats_script(lb.hostname), timeout=STATS_TIMEOUT_SECONDS))
+        str(parse(lb.hostname, run_checked(transport, lb, stats_script(lb.hostname), timeout=STATS_TIMEOUT_SECONDS)))
         for lb in lbs
     )

@@ -460,7 +460,7 @@ class ControlPlaneLab:
 
     def backend_states(self, lb: str) -> dict[str, str]:
         namespace, port = self.nodes[lb].namespace, lb_config.HAPROXY_HEALTH_PORT
-        servers = haproxy_servers(namespace, port, lb_config.HAPROXY_STATS_URI, "kube-apiserver")
+        servers = haproxy_servers(namespace, port, lb_config.HAPROXY_STATS_URI, lb_config.HAPROXY_BACKEND)
         return {name: row["status"] for name, row in servers.items()}
 
     def load_balancer_names(self) -> list[str]:

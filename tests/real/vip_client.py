@@ -97,7 +97,7 @@ def haproxy_retries(lab: ControlPlaneLab, server: str) -> Counters:
     for plan in lab.plan.load_balancers:
         namespace = lab.nodes[plan.hostname].namespace
         servers = haproxy_servers(
-            namespace, lb_config.HAPROXY_HEALTH_PORT, lb_config.HAPROXY_STATS_URI, "kube-apiserver"
+            namespace, lb_config.HAPROXY_HEALTH_PORT, lb_config.HAPROXY_STATS_URI, lb_config.HAPROXY_BACKEND
         )
         row = servers.get(server)
         if row is not None:
