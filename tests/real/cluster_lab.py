@@ -36,8 +36,8 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ import yaml
 from tests.real import cluster_bundle, cluster_checks, cluster_day2, cluster_lb_view
 from tests.real.engine.lab_stack import LabStack, Run
 from tests.real.engine.libvirtd import Libvirtd, isolated_libvirtd
-from tools.access import access_from_outputs, private_workdir
+from tools.access import StackAccess, access_from_outputs, private_workdir
 
 STACK = "lab"
 CIDR = "10.17.9.0/24"
@@ -291,17 +291,23 @@ class Lab:
         outputs.write_text(shown.stdout)
         return outputs
 
-    def _renewal(self, lab: LabStack, lv: Libvirtd, kubectl: cluster_checks.Kubectl, directory: Path) -> str:
+    @contextmanager
+    def _guests(
+        self, lab: LabStack, lv: Libvirtd, directory: Path
+    ) -> Iterator[tuple[StackAccess, cluster_day2.NetnsSsh]]:
+        """The stack's node access (from its outputs) and a pinned SSH transport into the lab's network."""
         access = access_from_outputs(STACK, json.loads(self._outputs(lab, directory).read_text()))
         with private_workdir() as workdir:
-            transport = cluster_day2.NetnsSsh(access, workdir, lv.prefix())
+            yield access, cluster_day2.NetnsSsh(access, workdir, lv.prefix())
+
+    def _renewal(self, lab: LabStack, lv: Libvirtd, kubectl: cluster_checks.Kubectl, directory: Path) -> str:
+        with self._guests(lab, lv, directory) as (access, transport):
             planes = access.role("cp")
             return cluster_day2.renewal_stage(lab, kubectl, transport, planes, KUBERNETES_VERSION, UP_TIMEOUT_SECONDS)
 
     def _lb_view(self, lab: LabStack, lv: Libvirtd, directory: Path) -> str:
-        access = access_from_outputs(STACK, json.loads(self._outputs(lab, directory).read_text()))
-        with private_workdir() as workdir:
-            return cluster_lb_view.lb_view(cluster_day2.NetnsSsh(access, workdir, lv.prefix()), access.role("lb"))
+        with self._guests(lab, lv, directory) as (access, transport):
+            return cluster_lb_view.lb_view(transport, access.role("lb"))
 
     def _drill(self, lab: LabStack, lv: Libvirtd, directory: Path) -> str:
         outputs = self._outputs(lab, directory)

@@ -63,7 +63,8 @@ def sdk_plugin_version(plugin: str) -> str:
 def json_documents(text: str) -> list[dict[str, Any]]:
     """`pulumi up --json` prints the preview's document and then the update's."""
     decoder = json.JSONDecoder()
-    documents, index = [], 0
+    documents: list[dict[str, Any]] = []
+    index = 0
     while True:
         while index < len(text) and text[index].isspace():
             index += 1
