@@ -60,6 +60,8 @@ def nodes_ready(kubectl: Kubectl, expected: list[str], timeout: float = READY_TI
     """Every expected node registered and Ready within `timeout`; a one-line account."""
     deadline = time.monotonic() + timeout
     state: dict[str, str] = {}
+    # What the polls saw before the end, in order and without repeats: a slow check says why it was slow.
+    seen: list[dict[str, str]] = []
     while True:
         try:
             items = kubectl.json("get", "nodes")["items"]
@@ -72,9 +74,12 @@ def nodes_ready(kubectl: Kubectl, expected: list[str], timeout: float = READY_TI
         except CheckFailed as failed:
             state = {"(kubectl)": str(failed)[:200]}
         if sorted(state) == sorted(expected) and set(state.values()) == {"True"}:
-            return f"{len(state)} nodes Ready: {', '.join(sorted(state))}"
+            before = f" (before: {seen})" if seen else ""
+            return f"{len(state)} nodes Ready: {', '.join(sorted(state))}{before}"
+        if not seen or seen[-1] != state:
+            seen.append(state)
         if time.monotonic() > deadline:
-            raise CheckFailed(f"nodes not all Ready after {timeout:.0f} s: {state}")
+            raise CheckFailed(f"nodes not all Ready after {timeout:.0f} s: {seen}")
         time.sleep(10)
 
 
