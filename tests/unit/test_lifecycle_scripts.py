@@ -41,7 +41,9 @@ from model.config import KubernetesConfig
 from render import admin_node, lifecycle
 from render.admin_node import (
     ADMIN_KUBECONFIG,
+    TOKEN_ATTEMPTS,
     TOKEN_CONFIG_PATH,
+    TOKEN_RETRY_PAUSE_SECONDS,
     Target,
     delete_node_script,
     drain_for_upgrade_script,
@@ -570,12 +572,26 @@ def test_a_fresh_token_is_left_alone(sandbox: Sandbox, expires_in: timedelta):
     assert not sandbox.exists(TOKEN_CONFIG_PATH)
 
 
-def test_a_failed_token_create_removes_the_config_and_shows_no_token(sandbox: Sandbox):
+@pytest.fixture
+def timeless(sandbox_support: None, tmp_path: Path) -> Sandbox:
+    """A sandbox whose `sleep` only records its call: a step's pauses take no time."""
+    box = Sandbox(tmp_path / "timeless", {**STUBS, "sleep": RECORD_ONLY})
+    box.put(ADMIN_KUBECONFIG, "apiVersion: v1\nkind: Config\n# stub admin kubeconfig\n")
+    return box
+
+
+def _pauses(box: Sandbox) -> list[str]:
+    return [call[1] for call in box.call_lines() if call[0] == "sleep" and call[1:] != ["0.2"]]
+
+
+def test_a_failed_token_create_removes_the_config_and_shows_no_token(timeless: Sandbox):
+    sandbox = timeless
     sandbox.put_state("token-create-fails")
     result = sandbox.run(join_token_script(TARGET, TOKEN_ID).render(), stdin=TOKEN_BUNDLE)
     assert result.returncode == 1
-    assert "refreshing the bootstrap token on dev-cp-1 failed 5 times; giving up" in result.stderr
-    assert sandbox.call_lines().count(CREATE_TOKEN) == 5
+    assert f"refreshing the bootstrap token on dev-cp-1 failed {TOKEN_ATTEMPTS} times; giving up" in result.stderr
+    assert sandbox.call_lines().count(CREATE_TOKEN) == TOKEN_ATTEMPTS
+    assert _pauses(sandbox) == [str(TOKEN_RETRY_PAUSE_SECONDS)] * (TOKEN_ATTEMPTS - 1)
     assert "step join-token-for-dev-worker-2 failed on host dev-cp-1" in result.stderr
     assert TOKEN not in result.stdout + result.stderr
     assert (sandbox.state / "token-configs-read").exists()  # kubeadm did get to read it
@@ -583,17 +599,19 @@ def test_a_failed_token_create_removes_the_config_and_shows_no_token(sandbox: Sa
 
 
 @pytest.mark.parametrize("trouble", ["fails-twice", "answer-lost"])
-def test_a_token_create_the_api_drops_is_tried_again(sandbox: Sandbox, trouble: str):
+def test_a_token_create_the_api_drops_is_tried_again(timeless: Sandbox, trouble: str):
     """The cluster lab (2 TCG cores, a loaded first control plane) failed a whole `pulumi up` on one EOF from
     `kubeadm token create`. A dropped call is tried again, within a bound; a create that went through although
     its answer was lost is replaced, not refused as "already exists"."""
+    sandbox = timeless
     if trouble == "fails-twice":
         sandbox.put_state("token-create-fails", "2")
     else:
         sandbox.put_state("token-create-answer-lost")
     result = sandbox.run(join_token_script(TARGET, TOKEN_ID).render(), stdin=TOKEN_BUNDLE)
     assert result.returncode == 0, result.stderr
-    assert "refreshing the bootstrap token on dev-cp-1 failed (attempt 1 of 5); retrying in 5 s" in result.stderr
+    retrying = f"failed (attempt 1 of {TOKEN_ATTEMPTS}); retrying in {TOKEN_RETRY_PAUSE_SECONDS} s"
+    assert f"refreshing the bootstrap token on dev-cp-1 {retrying}" in result.stderr
     assert TOKEN not in result.stdout + result.stderr
     calls = sandbox.call_lines()
     if trouble == "fails-twice":
