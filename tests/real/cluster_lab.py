@@ -332,6 +332,9 @@ class Lab:
         lab.set_config({**config, "kubeadm-ha:workers": workers})
         run = lab.pulumi("up", "--yes", "--json", timeout=UP_TIMEOUT_SECONDS)
         if run.returncode != 0:
+            # The stack asks for the old count again: the renewal's `up` would otherwise retry this join first
+            # and fail on it (run 10), and never reach the renewal. That `up` then removes the half-made worker.
+            lab.set_config(config)
             raise RuntimeError(f"pulumi up exit {run.returncode} in {run.seconds:.0f} s: {run.errors()[-3000:]}")
         changed = {urn.rsplit("::", 1)[1]: op for urn, op in run.steps().items() if op not in ("same", "read")}
         new = f"lab-worker-{workers['replicas']}"
