@@ -47,11 +47,15 @@ LB_INTERFACE = "eth0"
 # keepalived runs the track script as this user; it exists on every Debian/Ubuntu.
 KEEPALIVED_SCRIPT_USER = "nobody"
 
-# VRRP timing: adverts every second; the track script runs every second and
-# fails after 2 misses, so a dead HAProxy releases the VIP within ~3 s.
+# VRRP timing: adverts every second, so a lost load balancer (or a stopped keepalived) moves the VIP within
+# about 3 s whatever the track script does. The track script forks a shell and curl each run: every 3 s, as
+# kubeadm's HA guide has it (kubernetes/kubeadm docs/ha-considerations.md: `interval 3`), a dead or hung
+# HAProxy releases the VIP after 2 failed runs, within about 9 s. Every second, as before, cost a slow LB most
+# of a CPU: the cluster lab's LBs (QEMU TCG) took 0.73 s of CPU and 1.4 s per curl run, and with `timeout 2`
+# a little extra load there timed the script out and moved the VIP for nothing (lab run 15).
 VRRP_ADVERT_INT = 1
-CHECK_INTERVAL = 1
-CHECK_TIMEOUT = 2
+CHECK_INTERVAL = 3
+CHECK_TIMEOUT = 3
 CHECK_FALL = 2
 CHECK_RISE = 2
 # HAProxy backend checks: a failed apiserver is out of rotation after at most

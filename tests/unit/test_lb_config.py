@@ -259,6 +259,23 @@ def test_keepalived_holds_the_vip_on_eth0_and_tracks_haproxy(name: str) -> None:
             assert word not in text
 
 
+def test_track_script_runs_every_3_seconds_and_never_overlaps_itself() -> None:
+    """Each run forks a shell and curl: every second that cost the lab's TCG load balancers most of a CPU, and a
+    run that outlived its 2 s timeout under a little load faulted the VIP holder for nothing (lab run 15). Every
+    3 s as kubeadm's HA guide; a run ends (curl's own --max-time) before its timeout, which ends before the next."""
+    config = configs()["staging"]
+    plan = plan_addresses(config)
+    settings = lb_config.keepalived_settings(config.cluster_name, plan, plan.load_balancers[0])
+    assert settings is not None
+    text = lb_config.render_keepalived_conf(settings)
+    (interval,) = (int(value) for value in directive(text, "interval"))
+    (timeout,) = (int(value) for value in directive(text, "timeout"))
+    (max_time,) = re.findall(r"--max-time (\d+)", lb_config.render_keepalived_check_script())
+    assert interval >= 3
+    assert int(max_time) < timeout <= interval
+    assert directive(text, "fall") == ["2"]
+
+
 def test_virtual_router_id_is_stable_per_cluster_and_in_range() -> None:
     ids = {name: lb_config.virtual_router_id(name) for name in ("dev", "staging", "prod", "big", "a", "z" * 40)}
     assert all(1 <= value <= 255 for value in ids.values())
