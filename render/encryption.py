@@ -35,7 +35,7 @@ from typing import Literal
 from render import hardening, static_pods, yamldoc
 from render.kubeadm import CONFIG_DIR
 from render.node_prep import STATIC_POD_DIR
-from render.scripts import INSTALL_BUNDLE_FUNCTION, STATE_DIR, Script, quote
+from render.scripts import INSTALL_BUNDLE_FUNCTION, STATE_DIR, Script, quote, retry_function
 from render.scripts import command as shell
 
 PROVIDER = "secretbox"
@@ -52,6 +52,7 @@ RESTARTS = static_pods.Restarts(HELD_DIR, PENDING_DIR, "restarted with the new e
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
 Phase = Literal["add", "promote", "drop"]
 REWRITE_ATTEMPTS = 5
+REWRITE_PAUSE_SECONDS = 5
 
 
 def key_name(generation: int) -> str:
@@ -168,26 +169,20 @@ def rewrite_script(host: str, new: str) -> Script:
         "json",
     )
     replace = shell("kubectl", "--kubeconfig", ADMIN_KUBECONFIG, "--request-timeout=300s", "replace", "-f", "-")
+    log = '>>"${KUBEADM_HA_LOG_DIR}/encryption-rewrite.log" 2>&1'
     return Script(
         step="encryption-rewrite",
         host=host,
         done_when=f'[ "$(cat {quote(REWRITTEN_MARKER)} 2>/dev/null)" = {quote(new)} ]',
-        functions=(),
+        functions=(
+            *retry_function(REWRITE_PAUSE_SECONDS),
+            "rewrite_secrets() {",
+            f"  {get} | {replace} {log}",
+            "}",
+        ),
         body=(
-            "kha_rewritten=''",
-            f"for kha_attempt in $(seq 1 {REWRITE_ATTEMPTS}); do",
-            f'  if {get} | {replace} >>"${{KUBEADM_HA_LOG_DIR}}/encryption-rewrite.log" 2>&1; then',
-            "    kha_rewritten=yes",
-            "    break",
-            "  fi",
-            '  echo "kubeadm-ha: re-writing Secrets on ${KUBEADM_HA_HOST} failed (attempt ${kha_attempt}); retrying"',
-            "  sleep 5",
-            "done",
-            'if [ -z "$kha_rewritten" ]; then',
-            (
-                f'  echo "kubeadm-ha: could not re-write every Secret with {new} on ${{KUBEADM_HA_HOST}};'
-                f' see ${{KUBEADM_HA_LOG_DIR}}/encryption-rewrite.log" >&2'
-            ),
+            f"if ! kha_retry {REWRITE_ATTEMPTS} {quote(f're-writing every Secret with {new}')} rewrite_secrets; then",
+            '  echo "kubeadm-ha: see ${KUBEADM_HA_LOG_DIR}/encryption-rewrite.log on ${KUBEADM_HA_HOST}" >&2',
             "  exit 1",
             "fi",
             f"printf '%s\\n' {quote(new)} >{quote(REWRITTEN_MARKER)}",
