@@ -238,6 +238,10 @@ class Sandbox:
     def call_lines(self) -> list[list[str]]:
         return [line.split("\t") for line in self.calls.read_text().splitlines()]
 
+    def calls_of(self, program: str) -> list[list[str]]:
+        """The arguments of each recorded call of the stub `program`, in order."""
+        return [call[1:] for call in self.call_lines() if call[0] == program]
+
     def file(self, path: str) -> Path:
         """Where the node's `path` is in the upper layer (only what the runs or the test wrote is there)."""
         return self.root / "upper" / path.lstrip("/")

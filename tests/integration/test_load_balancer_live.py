@@ -42,6 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from model.addressing import AddressPlan, NodePlan, plan_addresses
 from model.config import ClusterConfig
 from render import lb_config
+from tests.integration import haproxy_log
 from tests.integration.conftest import phase_failed, require_programs, require_root
 from tests.integration.netns import (
     Bridge,
@@ -737,10 +738,22 @@ def test_failed_backend_is_taken_out_and_back(lb_lab: Callable[[str], LbLab]) ->
             failures += 1
         time.sleep(0.02)
     detected = time.monotonic() - stopped
-    report(f"staging: {victim} marked DOWN on every LB after {detected:.1f}s; {failures}/{requests} failed meanwhile")
+    logs = {lb: live.haproxy[lb].log() for lb in live.lbs}
+    killed = sum(session.killed_at_mark_down for log in logs.values() for session in haproxy_log.sessions(log))
+    active = {lb: haproxy_log.active_at_mark_down(log, lb_config.HAPROXY_BACKEND, victim) for lb, log in logs.items()}
+    report(
+        f"staging: {victim} marked DOWN on every LB after {detected:.1f}s; {failures}/{requests} failed meanwhile;"
+        f" sessions cut at the mark-down {killed}, active then {active}"
+    )
     assert detected <= BACKEND_DOWN_BOUND
-    # Every refused connection was retried on another backend (retries + redispatch).
-    assert failures == 0
+    # Every refused connection was retried on another backend (retries + redispatch). The only failures a client
+    # may see are the sessions HAProxy itself cuts as it marks the server DOWN (`on-marked-down
+    # shutdown-sessions`, so that watches on a dead server reconnect). A session in its retry turn-around is
+    # still the victim's then, and is cut too (HAProxy 2.6, the clean-clone CI run of b0fc5b8: 1 of 97, state
+    # "D-", redispatched). So: no more failures than cut sessions, and no more of those than the victim had.
+    abnormal = [session for log in logs.values() for session in haproxy_log.sessions(log) if session.state != "--"]
+    assert failures <= killed <= sum(sum(counts) for counts in active.values()), abnormal
+    assert all(len(counts) == 1 for counts in active.values()), active
 
     seen = live.spread(12)
     assert victim not in seen

@@ -38,16 +38,12 @@ def sandbox(sandbox_support: None, tmp_path: Path) -> Sandbox:
     return Sandbox(tmp_path, {"kubectl": KUBECTL, "sleep": RECORD_ONLY})
 
 
-def _pauses(sandbox: Sandbox) -> list[list[str]]:
-    return [call for call in sandbox.call_lines() if call[0] == "sleep"]
-
-
 def test_a_dropped_rewrite_is_tried_again_and_then_marked_done(sandbox: Sandbox) -> None:
     sandbox.put_state("replace-fails", "2")
     result = sandbox.run(rewrite_script(HOST, KEY).render())
     assert result.returncode == 0, result.stderr
     assert f"re-writing every Secret with {KEY} on {HOST} failed (attempt 1 of {REWRITE_ATTEMPTS})" in result.stderr
-    assert _pauses(sandbox) == [["sleep", str(REWRITE_PAUSE_SECONDS)]] * 2
+    assert sandbox.calls_of("sleep") == [[str(REWRITE_PAUSE_SECONDS)]] * 2
     assert sandbox.exists(REWRITTEN_MARKER)
 
 
@@ -57,5 +53,5 @@ def test_a_rewrite_that_never_goes_through_fails_naming_the_host_and_its_log(san
     assert result.returncode == 1
     assert f"re-writing every Secret with {KEY} on {HOST} failed {REWRITE_ATTEMPTS} times; giving up" in result.stderr
     assert f"see /var/log/kubeadm-ha/encryption-rewrite.log on {HOST}" in result.stderr
-    assert len(_pauses(sandbox)) == REWRITE_ATTEMPTS - 1
+    assert len(sandbox.calls_of("sleep")) == REWRITE_ATTEMPTS - 1
     assert not sandbox.exists(REWRITTEN_MARKER)

@@ -422,10 +422,21 @@ def _read_only(call: list[str]) -> bool:
 # ---------------------------------------------------------------- fixtures and helpers
 
 
+STUB_KUBECONFIG = "apiVersion: v1\nkind: Config\n# stub admin kubeconfig\n"
+
+
 @pytest.fixture
 def sandbox(sandbox_support: None, tmp_path: Path) -> Sandbox:
     box = Sandbox(tmp_path, STUBS)
-    box.put(ADMIN_KUBECONFIG, "apiVersion: v1\nkind: Config\n# stub admin kubeconfig\n")
+    box.put(ADMIN_KUBECONFIG, STUB_KUBECONFIG)
+    return box
+
+
+@pytest.fixture
+def timeless(sandbox_support: None, tmp_path: Path) -> Sandbox:
+    """A sandbox whose `sleep` only records its call: a step's pauses take no time."""
+    box = Sandbox(tmp_path / "timeless", {**STUBS, "sleep": RECORD_ONLY})
+    box.put(ADMIN_KUBECONFIG, STUB_KUBECONFIG)
     return box
 
 
@@ -572,16 +583,9 @@ def test_a_fresh_token_is_left_alone(sandbox: Sandbox, expires_in: timedelta):
     assert not sandbox.exists(TOKEN_CONFIG_PATH)
 
 
-@pytest.fixture
-def timeless(sandbox_support: None, tmp_path: Path) -> Sandbox:
-    """A sandbox whose `sleep` only records its call: a step's pauses take no time."""
-    box = Sandbox(tmp_path / "timeless", {**STUBS, "sleep": RECORD_ONLY})
-    box.put(ADMIN_KUBECONFIG, "apiVersion: v1\nkind: Config\n# stub admin kubeconfig\n")
-    return box
-
-
 def _pauses(box: Sandbox) -> list[str]:
-    return [call[1] for call in box.call_lines() if call[0] == "sleep" and call[1:] != ["0.2"]]
+    """The step's own pauses: not the kubeadm stub's `sleep 0.2` inside each create."""
+    return [args[0] for args in box.calls_of("sleep") if args != ["0.2"]]
 
 
 def test_a_failed_token_create_removes_the_config_and_shows_no_token(timeless: Sandbox):
@@ -672,9 +676,8 @@ def test_node_ready_keeps_waiting_through_calls_the_api_drops(sandbox: Sandbox, 
     assert _state(flaky, "kubectl-calls") == "5"
 
 
-def test_node_ready_gives_up_at_its_bound_naming_the_node_and_what_the_api_says(sandbox: Sandbox, tmp_path: Path):
-    never = Sandbox(tmp_path / "never", {**STUBS, "sleep": RECORD_ONLY})
-    never.put(ADMIN_KUBECONFIG, "stub\n")
+def test_node_ready_gives_up_at_its_bound_naming_the_node_and_what_the_api_says(timeless: Sandbox):
+    never = timeless
     _node(never, ready="False")
     # `SECONDS` is bash's own clock: past the bound after the first poll.
     script = node_ready_script(TARGET).render().replace("deadline=$((SECONDS + limit))", "deadline=$SECONDS")
@@ -833,15 +836,13 @@ def _ssh_node(address: str, port: int, host: str = NODE) -> SshNode:
 
 
 @pytest.fixture
-def operator(sandbox_support: None, tmp_path: Path) -> Sandbox:
+def operator(timeless: Sandbox, tmp_path: Path) -> Sandbox:
     """The machine running Pulumi, which is also the node here: ssh runs the remote command on the sandbox.
 
     `sleep` only records its call, so the probes of a dead node take no time.
     """
-    box = Sandbox(tmp_path / "operator", {**STUBS, "sleep": RECORD_ONLY})
-    box.put(ADMIN_KUBECONFIG, "stub\n")
     (tmp_path / "tmp").mkdir()
-    return box
+    return timeless
 
 
 def _operator_env(sandbox: Sandbox) -> dict[str, str]:
