@@ -18,7 +18,7 @@ Stages, each timed with the machine's load average (1-minute, sampled every 5 s:
    after a failure.
 
     tests/real/cluster-lab [--lbs N] [--cps N] [--workers N] [--grow-cps N [--grow-parallel N]] [--day2 [--add-worker]]
-        [--keep-going] [--hold-on-failure]
+        [--nice-others N] [--keep-going] [--hold-on-failure]
 
 Exit 0 only when every check passed; the last line is a one-line summary.
 """
@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from tests.real import cluster_bundle, cluster_checks, cluster_day2, cluster_lb_view
+from tests.real import cluster_bundle, cluster_checks, cluster_day2, cluster_lb_view, cluster_nice
 from tests.real.engine.lab_stack import LabStack, Run
 from tests.real.engine.libvirtd import Libvirtd, isolated_libvirtd
 from tools.access import StackAccess, access_from_outputs, private_workdir
@@ -165,6 +165,8 @@ class Lab:
         netns = f"kha-cl-{os.getpid()}"
         with ExitStack() as stack:
             directory, lv = stack.enter_context(isolated_libvirtd("kubeadm-ha-cluster-lab-", netns))
+            favoured = stack.enter_context(cluster_nice.favour(f"{STACK}-", f"{STACK}-cp-", self.args.nice_others))
+            stack.callback(lambda: print(f"cluster-lab: CPU priority: {favoured}", file=sys.stderr, flush=True))
             pool = directory / "pool"
             pool.mkdir(mode=0o755)
             lv.virsh("pool-define-as", "default", "dir", "--target", str(pool))
@@ -430,6 +432,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--day2", action="store_true", help=day2)
     parser.add_argument("--add-worker", action="store_true", help="with --day2: one more worker through pulumi up")
     parser.add_argument("--keep-going", action="store_true", help="run the checks even when up failed")
+    nice = "nice value for the LBs' and workers' QEMU (tests/real/cluster_nice.py); 0 leaves them alone"
+    parser.add_argument("--nice-others", type=int, default=10, choices=range(20), metavar="0-19", help=nice)
     parser.add_argument("--hold-on-failure", action="store_true", help="keep the lab up for inspection (30 min)")
     args = parser.parse_args(argv)
     missing = missing_packages(args.day2)
@@ -446,7 +450,8 @@ def main(argv: list[str]) -> int:
             report.stages.append(Stage("lab", detail=f"{type(error).__name__}: {error}"))
             traceback.print_exc(file=sys.stderr)
     ok = bool(report.stages) and all(stage.ok for stage in report.stages)
-    shape = f"{args.lbs} LB + {args.cps} CP + {args.workers} worker(s)"  # args.cps: after any growth
+    # args.cps: after any growth
+    shape = f"{args.lbs} LB + {args.cps} CP + {args.workers} worker(s), others at nice {args.nice_others}"
     stages = "; ".join(
         f"{s.name} {'ok' if s.ok else 'FAILED'} {s.seconds:.0f} s (load {s.load_max:.1f})" for s in report.stages
     )
