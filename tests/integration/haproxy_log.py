@@ -12,8 +12,8 @@ import dataclasses
 import re
 
 _SESSION = re.compile(
-    r"^<\d+>(?P<client>\S+) \[[^\]]+\] (?P<frontend>\S+) (?P<backend>[^/\s]+)/(?P<server>\S+) "
-    r"-?\d+/-?\d+/-?\d+ (?P<bytes>\d+) (?P<state>\S\S) \d+/\d+/\d+/\d+/(?P<retries>\+?\d+) \d+/\d+$"
+    r"^<\d+>\S+ \[[^\]]+\] \S+ [^/\s]+/(?P<server>\S+) "
+    r"-?\d+/-?\d+/-?\d+ \d+ (?P<state>\S\S) \d+/\d+/\d+/\d+/\+?\d+ \d+/\d+$"
 )
 # "Server kube-apiserver/staging-cp-2 is DOWN, reason: ... 1 sessions active, 0 requeued, ..."
 _DOWN = re.compile(r"^<\d+>Server (?P<backend>[^/\s]+)/(?P<server>\S+) is DOWN\b.* (?P<active>\d+) sessions active")
@@ -21,11 +21,10 @@ _DOWN = re.compile(r"^<\d+>Server (?P<backend>[^/\s]+)/(?P<server>\S+) is DOWN\b
 
 @dataclasses.dataclass(frozen=True)
 class Session:
-    backend: str
+    """A logged session: the server it ended on and its termination state (what a failed assertion shows)."""
+
     server: str
-    bytes_read: int
     state: str
-    redispatched: bool
 
     @property
     def killed_at_mark_down(self) -> bool:
@@ -34,19 +33,7 @@ class Session:
 
 def sessions(log: str) -> list[Session]:
     """Every client session HAProxy logged, in order."""
-    found = []
-    for line in log.splitlines():
-        if match := _SESSION.match(line):
-            found.append(
-                Session(
-                    backend=match["backend"],
-                    server=match["server"],
-                    bytes_read=int(match["bytes"]),
-                    state=match["state"],
-                    redispatched=match["retries"].startswith("+"),
-                )
-            )
-    return found
+    return [Session(match["server"], match["state"]) for line in log.splitlines() if (match := _SESSION.match(line))]
 
 
 def active_at_mark_down(log: str, backend: str, server: str) -> list[int]:

@@ -739,7 +739,8 @@ def test_failed_backend_is_taken_out_and_back(lb_lab: Callable[[str], LbLab]) ->
         time.sleep(0.02)
     detected = time.monotonic() - stopped
     logs = {lb: live.haproxy[lb].log() for lb in live.lbs}
-    killed = sum(session.killed_at_mark_down for log in logs.values() for session in haproxy_log.sessions(log))
+    sessions = [session for log in logs.values() for session in haproxy_log.sessions(log)]
+    killed = sum(session.killed_at_mark_down for session in sessions)
     active = {lb: haproxy_log.active_at_mark_down(log, lb_config.HAPROXY_BACKEND, victim) for lb, log in logs.items()}
     report(
         f"staging: {victim} marked DOWN on every LB after {detected:.1f}s; {failures}/{requests} failed meanwhile;"
@@ -751,7 +752,7 @@ def test_failed_backend_is_taken_out_and_back(lb_lab: Callable[[str], LbLab]) ->
     # shutdown-sessions`, so that watches on a dead server reconnect). A session in its retry turn-around is
     # still the victim's then, and is cut too (HAProxy 2.6, the clean-clone CI run of b0fc5b8: 1 of 97, state
     # "D-", redispatched). So: no more failures than cut sessions, and no more of those than the victim had.
-    abnormal = [session for log in logs.values() for session in haproxy_log.sessions(log) if session.state != "--"]
+    abnormal = [session for session in sessions if session.state != "--"]
     assert failures <= killed <= sum(sum(counts) for counts in active.values()), abnormal
     assert all(len(counts) == 1 for counts in active.values()), active
 
