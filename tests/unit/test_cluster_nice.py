@@ -16,6 +16,10 @@ import pytest
 from tests.real import cluster_nice
 
 FAKE_QEMU = "import threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); time.sleep(60)"
+# The guests' names are this run's own: a real cluster lab on the host (guests `lab-*`) is never matched, nor
+# reniced by the test.
+SCOPE = f"test{os.getpid()}-lab-"
+FAVOURED = f"{SCOPE}cp-"
 
 
 @pytest.fixture
@@ -24,7 +28,8 @@ def guests() -> Iterator[dict[str, int]]:
     try:
         for name in ("lab-lb-1", "lab-cp-1", "lab-worker-2", "other-lb-1"):
             argv = ["bash", "-c", 'exec -a qemu-system-x86_64 "$@"', "bash", sys.executable, "-c", FAKE_QEMU]
-            started[name] = subprocess.Popen([*argv, "-name", f"guest={name},debug-threads=on"])
+            guest = f"test{os.getpid()}-{name}"
+            started[name] = subprocess.Popen([*argv, "-name", f"guest={guest},debug-threads=on"])
         for process in started.values():
             deadline = time.monotonic() + 10
             while len(os.listdir(f"/proc/{process.pid}/task")) < 2:
@@ -42,7 +47,7 @@ def _nice_values(pid: int) -> set[int]:
 
 
 def test_every_thread_of_the_lab_s_lbs_and_workers_is_niced_and_nothing_else(guests: dict[str, int]) -> None:
-    favour = cluster_nice.Favour(scope="lab-", favoured="lab-cp-", nice=10)
+    favour = cluster_nice.Favour(scope=SCOPE, favoured=FAVOURED, nice=10)
     favour.once()
     assert {name: _nice_values(pid) for name, pid in guests.items()} == {
         "lab-lb-1": {10},
@@ -50,16 +55,17 @@ def test_every_thread_of_the_lab_s_lbs_and_workers_is_niced_and_nothing_else(gue
         "lab-worker-2": {10},
         "other-lb-1": {0},
     }
-    assert favour.niced == {"lab-lb-1": 2, "lab-worker-2": 2}
+    lb, worker = f"{SCOPE}lb-1", f"{SCOPE}worker-2"
+    assert favour.niced == {lb: 2, worker: 2}
     favour.once()  # a second pass finds nothing to change
-    assert favour.niced == {"lab-lb-1": 2, "lab-worker-2": 2}
-    assert str(favour) == "nice 10 for lab-lb-1 (2 tasks), lab-worker-2 (2 tasks)"
+    assert favour.niced == {lb: 2, worker: 2}
+    assert str(favour) == f"nice 10 for {lb} (2 tasks), {worker} (2 tasks)"
 
 
 def test_the_poller_finds_the_guests_and_stops_with_its_block(guests: dict[str, int]) -> None:
-    with cluster_nice.favour("lab-", "lab-cp-", 7) as favour:
+    with cluster_nice.favour(SCOPE, FAVOURED, 7) as favour:
         deadline = time.monotonic() + 2 * cluster_nice.POLL_SECONDS
-        while set(favour.niced) != {"lab-lb-1", "lab-worker-2"}:
+        while set(favour.niced) != {f"{SCOPE}lb-1", f"{SCOPE}worker-2"}:
             assert time.monotonic() < deadline, favour.niced
             time.sleep(0.1)
     assert _nice_values(guests["lab-lb-1"]) == {7}
