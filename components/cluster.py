@@ -85,7 +85,9 @@ def cluster_shape(config: ClusterConfig, plan: AddressPlan, etcd: EtcdClusterSpe
         service_subnet=str(config.kubernetes.service_subnet),
         extra_sans=(f"api.{config.cluster_name}.{config.network.domain}",),
         external_etcd=external,
-        hardening=Hardening(audit=config.audit, etcd=config.etcd.maintenance),
+        hardening=Hardening(
+            audit=config.audit, etcd=config.etcd.maintenance, leader_election=config.control_plane.leader_election
+        ),
     )
 
 

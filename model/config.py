@@ -19,6 +19,7 @@ from pydantic import (
 from model.artifacts import ArtifactsConfig
 from model.base import StrictModel
 from model.hostkeys import ed25519_key_problem
+from model.leader_election import LeaderElectionConfig
 from model.offsets import default_vip
 from model.versions import (
     DEFAULT_KUBERNETES,
@@ -246,6 +247,8 @@ class EtcdConfig(_Model):
 
 class ControlPlaneConfig(_VmSize):
     replicas: Annotated[int, Field(ge=1, le=7)] = 3
+    # Unset: the components' own defaults, and no flag in the documents.
+    leader_election: Annotated[LeaderElectionConfig | None, Field(alias="leaderElection")] = None
     # kubeadm's preflight refuses control planes below 2 vCPU / ~1.7 GiB.
     cpus: Annotated[int, Field(ge=2, le=64)] = 2
     memory_mib: Annotated[int, Field(alias="memoryMiB", ge=2048, le=262144)] = 4096

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from model.config import AuditConfig, EtcdMaintenanceConfig
+from model.leader_election import LeaderElectionConfig
 from render import lb_config, yamldoc
 
 AUDIT_POLICY_DIR = "/etc/kubernetes/audit"
@@ -45,6 +46,7 @@ class Hardening:
 
     audit: AuditConfig = field(default_factory=AuditConfig)
     etcd: EtcdMaintenanceConfig = field(default_factory=EtcdMaintenanceConfig)
+    leader_election: LeaderElectionConfig | None = None
 
 
 DEFAULT = Hardening()
@@ -97,12 +99,25 @@ def apiserver_volumes(settings: Hardening) -> tuple[HostPathMount, ...]:
     )
 
 
-def controller_manager_args() -> tuple[tuple[str, str], ...]:
-    return (("profiling", "false"),)  # CIS 1.3.2
+def controller_manager_args(settings: Hardening) -> tuple[tuple[str, str], ...]:
+    return (("profiling", "false"), *_leader_election_args(settings))  # CIS 1.3.2
 
 
-def scheduler_args() -> tuple[tuple[str, str], ...]:
-    return (("profiling", "false"),)  # CIS 1.4.1
+def scheduler_args(settings: Hardening) -> tuple[tuple[str, str], ...]:
+    return (("profiling", "false"), *_leader_election_args(settings))  # CIS 1.4.1
+
+
+def _leader_election_args(settings: Hardening) -> tuple[tuple[str, str], ...]:
+    """The lease flags both components take (component-base v0.37.2 config/options/leaderelectionconfig.go);
+    none when the stack leaves them unset, so existing documents stay byte-identical."""
+    timing = settings.leader_election
+    if timing is None:
+        return ()
+    return (
+        ("leader-elect-lease-duration", f"{timing.lease_duration_seconds}s"),
+        ("leader-elect-renew-deadline", f"{timing.renew_deadline_seconds}s"),
+        ("leader-elect-retry-period", f"{timing.retry_period_seconds}s"),
+    )
 
 
 def etcd_args(settings: EtcdMaintenanceConfig) -> tuple[tuple[str, str], ...]:

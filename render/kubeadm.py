@@ -251,8 +251,8 @@ def cluster_configuration(shape: ClusterShape) -> ClusterConfiguration:
             cert_sans=sans, extra_args=_args(hardening.apiserver_args(settings)), extra_volumes=volumes
         ),
         etcd=etcd,
-        controller_manager=ControlPlaneComponent(extra_args=_args(hardening.controller_manager_args())),
-        scheduler=ControlPlaneComponent(extra_args=_args(hardening.scheduler_args())),
+        controller_manager=ControlPlaneComponent(extra_args=_args(hardening.controller_manager_args(settings))),
+        scheduler=ControlPlaneComponent(extra_args=_args(hardening.scheduler_args(settings))),
     )
 
 

@@ -64,7 +64,8 @@ from tests.real.node_steps import (
 from tests.real.stacked_lab import VERSION
 from tests.real.test_stacked_control_plane_live import stacked
 from tests.real.vip_client import VipClient, haproxy_retries, haproxy_since
-from tools.offline import Evaluation
+from tests.stacks import REPO_ROOT
+from tools.offline import Evaluation, load_stack_config
 from tools.plan import mask, script_of
 
 pytestmark = pytest.mark.real
@@ -108,9 +109,9 @@ def processes(lab: ControlPlaneLab) -> dict[str, Process]:
     return {f"{c} on {node.name}": node.processes[c] for node in nodes(lab) for c in PODS}
 
 
-def flags(node: Node) -> list[str]:
-    """The command line kube-apiserver runs with now."""
-    return Path(f"/proc/{node.processes['kube-apiserver'].pid}/cmdline").read_bytes().decode().split("\0")
+def flags(node: Node, component: str = "kube-apiserver") -> list[str]:
+    """The command line `component` runs with now."""
+    return Path(f"/proc/{node.processes[component].pid}/cmdline").read_bytes().decode().split("\0")
 
 
 def settings_step(evaluation: Evaluation, host: str) -> tuple[str, str, str]:
@@ -380,4 +381,48 @@ def test_an_interrupted_settings_run_is_finished_by_the_next(stacked: ControlPla
     third, _ = run_node_step(stacked, node, script, name=STEP_NAME, stdin=stdin)
     assert third.returncode == 0 and "already done" in third.stdout, third.output
     assert kubelet.events == []
+    assert kubelet.error is None
+
+
+def test_leader_election_timing_reaches_each_controller_manager_and_scheduler(
+    stacked: ControlPlaneLab, kubelet: Kubelet
+) -> None:
+    """`controlPlane.leaderElection` set on a running cluster: the settings step restarts each control plane's
+    kube-controller-manager and kube-scheduler with the lease flags, the components accept them (client-go
+    refuses a lease not longer than its renew deadline), and the leaders write the new duration into their
+    Leases. Last in the module: the stack keeps the setting from here on."""
+    planes = dict(load_stack_config(REPO_ROOT, stacked.stack)["kubeadm-ha:controlPlane"])
+    timing = {"leaseDurationSeconds": 60, "renewDeadlineSeconds": 40, "retryPeriodSeconds": 5}
+    changed = evaluated_at(stacked.stack, VERSION, json.dumps({"controlPlane": {**planes, "leaderElection": timing}}))
+    wanted = [
+        "--leader-elect-lease-duration=60s",
+        "--leader-elect-renew-deadline=40s",
+        "--leader-elect-retry-period=5s",
+    ]
+    for node in nodes(stacked):
+        assert not any(flag.startswith("--leader-elect-lease") for flag in flags(node, "kube-scheduler"))
+        script, stdin, digest = settings_step(changed, node.name)
+        ran, took = run_node_step(stacked, node, script, name=STEP_NAME, stdin=stdin)
+        assert ran.returncode == 0, f"{ran.output}\n--- control-plane-config.log:\n{step_log(node)}"
+        restarted = set(re.findall(r"kubeadm-ha: (\S+) restarted", ran.stdout))
+        assert restarted >= {"kube-controller-manager", "kube-scheduler"}, ran.stdout
+        for component in ("kube-controller-manager", "kube-scheduler"):
+            assert node.processes[component].alive(), mask(node.processes[component].log()[-2000:])
+            found = flags(node, component)
+            assert [flag for flag in found if flag.startswith("--leader-elect-")] == wanted, found
+        assert node.root.read(APPLIED_MARKER).strip() == digest and leftovers(node) == []
+        report(f"settings step on {node.name} (leaderElection 60/40/5 s): {took:.1f}s, restarted {sorted(restarted)}")
+
+    def durations() -> dict[str, int | None]:
+        leases = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases"
+        return {
+            name: stacked.request("GET", f"{leases}/{name}").json()["spec"].get("leaseDurationSeconds")
+            for name in ("kube-controller-manager", "kube-scheduler")
+        }
+
+    # A new leader takes over once the lease of the old (15 s) has run out, then renews every retry period.
+    started = time.monotonic()
+    poll_until(lambda: set(durations().values()) == {60}, timeout=120, interval=1,
+               message="both Leases to carry the new 60 s duration")  # fmt: skip
+    report(f"Leases of both components at 60 s after {time.monotonic() - started:.1f}s: {durations()}")
     assert kubelet.error is None

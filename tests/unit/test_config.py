@@ -135,3 +135,20 @@ def test_hostnames_follow_the_role_scheme() -> None:
         "t-worker-1",
         "t-worker-2",
     ]
+
+
+def test_leader_election_timing_is_refused_where_the_components_would_refuse_it() -> None:
+    """client-go v0.37.2 NewLeaderElector: leaseDuration > renewDeadline > 1.2 x retryPeriod."""
+    path = "controlPlane.leaderElection"
+
+    def timing(lease: int, renew: int, retry: int) -> dict[str, Any]:
+        seconds = {"leaseDurationSeconds": lease, "renewDeadlineSeconds": renew, "retryPeriodSeconds": retry}
+        return base(controlPlane={"leaderElection": seconds})
+
+    assert "leaseDurationSeconds 30 must be greater than renewDeadlineSeconds 30" in problems(timing(30, 30, 2))[path]
+    too_short = problems(timing(60, 12, 10))[path]
+    assert "renewDeadlineSeconds 12 must be greater than 1.2 x retryPeriodSeconds 10" in too_short
+    assert set(problems(base(controlPlane={"leaderElection": {"leaseDuration": "60s"}}))) == {f"{path}.leaseDuration"}
+    accepted = parse_config(timing(60, 13, 10), stack="lab").control_plane.leader_election
+    assert accepted is not None and (accepted.lease_duration_seconds, accepted.retry_period_seconds) == (60, 10)
+    assert parse_config(base(), stack="lab").control_plane.leader_election is None

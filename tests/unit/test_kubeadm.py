@@ -6,8 +6,12 @@ checked by kubeadm itself in tests/real/test_kubeadm_documents.py, not re-descri
 
 from __future__ import annotations
 
+import dataclasses
+
 import yaml
 
+from model.leader_election import LeaderElectionConfig
+from render.hardening import Hardening
 from render.kubeadm import ClusterShape, ExternalEtcd, init_documents, join_documents
 
 SHAPE = ClusterShape(
@@ -117,3 +121,20 @@ def test_external_etcd() -> None:
 def test_documents_are_byte_identical_for_identical_inputs() -> None:
     first = init_documents(SHAPE, hostname="prod-cp-1", address="10.17.5.31", token=TOKEN)
     assert first == init_documents(SHAPE, hostname="prod-cp-1", address="10.17.5.31", token=TOKEN)
+
+
+def test_leader_election_flags_reach_both_components_only_when_the_stack_sets_them() -> None:
+    def args(shape: ClusterShape) -> dict[str, list[dict[str, str]]]:
+        cluster = docs(init_documents(shape, hostname="prod-cp-1", address="10.17.5.31", token=TOKEN))
+        return {name: cluster["ClusterConfiguration"][name]["extraArgs"] for name in ("controllerManager", "scheduler")}
+
+    assert all("leader-elect" not in str(found) for found in args(SHAPE).values())
+    timing = LeaderElectionConfig(leaseDurationSeconds=60, renewDeadlineSeconds=40, retryPeriodSeconds=5)
+    shape = dataclasses.replace(SHAPE, hardening=Hardening(leader_election=timing))
+    for component, found in args(shape).items():
+        assert found == [
+            {"name": "profiling", "value": "false"},
+            {"name": "leader-elect-lease-duration", "value": "60s"},
+            {"name": "leader-elect-renew-deadline", "value": "40s"},
+            {"name": "leader-elect-retry-period", "value": "5s"},
+        ], component
