@@ -123,7 +123,20 @@ def lab_config(args: argparse.Namespace, image: Path, image_sha: str, uri: str, 
         "kubeadm-ha:workers": {"replicas": args.workers, "cpus": 1, "memoryMiB": 1536, "diskGiB": 20},
         "kubeadm-ha:kubernetes": {"version": KUBERNETES_VERSION, "cni": "flannel"},
     }
+    if args.leader_election:
+        lease, renew, retry = args.leader_election
+        timing = {"leaseDurationSeconds": lease, "renewDeadlineSeconds": renew, "retryPeriodSeconds": retry}
+        config["kubeadm-ha:controlPlane"]["leaderElection"] = timing
     return config
+
+
+def leader_election(text: str) -> tuple[int, int, int]:
+    """`--leader-election 60/40/5`: lease, renew deadline and retry period in seconds."""
+    parts = text.split("/")
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: want LEASE/RENEW/RETRY seconds, e.g. 60/40/5")
+    lease, renew, retry = (int(part) for part in parts)
+    return lease, renew, retry
 
 
 def sha256(path: Path) -> str:
@@ -435,6 +448,8 @@ def main(argv: list[str]) -> int:
     nice = "nice value for the LBs' and workers' QEMU (tests/real/cluster_nice.py); 0 leaves them alone"
     parser.add_argument("--nice-others", type=int, default=10, choices=range(20), metavar="0-19", help=nice)
     parser.add_argument("--hold-on-failure", action="store_true", help="keep the lab up for inspection (30 min)")
+    timing = "controlPlane.leaderElection for the lab stack: lease/renew/retry seconds (e.g. 60/40/5); unset: none"
+    parser.add_argument("--leader-election", type=leader_election, metavar="L/R/P", help=timing)
     args = parser.parse_args(argv)
     missing = missing_packages(args.day2)
     if missing:
@@ -452,6 +467,8 @@ def main(argv: list[str]) -> int:
     ok = bool(report.stages) and all(stage.ok for stage in report.stages)
     # args.cps: after any growth
     shape = f"{args.lbs} LB + {args.cps} CP + {args.workers} worker(s), others at nice {args.nice_others}"
+    if args.leader_election:
+        shape += ", leader election " + "/".join(map(str, args.leader_election)) + " s"
     stages = "; ".join(
         f"{s.name} {'ok' if s.ok else 'FAILED'} {s.seconds:.0f} s (load {s.load_max:.1f})" for s in report.stages
     )
