@@ -413,16 +413,16 @@ def test_leader_election_timing_reaches_each_controller_manager_and_scheduler(
         assert node.root.read(APPLIED_MARKER).strip() == digest and leftovers(node) == []
         report(f"settings step on {node.name} (leaderElection 60/40/5 s): {took:.1f}s, restarted {sorted(restarted)}")
 
-    def durations() -> dict[str, int | None]:
+    def durations_at_60() -> dict[str, int | None] | None:
         leases = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases"
-        return {
+        found = {
             name: stacked.request("GET", f"{leases}/{name}").json()["spec"].get("leaseDurationSeconds")
             for name in ("kube-controller-manager", "kube-scheduler")
         }
+        return found if set(found.values()) == {60} else None
 
     # A new leader takes over once the lease of the old (15 s) has run out, then renews every retry period.
     started = time.monotonic()
-    poll_until(lambda: set(durations().values()) == {60}, timeout=120, interval=1,
-               message="both Leases to carry the new 60 s duration")  # fmt: skip
-    report(f"Leases of both components at 60 s after {time.monotonic() - started:.1f}s: {durations()}")
+    found = poll_until(durations_at_60, timeout=120, interval=1, message="both Leases to carry the new 60 s duration")
+    report(f"Leases of both components at 60 s after {time.monotonic() - started:.1f}s: {found}")
     assert kubelet.error is None

@@ -18,7 +18,8 @@ from tests.real import cluster_nice
 FAKE_QEMU = "import threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); time.sleep(60)"
 # The guests' names are this run's own: a real cluster lab on the host (guests `lab-*`) is never matched, nor
 # reniced by the test.
-SCOPE = f"test{os.getpid()}-lab-"
+PREFIX = f"test{os.getpid()}-"
+SCOPE = f"{PREFIX}lab-"
 FAVOURED = f"{SCOPE}cp-"
 
 
@@ -28,8 +29,7 @@ def guests() -> Iterator[dict[str, int]]:
     try:
         for name in ("lab-lb-1", "lab-cp-1", "lab-worker-2", "other-lb-1"):
             argv = ["bash", "-c", 'exec -a qemu-system-x86_64 "$@"', "bash", sys.executable, "-c", FAKE_QEMU]
-            guest = f"test{os.getpid()}-{name}"
-            started[name] = subprocess.Popen([*argv, "-name", f"guest={guest},debug-threads=on"])
+            started[name] = subprocess.Popen([*argv, "-name", f"guest={PREFIX}{name},debug-threads=on"])
         for process in started.values():
             deadline = time.monotonic() + 10
             while len(os.listdir(f"/proc/{process.pid}/task")) < 2:
