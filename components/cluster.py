@@ -86,7 +86,10 @@ def cluster_shape(config: ClusterConfig, plan: AddressPlan, etcd: EtcdClusterSpe
         extra_sans=(f"api.{config.cluster_name}.{config.network.domain}",),
         external_etcd=external,
         hardening=Hardening(
-            audit=config.audit, etcd=config.etcd.maintenance, leader_election=config.control_plane.leader_election
+            audit=config.audit,
+            etcd=config.etcd.maintenance,
+            leader_election=config.control_plane.leader_election,
+            etcd_timing=config.etcd.timing,
         ),
     )
 

@@ -49,7 +49,7 @@ class ControlPlaneSettings(pulumi.ComponentResource):
         super().__init__("kubeadm-ha:index:ControlPlaneSettings", name, None, opts)
         shape = args.shape
         stacked = shape.external_etcd is None
-        etcd_flags = hardening.etcd_args(shape.hardening.etcd) if stacked else ()
+        etcd_flags = hardening.etcd_args(shape.hardening.etcd, shape.hardening.etcd_timing) if stacked else ()
         directories = [shape.hardening.audit.log_dir]
         self.steps: dict[str, command.remote.Command] = {}
         previous: list[pulumi.Resource] = list(args.after)

@@ -82,6 +82,7 @@ def plan_membership(config: ClusterConfig, plan: AddressPlan, previous: Previous
         starts=starts,
         initial_members=tuple(member.name for member in initial_cluster),
         maintenance=config.etcd.maintenance,
+        timing=config.etcd.timing,
     )
 
 

@@ -19,8 +19,8 @@ from pydantic import (
 from model.artifacts import ArtifactsConfig
 from model.base import StrictModel
 from model.hostkeys import ed25519_key_problem
-from model.leader_election import LeaderElectionConfig
 from model.offsets import default_vip
+from model.timing import EtcdTimingConfig, LeaderElectionConfig
 from model.versions import (
     DEFAULT_KUBERNETES,
     UnknownRelease,
@@ -214,6 +214,8 @@ class EtcdConfig(_Model):
     topology: Literal["stacked", "external"] = "stacked"
     backup: EtcdBackupConfig = EtcdBackupConfig()
     maintenance: EtcdMaintenanceConfig = EtcdMaintenanceConfig()
+    # Unset: etcd's own heartbeat and election timeout, and no flag (stacked and external members alike).
+    timing: EtcdTimingConfig | None = None
     # External etcd only: the registry.k8s.io/etcd tag the members run. Unset, a new cluster starts on the tag
     # kubeadm pins for its Kubernetes minor and keeps it across Kubernetes upgrades; setting it (or changing
     # it) rolls the members to it one at a time, each healthy before the next.

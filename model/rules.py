@@ -215,7 +215,7 @@ def _etcd_problems(config: ClusterConfig) -> list[Problem]:
     etcd = config.etcd
     if not etcd.external:
         # Sizing keys would silently do nothing: stacked members live on the control planes.
-        sizing = etcd.model_fields_set - {"topology", "backup", "maintenance"}
+        sizing = etcd.model_fields_set - {"topology", "backup", "maintenance", "timing"}
         ignored = sorted(EtcdConfig.model_fields[name].alias or name for name in sizing)
         return [
             Problem(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from render import static_pods
+from render import hardening, static_pods
 from render.kubeadm import CONFIG_DIR
 from render.node_prep import STATIC_POD_DIR
 from render.scripts import INSTALL_BUNDLE_FUNCTION, STATE_DIR, Script, logged, quote
@@ -44,7 +44,10 @@ def _functions(stacked_etcd: bool, etcd_flags: Sequence[tuple[str, str]]) -> tup
     names = " ".join(quote(name) for name, _ in static_pods.pods(stacked_etcd))
     flag_patterns = " ".join(quote(f"--{name}={value}") for name, value in etcd_flags)
     flag_names = " ".join(quote(f"--{name}=") for name, _ in etcd_flags)
-    etcd = _etcd_manifest_function(flag_patterns, flag_names) if etcd_flags else ()
+    # A flag the program sets only with its key (etcd.timing) comes out once the key is gone.
+    given = {name for name, _ in etcd_flags}
+    dropped = " ".join(quote(f"--{name}=") for name in hardening.ETCD_TIMING_FLAGS if name not in given)
+    etcd = _etcd_manifest_function(flag_patterns, flag_names, dropped) if etcd_flags else ()
     return (
         *INSTALL_BUNDLE_FUNCTION,
         *static_pods.functions(),
@@ -62,20 +65,25 @@ def _functions(stacked_etcd: bool, etcd_flags: Sequence[tuple[str, str]]) -> tup
     )
 
 
-def _etcd_manifest_function(flag_patterns: str, flag_names: str) -> tuple[str, ...]:
+def _etcd_manifest_function(flag_patterns: str, flag_names: str, dropped: str) -> tuple[str, ...]:
     """Only with stacked etcd, whose manifest the step edits."""
     return (
-        # `etcd_manifest IN OUT`: IN with the program's etcd flags, each replacing any value it had. Only
-        # when one is missing or different; otherwise OUT is IN byte for byte (kubeadm sorts its flags, so
-        # a manifest kubeadm made with them stays as it is).
+        # `etcd_manifest IN OUT`: IN with the program's etcd flags, each replacing any value it had, and without
+        # the `dropped` ones. Only when one is missing, different or still there; otherwise OUT is IN byte for
+        # byte (kubeadm sorts its flags, so a manifest kubeadm made with them stays as it is).
         "etcd_manifest() {",
-        '  local flag missing=""',
+        '  local flag stale=""',
         f"  for flag in {flag_patterns}; do",
-        '    grep -qE -- "^ *- ${flag}\\$" "$1" || missing=1',
+        '    grep -qE -- "^ *- ${flag}\\$" "$1" || stale=1',
         "  done",
+        *(
+            (f"  for flag in {dropped}; do", '    if grep -qE -- "^ *- ${flag}" "$1"; then stale=1; fi', "  done")
+            if dropped
+            else ()
+        ),
         '  cp "$1" "$2"',
-        '  [ -n "$missing" ] || return 0',
-        f"  for flag in {flag_names}; do",
+        '  [ -n "$stale" ] || return 0',
+        f"  for flag in {' '.join(filter(None, (flag_names, dropped)))}; do",
         '    sed -i -E -- "/^ *- ${flag}/d" "$2"',
         "  done",
         # Inserted right after the `- etcd` command word, in the program's order.

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from model.config import EtcdMaintenanceConfig
+from model.timing import EtcdTimingConfig
 from render import yamldoc
 from render.hardening import etcd_args
 from render.kubeadm import CONFIG_DIR, PKI_DIR
@@ -93,6 +94,8 @@ class EtcdClusterSpec:
     initial_members: tuple[str, ...]  # exported and re-exported forever
     # etcd.maintenance: the size limit and compaction every member starts with (render/hardening.py `etcd_args`).
     maintenance: EtcdMaintenanceConfig
+    # etcd.timing: the Raft heartbeat and election timeout, when the stack sets them.
+    timing: EtcdTimingConfig | None = None
     paths: EtcdPaths = field(default_factory=EtcdPaths)
 
     def member(self, name: str) -> EtcdMember:
@@ -135,7 +138,7 @@ def etcd_member_flags(member: EtcdMember, cluster: EtcdClusterSpec) -> tuple[str
         f"--snapshot-count={SNAPSHOT_COUNT}",
         f"--listen-metrics-urls=http://127.0.0.1:{METRICS_PORT}",
         # The same quota and compaction as a stacked member gets through kubeadm's etcd.local.extraArgs.
-        *(f"--{name}={value}" for name, value in etcd_args(cluster.maintenance)),
+        *(f"--{name}={value}" for name, value in etcd_args(cluster.maintenance, cluster.timing)),
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from model.config import AuditConfig, EtcdMaintenanceConfig
-from model.leader_election import LeaderElectionConfig
+from model.timing import EtcdTimingConfig, LeaderElectionConfig
 from render import lb_config, yamldoc
 
 AUDIT_POLICY_DIR = "/etc/kubernetes/audit"
@@ -47,6 +47,7 @@ class Hardening:
     audit: AuditConfig = field(default_factory=AuditConfig)
     etcd: EtcdMaintenanceConfig = field(default_factory=EtcdMaintenanceConfig)
     leader_election: LeaderElectionConfig | None = None
+    etcd_timing: EtcdTimingConfig | None = None
 
 
 DEFAULT = Hardening()
@@ -120,14 +121,27 @@ def _leader_election_args(settings: Hardening) -> tuple[tuple[str, str], ...]:
     )
 
 
-def etcd_args(settings: EtcdMaintenanceConfig) -> tuple[tuple[str, str], ...]:
-    """etcd's size limit and its own compaction (stacked: kubeadm's etcd.local.extraArgs; external: the
-    member's flags). Beyond the quota etcd raises NOSPACE and takes only reads and deletes."""
+def etcd_args(settings: EtcdMaintenanceConfig, timing: EtcdTimingConfig | None) -> tuple[tuple[str, str], ...]:
+    """etcd's size limit and its own compaction, and its Raft timing when the stack sets it (stacked: kubeadm's
+    etcd.local.extraArgs; external: the member's flags). Beyond the quota etcd raises NOSPACE and takes only
+    reads and deletes."""
     return (
         ("quota-backend-bytes", str(settings.quota_backend_bytes)),
         ("auto-compaction-mode", settings.auto_compaction_mode),
         ("auto-compaction-retention", settings.auto_compaction_retention),
+        *_etcd_timing_args(timing),
     )
+
+
+# The flags `etcd.timing` sets (etcd v3.7.0 embed/config.go AddFlags, in milliseconds). Without the key none is
+# given, and the settings step takes them out of a stacked member's manifest that still has them.
+HEARTBEAT_FLAG, ELECTION_FLAG = ETCD_TIMING_FLAGS = ("heartbeat-interval", "election-timeout")
+
+
+def _etcd_timing_args(timing: EtcdTimingConfig | None) -> tuple[tuple[str, str], ...]:
+    if timing is None:
+        return ()
+    return ((HEARTBEAT_FLAG, str(timing.heartbeat_interval_ms)), (ELECTION_FLAG, str(timing.election_timeout_ms)))
 
 
 # Sensitive resources first, so that no later, broader rule can ever log their bodies: Secrets and ConfigMaps

@@ -239,7 +239,7 @@ def cluster_configuration(shape: ClusterShape) -> ClusterConfiguration:
     etcd = (
         Etcd(external=shape.external_etcd)
         if shape.external_etcd
-        else Etcd(local=LocalEtcd(extra_args=_args(hardening.etcd_args(settings.etcd))))
+        else Etcd(local=LocalEtcd(extra_args=_args(hardening.etcd_args(settings.etcd, settings.etcd_timing))))
     )
     volumes = hardening.apiserver_volumes(settings)
     return ClusterConfiguration(

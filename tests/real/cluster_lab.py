@@ -127,6 +127,9 @@ def lab_config(args: argparse.Namespace, image: Path, image_sha: str, uri: str, 
         lease, renew, retry = args.leader_election
         timing = {"leaseDurationSeconds": lease, "renewDeadlineSeconds": renew, "retryPeriodSeconds": retry}
         config["kubeadm-ha:controlPlane"]["leaderElection"] = timing
+    if args.etcd_timing:
+        heartbeat, election = args.etcd_timing
+        config["kubeadm-ha:etcd"] = {"timing": {"heartbeatIntervalMs": heartbeat, "electionTimeoutMs": election}}
     return config
 
 
@@ -137,6 +140,15 @@ def leader_election(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: want LEASE/RENEW/RETRY seconds, e.g. 60/40/5")
     lease, renew, retry = (int(part) for part in parts)
     return lease, renew, retry
+
+
+def etcd_timing(text: str) -> tuple[int, int]:
+    """`--etcd-timing 500/5000`: etcd's heartbeat interval and election timeout in milliseconds."""
+    parts = text.split("/")
+    if len(parts) != 2 or not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: want HEARTBEAT/ELECTION milliseconds, e.g. 500/5000")
+    heartbeat, election = (int(part) for part in parts)
+    return heartbeat, election
 
 
 def sha256(path: Path) -> str:
@@ -450,6 +462,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--hold-on-failure", action="store_true", help="keep the lab up for inspection (30 min)")
     timing = "controlPlane.leaderElection for the lab stack: lease/renew/retry seconds (e.g. 60/40/5); unset: none"
     parser.add_argument("--leader-election", type=leader_election, metavar="L/R/P", help=timing)
+    raft = "etcd.timing for the lab stack: heartbeat/election timeout in ms (e.g. 500/5000); unset: etcd's own"
+    parser.add_argument("--etcd-timing", type=etcd_timing, metavar="H/E", help=raft)
     args = parser.parse_args(argv)
     missing = missing_packages(args.day2)
     if missing:
@@ -469,6 +483,8 @@ def main(argv: list[str]) -> int:
     shape = f"{args.lbs} LB + {args.cps} CP + {args.workers} worker(s), others at nice {args.nice_others}"
     if args.leader_election:
         shape += ", leader election " + "/".join(map(str, args.leader_election)) + " s"
+    if args.etcd_timing:
+        shape += ", etcd timing " + "/".join(map(str, args.etcd_timing)) + " ms"
     stages = "; ".join(
         f"{s.name} {'ok' if s.ok else 'FAILED'} {s.seconds:.0f} s (load {s.load_max:.1f})" for s in report.stages
     )

@@ -171,7 +171,7 @@ def test_the_step_puts_its_etcd_flags_into_an_older_etcd_manifest(stacked: Contr
     node = nodes(stacked)[1]
     script, _, _ = settings_step(stacked.evaluation, node.name)
     kubeadms = node.root.read(f"{MANIFESTS}/etcd.yaml")
-    program = [f"--{name}={value}" for name, value in etcd_args(stacked.config.etcd.maintenance)]
+    program = [f"--{name}={value}" for name, value in etcd_args(stacked.config.etcd.maintenance, None)]
     ours = tuple(flag.split("=", 1)[0] + "=" for flag in program)
     assert all(f"    - {flag}\n" in kubeadms for flag in program)  # kubeadm wrote them (extraArgs) on join
     lines = [line for line in kubeadms.splitlines(keepends=True) if "--auto-compaction-" not in line]

@@ -137,6 +137,23 @@ def test_hostnames_follow_the_role_scheme() -> None:
     ]
 
 
+def test_etcd_timing_is_refused_where_etcd_would_refuse_it() -> None:
+    """etcd v3.7.0 embed/config.go Validate: both above 0, election timeout >= 5 x heartbeat and <= 50000 ms."""
+    path = "etcd.timing"
+
+    def timing(heartbeat: int, election: int) -> dict[str, Any]:
+        return base(etcd={"timing": {"heartbeatIntervalMs": heartbeat, "electionTimeoutMs": election}})
+
+    assert "electionTimeoutMs 499 must be at least 5 x heartbeatIntervalMs 100" in problems(timing(100, 499))[path]
+    assert set(problems(timing(100, 50001))) == {f"{path}.electionTimeoutMs"}
+    assert set(problems(timing(0, 1000))) == {f"{path}.heartbeatIntervalMs"}
+    assert set(problems(base(etcd={"timing": {"heartbeatInterval": "500ms"}}))) == {f"{path}.heartbeatInterval"}
+    accepted = parse_config(timing(100, 500), stack="lab").etcd.timing
+    assert accepted is not None and (accepted.heartbeat_interval_ms, accepted.election_timeout_ms) == (100, 500)
+    assert parse_config(timing(10000, 50000), stack="lab").etcd.timing is not None
+    assert parse_config(base(), stack="lab").etcd.timing is None
+
+
 def test_leader_election_timing_is_refused_where_the_components_would_refuse_it() -> None:
     """client-go v0.37.2 NewLeaderElector: leaseDuration > renewDeadline > 1.2 x retryPeriod."""
     path = "controlPlane.leaderElection"

@@ -55,6 +55,8 @@ from render.scripts import encode_bundle
 
 # Every flag etcd_member_flags may emit; each exists in etcd 3.4, 3.5 and 3.6 alike.
 PORTABLE_FLAGS = {
+    "heartbeat-interval",
+    "election-timeout",
     "name",
     "data-dir",
     "listen-client-urls",
@@ -259,11 +261,29 @@ def test_members_get_the_configured_quota_and_compaction_as_stacked_etcd_does() 
         "--auto-compaction-mode=revision",
         "--auto-compaction-retention=1000",
     )
-    assert tuple(f"--{name}={value}" for name, value in etcd_args(parsed.etcd.maintenance)) == expected
+    assert tuple(f"--{name}={value}" for name, value in etcd_args(parsed.etcd.maintenance, None)) == expected
     for member in plan.members:
         flags = etcd_member_flags(member, plan)
         assert flags[-3:] == expected
         assert render_manifest(member, plan).count("--quota-backend-bytes=") == 1
+
+
+def test_members_get_the_raft_timing_only_when_the_stack_sets_it() -> None:
+    """etcd.timing reaches an external member's flags as it reaches a stacked member's extraArgs; unset, no flag."""
+    assert not any(flag.startswith(("--heartbeat-interval", "--election-timeout")) for flag in member_flags(config()))
+    timed = config(timing={"heartbeatIntervalMs": 500, "electionTimeoutMs": 5000})
+    expected = ("--heartbeat-interval=500", "--election-timeout=5000")
+    assert member_flags(timed)[-2:] == expected
+    assert tuple(f"--{name}={value}" for name, value in etcd_args(timed.etcd.maintenance, timed.etcd.timing))[-2:] == (
+        expected
+    )
+
+
+def member_flags(parsed: ClusterConfig) -> tuple[str, ...]:
+    plan = plan_membership(parsed, plan_addresses(parsed), PreviousDeployment({}))
+    flags = {member.name: etcd_member_flags(member, plan) for member in plan.members}
+    assert len(flags) == 3
+    return flags["t-etcd-2"]
 
 
 def test_flags_follow_remapped_paths() -> None:

@@ -10,7 +10,7 @@ import dataclasses
 
 import yaml
 
-from model.leader_election import LeaderElectionConfig
+from model.timing import EtcdTimingConfig, LeaderElectionConfig
 from render.hardening import Hardening
 from render.kubeadm import ClusterShape, ExternalEtcd, init_documents, join_documents
 
@@ -121,6 +121,21 @@ def test_external_etcd() -> None:
 def test_documents_are_byte_identical_for_identical_inputs() -> None:
     first = init_documents(SHAPE, hostname="prod-cp-1", address="10.17.5.31", token=TOKEN)
     assert first == init_documents(SHAPE, hostname="prod-cp-1", address="10.17.5.31", token=TOKEN)
+
+
+def test_etcd_timing_reaches_stacked_etcd_only_when_the_stack_sets_it() -> None:
+    def etcd_args(shape: ClusterShape) -> list[dict[str, str]]:
+        cluster = docs(init_documents(shape, hostname="prod-cp-1", address="10.17.5.31", token=TOKEN))
+        return cluster["ClusterConfiguration"]["etcd"]["local"]["extraArgs"]
+
+    assert [arg["name"] for arg in etcd_args(SHAPE)] == [
+        "quota-backend-bytes",
+        "auto-compaction-mode",
+        "auto-compaction-retention",
+    ]
+    timing = EtcdTimingConfig(heartbeatIntervalMs=500, electionTimeoutMs=5000)
+    found = etcd_args(dataclasses.replace(SHAPE, hardening=Hardening(etcd_timing=timing)))
+    assert found[3:] == [{"name": "heartbeat-interval", "value": "500"}, {"name": "election-timeout", "value": "5000"}]
 
 
 def test_leader_election_flags_reach_both_components_only_when_the_stack_sets_them() -> None:
