@@ -48,7 +48,7 @@ import pytest
 import yaml
 
 from render.control_plane_config import APPLIED_MARKER, HELD_DIR, PENDING_DIR, STAGED_DIR, STEP
-from render.hardening import AUDIT_POLICY_PATH, SHUTDOWN_DELAY_S, audit_policy, etcd_args
+from render.hardening import AUDIT_POLICY_PATH, ETCD_TIMING_FLAGS, SHUTDOWN_DELAY_S, audit_policy, etcd_args
 from tests.integration.netns import Process, poll_until
 from tests.real.control_plane_lab import APISERVER_BOUND, MANIFESTS, ControlPlaneLab, Node, report
 from tests.real.documents import evaluated_at
@@ -79,6 +79,7 @@ DELAY_FLAG = f"--shutdown-delay-duration={SHUTDOWN_DELAY_S}s"
 INTERRUPT_BOUND = 120.0
 # What kube-controller-manager and kube-scheduler log when they exit because they could not renew their lease.
 LEASE_LOST = re.compile(r"leaderelection lost|leader election lost", re.I)
+ETCD_TIMING = tuple(f"--{name}=" for name in ETCD_TIMING_FLAGS)
 
 
 @pytest.fixture(scope="module")
@@ -384,6 +385,43 @@ def test_an_interrupted_settings_run_is_finished_by_the_next(stacked: ControlPla
     assert kubelet.error is None
 
 
+def test_etcd_timing_reaches_each_member_in_turn_and_comes_out_once_unset(
+    stacked: ControlPlaneLab, kubelet: Kubelet
+) -> None:
+    """`etcd.timing` set on a running cluster: the settings step restarts each control plane's etcd member in turn
+    (its API server held out of every load balancer meanwhile) with the two flags, and etcd starts with that
+    heartbeat and election timeout (its own "starting an etcd server" line says so). With the key taken out again
+    the next runs take the flags out of each manifest, and the members run on etcd's defaults. Clients on the VIP
+    lose no request throughout."""
+    timing = {"heartbeatIntervalMs": 500, "electionTimeoutMs": 5000}
+    timed = evaluated_at(stacked.stack, VERSION, json.dumps({"etcd": {"timing": timing}}))
+    passes: tuple[tuple[Evaluation, list[str], str], ...] = (
+        (timed, ["--heartbeat-interval=500", "--election-timeout=5000"], '"heartbeat-interval":"500ms"'),
+        (stacked.evaluation, [], '"heartbeat-interval":"100ms"'),
+    )
+    with VipClient(stacked) as client:
+        time.sleep(2)
+        for evaluation, wanted, started_with in passes:
+            for node in nodes(stacked):
+                script, stdin, digest = settings_step(evaluation, node.name)
+                ran, took = run_node_step(stacked, node, script, name=STEP_NAME, stdin=stdin)
+                assert ran.returncode == 0, f"{ran.output}\n--- control-plane-config.log:\n{step_log(node)}"
+                assert "etcd" in re.findall(r"kubeadm-ha: (\S+) restarted", ran.stdout), ran.stdout
+                etcd = node.processes["etcd"]
+                assert etcd.alive(), mask(etcd.log()[-2000:])
+                found = [flag for flag in flags(node, "etcd") if flag.startswith(ETCD_TIMING)]
+                assert found == wanted, flags(node, "etcd")
+                assert started_with in etcd.log(), mask(etcd.log()[-2000:])
+                assert stacked.apiserver_ready(node.name) and in_rotation(stacked, node) == {"UP"}
+                assert node.root.read(APPLIED_MARKER).strip() == digest and leftovers(node) == []
+                report(f"settings step on {node.name} (etcd timing {' '.join(wanted) or 'unset'}): {took:.1f}s")
+        time.sleep(2)
+    report(f"VIP client over the six steps: {client.summary()}")
+    assert client.requests >= 50
+    assert client.failures == []
+    assert kubelet.error is None
+
+
 def test_leader_election_timing_reaches_each_controller_manager_and_scheduler(
     stacked: ControlPlaneLab, kubelet: Kubelet
 ) -> None:
@@ -423,6 +461,6 @@ def test_leader_election_timing_reaches_each_controller_manager_and_scheduler(
 
     # A new leader takes over once the lease of the old (15 s) has run out, then renews every retry period.
     started = time.monotonic()
-    found = poll_until(durations_at_60, timeout=120, interval=1, message="both Leases to carry the new 60 s duration")
-    report(f"Leases of both components at 60 s after {time.monotonic() - started:.1f}s: {found}")
+    leases = poll_until(durations_at_60, timeout=120, interval=1, message="both Leases to carry the new 60 s duration")
+    report(f"Leases of both components at 60 s after {time.monotonic() - started:.1f}s: {leases}")
     assert kubelet.error is None
