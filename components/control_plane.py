@@ -58,11 +58,24 @@ def _bootstrap(kind: Literal["init", "join"], *kubeadm: str) -> list[str]:
 _UNFINISHED_JOIN = (
     '"kubeadm-ha: a kubeadm join on ${KUBEADM_HA_HOST} started and did not finish'
     " (see ${KUBEADM_HA_LOG_DIR}/kubeadm-join.log); kubeadm cannot resume a join. Run kubeadm reset --force on"
-    " the node, or replace its VM (pulumi up --replace with the domain's URN), then pulumi up again\""
+    ' the node"'
 )
+_OR_REPLACE = ", or replace its VM (pulumi up --replace with the domain's URN), then pulumi up again"
 
 
-def _unfinished(init: list[str] | None, *, worker: bool = False) -> list[str]:
+@dataclass(frozen=True)
+class PlacedPki:
+    """What a control plane's join needs from its place-pki step: the step's name and the keys it placed."""
+
+    step: str
+    key_paths: tuple[str, ...]
+
+    @property
+    def replace_hint(self) -> str:
+        return f"pulumi up --replace with the URN of its {self.step} step (pulumi stack --show-urns)"
+
+
+def _unfinished(init: list[str] | None, *, worker: bool = False, pki: PlacedPki | None = None) -> list[str]:
     """What a step does when STARTED is there without DONE: a join is refused (see above), unless kubeadm
     stopped in preflight, before it wrote anything, or (`worker`) kubelet has finished its TLS bootstrap since:
     that is the whole of a worker's join. An `init` is run again without preflight (`init`).
@@ -96,10 +109,25 @@ def _unfinished(init: list[str] | None, *, worker: bool = False) -> list[str]:
         ]
     lines += [
         'if [ "$kha_unfinished" = join ]; then',
-        f"  echo {_UNFINISHED_JOIN} >&2",
+        # kubeadm reset also deletes the shared certificates the place-pki step put there (/etc/kubernetes/pki),
+        # and that step, recorded as done, does not run again by itself.
+        f"  echo {_UNFINISHED_JOIN}{quote((f' and {pki.replace_hint}' if pki else '') + _OR_REPLACE)} >&2",
         "  exit 1",
         "fi",
     ]
+    if pki is not None:
+        missing = " || ".join(f"[ ! -s {quote(path)} ]" for path in pki.key_paths)
+        lines += [
+            f"if {missing}; then",
+            '  echo "kubeadm-ha: the shared certificates are missing on ${KUBEADM_HA_HOST}"'
+            + quote(
+                f", so kubeadm join cannot add a control plane ({pki.step} placed them in /etc/kubernetes/pki;"
+                f" kubeadm reset deletes them). Run {pki.replace_hint}"
+            )
+            + " >&2",
+            "  exit 1",
+            "fi",
+        ]
     if init is not None:
         lines += [
             'if [ "$kha_unfinished" = init ]; then',
@@ -163,7 +191,7 @@ def place_pki_script(hostname: str, digests: dict[str, str], key_paths: Sequence
     )
 
 
-def kubeadm_join_script(hostname: str, *, worker: bool) -> Script:
+def kubeadm_join_script(hostname: str, *, worker: bool, pki: PlacedPki | None = None) -> Script:
     return Script(
         step="kubeadm-join",
         host=hostname,
@@ -172,7 +200,7 @@ def kubeadm_join_script(hostname: str, *, worker: bool) -> Script:
         body=(
             # The document holds the bootstrap token: remove it however the step ends.
             f"trap {quote(shell('rm', '-f', JOIN_CONFIG_PATH))} EXIT",
-            *_unfinished(None, worker=worker),
+            *_unfinished(None, worker=worker, pki=pki),
             "install_bundle",
             *_bootstrap("join", "join", "--config", JOIN_CONFIG_PATH),
             # The document holds the bootstrap token; it has done its job.
@@ -326,7 +354,9 @@ class ControlPlaneNode(pulumi.ComponentResource):
                     )
                 )
             )
-            script = kubeadm_join_script(node.hostname, worker=False)
+            script = kubeadm_join_script(
+                node.hostname, worker=False, pki=PlacedPki(f"{name}-place-pki", tuple(key_paths))
+            )
         reset = reset_step(context, node, self.vm, parent=self, after=[removal])
         self.kubeadm: command.remote.Command = run_step(
             f"{name}-kubeadm-{args.bootstrap}",

@@ -39,6 +39,7 @@ import yaml
 
 from components.control_plane import (
     KUBELET_KUBECONFIG,
+    PlacedPki,
     first_control_plane_script,
     kubeadm_join_script,
     place_pki_script,
@@ -596,6 +597,45 @@ def test_a_join_that_failed_after_writing_kubelet_conf_is_not_taken_as_done(sand
         assert f"a kubeadm join on {HOST} started and did not finish" in result.stderr
         assert "Run kubeadm reset --force on the node, or replace its VM" in result.stderr
         assert TOKEN not in result.stdout + result.stderr
+
+
+def test_a_control_plane_reset_after_a_failed_join_is_told_to_place_its_certificates_again(sandbox: Sandbox):
+    """Cluster lab run 20: the refusal above said "Run kubeadm reset --force on the node ... then pulumi up
+    again". kubeadm reset also deletes /etc/kubernetes/pki, where the place-pki step (recorded as done, so not run
+    again) had put the shared certificates, and the next join failed in real kubeadm's preflight ("failure loading
+    certificate for CA ... no such file or directory"). The refusal now names that step to replace, and a join
+    whose shared keys are gone stops before kubeadm and says so."""
+    pki = PlacedPki(f"{HOST}-place-pki", tuple(KEYS))
+    for path, content in {**CERTS, **KEYS}.items():
+        sandbox.put(path, content, 0o600)
+    _api_answers(sandbox, f"https://{ENDPOINT}/readyz")
+    sandbox.put_state("fails-after-kubeconfig")
+    script = kubeadm_join_script(HOST, worker=False, pki=pki)
+    _, calls = _run_failing(sandbox, script, stdin=JOIN_BUNDLE)
+    assert calls == [JOIN]
+    (sandbox.state / "fails-after-kubeconfig").unlink()
+    replace = f"pulumi up --replace with the URN of its {HOST}-place-pki step (pulumi stack --show-urns)"
+    stderr, calls = _run_failing(sandbox, script, stdin=JOIN_BUNDLE)
+    assert f"Run kubeadm reset --force on the node and {replace}, or replace its VM" in stderr
+    assert calls == []
+    # What `kubeadm reset --force` deletes: the kubeconfigs and everything under /etc/kubernetes/pki.
+    for path in (KUBELET_KUBECONFIG, *CERTS, *KEYS):
+        sandbox.file(path).unlink()
+    stderr, calls = _run_failing(sandbox, script, stdin=JOIN_BUNDLE)
+    assert calls == []  # not kubeadm's own preflight failure
+    assert (
+        f"kubeadm-ha: the shared certificates are missing on {HOST}, so kubeadm join cannot add a control plane "
+        f"({HOST}-place-pki placed them in /etc/kubernetes/pki; kubeadm reset deletes them). Run {replace}"
+    ) in stderr
+    assert TOKEN not in stderr
+    # The replaced place-pki step puts them back; the join then runs.
+    for path, content in {**CERTS, **KEYS}.items():
+        sandbox.put(path, content, 0o600)
+    before = len(sandbox.call_lines())
+    result = sandbox.run(script.render(), stdin=JOIN_BUNDLE)
+    assert result.returncode == 0, result.stderr
+    assert sandbox.call_lines()[before:] == [JOIN]
+    assert _run_again(sandbox, script, stdin=JOIN_BUNDLE) == []
 
 
 @pytest.mark.parametrize("which", ["init", "join"])
