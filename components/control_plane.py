@@ -13,7 +13,8 @@ from components.artifacts import bundled_cni_manifest
 from components.control_plane_config import settings_files
 from components.membership import admin_for, membership_step, node_removal_step, reset_step, token_step
 from components.nodes import NodeContext
-from components.pki import ETCD_CA, SA_KEY_PATH, SA_PUB_PATH, ClusterPki, IssuedLeaf
+from components.pki import ETCD_CA, SA_KEY_PATH
+from components.pki_placement import PlacedPki, pki_bundle, place_pki_script
 from components.remote import run_step, secret
 from components.vm import Vm, VmSize
 from model.addressing import NodePlan
@@ -26,10 +27,8 @@ from render.scripts import (
     BundleFile,
     Script,
     encode_bundle,
-    files_match,
     logged,
     quote,
-    sha256_hex,
 )
 from render.scripts import command as shell
 
@@ -61,18 +60,6 @@ _UNFINISHED_JOIN = (
     ' the node"'
 )
 _OR_REPLACE = ", or replace its VM (pulumi up --replace with the domain's URN), then pulumi up again"
-
-
-@dataclass(frozen=True)
-class PlacedPki:
-    """What a control plane's join needs from its place-pki step: the step's name and the keys it placed."""
-
-    step: str
-    key_paths: tuple[str, ...]
-
-    @property
-    def replace_hint(self) -> str:
-        return f"pulumi up --replace with the URN of its {self.step} step (pulumi stack --show-urns)"
 
 
 def _unfinished(init: list[str] | None, *, worker: bool = False, pki: PlacedPki | None = None) -> list[str]:
@@ -121,8 +108,8 @@ def _unfinished(init: list[str] | None, *, worker: bool = False, pki: PlacedPki 
             f"if {missing}; then",
             '  echo "kubeadm-ha: the shared certificates are missing on ${KUBEADM_HA_HOST}"'
             + quote(
-                f", so kubeadm join cannot add a control plane ({pki.step} placed them in /etc/kubernetes/pki;"
-                f" kubeadm reset deletes them). Run {pki.replace_hint}"
+                f", and kubeadm needs them to make this node a control plane of the cluster ({pki.step} placed them"
+                f" in /etc/kubernetes/pki; kubeadm reset deletes them). Run {pki.replace_hint}"
             )
             + " >&2",
             "  exit 1",
@@ -139,56 +126,6 @@ def _unfinished(init: list[str] | None, *, worker: bool = False, pki: PlacedPki 
             "fi",
         ]
     return lines
-
-
-def pki_bundle(
-    pki: ClusterPki, *, include_ca_keys: Sequence[str], leaves: Sequence[IssuedLeaf] = ()
-) -> tuple[pulumi.Output[str], pulumi.Output[dict[str, str]]]:
-    """The stdin payload that places the shared PKI (and `leaves`), and the public files' digests for the guard."""
-    cas = list(pki.cas.values())
-    public_pems = [*(ca.cert_pem for ca in cas), *(leaf.cert_pem for leaf in leaves)]
-    public_paths = [*(ca.purpose.cert_path for ca in cas), *(leaf.purpose.cert_path for leaf in leaves)]
-    public = pulumi.Output.all(*public_pems, pki.service_account_key.public_key_pem).apply(
-        lambda pems: {**dict(zip(public_paths, pems[:-1], strict=True)), SA_PUB_PATH: pems[-1]}
-    )
-    keyed = [ca for ca in cas if ca.purpose.name in include_ca_keys]
-    key_paths = [*(ca.purpose.key_path for ca in keyed), *(leaf.purpose.key_path for leaf in leaves)]
-    private = pulumi.Output.all(
-        *(ca.key.private_key_pem for ca in keyed),
-        *(leaf.key.private_key_pem for leaf in leaves),
-        pki.service_account_key.private_key_pem,
-    )
-
-    def encode(public_files: dict[str, str], private_pems: list[str]) -> str:
-        files = [BundleFile(path, content, 0o644) for path, content in sorted(public_files.items())]
-        files += [BundleFile(path, pem, 0o600) for path, pem in zip(key_paths, private_pems[:-1], strict=True)]
-        files.append(BundleFile(SA_KEY_PATH, private_pems[-1], 0o600))
-        return encode_bundle(files)
-
-    payload = secret(pulumi.Output.all(public, private).apply(lambda both: encode(both[0], both[1])))
-    digests = public.apply(lambda files: {path: sha256_hex(content) for path, content in files.items()})
-    return payload, digests
-
-
-_PKI_MISMATCH = (
-    '"kubeadm-ha: placed certificates do not match on ${KUBEADM_HA_HOST} (step ${KUBEADM_HA_STEP});'
-    ' the bundle and the expected digests disagree"'
-)
-
-
-def place_pki_script(hostname: str, digests: dict[str, str], key_paths: Sequence[str]) -> Script:
-    keys_present = " && ".join(f"[ -s {path} ]" for path in sorted(key_paths))
-    return Script(
-        step="place-pki",
-        host=hostname,
-        done_when=f"{files_match(digests)} && {keys_present}",
-        functions=INSTALL_BUNDLE_FUNCTION,
-        body=(
-            "install_bundle",
-            # kubeadm refuses a CA key that does not match its certificate; catch a torn write here instead.
-            f"{files_match(digests)} || {{ echo {_PKI_MISMATCH} >&2; exit 1; }}",
-        ),
-    )
 
 
 def kubeadm_join_script(hostname: str, *, worker: bool, pki: PlacedPki | None = None) -> Script:
@@ -213,8 +150,11 @@ def _answers(url: str, ca_file: str) -> str:
     return shell("curl", "--silent", "--fail", "--max-time", "5", "--cacert", ca_file, url) + " >/dev/null 2>&1"
 
 
-def first_control_plane_script(hostname: str, endpoint: str, peers: Sequence[str], *, stacked_etcd: bool) -> Script:
-    """`kubeadm init` for a new cluster, `kubeadm join` when this node is rebuilt into a running one.
+def first_control_plane_script(
+    hostname: str, endpoint: str, peers: Sequence[str], *, stacked_etcd: bool, pki: PlacedPki | None = None
+) -> Script:
+    """`kubeadm init` for a new cluster, `kubeadm join` when this node is rebuilt into a running one. Both need
+    the shared keys `pki` placed: without ca.key, kubeadm init would make a CA of its own.
 
     The first control plane is only special while the cluster does not exist:
     if the API answers (through the endpoint or on any other control plane), this
@@ -234,7 +174,7 @@ def first_control_plane_script(hostname: str, endpoint: str, peers: Sequence[str
         # The documents hold the bootstrap token: remove them however the step ends (a refusal, a failed kubeadm).
         f"trap {quote(shell('rm', '-f', INIT_CONFIG_PATH, JOIN_CONFIG_PATH))} EXIT",
         "install_bundle",
-        *_unfinished(_bootstrap("init", *init, "--skip-phases=preflight")),
+        *_unfinished(_bootstrap("init", *init, "--skip-phases=preflight"), pki=pki),
         f"if [ -f {BOOTSTRAP_DONE} ]; then",
         "  :",
         f"elif {answers}; then",
@@ -310,6 +250,7 @@ class ControlPlaneNode(pulumi.ComponentResource):
             replace_with=self.vm.domain.id,
         )
 
+        placed = PlacedPki(f"{name}-place-pki", tuple(key_paths))
         pki = context.pki
         join_config = pulumi.Output.all(pki.bootstrap_token, pki.ca_cert_hash).apply(
             lambda values: join_documents(
@@ -340,7 +281,11 @@ class ControlPlaneNode(pulumi.ComponentResource):
             )
             peers = [str(cp.address) for cp in context.plan.control_planes if cp != node]
             script = first_control_plane_script(
-                node.hostname, args.shape.endpoint, peers, stacked_etcd=args.shape.external_etcd is None
+                node.hostname,
+                args.shape.endpoint,
+                peers,
+                stacked_etcd=args.shape.external_etcd is None,
+                pki=placed,
             )
             # Its token step runs only once another control plane exists; this one removes its Node when it goes.
             removal = node_removal_step(context, node, self.vm, self.admin, parent=self)
@@ -354,9 +299,7 @@ class ControlPlaneNode(pulumi.ComponentResource):
                     )
                 )
             )
-            script = kubeadm_join_script(
-                node.hostname, worker=False, pki=PlacedPki(f"{name}-place-pki", tuple(key_paths))
-            )
+            script = kubeadm_join_script(node.hostname, worker=False, pki=placed)
         reset = reset_step(context, node, self.vm, parent=self, after=[removal])
         self.kubeadm: command.remote.Command = run_step(
             f"{name}-kubeadm-{args.bootstrap}",

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import pytest
 
+from components.pki import SA_KEY_PATH, SHARED_CAS
 from components.remote import as_sent
 from render.admin_node import Target, join_token_script
 from tests.program.test_external_etcd import members, scaled
@@ -153,6 +154,13 @@ NODE_SECRETS = {
     "/etc/kubernetes/admin.conf": ADMIN_CONF,
     "/etc/kubernetes/pki/etcd/healthcheck-client.key": FAKE_HEALTHCHECK_KEY,
 }
+# What the place-pki step put on a control plane before its kubeadm step runs (the kubeadm steps check for them).
+PLACED_KEYS = {
+    path: FAKE_ADMIN_KEY.replace("Admin", f"Pki{number:02d}")
+    for number, path in enumerate(
+        (*(ca.key_path for ca in SHARED_CAS), SA_KEY_PATH, "/etc/kubernetes/pki/apiserver-etcd-client.key")
+    )
+}
 
 
 # ---------------------------------------------------------------- what must not be printed
@@ -187,7 +195,7 @@ def stdin_needles(stdin: str) -> dict[str, str]:
 
 def node_needles() -> dict[str, str]:
     found: dict[str, str] = {}
-    for path, content in NODE_SECRETS.items():
+    for path, content in {**NODE_SECRETS, **PLACED_KEYS}.items():
         found.update(needles(content, f"node {path}"))
     return {**found, **needles(FAKE_ADMIN_KEY, "node admin.conf client key")}
 
@@ -306,6 +314,9 @@ class Harness:
         sandbox = Sandbox(self.base / f"run-{self.runs}", _stubs())
         for path, content in NODE_SECRETS.items():
             sandbox.put(path, content)
+        if self.scenario.kind.startswith("kubeadm-"):
+            for path, content in PLACED_KEYS.items():
+                sandbox.put(path, content)
         if self.scenario.open_ports:
             sandbox.put_state("open-ports", "".join(f"{port}\n" for port in self.scenario.open_ports))
         if self.scenario.members:

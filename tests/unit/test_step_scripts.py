@@ -37,14 +37,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.control_plane import (
-    KUBELET_KUBECONFIG,
-    PlacedPki,
-    first_control_plane_script,
-    kubeadm_join_script,
-    place_pki_script,
-)
+from components.control_plane import KUBELET_KUBECONFIG, first_control_plane_script, kubeadm_join_script
 from components.loadbalancer import lb_config_script
+from components.pki_placement import PlacedPki, place_pki_script
 from model.addressing import plan_addresses
 from model.config import ClusterConfig
 from render.cloudinit import PREPARATION_PATH
@@ -486,6 +481,19 @@ def test_init_when_nothing_answers_then_does_nothing(first_cp: Sandbox):
     assert _run_again(first_cp, script, stdin=INIT_BUNDLE) == []
 
 
+def test_the_first_control_plane_never_runs_kubeadm_without_the_shared_keys(first_cp: Sandbox):
+    """Without ca.key kubeadm init would make a CA of its own, which the program's join discovery does not trust:
+    a first control plane whose placed keys are gone (kubeadm reset) stops before kubeadm and names the step."""
+    pki = PlacedPki(f"{FIRST}-place-pki", tuple(KEYS))
+    script = first_control_plane_script(FIRST, ENDPOINT, PEERS, stacked_etcd=True, pki=pki)
+    stderr, calls = _run_failing(first_cp, script, stdin=INIT_BUNDLE)
+    assert calls == []
+    assert f"the shared certificates are missing on {FIRST}" in stderr and f"{FIRST}-place-pki" in stderr
+    for path, content in KEYS.items():
+        first_cp.put(path, content, 0o600)
+    assert _run_first(first_cp, script, stdin=INIT_BUNDLE) == [*PROBES, INIT]
+
+
 @pytest.mark.parametrize("answering", [0, 1, 2], ids=["endpoint", "first-peer", "second-peer"])
 def test_join_when_the_api_answers_then_does_nothing(first_cp: Sandbox, answering: int):
     _api_answers(first_cp, API_URLS[answering])
@@ -624,8 +632,9 @@ def test_a_control_plane_reset_after_a_failed_join_is_told_to_place_its_certific
     stderr, calls = _run_failing(sandbox, script, stdin=JOIN_BUNDLE)
     assert calls == []  # not kubeadm's own preflight failure
     assert (
-        f"kubeadm-ha: the shared certificates are missing on {HOST}, so kubeadm join cannot add a control plane "
-        f"({HOST}-place-pki placed them in /etc/kubernetes/pki; kubeadm reset deletes them). Run {replace}"
+        f"kubeadm-ha: the shared certificates are missing on {HOST}, and kubeadm needs them to make this node a "
+        f"control plane of the cluster ({HOST}-place-pki placed them in /etc/kubernetes/pki; kubeadm reset deletes "
+        f"them). Run {replace}"
     ) in stderr
     assert TOKEN not in stderr
     # The replaced place-pki step puts them back; the join then runs.
