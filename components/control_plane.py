@@ -14,7 +14,7 @@ from components.control_plane_config import settings_files
 from components.membership import admin_for, membership_step, node_removal_step, reset_step, token_step
 from components.nodes import NodeContext
 from components.pki import ETCD_CA, SA_KEY_PATH
-from components.pki_placement import PlacedPki, pki_bundle, place_pki_script
+from components.pki_placement import PlacedPki, keys_present, pki_bundle, place_pki_script
 from components.remote import run_step, secret
 from components.vm import Vm, VmSize
 from model.addressing import NodePlan
@@ -103,9 +103,8 @@ def _unfinished(init: list[str] | None, *, worker: bool = False, pki: PlacedPki 
         "fi",
     ]
     if pki is not None:
-        missing = " || ".join(f"[ ! -s {quote(path)} ]" for path in pki.key_paths)
         lines += [
-            f"if {missing}; then",
+            f"if ! {{ {keys_present(pki.key_paths)}; }}; then",
             '  echo "kubeadm-ha: the shared certificates are missing on ${KUBEADM_HA_HOST}"'
             + quote(
                 f", and kubeadm needs them to make this node a control plane of the cluster ({pki.step} placed them"
@@ -235,22 +234,23 @@ class ControlPlaneNode(pulumi.ComponentResource):
         if external and not leaves:
             raise ValueError("external etcd needs the etcd certificates from ClusterPki (ClusterPkiArgs.etcd_members)")
         payload, digests = pki_bundle(context.pki, include_ca_keys=ca_keys, leaves=leaves)
-        key_paths = [
+        key_paths = (
             *(ca.purpose.key_path for name, ca in context.pki.cas.items() if name in ca_keys),
             *(leaf.purpose.key_path for leaf in leaves),
             SA_KEY_PATH,
-        ]
+        )
+        # What the kubeadm step checks for before kubeadm runs (kubeadm reset deletes it).
+        placed = PlacedPki(f"{name}-place-pki", key_paths)
         self.pki_placed = run_step(
-            f"{name}-place-pki",
+            placed.step,
             access,
-            digests.apply(lambda found: place_pki_script(node.hostname, found, key_paths)),
+            digests.apply(lambda found: place_pki_script(node.hostname, found, placed.key_paths)),
             parent=self,
             stdin=payload,
             depends_on=[self.vm.ready],
             replace_with=self.vm.domain.id,
         )
 
-        placed = PlacedPki(f"{name}-place-pki", tuple(key_paths))
         pki = context.pki
         join_config = pulumi.Output.all(pki.bootstrap_token, pki.ca_cert_hash).apply(
             lambda values: join_documents(

@@ -10,7 +10,15 @@ import pulumi
 
 from components.pki import SA_KEY_PATH, SA_PUB_PATH, ClusterPki, IssuedLeaf
 from components.remote import secret
-from render.scripts import INSTALL_BUNDLE_FUNCTION, BundleFile, Script, encode_bundle, files_match, sha256_hex
+from render.scripts import (
+    INSTALL_BUNDLE_FUNCTION,
+    BundleFile,
+    Script,
+    encode_bundle,
+    files_match,
+    quote,
+    sha256_hex,
+)
 
 
 @dataclass(frozen=True)
@@ -60,12 +68,16 @@ _PKI_MISMATCH = (
 )
 
 
+def keys_present(key_paths: Sequence[str]) -> str:
+    """A shell condition: every placed key is there and not empty (place-pki's guard; the kubeadm steps' check)."""
+    return " && ".join(f"[ -s {quote(path)} ]" for path in sorted(key_paths))
+
+
 def place_pki_script(hostname: str, digests: dict[str, str], key_paths: Sequence[str]) -> Script:
-    keys_present = " && ".join(f"[ -s {path} ]" for path in sorted(key_paths))
     return Script(
         step="place-pki",
         host=hostname,
-        done_when=f"{files_match(digests)} && {keys_present}",
+        done_when=f"{files_match(digests)} && {keys_present(key_paths)}",
         functions=INSTALL_BUNDLE_FUNCTION,
         body=(
             "install_bundle",

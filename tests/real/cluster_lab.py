@@ -133,21 +133,23 @@ def lab_config(args: argparse.Namespace, image: Path, image_sha: str, uri: str, 
     return config
 
 
+def _slashed(text: str, count: int, want: str) -> tuple[int, ...]:
+    """`count` whole numbers written A/B/..., or the argparse error naming what is wanted."""
+    parts = text.split("/")
+    if len(parts) != count or not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: want {want}")
+    return tuple(int(part) for part in parts)
+
+
 def leader_election(text: str) -> tuple[int, int, int]:
     """`--leader-election 60/40/5`: lease, renew deadline and retry period in seconds."""
-    parts = text.split("/")
-    if len(parts) != 3 or not all(part.isdigit() for part in parts):
-        raise argparse.ArgumentTypeError(f"{text!r}: want LEASE/RENEW/RETRY seconds, e.g. 60/40/5")
-    lease, renew, retry = (int(part) for part in parts)
+    lease, renew, retry = _slashed(text, 3, "LEASE/RENEW/RETRY seconds, e.g. 60/40/5")
     return lease, renew, retry
 
 
 def etcd_timing(text: str) -> tuple[int, int]:
     """`--etcd-timing 500/5000`: etcd's heartbeat interval and election timeout in milliseconds."""
-    parts = text.split("/")
-    if len(parts) != 2 or not all(part.isdigit() for part in parts):
-        raise argparse.ArgumentTypeError(f"{text!r}: want HEARTBEAT/ELECTION milliseconds, e.g. 500/5000")
-    heartbeat, election = (int(part) for part in parts)
+    heartbeat, election = _slashed(text, 2, "HEARTBEAT/ELECTION milliseconds, e.g. 500/5000")
     return heartbeat, election
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from components.pki import SA_KEY_PATH, SHARED_CAS
+from components.pki import APISERVER_ETCD_CLIENT, SA_KEY_PATH, SHARED_CAS
 from components.remote import as_sent
 from render.admin_node import Target, join_token_script
 from tests.program.test_external_etcd import members, scaled
@@ -157,9 +157,7 @@ NODE_SECRETS = {
 # What the place-pki step put on a control plane before its kubeadm step runs (the kubeadm steps check for them).
 PLACED_KEYS = {
     path: FAKE_ADMIN_KEY.replace("Admin", f"Pki{number:02d}")
-    for number, path in enumerate(
-        (*(ca.key_path for ca in SHARED_CAS), SA_KEY_PATH, "/etc/kubernetes/pki/apiserver-etcd-client.key")
-    )
+    for number, path in enumerate((*(ca.key_path for ca in SHARED_CAS), SA_KEY_PATH, APISERVER_ETCD_CLIENT.key_path))
 }
 
 
