@@ -292,13 +292,13 @@ def test_a_manifest_swap_loses_no_request_with_the_shutdown_delay(stacked: Contr
     assert graceful.stop_s >= SHUTDOWN_DELAY_S
     assert graceful.client.failures == []
     assert graceful.rescued == 0, graceful.haproxy
-    # Without it, it stopped listening at once while HAProxy still sent it clients: HAProxy redispatched the
-    # connections it refused, and the new process, listening before HAProxy had marked the old one DOWN, answered
-    # 403 until its authorizer had synced (7-9 requests in every run measured; a machine on which kube-apiserver
-    # takes longer to listen than HAProxy to mark it DOWN would see only the redispatches).
+    # Without it, it stopped listening at once while HAProxy still sent it clients: HAProxy's own counters show
+    # the connections it had to redispatch away from the node. What the clients see of that cut depends on the
+    # machine's timing, so it is reported, not asserted: on this machine the new process listened before HAProxy
+    # had marked the old one DOWN and answered 403 until its authorizer had synced (7-9 requests in every run
+    # measured), while a CI machine saw no 403 at all but 4 handshakes cut by the old process (SSL EOF, retried).
     assert control.stop_s < SHUTDOWN_DELAY_S
-    assert control.rescued > 0, control.haproxy
-    assert control.client.failures, control.line()
+    assert control.rescued > 0, control.line()
 
 
 def test_a_changed_setting_restarts_only_each_api_server_in_turn(stacked: ControlPlaneLab, kubelet: Kubelet) -> None:
