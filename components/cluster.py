@@ -91,7 +91,6 @@ def cluster_shape(config: ClusterConfig, plan: AddressPlan, etcd: EtcdClusterSpe
             leader_election=config.control_plane.leader_election,
             etcd_timing=config.etcd.timing,
         ),
-        control_plane_cpus=config.control_plane.cpus,
     )
 
 

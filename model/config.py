@@ -251,9 +251,8 @@ class ControlPlaneConfig(_VmSize):
     replicas: Annotated[int, Field(ge=1, le=7)] = 3
     # Unset: the components' own defaults, and no flag in the documents.
     leader_election: Annotated[LeaderElectionConfig | None, Field(alias="leaderElection")] = None
-    # kubeadm's preflight refuses control planes below 2 vCPU / ~1.7 GiB; at 1 vCPU the documents tell it to skip
-    # that one check (render/kubeadm.py), for hosts where a second vCPU costs more than it gives (lab run 21).
-    cpus: Annotated[int, Field(ge=1, le=64)] = 2
+    # kubeadm's preflight refuses control planes below 2 vCPU / ~1.7 GiB.
+    cpus: Annotated[int, Field(ge=2, le=64)] = 2
     memory_mib: Annotated[int, Field(alias="memoryMiB", ge=2048, le=262144)] = 4096
     disk_gib: Annotated[int, Field(alias="diskGiB", ge=20, le=4096)] = 30
 

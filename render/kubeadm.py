@@ -23,10 +23,6 @@ PKI_DIR = "/etc/kubernetes/pki"
 CONFIG_DIR = "/etc/kubernetes/kubeadm-ha"
 INIT_CONFIG_PATH = f"{CONFIG_DIR}/init.yaml"
 JOIN_CONFIG_PATH = f"{CONFIG_DIR}/join.yaml"
-# kubeadm v1.37.2 cmd/kubeadm/app/preflight/checks.go: RunInitNodeChecks (init, and a control plane's join)
-# runs NumCPUCheck{NumCPU: constants.ControlPlaneNumCPU}, 2, named "NumCPU", as an error.
-CONTROL_PLANE_NUM_CPU = 2
-NUM_CPU_CHECK = "NumCPU"
 
 
 def _camel(name: str) -> str:
@@ -60,7 +56,6 @@ class NodeRegistration:
     cri_socket: str = CRI_SOCKET
     kubelet_extra_args: tuple[Arg, ...] | None = None
     taints: tuple[dict[str, str], ...] | None = None
-    ignore_preflight_errors: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -223,27 +218,18 @@ class ClusterShape:
     extra_sans: tuple[str, ...]
     external_etcd: ExternalEtcd | None = None
     hardening: hardening.Hardening = hardening.DEFAULT
-    control_plane_cpus: int = CONTROL_PLANE_NUM_CPU
 
     @property
     def endpoint(self) -> str:
         return f"{self.endpoint_host}:{self.endpoint_port}"
 
-    @property
-    def control_plane_preflight_ignores(self) -> tuple[str, ...] | None:
-        """The preflight checks kubeadm skips on a control plane: its vCPU check only, and only when the
-        operator sized the control planes below it. Otherwise none, and no field in the documents."""
-        return (NUM_CPU_CHECK,) if self.control_plane_cpus < CONTROL_PLANE_NUM_CPU else None
 
-
-def _registration(shape: ClusterShape, hostname: str, address: str, *, control_plane: bool) -> NodeRegistration:
+def _registration(hostname: str, address: str, *, control_plane: bool) -> NodeRegistration:
     return NodeRegistration(
         name=hostname,
         kubelet_extra_args=(Arg("node-ip", address),),
         # kubeadm's default taint for control planes; stated so the intent is visible in the document.
         taints=({"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"},) if control_plane else None,
-        # A worker's join runs no vCPU check (kubeadm's RunJoinNodeChecks); a control plane's runs the init checks.
-        ignore_preflight_errors=shape.control_plane_preflight_ignores if control_plane else None,
     )
 
 
@@ -285,7 +271,7 @@ def renewal_document(shape: ClusterShape) -> str:
 
 def init_documents(shape: ClusterShape, *, hostname: str, address: str, token: str) -> str:
     init = InitConfiguration(
-        node_registration=_registration(shape, hostname, address, control_plane=True),
+        node_registration=_registration(hostname, address, control_plane=True),
         local_api_endpoint=APIEndpoint(advertise_address=address),
         bootstrap_tokens=(BootstrapToken(token=token),),
         timeouts=Timeouts(kubernetes_api_call=INIT_API_CALL_TIMEOUT),
@@ -298,7 +284,7 @@ def settings_documents(shape: ClusterShape, *, hostname: str, address: str) -> s
     control-plane` and `upload-config` on a running control plane: this node's registration and endpoint, as
     `kubeadm init`/`join` had them, and the ClusterConfiguration. No token: those phases use none."""
     init = InitConfiguration(
-        node_registration=_registration(shape, hostname, address, control_plane=True),
+        node_registration=_registration(hostname, address, control_plane=True),
         local_api_endpoint=APIEndpoint(advertise_address=address),
         bootstrap_tokens=None,
     )
@@ -309,7 +295,7 @@ def join_documents(
     shape: ClusterShape, *, hostname: str, address: str, token: str, ca_cert_hash: str, control_plane: bool
 ) -> str:
     join = JoinConfiguration(
-        node_registration=_registration(shape, hostname, address, control_plane=control_plane),
+        node_registration=_registration(hostname, address, control_plane=control_plane),
         discovery=Discovery(
             BootstrapTokenDiscovery(api_server_endpoint=shape.endpoint, token=token, ca_cert_hashes=(ca_cert_hash,))
         ),

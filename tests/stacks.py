@@ -30,14 +30,10 @@ ALL_STACKS = (*STACK_FILES, *EXTRA_SHAPES)
 def extra_raw_config(name: str) -> dict[str, Any]:
     """The `kubeadm-ha:` keys (without prefix) of an extra shape."""
     control_planes, load_balancers, workers = EXTRA_SHAPES[name]
-    control_plane: dict[str, Any] = {"replicas": control_planes}
-    if name == "smallest":
-        # The smallest shape the program accepts, down to a 1-vCPU control plane (kubeadm told to skip NumCPU).
-        control_plane["cpus"] = 1
     return {
         "network": {"cidr": "10.17.9.0/24"},
         "loadBalancer": {"replicas": load_balancers},
-        "controlPlane": control_plane,
+        "controlPlane": {"replicas": control_planes},
         "workers": {"replicas": workers},
     }
 

@@ -119,12 +119,7 @@ def lab_config(args: argparse.Namespace, image: Path, image_sha: str, uri: str, 
         "kubeadm-ha:image": {"url": str(image), "sha256": image_sha},
         "kubeadm-ha:hypervisors": [{"name": "local", "uri": uri, "domainType": "qemu"}],
         "kubeadm-ha:loadBalancer": {"replicas": args.lbs, "cpus": 1, "memoryMiB": 512, "diskGiB": 10},
-        "kubeadm-ha:controlPlane": {
-            "replicas": args.cps,
-            "cpus": args.cp_cpus,
-            "memoryMiB": args.cp_memory,
-            "diskGiB": 20,
-        },
+        "kubeadm-ha:controlPlane": {"replicas": args.cps, "cpus": 2, "memoryMiB": args.cp_memory, "diskGiB": 20},
         "kubeadm-ha:workers": {"replicas": args.workers, "cpus": 1, "memoryMiB": 1536, "diskGiB": 20},
         "kubeadm-ha:kubernetes": {"version": KUBERNETES_VERSION, "cni": "flannel"},
     }
@@ -458,9 +453,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cps", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--cp-memory", type=int, default=3072)
-    # 1 vCPU per control plane: under TCG on 2 host cores, each control plane gets less than a core anyway, and a
-    # second vCPU adds cross-vCPU wakeups and spinning on a descheduled vCPU (guest system time ~45 % in run 20).
-    parser.add_argument("--cp-cpus", type=int, default=2)
     parser.add_argument("--grow-cps", type=int, default=0, help="after the first up and its checks: this many CPs")
     parser.add_argument("--grow-parallel", type=int, default=1, help="pulumi up --parallel for the growth")
     day2 = "a second up, the drill (3 CPs, 2 LBs), --add-worker, a due renewal and an up after it"

@@ -50,7 +50,7 @@ def test_even_control_plane_count_is_refused_with_the_reason() -> None:
 def test_every_field_problem_is_reported_at_once() -> None:
     found = problems(
         base(
-            controlPlane={"replicas": 4, "cpus": 0, "memoryMiB": 1024},
+            controlPlane={"replicas": 4, "cpus": 1, "memoryMiB": 1024},
             kubernetes={"version": "1.30.4", "cni": "weave"},
             workers={"replicas": -1},
             network={"mode": "nat", "cidr": "10.17.3.0/24", "typo": 1},

@@ -153,25 +153,3 @@ def test_leader_election_flags_reach_both_components_only_when_the_stack_sets_th
             {"name": "leader-elect-renew-deadline", "value": "40s"},
             {"name": "leader-elect-retry-period", "value": "5s"},
         ], component
-
-
-def test_a_one_vcpu_control_plane_tells_kubeadm_to_skip_its_vcpu_check_and_nothing_else() -> None:
-    def registrations(shape: ClusterShape) -> list[dict]:
-        init = docs(init_documents(shape, hostname="prod-cp-1", address="10.17.5.31", token=TOKEN))
-        joins = [
-            docs(
-                join_documents(
-                    shape, hostname=name, address="10.17.5.40", token=TOKEN, ca_cert_hash=HASH, control_plane=cp
-                )
-            )["JoinConfiguration"]
-            for name, cp in (("prod-cp-2", True), ("prod-worker-1", False))
-        ]
-        return [document["nodeRegistration"] for document in (init["InitConfiguration"], *joins)]
-
-    # The default (and any size kubeadm accepts): no field at all, so the documents stay as they were.
-    assert all("ignorePreflightErrors" not in found for found in registrations(SHAPE))
-    assert registrations(SHAPE) == registrations(dataclasses.replace(SHAPE, control_plane_cpus=4))
-    init, control_plane, worker = registrations(dataclasses.replace(SHAPE, control_plane_cpus=1))
-    assert init["ignorePreflightErrors"] == control_plane["ignorePreflightErrors"] == ["NumCPU"]
-    # A worker's join runs no vCPU check, so it is told nothing.
-    assert "ignorePreflightErrors" not in worker
