@@ -15,11 +15,19 @@ from render.scripts import (
     https_fetch,
     logged,
     quote,
+    retry_function,
 )
 
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
 # A manifest is larger than a key: a longer bound per attempt.
 _CURL = https_fetch(120)
+# The apply runs right after `kubeadm init`, while the first API server may still restart or stall: lab run 21's
+# failed on one attempt with TLS handshake timeouts, then 403s from the restarted server whose RBAC cache had not
+# synced. `kubectl apply` is safe to repeat. Each attempt is bounded by kubectl's request timeout; together the
+# attempts outlast a restart (kube-apiserver took 57 s to be healthy after `kubeadm init` there).
+APPLY_ATTEMPTS = 10
+APPLY_PAUSE_SECONDS = 15
+APPLY_REQUEST_TIMEOUT = "60s"
 
 
 @dataclass(frozen=True)
@@ -100,17 +108,21 @@ def cni_script(hostname: str, manifest: CniManifest, pod_subnet: str, *, from_fi
         _require_in_file(edit.before, path, f"{refusal}: no line {edit.before!r}") for edit in manifest.cidr_edits
     ]
     landed = [_require_in_file(edit.after, path, f"{refusal}: no line {edit.after!r}") for edit in manifest.cidr_edits]
+    apply = logged(
+        f"cni-{manifest.name}", *kubectl, f"--request-timeout={APPLY_REQUEST_TIMEOUT}", "apply", "--filename", path
+    )
     return Script(
         step=f"cni-{manifest.name}",
         host=hostname,
         done_when=command(*kubectl, "--namespace", manifest.namespace, "get", "daemonset", manifest.daemonset)
         + " >/dev/null 2>&1",
+        functions=retry_function(APPLY_PAUSE_SECONDS),
         body=(
             *fetched,
             *expected,
             command("sed", "-i", *sed_args, path),
             *landed,
-            logged(f"cni-{manifest.name}", *kubectl, "apply", "--filename", path),
+            f"kha_retry {APPLY_ATTEMPTS} {quote(f'applying the {manifest.name} manifest')} {apply}",
         ),
     )
 

@@ -43,13 +43,21 @@ from components.pki_placement import PlacedPki, place_pki_script
 from model.addressing import plan_addresses
 from model.config import ClusterConfig
 from render.cloudinit import PREPARATION_PATH
-from render.cni import ADMIN_KUBECONFIG, CniManifest, cni_script, manifest_for
+from render.cni import (
+    ADMIN_KUBECONFIG,
+    APPLY_ATTEMPTS,
+    APPLY_PAUSE_SECONDS,
+    APPLY_REQUEST_TIMEOUT,
+    CniManifest,
+    cni_script,
+    manifest_for,
+)
 from render.kubeadm import INIT_CONFIG_PATH, JOIN_CONFIG_PATH
 from render.lb_config import HAPROXY_CFG_PATH, KEEPALIVED_CHECK_SCRIPT_PATH, KEEPALIVED_CONF_PATH, lb_node_files
 from render.node_prep import PREPARED_MARKER
 from render.readiness import READY_MARKER, readiness_script
 from render.scripts import LOG_DIR, STATE_DIR, BundleFile, Script, encode_bundle, sha256_hex
-from tests.sandbox import Sandbox, Stub
+from tests.sandbox import RECORD_ONLY, Sandbox, Stub
 from tests.stacks import stack_config
 
 TOKEN = "abcdef.0123456789abcdef"
@@ -145,6 +153,7 @@ while [ "$#" -gt 0 ]; do
   case "$1" in
     --kubeconfig) shift 2 ;;
     --namespace) namespace="$2"; shift 2 ;;
+    --request-timeout=*) shift ;;
     *) words+=("$1"); shift ;;
   esac
 done
@@ -156,6 +165,13 @@ case "$1 ${2-}" in
     printf 'NAME  DESIRED\n%s  3\n' "$3" ;;
   "apply --filename")
     [ -r "$3" ] || { echo "error: the path \"$3\" does not exist" >&2; exit 1; }
+    # A restarted API server whose RBAC cache has not synced yet (lab run 21): `apply-fails` calls refused.
+    if [ -s "$STATE/apply-fails" ] && [ "$(cat "$STATE/apply-fails")" -gt 0 ]; then
+      echo "$(($(cat "$STATE/apply-fails") - 1))" >"$STATE/apply-fails"
+      echo 'Error from server (Forbidden): configmaps "kube-flannel-cfg" is forbidden:' \
+        'User "kubernetes-admin" cannot get resource "configmaps"' >&2
+      exit 1
+    fi
     mkdir -p "$STATE/applied"
     cat "$3" >"$STATE/applied/${3##*/}"
     # The DaemonSets in the manifest (top-level `kind:` and the metadata's two-space `name:`/`namespace:`).
@@ -867,7 +883,7 @@ def _cni_calls(manifest: CniManifest, path: str) -> tuple[list[str], list[str], 
     download = ["curl", "--fail", "--silent", "--show-error", "--location", "--proto", "=https"]
     download += ["--connect-timeout", "15", "--max-time", "120", "--retry", "5", "--retry-delay", "5"]
     download += ["--retry-all-errors", "--output", path + ".download", manifest.url]
-    return get, download, [*KUBECTL, "apply", "--filename", path]
+    return get, download, [*KUBECTL, f"--request-timeout={APPLY_REQUEST_TIMEOUT}", "apply", "--filename", path]
 
 
 @pytest.fixture
@@ -918,6 +934,37 @@ def test_flannel_gets_a_non_default_pod_subnet_then_does_nothing(cni_node: Sandb
     assert (cni_node.state / "daemonsets" / "kube-flannel" / "kube-flannel-ds").exists()
 
     assert _run_again(cni_node, script) == [get]
+
+
+@pytest.mark.parametrize("refusals", [3, APPLY_ATTEMPTS])
+def test_an_apply_the_restarting_api_server_refuses_is_tried_again_within_a_bound(
+    sandbox_support: None, tmp_path: Path, refusals: int
+):
+    """Lab run 21: the first API server restarted while the flannel manifest was applied, and the one `kubectl
+    apply` failed the whole `pulumi up` (403 from the restarted server before its RBAC cache had synced). The
+    apply is tried again, a bounded number of times; past the bound the step fails naming the host."""
+    node = Sandbox(tmp_path / "cni", {**STUBS, "sleep": RECORD_ONLY})
+    node.put(ADMIN_KUBECONFIG, "apiVersion: v1\nkind: Config\n")
+    manifest, script, path = _cni("flannel", "10.244.0.0/16", FLANNEL_UPSTREAM)
+    _publish(node, manifest, FLANNEL_UPSTREAM)
+    node.put_state("apply-fails", str(refusals))
+    get, download, apply = _cni_calls(manifest, path)
+    result = node.run(script.render())
+    calls = node.call_lines()
+    retrying = f"failed (attempt 1 of {APPLY_ATTEMPTS}); retrying in {APPLY_PAUSE_SECONDS} s"
+    assert f"kubeadm-ha: applying the flannel manifest on {CNI_HOST} {retrying}" in result.stderr
+    assert "is forbidden" in result.stderr  # each failed attempt shows kubectl's own words
+    if refusals < APPLY_ATTEMPTS:
+        assert result.returncode == 0, result.stderr
+        assert [call for call in calls if call[0] != "sleep"] == [get, download, *[apply] * (refusals + 1)]
+        assert calls.count(["sleep", str(APPLY_PAUSE_SECONDS)]) == refusals
+        assert (node.state / "daemonsets" / "kube-flannel" / "kube-flannel-ds").exists()
+        assert _run_again(node, script) == [get]
+    else:
+        assert result.returncode != 0
+        assert f"applying the flannel manifest on {CNI_HOST} failed {APPLY_ATTEMPTS} times; giving up" in result.stderr
+        assert calls.count(apply) == APPLY_ATTEMPTS
+        assert not (node.state / "daemonsets").exists()
 
 
 @pytest.mark.parametrize(
