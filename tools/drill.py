@@ -1,6 +1,7 @@
 """The failover drill as a command: take one control plane down, then the VIP holder, and measure what held.
 
-    python -m tools.drill --stack NAME [--yes] [--allow-quorum-loss] [--outputs FILE]
+    python -m tools.drill --stack NAME [--yes] [--only control-plane|load-balancer] [--allow-quorum-loss]
+                          [--outputs FILE]
 
 Without --yes it reads the cluster's state (etcd leader, lease holders, VIP holder) and prints what it would
 do; nothing is stopped. With --yes:
@@ -13,6 +14,9 @@ do; nothing is stopped. With --yes:
 4. stop the load balancer holding the VIP (keepalived and HAProxy) and show the VIP moves and the API answers;
    bring it back;
 5. print a table of what held and how long each recovery took.
+
+`--only` runs one of the two drills: steps 2-3 (`control-plane`) or step 4 (`load-balancer`), e.g. the
+load balancers of a cluster with one control plane, which no control-plane drill can pass.
 
 It never stops a control plane whose loss would cost etcd its quorum (counting only members healthy now)
 unless --allow-quorum-loss. Everything the drill does goes through a `DrillTarget`: SSH to the nodes (host
@@ -229,33 +233,41 @@ def quorum_refusal(target: DrillTarget, host: str) -> str | None:
     return None
 
 
-def drill(target: DrillTarget, *, yes: bool, allow_quorum_loss: bool = False) -> DrillReport:
+def drill(target: DrillTarget, *, yes: bool, allow_quorum_loss: bool = False, only: Kind | None = None) -> DrillReport:
     report = DrillReport()
     leader = read(target.etcd_leader)
     holders = {lease: read(partial(target.lease_holder, lease)) for lease in LEASES}
     vip = read(target.vip_holder)
-    host = choose_control_plane(target)
     say(f"etcd leader: {leader}; " + "; ".join(f"{lease} lease: {who}" for lease, who in holders.items()))
     say(f"VIP held by: {vip or 'no load balancer (one LB owns the VIP as its address)'}")
-    refusal = quorum_refusal(target, host)
-    plan = [f"stop control plane {host}, check the API, leader and leases, bring it back"]
-    if len(target.load_balancers()) > 1 and vip:
-        plan.append(f"stop load balancer {vip} (the VIP holder), check the VIP moves, bring it back")
+    host = choose_control_plane(target) if only != "load-balancer" else None
+    # Without a VIP holder (one load balancer owns the VIP as its address) there is no failover to drill.
+    lb = vip if only != "control-plane" and len(target.load_balancers()) > 1 else None
+    plan = [f"stop control plane {host}, check the API, leader and leases, bring it back"] if host else []
+    if lb:
+        plan.append(f"stop load balancer {lb} (the VIP holder), check the VIP moves, bring it back")
+    if not plan:
+        raise ToolError("nothing to drill: the load-balancer drill needs 2 load balancers and one holding the VIP")
     say("plan:\n" + "\n".join(f"  {index}. {step}" for index, step in enumerate(plan, 1)))
+    refusal = quorum_refusal(target, host) if host else None
     if refusal and not allow_quorum_loss:
-        raise ToolError(f"refusing: {refusal}; pass --allow-quorum-loss to drill anyway")
+        also = "; or --only load-balancer to drill the load balancers alone" if lb else ""
+        raise ToolError(f"refusing: {refusal}; pass --allow-quorum-loss to drill anyway{also}")
     if not yes:
         say("dry run: nothing was stopped (pass --yes to run the drill)")
         return report
     restorer = Restorer(target)
     with restorer.guard():
-        _exercise(target, restorer, report, host=host, leader=leader, holders=holders, vip=vip)
+        if host:
+            _control_plane_drill(target, restorer, report, host=host, leader=leader, holders=holders)
+        if lb:
+            _load_balancer_drill(target, restorer, report, vip=lb)
     say("\n" + report.table())
     say("drill " + ("passed: everything held" if report.passed else "FAILED: see the rows marked NO"))
     return report
 
 
-def _exercise(
+def _control_plane_drill(
     target: DrillTarget,
     restorer: Restorer,
     report: DrillReport,
@@ -263,7 +275,6 @@ def _exercise(
     host: str,
     leader: str | None,
     holders: dict[str, str | None],
-    vip: str | None,
 ) -> None:
     say(f"1. stopping control plane {host}")
     restorer.pending.append(("control-plane", host))
@@ -296,19 +307,20 @@ def _exercise(
     healthy, took = wait(lambda: target.etcd_healthy() == members or None, RECOVERY_BOUND)
     report.add("every etcd member healthy", "-", "healthy" if healthy else "unhealthy", bool(healthy), took)
 
-    if len(target.load_balancers()) > 1 and vip:
-        say(f"3. stopping load balancer {vip}, which holds the VIP")
-        restorer.pending.append(("load-balancer", vip))
-        target.stop_load_balancer(vip)
-        moved, took = wait(other_than(target.vip_holder, vip), VIP_BOUND)
-        report.add("VIP moved", vip, moved, moved is not None, took)
-        ready, took = wait(target.api_ready, API_BOUND)
-        report.add("API through the moved VIP", "ready", "ready" if ready else "not ready", bool(ready), took)
-        say(f"4. starting load balancer {vip} again")
-        target.start_load_balancer(vip)
-        restorer.pending.remove(("load-balancer", vip))
-        holder, took = wait(target.vip_holder, VIP_BOUND)
-        report.add("VIP held after the LB returned", "-", holder, holder is not None, took)
+
+def _load_balancer_drill(target: DrillTarget, restorer: Restorer, report: DrillReport, *, vip: str) -> None:
+    say(f"3. stopping load balancer {vip}, which holds the VIP")
+    restorer.pending.append(("load-balancer", vip))
+    target.stop_load_balancer(vip)
+    moved, took = wait(other_than(target.vip_holder, vip), VIP_BOUND)
+    report.add("VIP moved", vip, moved, moved is not None, took)
+    ready, took = wait(target.api_ready, API_BOUND)
+    report.add("API through the moved VIP", "ready", "ready" if ready else "not ready", bool(ready), took)
+    say(f"4. starting load balancer {vip} again")
+    target.start_load_balancer(vip)
+    restorer.pending.remove(("load-balancer", vip))
+    holder, took = wait(target.vip_holder, VIP_BOUND)
+    report.add("VIP held after the LB returned", "-", holder, holder is not None, took)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,13 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stack", required=True)
     parser.add_argument("--yes", action="store_true", help="really stop things (default: a dry run)")
     parser.add_argument("--allow-quorum-loss", action="store_true", help="drill even if etcd would lose quorum")
+    parser.add_argument("--only", choices=("control-plane", "load-balancer"), help="run one of the two drills")
     parser.add_argument("--outputs", type=Path, help="the stack's `pulumi stack output --json --show-secrets`")
     args = parser.parse_args(argv)
     try:
         access = access_from_outputs(args.stack, read_stack_outputs(args.stack, Path.cwd(), args.outputs))
         with private_workdir() as workdir:
             target = StackTarget(access, SshTransport(access, workdir), workdir)
-            report = drill(target, yes=args.yes, allow_quorum_loss=args.allow_quorum_loss)
+            report = drill(target, yes=args.yes, allow_quorum_loss=args.allow_quorum_loss, only=args.only)
     except ToolError as error:
         print(f"drill: {error}", file=sys.stderr)
         return 1

@@ -51,6 +51,28 @@ def test_the_drill_holds_on_a_real_control_plane(cp_lab: ControlPlaneLab) -> Non
     assert "kube-controller-manager lease moved" in checks and "VIP moved" in checks
 
 
+def test_the_load_balancer_drill_alone_moves_the_vip_and_leaves_the_control_planes_running(
+    cp_lab: ControlPlaneLab,
+) -> None:
+    # `--only load-balancer`: what a cluster with one control plane can drill (the cluster lab's shape on VMs).
+    target = LabTarget(cp_lab)
+    planes = {name: node for name, node in cp_lab.nodes.items() if "kube-apiserver" in node.processes}
+    before = {name: node.processes["kube-apiserver"] for name, node in planes.items()}
+    assert len(before) == 3, sorted(cp_lab.nodes)
+    result = drill(target, yes=True, only="load-balancer")
+    for row in result.rows:
+        report(f"drill --only load-balancer: {row.check}: {row.before} -> {row.after}, {row.seconds}")
+    assert result.passed, result.table()
+    assert [row.check for row in result.rows] == [
+        "VIP moved",
+        "API through the moved VIP",
+        "VIP held after the LB returned",
+    ]
+    # No control plane was stopped: every API server is the process it was, and still alive.
+    assert all(node.processes["kube-apiserver"] is before[name] for name, node in planes.items())
+    assert all(process.alive() for process in before.values())
+
+
 class SignalledAfterStop(HeldManifestsTarget):
     """Sends SIGINT to this very process (the one running the drill) at the drill's first probe after its
     stop, as Ctrl-C in the operator's terminal would: the drill's handler (or, unfixed, Python's) raises in

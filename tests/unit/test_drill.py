@@ -142,6 +142,38 @@ def test_a_stop_that_loses_quorum_is_refused_unless_allowed(
     assert allowed.calls[0] == "stop dev-cp-1" and not report.passed
 
 
+def test_one_control_plane_can_drill_its_load_balancers_alone() -> None:
+    """The cluster lab's shape on 2 TCG cores (1 control plane, 2 load balancers): the whole drill is refused,
+    naming `--only load-balancer`, which stops the VIP holder and nothing else."""
+    with pytest.raises(ToolError, match="--only load-balancer to drill the load balancers alone"):
+        drill(Model(cps=1), yes=True)
+    model = Model(cps=1)
+    report = drill(model, yes=True, only="load-balancer")
+    assert [call for call in model.calls if call != "write"] == ["stop dev-lb-1", "start dev-lb-1"]
+    assert report.passed
+    assert [row.check for row in report.rows] == [
+        "VIP moved",
+        "API through the moved VIP",
+        "VIP held after the LB returned",
+    ]
+    dry = Model(cps=1)
+    assert drill(dry, yes=False, only="load-balancer").rows == [] and dry.calls == []
+
+
+def test_only_the_control_plane_drill_leaves_the_load_balancers_alone() -> None:
+    model = Model()
+    report = drill(model, yes=True, only="control-plane")
+    assert [call for call in model.calls if call != "write"] == ["stop dev-cp-1", "start dev-cp-1"]
+    assert report.passed and not any(row.check.startswith("VIP") for row in report.rows)
+
+
+def test_a_load_balancer_drill_without_a_vip_holder_is_refused() -> None:
+    model = Model(cps=1, lbs=1)
+    with pytest.raises(ToolError, match="nothing to drill: the load-balancer drill needs 2 load balancers"):
+        drill(model, yes=True, only="load-balancer")
+    assert model.calls == []
+
+
 def test_external_etcd_is_never_a_quorum_concern_for_a_control_plane() -> None:
     model = Model(stacked=False, cps=1)
     assert quorum_refusal(model, "dev-cp-1") is None
