@@ -261,7 +261,7 @@ def drill(target: DrillTarget, *, yes: bool, allow_quorum_loss: bool = False, on
         if host:
             _control_plane_drill(target, restorer, report, host=host, leader=leader, holders=holders)
         if lb:
-            _load_balancer_drill(target, restorer, report, vip=lb)
+            _load_balancer_drill(target, restorer, report, vip=lb, first=3 if host else 1)
     say("\n" + report.table())
     say("drill " + ("passed: everything held" if report.passed else "FAILED: see the rows marked NO"))
     return report
@@ -308,15 +308,15 @@ def _control_plane_drill(
     report.add("every etcd member healthy", "-", "healthy" if healthy else "unhealthy", bool(healthy), took)
 
 
-def _load_balancer_drill(target: DrillTarget, restorer: Restorer, report: DrillReport, *, vip: str) -> None:
-    say(f"3. stopping load balancer {vip}, which holds the VIP")
+def _load_balancer_drill(target: DrillTarget, restorer: Restorer, report: DrillReport, *, vip: str, first: int) -> None:
+    say(f"{first}. stopping load balancer {vip}, which holds the VIP")
     restorer.pending.append(("load-balancer", vip))
     target.stop_load_balancer(vip)
     moved, took = wait(other_than(target.vip_holder, vip), VIP_BOUND)
     report.add("VIP moved", vip, moved, moved is not None, took)
     ready, took = wait(target.api_ready, API_BOUND)
     report.add("API through the moved VIP", "ready", "ready" if ready else "not ready", bool(ready), took)
-    say(f"4. starting load balancer {vip} again")
+    say(f"{first + 1}. starting load balancer {vip} again")
     target.start_load_balancer(vip)
     restorer.pending.remove(("load-balancer", vip))
     holder, took = wait(target.vip_holder, VIP_BOUND)

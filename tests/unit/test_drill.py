@@ -142,7 +142,7 @@ def test_a_stop_that_loses_quorum_is_refused_unless_allowed(
     assert allowed.calls[0] == "stop dev-cp-1" and not report.passed
 
 
-def test_one_control_plane_can_drill_its_load_balancers_alone() -> None:
+def test_one_control_plane_can_drill_its_load_balancers_alone(capsys: pytest.CaptureFixture[str]) -> None:
     """The cluster lab's shape on 2 TCG cores (1 control plane, 2 load balancers): the whole drill is refused,
     naming `--only load-balancer`, which stops the VIP holder and nothing else."""
     with pytest.raises(ToolError, match="--only load-balancer to drill the load balancers alone"):
@@ -151,6 +151,8 @@ def test_one_control_plane_can_drill_its_load_balancers_alone() -> None:
     report = drill(model, yes=True, only="load-balancer")
     assert [call for call in model.calls if call != "write"] == ["stop dev-lb-1", "start dev-lb-1"]
     assert report.passed
+    said = capsys.readouterr()
+    assert "1. stopping load balancer dev-lb-1" in said.out + said.err
     assert [row.check for row in report.rows] == [
         "VIP moved",
         "API through the moved VIP",
