@@ -13,8 +13,8 @@ from components.artifacts import bundled_cni_manifest
 from components.control_plane_config import settings_files
 from components.membership import admin_for, membership_step, node_removal_step, reset_step, token_step
 from components.nodes import NodeContext
-from components.pki import ETCD_CA, SA_KEY_PATH
-from components.pki_placement import PlacedPki, keys_present, pki_bundle, place_pki_script
+from components.pki import ETCD_CA
+from components.pki_placement import PlacedPki, keys_present, pki_bundle, place_pki_script, placed_key_paths
 from components.remote import run_step, secret
 from components.vm import Vm, VmSize
 from model.addressing import NodePlan
@@ -234,13 +234,8 @@ class ControlPlaneNode(pulumi.ComponentResource):
         if external and not leaves:
             raise ValueError("external etcd needs the etcd certificates from ClusterPki (ClusterPkiArgs.etcd_members)")
         payload, digests = pki_bundle(context.pki, include_ca_keys=ca_keys, leaves=leaves)
-        key_paths = (
-            *(ca.purpose.key_path for name, ca in context.pki.cas.items() if name in ca_keys),
-            *(leaf.purpose.key_path for leaf in leaves),
-            SA_KEY_PATH,
-        )
         # What the kubeadm step checks for before kubeadm runs (kubeadm reset deletes it).
-        placed = PlacedPki(f"{name}-place-pki", key_paths)
+        placed = PlacedPki(f"{name}-place-pki", placed_key_paths(context.pki, include_ca_keys=ca_keys, leaves=leaves))
         self.pki_placed = run_step(
             placed.step,
             access,

@@ -33,6 +33,14 @@ class PlacedPki:
         return f"pulumi up --replace with the URN of its {self.step} step (pulumi stack --show-urns)"
 
 
+def placed_key_paths(
+    pki: ClusterPki, *, include_ca_keys: Sequence[str], leaves: Sequence[IssuedLeaf] = ()
+) -> tuple[str, ...]:
+    """Where the bundle puts each private key, in its order: the CA keys asked for, the leaves', the SA key."""
+    keyed = [ca for ca in pki.cas.values() if ca.purpose.name in include_ca_keys]
+    return (*(ca.purpose.key_path for ca in keyed), *(leaf.purpose.key_path for leaf in leaves), SA_KEY_PATH)
+
+
 def pki_bundle(
     pki: ClusterPki, *, include_ca_keys: Sequence[str], leaves: Sequence[IssuedLeaf] = ()
 ) -> tuple[pulumi.Output[str], pulumi.Output[dict[str, str]]]:
@@ -43,18 +51,16 @@ def pki_bundle(
     public = pulumi.Output.all(*public_pems, pki.service_account_key.public_key_pem).apply(
         lambda pems: {**dict(zip(public_paths, pems[:-1], strict=True)), SA_PUB_PATH: pems[-1]}
     )
-    keyed = [ca for ca in cas if ca.purpose.name in include_ca_keys]
-    key_paths = [*(ca.purpose.key_path for ca in keyed), *(leaf.purpose.key_path for leaf in leaves)]
+    key_paths = placed_key_paths(pki, include_ca_keys=include_ca_keys, leaves=leaves)
     private = pulumi.Output.all(
-        *(ca.key.private_key_pem for ca in keyed),
+        *(ca.key.private_key_pem for ca in cas if ca.purpose.name in include_ca_keys),
         *(leaf.key.private_key_pem for leaf in leaves),
         pki.service_account_key.private_key_pem,
     )
 
     def encode(public_files: dict[str, str], private_pems: list[str]) -> str:
         files = [BundleFile(path, content, 0o644) for path, content in sorted(public_files.items())]
-        files += [BundleFile(path, pem, 0o600) for path, pem in zip(key_paths, private_pems[:-1], strict=True)]
-        files.append(BundleFile(SA_KEY_PATH, private_pems[-1], 0o600))
+        files += [BundleFile(path, pem, 0o600) for path, pem in zip(key_paths, private_pems, strict=True)]
         return encode_bundle(files)
 
     payload = secret(pulumi.Output.all(public, private).apply(lambda both: encode(both[0], both[1])))

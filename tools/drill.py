@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, get_args
 
 from tools.access import (
     SshTransport,
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stack", required=True)
     parser.add_argument("--yes", action="store_true", help="really stop things (default: a dry run)")
     parser.add_argument("--allow-quorum-loss", action="store_true", help="drill even if etcd would lose quorum")
-    parser.add_argument("--only", choices=("control-plane", "load-balancer"), help="run one of the two drills")
+    parser.add_argument("--only", choices=get_args(Kind), help="run one of the two drills")
     parser.add_argument("--outputs", type=Path, help="the stack's `pulumi stack output --json --show-secrets`")
     args = parser.parse_args(argv)
     try:
